@@ -1,0 +1,179 @@
+//! Checks on a workload's certificate signing request. Only the public key of a CSR is
+//! used; everything else in it is either checked or ignored, never copied.
+
+use rustls_pki_types::{CertificateSigningRequestDer, pem::PemObject};
+use spiffe::SpiffeId;
+use x509_parser::{
+    certification_request::X509CertificationRequest,
+    extensions::{GeneralName, ParsedExtension},
+    oid_registry,
+    prelude::FromDer,
+};
+
+use crate::keys::KeyKind;
+
+/// Largest CSR PEM accepted; real ones are under 2 KiB.
+pub const MAX_CSR_BYTES: usize = 16 * 1024;
+
+/// What was wrong with a CSR. Every variant maps to `INVALID_ARGUMENT`.
+#[derive(Debug, thiserror::Error)]
+pub enum CsrError {
+    #[error("the CSR is empty")]
+    Empty,
+    #[error("the CSR is {0} bytes, over the {MAX_CSR_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("the CSR is not a PEM CERTIFICATE REQUEST: {0}")]
+    Pem(String),
+    #[error("the CSR is not a valid PKCS#10 request: {0}")]
+    Der(String),
+    #[error("the CSR's key is not accepted: {0}")]
+    Key(String),
+    #[error("the CSR is signed with {0}, which is not accepted (use SHA-256 or stronger)")]
+    WeakSignature(String),
+    #[error(
+        "the CSR's signature does not verify with its own public key (no proof of key possession)"
+    )]
+    BadSignature,
+}
+
+/// A CSR whose signature verified, reduced to what signing needs.
+#[derive(Clone, Debug)]
+pub struct CheckedCsr {
+    /// DER SubjectPublicKeyInfo of the workload key.
+    pub spki: Vec<u8>,
+    /// The key's type.
+    pub key: KeyKind,
+    /// URI SANs the CSR asked for (the caller's own claim, checked against its identity).
+    pub uri_sans: Vec<String>,
+}
+
+impl CheckedCsr {
+    /// URI SANs that are not this identity (or the same path in an alias trust domain).
+    pub fn foreign_sans(&self, id: &SpiffeId, trust_domains: &[&str]) -> Vec<String> {
+        self.uri_sans
+            .iter()
+            .filter(|san| {
+                let Ok(claimed) = SpiffeId::new(san.as_str()) else {
+                    return true;
+                };
+                !(claimed.path() == id.path()
+                    && trust_domains.contains(&claimed.trust_domain_name()))
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+/// Parses a PEM CSR, checks its key and verifies its self-signature.
+pub fn check(pem: &str) -> Result<CheckedCsr, CsrError> {
+    if pem.trim().is_empty() {
+        return Err(CsrError::Empty);
+    }
+    if pem.len() > MAX_CSR_BYTES {
+        return Err(CsrError::TooLarge(pem.len()));
+    }
+    let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| CsrError::Pem(e.to_string()))?;
+    let (rest, csr) = X509CertificationRequest::from_der(der.as_ref())
+        .map_err(|e| CsrError::Der(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CsrError::Der(format!(
+            "{} bytes of trailing data",
+            rest.len()
+        )));
+    }
+    let info = &csr.certification_request_info;
+    let spki = &info.subject_pki;
+    let key = KeyKind::of_spki(spki).map_err(|e| CsrError::Key(e.to_string()))?;
+    if let KeyKind::Rsa(bits) = key
+        && !(2048..=8192).contains(&bits)
+    {
+        return Err(CsrError::Key(format!(
+            "RSA-{bits} (want 2048 to 8192 bits)"
+        )));
+    }
+    let alg = &csr.signature_algorithm.algorithm;
+    if *alg == oid_registry::OID_PKCS1_SHA1WITHRSA || *alg == oid_registry::OID_SHA1_WITH_RSA {
+        return Err(CsrError::WeakSignature("SHA-1".into()));
+    }
+    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
+
+    let mut uri_sans = Vec::new();
+    for ext in csr.requested_extensions().into_iter().flatten() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext {
+            for name in &san.general_names {
+                if let GeneralName::URI(uri) = name {
+                    uri_sans.push((*uri).to_owned());
+                }
+            }
+        }
+    }
+    Ok(CheckedCsr {
+        spki: spki.raw.to_vec(),
+        key,
+        uri_sans,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    fn csr_for(key: &KeyPair, uri: Option<&str>) -> String {
+        let mut params = CertificateParams::default();
+        if let Some(uri) = uri {
+            params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+        }
+        params.serialize_request(key).unwrap().pem().unwrap()
+    }
+
+    #[test]
+    fn accepts_p256_and_reads_sans() {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let checked = check(&csr_for(&key, Some("spiffe://cluster.local/ns/a/sa/b"))).unwrap();
+        assert_eq!(checked.key, KeyKind::P256);
+        assert_eq!(checked.uri_sans, vec!["spiffe://cluster.local/ns/a/sa/b"]);
+        let me = SpiffeId::new("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        assert!(checked.foreign_sans(&me, &["cluster.local"]).is_empty());
+        let other = SpiffeId::new("spiffe://cluster.local/ns/a/sa/c").unwrap();
+        assert_eq!(checked.foreign_sans(&other, &["cluster.local"]).len(), 1);
+        assert_eq!(checked.foreign_sans(&me, &["other.td"]).len(), 1);
+    }
+
+    #[test]
+    fn rejects_garbage_and_tampering() {
+        assert!(matches!(check(""), Err(CsrError::Empty)));
+        assert!(matches!(check("hello"), Err(CsrError::Pem(_))));
+        let big = "A".repeat(MAX_CSR_BYTES + 1);
+        assert!(matches!(check(&big), Err(CsrError::TooLarge(_))));
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let pem = csr_for(&key, None);
+        // Truncated body.
+        let lines: Vec<&str> = pem.lines().collect();
+        let truncated = format!("{}\n{}\n{}\n", lines[0], lines[1], lines[lines.len() - 1]);
+        assert!(matches!(
+            check(&truncated),
+            Err(CsrError::Der(_) | CsrError::Pem(_))
+        ));
+        // Flip a byte inside the signature.
+        let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes()).unwrap();
+        let mut bytes = der.as_ref().to_vec();
+        let n = bytes.len();
+        bytes[n - 5] ^= 0x01;
+        let tampered = pem_encode(&bytes);
+        assert!(matches!(check(&tampered), Err(CsrError::BadSignature)));
+    }
+
+    pub(crate) fn pem_encode(der: &[u8]) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let mut out = String::from("-----BEGIN CERTIFICATE REQUEST-----\n");
+        for chunk in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(chunk).unwrap());
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE REQUEST-----\n");
+        out
+    }
+}

@@ -1,0 +1,176 @@
+//! Workload identities: Kubernetes service accounts and their SPIFFE IDs.
+
+use std::fmt;
+
+use spiffe::{SpiffeId, TrustDomain};
+
+/// Why a name could not become an identity.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The trust domain is not a valid SPIFFE trust domain name.
+    #[error("invalid trust domain {name:?}: {source}")]
+    TrustDomain {
+        name: String,
+        #[source]
+        source: spiffe::SpiffeIdError,
+    },
+    /// A namespace or service account name that cannot appear in a SPIFFE ID.
+    #[error("invalid service account {namespace:?}/{name:?}: {source}")]
+    ServiceAccount {
+        namespace: String,
+        name: String,
+        #[source]
+        source: spiffe::SpiffeIdError,
+    },
+    /// A Kubernetes username that is not `system:serviceaccount:<ns>:<sa>`.
+    #[error(
+        "{0:?} is not a service account username (want system:serviceaccount:<namespace>:<name>)"
+    )]
+    NotServiceAccount(String),
+}
+
+/// A Kubernetes service account: the subject every Signet certificate is issued to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceAccount {
+    namespace: String,
+    name: String,
+}
+
+impl ServiceAccount {
+    /// Validates both parts: non-empty, and usable as SPIFFE path segments.
+    pub fn new(namespace: &str, name: &str) -> Result<Self, IdentityError> {
+        let td =
+            TrustDomain::new("check.invalid").map_err(|source| IdentityError::TrustDomain {
+                name: "check.invalid".into(),
+                source,
+            })?;
+        SpiffeId::from_segments(td, &["ns", namespace, "sa", name]).map_err(|source| {
+            IdentityError::ServiceAccount {
+                namespace: namespace.into(),
+                name: name.into(),
+                source,
+            }
+        })?;
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// Parses a Kubernetes username of the form `system:serviceaccount:<ns>:<sa>`.
+    pub fn from_username(username: &str) -> Result<Self, IdentityError> {
+        let not_sa = || IdentityError::NotServiceAccount(username.to_owned());
+        let rest = username
+            .strip_prefix("system:serviceaccount:")
+            .ok_or_else(not_sa)?;
+        let (namespace, name) = rest.split_once(':').ok_or_else(not_sa)?;
+        if namespace.is_empty() || name.is_empty() || name.contains(':') {
+            return Err(not_sa());
+        }
+        Self::new(namespace, name)
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The service account name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `spiffe://<td>/ns/<ns>/sa/<sa>`; fails only when the whole ID is too long.
+    pub fn spiffe_id(&self, trust_domain: &TrustDomain) -> Result<SpiffeId, IdentityError> {
+        SpiffeId::from_segments(
+            trust_domain.clone(),
+            &["ns", &self.namespace, "sa", &self.name],
+        )
+        .map_err(|source| IdentityError::ServiceAccount {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            source,
+        })
+    }
+
+    /// Reads `ns` and `sa` back out of an Istio-shaped SPIFFE ID.
+    pub fn from_spiffe_id(id: &SpiffeId) -> Option<Self> {
+        let mut parts = id.path().strip_prefix('/')?.split('/');
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Self::new(ns, sa).ok(),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ServiceAccount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Parses and validates a trust domain name such as `cluster.local`.
+pub fn trust_domain(name: &str) -> Result<TrustDomain, IdentityError> {
+    if name.contains('/') || name.contains(':') {
+        return Err(IdentityError::TrustDomain {
+            name: name.into(),
+            source: spiffe::SpiffeIdError::Empty,
+        });
+    }
+    TrustDomain::new(name).map_err(|source| IdentityError::TrustDomain {
+        name: name.into(),
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn username_parsing() {
+        let sa = ServiceAccount::from_username("system:serviceaccount:default:bookinfo").unwrap();
+        assert_eq!(sa.namespace(), "default");
+        assert_eq!(sa.name(), "bookinfo");
+        for bad in [
+            "system:serviceaccount::sa",
+            "system:serviceaccount:ns:",
+            "system:serviceaccount:ns",
+            "system:node:foo",
+            "alice",
+            "system:serviceaccount:ns:sa:extra",
+            "system:serviceaccount:n/s:sa",
+        ] {
+            assert!(ServiceAccount::from_username(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn spiffe_round_trip() {
+        let td = trust_domain("cluster.local").unwrap();
+        let sa = ServiceAccount::new("foo", "bar").unwrap();
+        let id = sa.spiffe_id(&td).unwrap();
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/foo/sa/bar");
+        assert_eq!(ServiceAccount::from_spiffe_id(&id), Some(sa));
+        let other = SpiffeId::new("spiffe://cluster.local/ns/foo/sa/bar/x").unwrap();
+        assert_eq!(ServiceAccount::from_spiffe_id(&other), None);
+    }
+
+    #[test]
+    fn bad_trust_domains() {
+        for bad in ["", "spiffe://x", "a/b", "a b", "a:b"] {
+            assert!(trust_domain(bad).is_err(), "{bad}");
+        }
+        // SPIFFE trust domains are lowercase; the library normalises.
+        assert_eq!(
+            trust_domain("Cluster.Local").unwrap().as_str(),
+            "cluster.local"
+        );
+    }
+}

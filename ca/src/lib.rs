@@ -1,0 +1,16 @@
+//! Signet's certificate authority: an Istio-compatible `IstioCertificateService`.
+//!
+//! Major components:
+//! - [`cacerts`]: loads the operator's key material (Istio or cert-manager layout) or
+//!   a self-signed root from the state directory.
+//! - [`signer`]: checks key material and issues SPIFFE workload certificates.
+//! - [`csr`]: parses and verifies workload CSRs.
+//! - [`identity`]: service accounts and SPIFFE IDs.
+//! - [`keys`]: private keys in PKCS#1, SEC1 or PKCS#8, and public key classification.
+#![forbid(unsafe_code)]
+
+pub mod cacerts;
+pub mod csr;
+pub mod identity;
+pub mod keys;
+pub mod signer;

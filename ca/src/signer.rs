@@ -1,0 +1,435 @@
+//! Issuing workload certificates under the loaded CA key material.
+
+use rcgen::{
+    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+};
+use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
+use sha2::{Digest, Sha256};
+use spiffe::SpiffeId;
+use time::{Duration, OffsetDateTime};
+use x509_parser::{certificate::X509Certificate, prelude::FromDer};
+
+use crate::{
+    cacerts::{KeyMaterial, Source},
+    keys::KeyKind,
+};
+
+/// Istio backdates NotBefore by this much for clock skew; Signet never backdates more.
+pub const MAX_BACKDATE: Duration = Duration::minutes(2);
+
+/// Why key material cannot sign, or why one signature failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// The key material is unusable; names the file and the problem.
+    #[error("{path}: {problem}")]
+    Material { path: String, problem: String },
+    /// The signing certificate (or chain) has expired or is not yet valid.
+    #[error("the CA's signing certificate is not valid at this time (valid until {0})")]
+    Expired(OffsetDateTime),
+    /// A CSR public key rcgen could not use.
+    #[error("the CSR's public key cannot be used: {0}")]
+    PublicKey(String),
+    /// The signature operation or the post-signing check failed.
+    #[error("signing failed: {0}")]
+    Internal(String),
+}
+
+/// A freshly issued certificate and the chain to answer with.
+#[derive(Clone, Debug)]
+pub struct Issued {
+    /// `cert_chain` in Istio's order: leaf, the signing chain, then the trust bundle.
+    pub cert_chain: Vec<String>,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// SHA-256 of the workload's SubjectPublicKeyInfo, lowercase hex.
+    pub public_key_sha256: String,
+    /// Validity start.
+    pub not_before: OffsetDateTime,
+    /// Validity end.
+    pub not_after: OffsetDateTime,
+}
+
+/// A CA ready to sign: key material that passed every load-time check.
+#[derive(Debug)]
+pub struct Signer {
+    issuer: Issuer<'static, KeyPair>,
+    kind: KeyKind,
+    source: Source,
+    digest: [u8; 32],
+    signing_cert: CertificateDer<'static>,
+    chain_pem: Vec<String>,
+    roots: Vec<CertificateDer<'static>>,
+    roots_pem: String,
+    anchor: TrustAnchor<'static>,
+    signing_not_after: OffsetDateTime,
+    root_not_after: OffsetDateTime,
+    leaf_not_after_limit: OffsetDateTime,
+}
+
+impl Signer {
+    /// Checks the key material and builds a signer: the key matches the certificate,
+    /// the certificate may sign certificates, nothing is expired, and a probe leaf
+    /// signed with this very code verifies through the chain to a root of the bundle.
+    pub fn new(m: KeyMaterial, now: OffsetDateTime) -> Result<Self, SignError> {
+        let cert_path = m.signing_cert_path.display().to_string();
+        let roots_path = m.roots_path.display().to_string();
+        let material = |path: &str, problem: String| SignError::Material {
+            path: path.to_owned(),
+            problem,
+        };
+        let (_, signing) = X509Certificate::from_der(&m.signing_cert)
+            .map_err(|e| material(&cert_path, format!("malformed certificate: {e}")))?;
+        if signing.public_key().subject_public_key.data.as_ref() != m.key.pair.public_key_raw() {
+            return Err(material(
+                &cert_path,
+                "the private key does not match this certificate's public key".into(),
+            ));
+        }
+        match signing.basic_constraints() {
+            Ok(Some(bc)) if bc.value.ca => {}
+            _ => {
+                return Err(material(
+                    &cert_path,
+                    "not a CA certificate (basicConstraints CA:TRUE is missing)".into(),
+                ));
+            }
+        }
+        if let Ok(Some(ku)) = signing.key_usage()
+            && !ku.value.key_cert_sign()
+        {
+            return Err(material(
+                &cert_path,
+                "keyUsage lacks keyCertSign, so it may not sign certificates".into(),
+            ));
+        }
+        check_time(&signing, now).map_err(|p| material(&cert_path, p))?;
+        let signing_not_after = signing.validity().not_after.to_datetime();
+        let mut leaf_not_after_limit = signing_not_after;
+        for cert in &m.chain {
+            let (_, c) = X509Certificate::from_der(cert)
+                .map_err(|e| material(&cert_path, format!("malformed chain certificate: {e}")))?;
+            check_time(&c, now).map_err(|p| {
+                material(
+                    &cert_path,
+                    format!("chain certificate {}: {p}", c.subject()),
+                )
+            })?;
+            leaf_not_after_limit = leaf_not_after_limit.min(c.validity().not_after.to_datetime());
+        }
+        let mut anchors = Vec::with_capacity(m.roots.len());
+        for root in &m.roots {
+            let anchor = webpki::anchor_from_trusted_cert(root)
+                .map_err(|e| material(&roots_path, format!("unusable root certificate: {e:?}")))?;
+            anchors.push(anchor.to_owned());
+        }
+        let first_anchor = anchors
+            .first()
+            .cloned()
+            .ok_or_else(|| material(&roots_path, "no root certificate".into()))?;
+        let issuer = Issuer::from_ca_cert_der(&m.signing_cert, m.key.pair).map_err(|e| {
+            material(
+                &cert_path,
+                format!("cannot sign with this certificate: {e}"),
+            )
+        })?;
+        let to_pem = |c: &CertificateDer<'_>| {
+            pem::encode_config(
+                &pem::Pem::new("CERTIFICATE", c.as_ref()),
+                pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+            )
+        };
+        let mut signer = Self {
+            issuer,
+            kind: m.key.kind,
+            source: m.source,
+            digest: m.digest,
+            chain_pem: m.chain.iter().map(to_pem).collect(),
+            roots_pem: m.roots.iter().map(to_pem).collect(),
+            signing_cert: m.signing_cert,
+            roots: m.roots,
+            anchor: first_anchor,
+            signing_not_after,
+            root_not_after: signing_not_after,
+            leaf_not_after_limit,
+        };
+
+        // The probe: a real leaf, verified with webpki exactly as a peer would.
+        let probe_key = crate::keys::generate_p256()
+            .map_err(|e| SignError::Internal(format!("probe key: {e}")))?;
+        let probe_id = SpiffeId::new("spiffe://signet.invalid/probe")
+            .map_err(|e| SignError::Internal(e.to_string()))?;
+        let probe = signer.sign(
+            &probe_key.pair.subject_public_key_info(),
+            &probe_id,
+            Duration::minutes(1),
+            now,
+        )?;
+        let leaf = CertificateDer::from(
+            pem::parse(&probe.cert_chain[0])
+                .map_err(|e| SignError::Internal(e.to_string()))?
+                .into_contents(),
+        );
+        let ee = webpki::EndEntityCert::try_from(&leaf)
+            .map_err(|e| SignError::Internal(format!("probe certificate: {e:?}")))?;
+        let verify_time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+            u64::try_from(now.unix_timestamp()).unwrap_or(0),
+        ));
+        let chain_certs = signer.chain_certs();
+        let path = ee
+            .verify_for_usage(
+                webpki::ALL_VERIFICATION_ALGS,
+                &anchors,
+                &chain_certs,
+                verify_time,
+                webpki::KeyUsage::client_auth(),
+                None,
+                None,
+            )
+            .map_err(|e| {
+                material(
+                    &roots_path,
+                    format!(
+                        "the signing chain from {cert_path} does not verify to a root in this bundle: {}",
+                        describe_webpki(&e)
+                    ),
+                )
+            })?;
+        let anchor = path.anchor().to_owned();
+        // The root the chain ends at bounds every leaf too.
+        for root in &signer.roots {
+            if let Ok((_, r)) = X509Certificate::from_der(root)
+                && r.tbs_certificate.subject.as_raw() == anchor.subject.as_ref()
+            {
+                let na = r.validity().not_after.to_datetime();
+                signer.root_not_after = na;
+                signer.leaf_not_after_limit = signer.leaf_not_after_limit.min(na);
+            }
+        }
+        signer.anchor = anchor;
+        Ok(signer)
+    }
+
+    /// Signs a leaf for `id` over the public key `spki_der`, valid for `lifetime` from
+    /// `now` but never past the chain's NotAfter; then checks the leaf's signature.
+    pub fn sign(
+        &self,
+        spki_der: &[u8],
+        id: &SpiffeId,
+        lifetime: Duration,
+        now: OffsetDateTime,
+    ) -> Result<Issued, SignError> {
+        let (not_before, not_after) = validity(now, lifetime, self.leaf_not_after_limit)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names =
+            vec![SanType::URI(id.to_string().try_into().map_err(|e| {
+                SignError::Internal(format!("SPIFFE ID as URI: {e}"))
+            })?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let serial = random_serial();
+        let serial_hex = hex::encode(serial.to_bytes());
+        params.serial_number = Some(serial);
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let public_key = rcgen::SubjectPublicKeyInfo::from_der(spki_der)
+            .map_err(|e| SignError::PublicKey(e.to_string()))?;
+        let cert = params
+            .signed_by(&public_key, &self.issuer)
+            .map_err(|e| SignError::Internal(e.to_string()))?;
+        self.check_leaf(cert.der())?;
+
+        let mut cert_chain = Vec::with_capacity(self.chain_pem.len() + 2);
+        cert_chain.push(cert.pem());
+        cert_chain.extend(self.chain_pem.iter().cloned());
+        cert_chain.push(self.roots_pem.clone());
+        Ok(Issued {
+            cert_chain,
+            serial: serial_hex,
+            public_key_sha256: hex::encode(Sha256::digest(spki_der)),
+            not_before,
+            not_after,
+        })
+    }
+
+    /// The leaf's signature verifies with the signing certificate's key and its issuer
+    /// is that certificate's subject. The rest of the path is verified at load time.
+    fn check_leaf(&self, leaf: &[u8]) -> Result<(), SignError> {
+        let bad = |what: String| {
+            SignError::Internal(format!("issued certificate failed its check: {what}"))
+        };
+        let (_, signing) =
+            X509Certificate::from_der(&self.signing_cert).map_err(|e| bad(e.to_string()))?;
+        let (_, leaf) = X509Certificate::from_der(leaf).map_err(|e| bad(e.to_string()))?;
+        if leaf.issuer().as_raw() != signing.subject().as_raw() {
+            return Err(bad(
+                "issuer name differs from the signing certificate's subject".into(),
+            ));
+        }
+        leaf.verify_signature(Some(signing.public_key()))
+            .map_err(|e| bad(format!("signature: {e}")))
+    }
+
+    fn chain_certs(&self) -> Vec<CertificateDer<'static>> {
+        let mut certs = vec![self.signing_cert.clone()];
+        for p in &self.chain_pem {
+            if let Ok(parsed) = pem::parse(p) {
+                certs.push(CertificateDer::from(parsed.into_contents()));
+            }
+        }
+        certs
+    }
+
+    /// The CA key's type.
+    pub fn key_kind(&self) -> KeyKind {
+        self.kind
+    }
+    /// Where the key material came from.
+    pub fn source(&self) -> &Source {
+        &self.source
+    }
+    /// Digest of the files this signer was loaded from.
+    pub fn digest(&self) -> [u8; 32] {
+        self.digest
+    }
+    /// The trust bundle, DER.
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+    /// The trust bundle as the PEM string sent as the last `cert_chain` element.
+    pub fn roots_pem(&self) -> &str {
+        &self.roots_pem
+    }
+    /// The root the signing chain verified to.
+    pub fn anchor(&self) -> &TrustAnchor<'static> {
+        &self.anchor
+    }
+    /// Whether `roots` (DER) include the root this signer's chain ends at.
+    pub fn anchor_in(&self, roots: &[CertificateDer<'_>]) -> bool {
+        roots.iter().any(|r| {
+            webpki::anchor_from_trusted_cert(r).is_ok_and(|a| {
+                a.subject.as_ref() == self.anchor.subject.as_ref()
+                    && a.subject_public_key_info.as_ref()
+                        == self.anchor.subject_public_key_info.as_ref()
+            })
+        })
+    }
+    /// NotAfter of the signing certificate.
+    pub fn signing_not_after(&self) -> OffsetDateTime {
+        self.signing_not_after
+    }
+    /// NotAfter of the root the chain ends at.
+    pub fn root_not_after(&self) -> OffsetDateTime {
+        self.root_not_after
+    }
+    /// The latest NotAfter any leaf can get.
+    pub fn leaf_not_after_limit(&self) -> OffsetDateTime {
+        self.leaf_not_after_limit
+    }
+}
+
+/// A random positive serial number of at most 128 bits (126 random bits).
+pub fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    // Clear the sign bit and set the next one so the DER integer is positive and
+    // always 16 bytes long.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    SerialNumber::from_slice(&bytes)
+}
+
+/// The lifetime to issue for a request: the requested seconds, or the default when
+/// zero or negative, clamped to `max`.
+pub fn lifetime(requested_secs: i64, default: Duration, max: Duration) -> Duration {
+    let requested = if requested_secs <= 0 {
+        default
+    } else {
+        Duration::seconds(requested_secs)
+    };
+    requested.min(max)
+}
+
+/// NotBefore and NotAfter: backdated by at most 10 % of the lifetime (and two minutes),
+/// so that a short certificate is not due for renewal the moment it arrives; NotAfter
+/// clamped to `limit`.
+pub fn validity(
+    now: OffsetDateTime,
+    lifetime: Duration,
+    limit: OffsetDateTime,
+) -> Result<(OffsetDateTime, OffsetDateTime), SignError> {
+    let backdate = (lifetime / 10_i32).min(MAX_BACKDATE);
+    let not_before = now - backdate;
+    let not_after = (now + lifetime).min(limit);
+    if not_after <= now {
+        return Err(SignError::Expired(limit));
+    }
+    // Whole seconds: X.509 times have no fractions, and truncating keeps both bounds
+    // inside what was asked.
+    let trunc = |t: OffsetDateTime| t.replace_nanosecond(0).unwrap_or(t);
+    Ok((trunc(not_before), trunc(not_after)))
+}
+
+fn check_time(cert: &X509Certificate<'_>, now: OffsetDateTime) -> Result<(), String> {
+    let v = cert.validity();
+    if now < v.not_before.to_datetime() {
+        return Err(format!("not valid until {}", v.not_before));
+    }
+    if now > v.not_after.to_datetime() {
+        return Err(format!("expired on {}", v.not_after));
+    }
+    Ok(())
+}
+
+fn describe_webpki(e: &webpki::Error) -> String {
+    use webpki::Error as E;
+    match e {
+        E::UnknownIssuer => "no certificate in the chain is issued by a root in the bundle".into(),
+        E::CertExpired { .. } => "a certificate in the chain has expired".into(),
+        E::CertNotValidYet { .. } => "a certificate in the chain is not yet valid".into(),
+        E::PathLenConstraintViolated => "a pathlen constraint in the chain is violated".into(),
+        E::CaUsedAsEndEntity | E::EndEntityUsedAsCa => {
+            "a certificate in the chain is not marked as a CA".into()
+        }
+        E::InvalidSignatureForPublicKey => "a signature in the chain does not verify".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifetime_policy() {
+        let day = Duration::hours(24);
+        let max = Duration::days(90);
+        assert_eq!(lifetime(0, day, max), day);
+        assert_eq!(lifetime(-5, day, max), day);
+        assert_eq!(lifetime(3, day, max), Duration::seconds(3));
+        assert_eq!(lifetime(100 * 365 * 86_400, day, max), max);
+    }
+
+    #[test]
+    fn backdate_is_a_small_fraction() {
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let far = now + Duration::days(3650);
+        let (nb, na) = validity(now, Duration::seconds(60), far).unwrap();
+        assert_eq!(now - nb, Duration::seconds(6));
+        assert_eq!(na - now, Duration::seconds(60));
+        let (nb, _) = validity(now, Duration::hours(24), far).unwrap();
+        assert_eq!(now - nb, MAX_BACKDATE);
+        // Clamped to the chain, and refused when nothing is left.
+        let soon = now + Duration::hours(1);
+        let (_, na) = validity(now, Duration::hours(24), soon).unwrap();
+        assert_eq!(na, soon);
+        assert!(validity(now, Duration::hours(1), now - Duration::seconds(1)).is_err());
+    }
+}
