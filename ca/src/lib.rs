@@ -9,8 +9,15 @@
 //! - [`keys`]: private keys in PKCS#1, SEC1 or PKCS#8, and public key classification.
 #![forbid(unsafe_code)]
 
+pub mod authn;
 pub mod cacerts;
+pub mod config;
 pub mod csr;
 pub mod identity;
 pub mod keys;
+pub mod metrics;
+pub mod queue;
+pub mod server;
+pub mod service;
 pub mod signer;
+pub mod tls;

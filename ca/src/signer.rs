@@ -58,6 +58,7 @@ pub struct Signer {
     source: Source,
     digest: [u8; 32],
     signing_cert: CertificateDer<'static>,
+    chain: Vec<CertificateDer<'static>>,
     chain_pem: Vec<String>,
     roots: Vec<CertificateDer<'static>>,
     roots_pem: String,
@@ -145,6 +146,7 @@ impl Signer {
             source: m.source,
             digest: m.digest,
             chain_pem: m.chain.iter().map(to_pem).collect(),
+            chain: m.chain,
             roots_pem: m.roots.iter().map(to_pem).collect(),
             signing_cert: m.signing_cert,
             roots: m.roots,
@@ -210,8 +212,9 @@ impl Signer {
         Ok(signer)
     }
 
-    /// Signs a leaf for `id` over the public key `spki_der`, valid for `lifetime` from
-    /// `now` but never past the chain's NotAfter; then checks the leaf's signature.
+    /// Signs a workload leaf for `id` over the public key `spki_der`, valid for
+    /// `lifetime` from `now` but never past the chain's NotAfter; then checks the
+    /// leaf's signature.
     pub fn sign(
         &self,
         spki_der: &[u8],
@@ -219,22 +222,62 @@ impl Signer {
         lifetime: Duration,
         now: OffsetDateTime,
     ) -> Result<Issued, SignError> {
+        let uri = id
+            .to_string()
+            .try_into()
+            .map_err(|e| SignError::Internal(format!("SPIFFE ID as URI: {e}")))?;
+        let eku = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        self.issue(spki_der, vec![SanType::URI(uri)], eku, lifetime, now)
+    }
+
+    /// Signs the CA's own TLS serving certificate for `dns_names`.
+    pub fn sign_server(
+        &self,
+        spki_der: &[u8],
+        dns_names: &[String],
+        lifetime: Duration,
+        now: OffsetDateTime,
+    ) -> Result<Issued, SignError> {
+        let sans = dns_names
+            .iter()
+            .map(|n| {
+                n.clone()
+                    .try_into()
+                    .map(SanType::DnsName)
+                    .map_err(|e| SignError::Internal(format!("DNS name {n:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.issue(
+            spki_der,
+            sans,
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+            lifetime,
+            now,
+        )
+    }
+
+    fn issue(
+        &self,
+        spki_der: &[u8],
+        sans: Vec<SanType>,
+        eku: Vec<ExtendedKeyUsagePurpose>,
+        lifetime: Duration,
+        now: OffsetDateTime,
+    ) -> Result<Issued, SignError> {
         let (not_before, not_after) = validity(now, lifetime, self.leaf_not_after_limit)?;
         let mut params = CertificateParams::default();
+        // An empty subject makes rcgen mark the SAN extension critical (RFC 5280).
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names =
-            vec![SanType::URI(id.to_string().try_into().map_err(|e| {
-                SignError::Internal(format!("SPIFFE ID as URI: {e}"))
-            })?)];
+        params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = eku;
         params.use_authority_key_identifier_extension = true;
         let serial = random_serial();
         let serial_hex = hex::encode(serial.to_bytes());
@@ -279,13 +322,16 @@ impl Signer {
             .map_err(|e| bad(format!("signature: {e}")))
     }
 
-    fn chain_certs(&self) -> Vec<CertificateDer<'static>> {
-        let mut certs = vec![self.signing_cert.clone()];
-        for p in &self.chain_pem {
-            if let Ok(parsed) = pem::parse(p) {
-                certs.push(CertificateDer::from(parsed.into_contents()));
-            }
-        }
+    /// The signing certificate followed by the operator's chain, DER.
+    pub fn chain_certs(&self) -> Vec<CertificateDer<'static>> {
+        let mut certs = Vec::with_capacity(self.chain.len() + 1);
+        certs.push(self.signing_cert.clone());
+        certs.extend(
+            self.chain
+                .iter()
+                .filter(|c| **c != self.signing_cert)
+                .cloned(),
+        );
         certs
     }
 

@@ -1,0 +1,225 @@
+//! Caller authentication (contract §2): a TLS client certificate under our trust
+//! bundle, a Kubernetes TokenReview, or an offline JWT check against the cluster's
+//! JWKS. The first that succeeds wins; the `clusterid` header picks the cluster.
+
+mod jwt;
+mod token;
+mod tokenreview;
+
+use std::{collections::BTreeMap, fmt, sync::Arc};
+
+use rustls_pki_types::CertificateDer;
+use spiffe::{SpiffeId, TrustDomain};
+use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
+
+use crate::identity::ServiceAccount;
+
+pub use jwt::{Jwks, JwksSource, JwtAuthenticator, JwtConfig};
+pub use token::Token;
+pub use tokenreview::{
+    CachedReviewer, KubeTokenReviewer, ReviewError, ReviewFuture, Reviewed, TokenReviewer,
+};
+
+/// How a caller proved who it is (for the audit log).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// A TLS client certificate issued under our trust bundle.
+    ClientCert,
+    /// Kubernetes TokenReview.
+    TokenReview,
+    /// Offline JWT verification against a JWKS.
+    Jwt,
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::ClientCert => "client-certificate",
+            Self::TokenReview => "tokenreview",
+            Self::Jwt => "jwt",
+        })
+    }
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The service account the certificate will name.
+    pub account: ServiceAccount,
+    /// How it was proven.
+    pub method: Method,
+    /// The cluster whose authenticator accepted it.
+    pub cluster: String,
+    /// The pod name, when the credential carries it.
+    pub pod: Option<String>,
+}
+
+/// Why authentication did not produce a caller.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthnError {
+    /// The credentials were missing or wrong: `UNAUTHENTICATED`.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The authority that could have decided was unreachable: `UNAVAILABLE`.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The token authenticators of one cluster.
+#[derive(Default)]
+pub struct ClusterAuth {
+    /// TokenReview through that cluster's API server.
+    pub token_review: Option<CachedReviewer>,
+    /// Offline JWT verification.
+    pub jwt: Option<JwtAuthenticator>,
+}
+
+impl fmt::Debug for ClusterAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterAuth")
+            .field("token_review", &self.token_review.is_some())
+            .field("jwt", &self.jwt.is_some())
+            .finish()
+    }
+}
+
+/// Everything needed to authenticate a request.
+#[derive(Debug)]
+pub struct Authenticator {
+    local_cluster: String,
+    aliases: Vec<String>,
+    clusters: BTreeMap<String, Arc<ClusterAuth>>,
+    trust_domains: Vec<TrustDomain>,
+}
+
+impl Authenticator {
+    /// `trust_domains[0]` is ours; the rest are aliases accepted on client certificates.
+    pub fn new(local_cluster: String, local: ClusterAuth, trust_domains: Vec<TrustDomain>) -> Self {
+        let mut clusters = BTreeMap::new();
+        clusters.insert(local_cluster.clone(), Arc::new(local));
+        Self {
+            local_cluster,
+            aliases: Vec::new(),
+            clusters,
+            trust_domains,
+        }
+    }
+
+    /// Other names the local cluster answers to in the `clusterid` header.
+    pub fn with_aliases(mut self, aliases: Vec<String>) -> Self {
+        self.aliases = aliases;
+        self
+    }
+
+    /// Authenticates a request: its client certificate chain (already verified by
+    /// the TLS layer against our trust bundle), its bearer token and `clusterid`.
+    pub async fn authenticate(
+        &self,
+        peer_certs: Option<&[CertificateDer<'_>]>,
+        token: Option<&Token>,
+        cluster_id: &str,
+    ) -> Result<Caller, AuthnError> {
+        if let Some(caller) = peer_certs.and_then(|c| self.client_cert_caller(c)) {
+            return Ok(caller);
+        }
+        let cluster = self.cluster(cluster_id)?;
+        let Some(token) = token else {
+            return Err(AuthnError::Unauthenticated(
+                "no credentials: send 'authorization: Bearer <service account token>' or a client certificate issued by this CA".into(),
+            ));
+        };
+        let auth = &self.clusters[&cluster];
+        let mut failures = Vec::new();
+        let mut unavailable = false;
+        if let Some(reviewer) = &auth.token_review {
+            match reviewer.review(token).await {
+                Ok(r) => {
+                    return Ok(Caller {
+                        account: r.account,
+                        method: Method::TokenReview,
+                        cluster,
+                        pod: r.pod,
+                    });
+                }
+                Err(ReviewError::Unavailable(why)) => {
+                    unavailable = true;
+                    failures.push(format!("tokenreview: {why}"));
+                }
+                Err(ReviewError::Rejected(why)) => failures.push(format!("tokenreview: {why}")),
+            }
+        }
+        if let Some(jwt) = &auth.jwt {
+            match jwt.verify(token, time::OffsetDateTime::now_utc()).await {
+                Ok(r) => {
+                    return Ok(Caller {
+                        account: r.account,
+                        method: Method::Jwt,
+                        cluster,
+                        pod: r.pod,
+                    });
+                }
+                Err(ReviewError::Unavailable(why)) => {
+                    unavailable = true;
+                    failures.push(format!("jwt: {why}"));
+                }
+                Err(ReviewError::Rejected(why)) => failures.push(format!("jwt: {why}")),
+            }
+        }
+        if failures.is_empty() {
+            failures.push(format!("cluster {cluster:?} has no token authenticator"));
+        }
+        let why = format!("authentication failed: {}", failures.join("; "));
+        // An authority we could not reach might have said yes: never turn that into
+        // a definite "no" the client would not retry.
+        Err(if unavailable {
+            AuthnError::Unavailable(why)
+        } else {
+            AuthnError::Unauthenticated(why)
+        })
+    }
+
+    /// Resolves the `clusterid` header to a configured cluster.
+    fn cluster(&self, id: &str) -> Result<String, AuthnError> {
+        if id.is_empty() || id == self.local_cluster || self.aliases.iter().any(|a| a == id) {
+            return Ok(self.local_cluster.clone());
+        }
+        if self.clusters.contains_key(id) {
+            return Ok(id.to_owned());
+        }
+        let known: Vec<&str> = self
+            .clusters
+            .keys()
+            .map(String::as_str)
+            .chain(self.aliases.iter().map(String::as_str))
+            .collect();
+        Err(AuthnError::Unauthenticated(format!(
+            "unknown cluster id {id:?} in the clusterid header (known clusters: {})",
+            known.join(", ")
+        )))
+    }
+
+    /// The SPIFFE ID of a verified client certificate, when it names a service
+    /// account in one of our trust domains.
+    fn client_cert_caller(&self, chain: &[CertificateDer<'_>]) -> Option<Caller> {
+        let (_, leaf) = X509Certificate::from_der(chain.first()?).ok()?;
+        let san = leaf.subject_alternative_name().ok()??;
+        let mut uris = san.value.general_names.iter().filter_map(|n| match n {
+            GeneralName::URI(u) => Some(*u),
+            _ => None,
+        });
+        let uri = uris.next()?;
+        if uris.next().is_some() {
+            return None;
+        }
+        let id = SpiffeId::new(uri).ok()?;
+        if !self.trust_domains.iter().any(|td| id.is_member_of(td)) {
+            return None;
+        }
+        Some(Caller {
+            account: ServiceAccount::from_spiffe_id(&id)?,
+            method: Method::ClientCert,
+            cluster: self.local_cluster.clone(),
+            pod: None,
+        })
+    }
+}

@@ -1,0 +1,302 @@
+//! Kubernetes TokenReview through the `kube` client, with a short positive cache.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    path::Path,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
+use kube::{Api, api::PostParams};
+use tokio::time::Instant;
+
+use super::Token;
+use crate::identity::ServiceAccount;
+
+/// The longest a positive TokenReview answer is reused.
+pub(crate) const CACHE_TTL: Duration = Duration::from_secs(60);
+/// Entries kept at most; beyond this, expired ones are dropped, then the cache is reset.
+const CACHE_MAX_ENTRIES: usize = 50_000;
+const SA_GROUP: &str = "system:serviceaccounts";
+const POD_NAME_KEY: &str = "authentication.kubernetes.io/pod-name";
+
+/// A token that passed review.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reviewed {
+    /// Its service account.
+    pub account: ServiceAccount,
+    /// The pod it was bound to, when the token says.
+    pub pod: Option<String>,
+}
+
+/// A failed review.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReviewError {
+    /// The token is not acceptable.
+    #[error("{0}")]
+    Rejected(String),
+    /// No answer could be had (API server down, JWKS unreachable).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// A boxed review future, so reviewers can sit behind `dyn`.
+pub type ReviewFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Reviewed, ReviewError>> + Send + 'a>>;
+
+/// Something that can review a service account token (the API server, or a fake).
+pub trait TokenReviewer: Send + Sync {
+    /// Reviews one token.
+    fn review<'a>(&'a self, token: &'a Token) -> ReviewFuture<'a>;
+}
+
+/// TokenReview through a Kubernetes API server.
+pub struct KubeTokenReviewer {
+    client: kube::Client,
+    audiences: Vec<String>,
+}
+
+impl std::fmt::Debug for KubeTokenReviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeTokenReviewer")
+            .field("audiences", &self.audiences)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeTokenReviewer {
+    /// A client from a kubeconfig file, or the in-cluster configuration when `None`.
+    pub async fn connect(
+        kubeconfig: Option<&Path>,
+        audiences: Vec<String>,
+    ) -> Result<Self, String> {
+        let config = match kubeconfig {
+            Some(path) => {
+                let file = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(file, &Default::default())
+                    .await
+                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+            }
+            None => kube::Config::incluster()
+                .map_err(|e| format!("in-cluster Kubernetes configuration: {e}"))?,
+        };
+        let client =
+            kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))?;
+        Ok(Self { client, audiences })
+    }
+}
+
+impl TokenReviewer for KubeTokenReviewer {
+    fn review<'a>(&'a self, token: &'a Token) -> ReviewFuture<'a> {
+        Box::pin(async move {
+            let review = TokenReview {
+                spec: TokenReviewSpec {
+                    token: token.secret().to_owned(),
+                    audiences: Some(self.audiences.clone()),
+                },
+                ..Default::default()
+            };
+            let api: Api<TokenReview> = Api::all(self.client.clone());
+            // kube's errors describe the HTTP exchange, never the request body, so the
+            // token cannot leak through them.
+            let answer =
+                api.create(&PostParams::default(), &review)
+                    .await
+                    .map_err(|e| match e {
+                        kube::Error::Api(status) => ReviewError::Unavailable(format!(
+                            "the API server refused the TokenReview ({} {}): {}",
+                            status.code, status.reason, status.message
+                        )),
+                        other => ReviewError::Unavailable(format!(
+                            "the API server is unreachable: {other}"
+                        )),
+                    })?;
+            interpret(answer.status, &self.audiences)
+        })
+    }
+}
+
+/// Reads a TokenReview status the way Istio does (contract §2).
+pub(crate) fn interpret(
+    status: Option<TokenReviewStatus>,
+    audiences: &[String],
+) -> Result<Reviewed, ReviewError> {
+    let reject = |why: String| Err(ReviewError::Rejected(why));
+    let Some(status) = status else {
+        return reject("the TokenReview came back without a status".into());
+    };
+    if status.authenticated != Some(true) {
+        let why = status.error.unwrap_or_else(|| "no reason given".into());
+        return reject(format!("the token is not authenticated: {why}"));
+    }
+    if let Some(got) = status.audiences.as_ref().filter(|a| !a.is_empty())
+        && !got.iter().any(|a| audiences.contains(a))
+    {
+        return reject(format!(
+            "the token's audiences {got:?} include none of {audiences:?}"
+        ));
+    }
+    let Some(user) = status.user else {
+        return reject("the TokenReview names no user".into());
+    };
+    let username = user.username.unwrap_or_default();
+    if !user
+        .groups
+        .unwrap_or_default()
+        .iter()
+        .any(|g| g == SA_GROUP)
+    {
+        return reject(format!("{username:?} is not in group {SA_GROUP}"));
+    }
+    let account = ServiceAccount::from_username(&username)
+        .map_err(|e| ReviewError::Rejected(e.to_string()))?;
+    let pod = user
+        .extra
+        .and_then(|mut extra| extra.remove(POD_NAME_KEY))
+        .and_then(|v| v.into_iter().next());
+    Ok(Reviewed { account, pod })
+}
+
+/// Remembers positive answers by token hash until the token expires or for
+/// [`CACHE_TTL`], whichever comes first, so a restart storm of pods does not become a
+/// storm of TokenReviews. Negative answers are never cached.
+pub struct CachedReviewer {
+    inner: Arc<dyn TokenReviewer>,
+    cache: Mutex<HashMap<[u8; 32], (Reviewed, Instant)>>,
+}
+
+impl std::fmt::Debug for CachedReviewer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CachedReviewer").finish_non_exhaustive()
+    }
+}
+
+impl CachedReviewer {
+    /// Wraps a reviewer.
+    pub fn new(inner: Arc<dyn TokenReviewer>) -> Self {
+        Self {
+            inner,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Reviews through the cache.
+    pub async fn review(&self, token: &Token) -> Result<Reviewed, ReviewError> {
+        let key = token.digest();
+        let now = Instant::now();
+        if let Some((hit, until)) = self.lock().get(&key)
+            && *until > now
+        {
+            return Ok(hit.clone());
+        }
+        let reviewed = self.inner.review(token).await?;
+        let mut ttl = CACHE_TTL;
+        if let Some(exp) = token.unverified_expiry() {
+            let left = exp - time::OffsetDateTime::now_utc().unix_timestamp();
+            ttl = ttl.min(Duration::from_secs(u64::try_from(left).unwrap_or(0)));
+        }
+        if !ttl.is_zero() {
+            let mut cache = self.lock();
+            if cache.len() >= CACHE_MAX_ENTRIES {
+                cache.retain(|_, (_, until)| *until > now);
+                if cache.len() >= CACHE_MAX_ENTRIES {
+                    cache.clear();
+                }
+            }
+            cache.insert(key, (reviewed.clone(), now + ttl));
+        }
+        Ok(reviewed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (Reviewed, Instant)>> {
+        // A panic while holding this lock cannot leave the map inconsistent (every
+        // update is a single insert or retain), so a poisoned lock is still usable.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::authentication::v1::UserInfo;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn status(user: &str, groups: &[&str]) -> TokenReviewStatus {
+        TokenReviewStatus {
+            authenticated: Some(true),
+            audiences: Some(vec!["istio-ca".into()]),
+            user: Some(UserInfo {
+                username: Some(user.into()),
+                groups: Some(groups.iter().map(|g| g.to_string()).collect()),
+                extra: Some(
+                    [(POD_NAME_KEY.to_string(), vec!["pod-1".to_string()])]
+                        .into_iter()
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn accepts_only_authenticated_service_accounts() {
+        let aud = vec!["istio-ca".to_string()];
+        let ok = interpret(
+            Some(status("system:serviceaccount:ns1:sa1", &[SA_GROUP])),
+            &aud,
+        )
+        .unwrap();
+        assert_eq!(ok.account, ServiceAccount::new("ns1", "sa1").unwrap());
+        assert_eq!(ok.pod.as_deref(), Some("pod-1"));
+        assert!(interpret(Some(status("system:serviceaccount:ns1:sa1", &["x"])), &aud).is_err());
+        assert!(interpret(Some(status("alice", &[SA_GROUP])), &aud).is_err());
+        assert!(interpret(Some(status("system:serviceaccount::sa", &[SA_GROUP])), &aud).is_err());
+        let mut denied = status("system:serviceaccount:ns1:sa1", &[SA_GROUP]);
+        denied.authenticated = Some(false);
+        denied.error = Some("token expired".into());
+        let err = interpret(Some(denied), &aud).unwrap_err().to_string();
+        assert!(err.contains("token expired"), "{err}");
+        assert!(interpret(None, &aud).is_err());
+        let other_aud = vec!["other".to_string()];
+        assert!(
+            interpret(
+                Some(status("system:serviceaccount:a:b", &[SA_GROUP])),
+                &other_aud
+            )
+            .is_err()
+        );
+    }
+
+    struct Counting(AtomicUsize);
+    impl TokenReviewer for Counting {
+        fn review<'a>(&'a self, _: &'a Token) -> ReviewFuture<'a> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async {
+                Ok(Reviewed {
+                    account: ServiceAccount::new("a", "b").unwrap(),
+                    pod: None,
+                })
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn caches_positive_answers_for_a_minute() {
+        let inner = Arc::new(Counting(AtomicUsize::new(0)));
+        let cached = CachedReviewer::new(inner.clone());
+        let token = Token::new("opaque-token");
+        cached.review(&token).await.unwrap();
+        cached.review(&token).await.unwrap();
+        assert_eq!(inner.0.load(Ordering::SeqCst), 1);
+        tokio::time::advance(CACHE_TTL + Duration::from_secs(1)).await;
+        cached.review(&token).await.unwrap();
+        assert_eq!(inner.0.load(Ordering::SeqCst), 2);
+        cached.review(&Token::new("another")).await.unwrap();
+        assert_eq!(inner.0.load(Ordering::SeqCst), 3);
+    }
+}

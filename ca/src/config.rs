@@ -1,0 +1,360 @@
+//! Command line and environment: `signet-ca serve` and its flags.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use spiffe::TrustDomain;
+use time::Duration;
+
+use crate::authn::{JwksSource, JwtConfig};
+
+/// Signet's certificate authority: Istio's CreateCertificate API, served over TLS.
+#[derive(Debug, Parser)]
+#[command(name = "signet-ca", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve IstioCertificateService/CreateCertificate over TLS.
+    Serve(Box<ServeArgs>),
+}
+
+/// Flags of `signet-ca serve`. Durations are written like `24h`, `90m` or `8s`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Directory with the CA key material: Istio's layout (ca-cert.pem, ca-key.pem,
+    /// cert-chain.pem, root-cert.pem) or cert-manager's (tls.crt, tls.key, ca.crt).
+    /// Watched for changes. When it holds none of these files, a self-signed root is
+    /// created in --state-dir.
+    #[arg(
+        long,
+        env = "ROOT_CA_DIR",
+        default_value = "./etc/cacerts",
+        value_name = "DIR"
+    )]
+    pub cacerts_dir: PathBuf,
+
+    /// Where the self-signed root (root-cert.pem, root-key.pem) is created and kept.
+    #[arg(
+        long,
+        env = "SIGNET_STATE_DIR",
+        default_value = "./var/lib/signet-ca",
+        value_name = "DIR"
+    )]
+    pub state_dir: PathBuf,
+
+    /// Address of the gRPC (TLS) listener.
+    #[arg(long, default_value = "0.0.0.0:15012", value_name = "ADDR")]
+    pub grpc_addr: SocketAddr,
+
+    /// Address of the plain HTTP listener for /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:15014", value_name = "ADDR")]
+    pub http_addr: SocketAddr,
+
+    /// Trust domain of issued SPIFFE IDs: spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Lifetime of a certificate when the request asks for none.
+    #[arg(long, env = "DEFAULT_WORKLOAD_CERT_TTL", default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
+    pub default_ttl: Duration,
+
+    /// Longest lifetime issued; longer requests are shortened to this.
+    #[arg(long, env = "MAX_WORKLOAD_CERT_TTL", default_value = "2160h", value_parser = parse_duration, value_name = "DURATION")]
+    pub max_ttl: Duration,
+
+    /// Audiences a service account token must carry (comma separated).
+    #[arg(
+        long,
+        env = "TOKEN_AUDIENCES",
+        default_value = "istio-ca",
+        value_delimiter = ',',
+        value_name = "AUD"
+    )]
+    pub token_audiences: Vec<String>,
+
+    /// This cluster's id, as clients send it in the `clusterid` header.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+
+    /// Kubeconfig for TokenReview. Unset: the in-cluster configuration when running
+    /// in a pod, else no TokenReview.
+    #[arg(long, env = "KUBECONFIG", value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Issuer (`iss`) of service account tokens, for offline verification with --jwks.
+    #[arg(long, env = "JWT_ISSUER", requires = "jwks")]
+    pub jwt_issuer: Option<String>,
+
+    /// The cluster's JWKS for offline token verification: a file, or an https URL.
+    #[arg(long, env = "JWKS", requires = "jwt_issuer", value_name = "FILE|URL")]
+    pub jwks: Option<String>,
+
+    /// PEM bundle to verify an https --jwks URL with (default: the system's roots).
+    #[arg(long, value_name = "FILE")]
+    pub jwks_ca_cert: Option<PathBuf>,
+
+    /// DNS names in the CA's serving certificate (comma separated): the names
+    /// clients dial and verify.
+    #[arg(
+        long,
+        env = "SERVING_DNS_NAMES",
+        value_delimiter = ',',
+        default_value = "istiod.istio-system.svc,istiod.istio-system.svc.cluster.local,istiod.istio-system,istiod"
+    )]
+    pub serving_dns_names: Vec<String>,
+
+    /// Accept new key material whose roots do not include the root of the chain in
+    /// use (workloads holding old certificates will fail to connect to new ones).
+    #[arg(long)]
+    pub allow_root_change: bool,
+
+    /// How often the cacerts directory is checked for changes.
+    #[arg(long, default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
+    pub reload_interval: Duration,
+
+    /// Signing requests allowed to wait; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 512)]
+    pub max_pending: usize,
+
+    /// Threads that sign (default: one per CPU).
+    #[arg(long)]
+    pub signing_threads: Option<usize>,
+}
+
+/// A flag value that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag}: {problem}")]
+pub struct ConfigError {
+    flag: &'static str,
+    problem: String,
+}
+
+/// Validated settings for [`crate::server::run`].
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub cacerts_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub trust_domain: TrustDomain,
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    pub token_audiences: Vec<String>,
+    pub cluster_id: String,
+    /// `Some(None)`: in-cluster configuration; `None`: no TokenReview.
+    pub kubeconfig: Option<Option<PathBuf>>,
+    pub jwt: Option<JwtConfig>,
+    pub serving_dns_names: Vec<String>,
+    pub allow_root_change: bool,
+    pub reload_interval: Duration,
+    pub max_pending: usize,
+    pub signing_threads: usize,
+}
+
+impl ServeArgs {
+    /// Checks values that clap cannot; `in_cluster` says whether we run in a pod.
+    pub fn validate(self, in_cluster: bool) -> Result<ServeConfig, ConfigError> {
+        let err = |flag, problem: String| ConfigError { flag, problem };
+        let trust_domain = crate::identity::trust_domain(&self.trust_domain)
+            .map_err(|e| err("--trust-domain", e.to_string()))?;
+        if self.default_ttl <= Duration::ZERO {
+            return Err(err("--default-ttl", "must be positive".into()));
+        }
+        if self.max_ttl < self.default_ttl {
+            return Err(err(
+                "--max-ttl",
+                format!(
+                    "{} is shorter than --default-ttl {}",
+                    self.max_ttl, self.default_ttl
+                ),
+            ));
+        }
+        let token_audiences: Vec<String> = self
+            .token_audiences
+            .into_iter()
+            .map(|a| a.trim().to_owned())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if token_audiences.is_empty() {
+            return Err(err(
+                "--token-audiences",
+                "at least one audience is needed".into(),
+            ));
+        }
+        if self.cluster_id.trim().is_empty() {
+            return Err(err("--cluster-id", "must not be empty".into()));
+        }
+        let serving_dns_names: Vec<String> = self
+            .serving_dns_names
+            .into_iter()
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .collect();
+        if serving_dns_names.is_empty() {
+            return Err(err(
+                "--serving-dns-names",
+                "at least one name is needed".into(),
+            ));
+        }
+        for name in &serving_dns_names {
+            if rustls::pki_types::DnsName::try_from(name.as_str()).is_err() {
+                return Err(err(
+                    "--serving-dns-names",
+                    format!("{name:?} is not a DNS name"),
+                ));
+            }
+        }
+        let jwt = match (self.jwt_issuer, self.jwks) {
+            (Some(issuer), Some(jwks)) => {
+                let source = if jwks.starts_with("https://") {
+                    JwksSource::Url {
+                        url: jwks,
+                        ca: self.jwks_ca_cert,
+                    }
+                } else if jwks.contains("://") {
+                    return Err(err(
+                        "--jwks",
+                        format!("{jwks:?}: only https URLs or file paths"),
+                    ));
+                } else {
+                    JwksSource::File(jwks.into())
+                };
+                Some(JwtConfig {
+                    issuer,
+                    audiences: token_audiences.clone(),
+                    source,
+                })
+            }
+            _ => None,
+        };
+        let kubeconfig = match self.kubeconfig {
+            Some(path) if !path.as_os_str().is_empty() => Some(Some(path)),
+            _ if in_cluster => Some(None),
+            _ => None,
+        };
+        if kubeconfig.is_none() && jwt.is_none() {
+            return Err(err(
+                "--kubeconfig",
+                "no way to check tokens: give --kubeconfig, run in a pod, or give --jwks with --jwt-issuer".into(),
+            ));
+        }
+        if self.reload_interval < Duration::milliseconds(100) {
+            return Err(err("--reload-interval", "must be at least 100ms".into()));
+        }
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let signing_threads = self.signing_threads.unwrap_or(cpus);
+        if signing_threads == 0 {
+            return Err(err("--signing-threads", "must be at least 1".into()));
+        }
+        if self.max_pending == 0 {
+            return Err(err("--max-pending", "must be at least 1".into()));
+        }
+        Ok(ServeConfig {
+            cacerts_dir: self.cacerts_dir,
+            state_dir: self.state_dir,
+            grpc_addr: self.grpc_addr,
+            http_addr: self.http_addr,
+            trust_domain,
+            default_ttl: self.default_ttl,
+            max_ttl: self.max_ttl,
+            token_audiences,
+            cluster_id: self.cluster_id,
+            kubeconfig,
+            jwt,
+            serving_dns_names,
+            allow_root_change: self.allow_root_change,
+            reload_interval: self.reload_interval,
+            max_pending: self.max_pending,
+            signing_threads,
+        })
+    }
+}
+
+/// Parses `24h`, `90m`, `8s`, `1h30m` into a duration.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration like 24h, 90m or 8s ({e})"))?;
+    Duration::try_from(d).map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<ServeConfig, String> {
+        let mut full = vec![
+            "signet-ca",
+            "serve",
+            "--jwks",
+            "/x.json",
+            "--jwt-issuer",
+            "iss",
+        ];
+        full.extend_from_slice(args);
+        let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
+        let Command::Serve(args) = cli.command;
+        args.validate(false).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_match_istio() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.default_ttl, Duration::hours(24));
+        assert_eq!(c.max_ttl, Duration::hours(2160));
+        assert_eq!(c.token_audiences, vec!["istio-ca"]);
+        assert_eq!(c.cluster_id, "Kubernetes");
+        assert_eq!(c.trust_domain.as_str(), "cluster.local");
+        assert!(
+            c.serving_dns_names
+                .contains(&"istiod.istio-system.svc".to_string())
+        );
+        assert_eq!(c.grpc_addr.port(), 15012);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        assert!(
+            parse(&["--default-ttl", "soon"])
+                .unwrap_err()
+                .contains("--default-ttl")
+        );
+        assert!(
+            parse(&["--max-ttl", "1h"])
+                .unwrap_err()
+                .contains("--max-ttl")
+        );
+        assert!(
+            parse(&["--trust-domain", "a b"])
+                .unwrap_err()
+                .contains("--trust-domain")
+        );
+        assert!(
+            parse(&["--token-audiences", ","])
+                .unwrap_err()
+                .contains("--token-audiences")
+        );
+        assert!(
+            parse(&["--serving-dns-names", "not a name"])
+                .unwrap_err()
+                .contains("--serving-dns-names")
+        );
+        assert!(
+            parse(&["--grpc-addr", "nowhere"])
+                .unwrap_err()
+                .contains("--grpc-addr")
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90m").unwrap(), Duration::minutes(90));
+        assert_eq!(parse_duration("8s").unwrap(), Duration::seconds(8));
+        assert!(parse_duration("-1s").is_err());
+    }
+}

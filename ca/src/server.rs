@@ -1,0 +1,386 @@
+//! Wires everything together: key material, authenticators, the TLS gRPC server,
+//! the HTTP side (metrics and health), key-material reload and certificate renewal.
+
+use std::{future::Future, sync::Arc, time::Duration as StdDuration};
+
+use axum::{Router, http::StatusCode, routing::get};
+use signet_proto::IstioCertificateServiceServer;
+use time::OffsetDateTime;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{
+    authn::{Authenticator, CachedReviewer, ClusterAuth, JwtAuthenticator, KubeTokenReviewer},
+    cacerts::{self, CaCertsError},
+    config::ServeConfig,
+    metrics::Metrics,
+    queue::SigningQueue,
+    service::{CaService, IssuePolicy, MAX_REQUEST_BYTES},
+    signer::{SignError, Signer},
+    tls::{TlsError, TlsState},
+};
+
+/// How long a client gets to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: StdDuration = StdDuration::from_secs(10);
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    CaCerts(#[from] CaCertsError),
+    #[error(transparent)]
+    Signer(#[from] SignError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("token authentication: {0}")]
+    Authn(String),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("HTTP server: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// Loads the key material the configuration points at: the cacerts directory, or
+/// the self-signed root in the state directory when that directory holds none.
+pub fn load_signer(config: &ServeConfig, now: OffsetDateTime) -> Result<Signer, ServeError> {
+    let material = match cacerts::load_dir(&config.cacerts_dir)? {
+        Some(m) => m,
+        None => {
+            tracing::info!(
+                cacerts = %config.cacerts_dir.display(),
+                state = %config.state_dir.display(),
+                "no CA key material in the cacerts directory; using a self-signed root"
+            );
+            cacerts::load_or_create_self_signed(
+                &config.state_dir,
+                config.trust_domain.as_str(),
+                now,
+            )?
+        }
+    };
+    Ok(Signer::new(material, now)?)
+}
+
+/// Builds the authenticator of the local cluster from the configuration.
+pub async fn authenticator(config: &ServeConfig) -> Result<Authenticator, ServeError> {
+    let mut local = ClusterAuth::default();
+    if let Some(kubeconfig) = &config.kubeconfig {
+        let reviewer =
+            KubeTokenReviewer::connect(kubeconfig.as_deref(), config.token_audiences.clone())
+                .await
+                .map_err(ServeError::Authn)?;
+        local.token_review = Some(CachedReviewer::new(Arc::new(reviewer)));
+    }
+    if let Some(jwt) = &config.jwt {
+        local.jwt = Some(
+            JwtAuthenticator::new(jwt.clone())
+                .await
+                .map_err(ServeError::Authn)?,
+        );
+    }
+    Ok(Authenticator::new(
+        config.cluster_id.clone(),
+        local,
+        vec![config.trust_domain.clone()],
+    ))
+}
+
+/// Runs the CA until `shutdown` completes. The listeners are bound by the caller, so
+/// tests can use port 0.
+pub async fn run(
+    config: ServeConfig,
+    grpc: TcpListener,
+    http: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let metrics = Metrics::new()?;
+    let now = OffsetDateTime::now_utc();
+    let signer = load_signer(&config, now)?;
+    tracing::info!(
+        source = %signer.source(),
+        key = %signer.key_kind(),
+        signing_cert_expires = %signer.signing_not_after(),
+        "CA key material loaded"
+    );
+    metrics.set_expiries(signer.root_not_after(), signer.signing_not_after());
+    let authn = Arc::new(authenticator(&config).await?);
+    let tls = TlsState::new(&signer, config.serving_dns_names.clone(), now)?;
+    let acceptor = TlsAcceptor::from(Arc::new(tls.server_config()?));
+    let (signer_tx, signer_rx) = watch::channel(Arc::new(signer));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (ready_tx, ready_rx) = watch::channel(false);
+
+    let service = CaService::new(
+        signer_rx.clone(),
+        authn,
+        SigningQueue::new(config.signing_threads, config.max_pending),
+        metrics.clone(),
+        IssuePolicy {
+            trust_domain: config.trust_domain.clone(),
+            trust_domain_aliases: Vec::new(),
+            default_ttl: config.default_ttl,
+            max_ttl: config.max_ttl,
+        },
+    );
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<IstioCertificateServiceServer<CaService>>()
+        .await;
+
+    let (conn_tx, conn_rx) = mpsc::channel::<Result<TlsStream<TcpStream>, std::io::Error>>(256);
+    tokio::spawn(accept_tls(grpc, acceptor, conn_tx, stop_rx.clone()));
+    tokio::spawn(reload_loop(
+        config.clone(),
+        signer_tx,
+        tls.clone(),
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
+    tokio::spawn(renew_serving_cert(
+        signer_rx,
+        tls,
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
+
+    let http_server = tokio::spawn(serve_http(http, metrics, ready_rx, stop_rx.clone()));
+
+    let mut grpc_stop = stop_rx.clone();
+    let grpc_server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(StdDuration::from_secs(30)))
+        .layer(tower::util::MapResponseLayer::new(
+            oversize_is_resource_exhausted,
+        ))
+        .add_service(health_service)
+        .add_service(
+            IstioCertificateServiceServer::new(service)
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
+            let _ = grpc_stop.wait_for(|stop| *stop).await;
+        });
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let _ = ready_tx.send(true);
+    tracing::info!(grpc = %config.grpc_addr, http = %config.http_addr, "signet-ca serving");
+    grpc_server.await?;
+    match http_server.await {
+        Ok(result) => result?,
+        Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
+    }
+    Ok(())
+}
+
+/// tonic reports a message over the size limit as OUT_OF_RANGE; gRPC's status code
+/// table (and grpc-go, which Istio's clients use) says RESOURCE_EXHAUSTED. Our
+/// handlers never return OUT_OF_RANGE, so every such status comes from that limit.
+fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let out_of_range = (tonic::Code::OutOfRange as i32).to_string();
+    if response
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == out_of_range.as_bytes())
+    {
+        let exhausted = (tonic::Code::ResourceExhausted as i32).to_string();
+        if let Ok(value) = http::HeaderValue::from_str(&exhausted) {
+            response.headers_mut().insert("grpc-status", value);
+        }
+    }
+    response
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently, so one slow
+/// client cannot hold up the others.
+async fn accept_tls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    conns: mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Typically out of file descriptors: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(StdDuration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let conns = conns.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let _ = conns.send(Ok(tls)).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+/// Polls the cacerts directory; a changed, valid set takes over for new requests,
+/// an invalid one is refused (logged and counted) while the old set keeps serving.
+async fn reload_loop(
+    config: ServeConfig,
+    signer_tx: watch::Sender<Arc<Signer>>,
+    tls: Arc<TlsState>,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let interval =
+        StdDuration::try_from(config.reload_interval).unwrap_or(StdDuration::from_secs(2));
+    let mut last_failure: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        let current = signer_tx.borrow().clone();
+        let outcome = match try_reload(&config, &current).await {
+            Ok(None) => continue,
+            Ok(Some(new)) => {
+                if let Err(e) = tls.refresh(&new, OffsetDateTime::now_utc()) {
+                    Err(e.to_string())
+                } else {
+                    tracing::info!(
+                        source = %new.source(),
+                        key = %new.key_kind(),
+                        signing_cert_expires = %new.signing_not_after(),
+                        "new CA key material loaded; it signs every request from now on"
+                    );
+                    metrics.set_expiries(new.root_not_after(), new.signing_not_after());
+                    signer_tx.send_replace(Arc::new(new));
+                    Ok(())
+                }
+            }
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                metrics
+                    .cacerts_reloads
+                    .with_label_values(&["success"])
+                    .inc();
+                last_failure = None;
+            }
+            Err(e) => {
+                // Count every refused attempt, but log a given problem once.
+                metrics
+                    .cacerts_reloads
+                    .with_label_values(&["failure"])
+                    .inc();
+                if last_failure.as_deref() != Some(e.as_str()) {
+                    tracing::error!(error = %e, "refusing new CA key material; the previous set keeps serving");
+                    last_failure = Some(e);
+                }
+            }
+        }
+    }
+}
+
+/// `Ok(None)` when nothing changed (or the directory is mid-update).
+async fn try_reload(config: &ServeConfig, current: &Signer) -> Result<Option<Signer>, String> {
+    let first = match cacerts::load_dir(&config.cacerts_dir) {
+        Ok(Some(m)) => m,
+        // No files: keep what we have (a deleted Secret must not stop the CA).
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    if first.digest == current.digest() {
+        return Ok(None);
+    }
+    // Kubernetes swaps the `..data` link atomically, but four reads are not atomic:
+    // take the set only when two reads a moment apart agree.
+    tokio::time::sleep(StdDuration::from_millis(200)).await;
+    let second = cacerts::load_dir(&config.cacerts_dir)
+        .map_err(|e| e.to_string())?
+        .ok_or("the CA key material disappeared while being read")?;
+    if second.digest != first.digest {
+        return Ok(None);
+    }
+    let new = Signer::new(second, OffsetDateTime::now_utc()).map_err(|e| e.to_string())?;
+    if !config.allow_root_change && !current.anchor_in(new.roots()) {
+        return Err(format!(
+            "the new root bundle ({}) does not include the root the current chain ends at; workloads holding current certificates would stop being trusted. Bundle old and new roots first, or pass --allow-root-change",
+            new.source()
+        ));
+    }
+    Ok(Some(new))
+}
+
+/// Renews the CA's own serving certificate at half its life, and keeps the expiry
+/// gauges current.
+async fn renew_serving_cert(
+    signer: watch::Receiver<Arc<Signer>>,
+    tls: Arc<TlsState>,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(StdDuration::from_secs(30)) => {}
+        }
+        let current = signer.borrow().clone();
+        metrics.set_expiries(current.root_not_after(), current.signing_not_after());
+        let now = OffsetDateTime::now_utc();
+        if now >= tls.renew_at() {
+            match tls.refresh(&current, now) {
+                Ok(()) => tracing::info!("serving certificate renewed"),
+                Err(e) => tracing::error!(error = %e, "cannot renew the serving certificate"),
+            }
+        }
+    }
+}
+
+async fn serve_http(
+    listener: TcpListener,
+    metrics: Metrics,
+    ready: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), std::io::Error> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move { metrics.render() }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = *ready.borrow();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                }
+            }),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+}

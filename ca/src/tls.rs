@@ -1,0 +1,201 @@
+//! The CA's TLS side: a serving certificate it issues to itself (swapped on renewal
+//! and on key-material reload) and optional client certificates verified against the
+//! current trust bundle.
+
+use std::sync::{Arc, RwLock};
+
+use rustls::{
+    DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+    client::danger::HandshakeSignatureValid,
+    crypto::CryptoProvider,
+    pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime},
+    server::{
+        ClientHello, ResolvesServerCert, WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
+    sign::CertifiedKey,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::signer::{SignError, Signer};
+
+/// Lifetime of the CA's own serving certificate; renewed at half of it.
+pub const SERVING_CERT_LIFETIME: Duration = Duration::hours(24);
+
+/// What went wrong setting up TLS.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot issue the serving certificate: {0}")]
+    Issue(#[from] SignError),
+    #[error("TLS setup: {0}")]
+    Rustls(String),
+}
+
+/// The ring provider: Signet's only crypto stack.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Serving certificate and client trust, both swappable while the server runs.
+#[derive(Debug)]
+pub struct TlsState {
+    cert: RwLock<Arc<CertifiedKey>>,
+    not_after: RwLock<OffsetDateTime>,
+    clients: RwLock<Arc<dyn ClientCertVerifier>>,
+    dns_names: Vec<String>,
+}
+
+impl TlsState {
+    /// Issues a first serving certificate from `signer`.
+    pub fn new(
+        signer: &Signer,
+        dns_names: Vec<String>,
+        now: OffsetDateTime,
+    ) -> Result<Arc<Self>, TlsError> {
+        let (cert, not_after) = issue_serving(signer, &dns_names, now)?;
+        Ok(Arc::new(Self {
+            cert: RwLock::new(Arc::new(cert)),
+            not_after: RwLock::new(not_after),
+            clients: RwLock::new(client_verifier(signer)?),
+            dns_names,
+        }))
+    }
+
+    /// Re-issues the serving certificate and trusts `signer`'s roots from now on.
+    pub fn refresh(&self, signer: &Signer, now: OffsetDateTime) -> Result<(), TlsError> {
+        let verifier = client_verifier(signer)?;
+        let (cert, not_after) = issue_serving(signer, &self.dns_names, now)?;
+        *self.cert.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cert);
+        *self.not_after.write().unwrap_or_else(|p| p.into_inner()) = not_after;
+        *self.clients.write().unwrap_or_else(|p| p.into_inner()) = verifier;
+        Ok(())
+    }
+
+    /// When the serving certificate should be renewed: half-way through its life.
+    pub fn renew_at(&self) -> OffsetDateTime {
+        let not_after = *self.not_after.read().unwrap_or_else(|p| p.into_inner());
+        not_after - SERVING_CERT_LIFETIME / 2
+    }
+
+    /// A rustls server configuration that reads the current certificate and trust.
+    pub fn server_config(self: &Arc<Self>) -> Result<ServerConfig, TlsError> {
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Rustls(e.to_string()))?
+            .with_client_cert_verifier(Arc::new(DynamicClientVerifier(self.clone())))
+            .with_cert_resolver(Arc::new(DynamicCert(self.clone())));
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+
+    fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        self.clients
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+fn issue_serving(
+    signer: &Signer,
+    dns_names: &[String],
+    now: OffsetDateTime,
+) -> Result<(CertifiedKey, OffsetDateTime), TlsError> {
+    use rcgen::PublicKeyData;
+    let key = crate::keys::generate_p256().map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let issued = signer.sign_server(
+        &key.pair.subject_public_key_info(),
+        dns_names,
+        SERVING_CERT_LIFETIME,
+        now,
+    )?;
+    let leaf = pem::parse(&issued.cert_chain[0]).map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let mut chain = vec![CertificateDer::from(leaf.into_contents())];
+    chain.extend(signer.chain_certs());
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pair.serialize_der()));
+    let signing_key = provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    Ok((CertifiedKey::new(chain, signing_key), issued.not_after))
+}
+
+fn client_verifier(signer: &Signer) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for root in signer.roots() {
+        roots
+            .add(root.clone())
+            .map_err(|e| TlsError::Rustls(format!("trust bundle: {e}")))?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Rustls(e.to_string()))
+}
+
+#[derive(Debug)]
+struct DynamicCert(Arc<TlsState>);
+
+impl ResolvesServerCert for DynamicCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.0
+                .cert
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+/// Client certificates are optional; when sent, they must chain to the current bundle.
+#[derive(Debug)]
+struct DynamicClientVerifier(Arc<TlsState>);
+
+impl ClientCertVerifier for DynamicClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // Hints would pin the borrow to one verifier generation; none are needed.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .verifier()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verifier().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verifier().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.verifier().supported_verify_schemes()
+    }
+}

@@ -1,0 +1,182 @@
+"""Shared fixtures: a real signet-ca process with a JWKS made here, and helpers that
+speak to it only through grpcio, `cryptography`, PyJWT and the openssl CLI."""
+
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import jwt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / ".venv" / "signet_pb"))
+
+from istio.v1.auth import ca_pb2, ca_pb2_grpc  # noqa: E402
+
+ISSUER = "https://kubernetes.default.svc.cluster.local"
+SERVER_NAME = "istiod.istio-system.svc"
+
+
+def binary(name):
+    path = os.environ.get(f"SIGNET_{name.upper().replace('-', '_')}_BIN")
+    if path:
+        return path
+    return str(ROOT / "target" / "debug" / name)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def b64url_uint(n):
+    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+class Cluster:
+    """The token side of a cluster: an RSA signing key and its JWKS."""
+
+    def __init__(self, kid="key-1"):
+        self.kid = kid
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pub = self.key.public_key().public_numbers()
+        self.jwks = {"keys": [{"kty": "RSA", "alg": "RS256", "use": "sig", "kid": kid,
+                               "n": b64url_uint(pub.n), "e": b64url_uint(pub.e)}]}
+
+    def token(self, ns="default", sa="bookinfo", aud=("istio-ca",), iss=ISSUER,
+              exp_in=3600, key=None, alg="RS256", kid=None, extra=None):
+        now = int(time.time())
+        claims = {
+            "iss": iss, "aud": list(aud), "sub": f"system:serviceaccount:{ns}:{sa}",
+            "iat": now, "nbf": now, "exp": now + exp_in,
+            "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "u1"},
+                              "pod": {"name": f"{sa}-pod", "uid": "p1"}},
+        }
+        if extra:
+            claims.update(extra)
+        signing_key = key if key is not None else self.key
+        return jwt.encode(claims, signing_key, algorithm=alg, headers={"kid": kid or self.kid})
+
+
+class CA:
+    def __init__(self, proc, grpc_port, http_port, root_pem, workdir, log):
+        self.proc = proc
+        self.grpc_port = grpc_port
+        self.http_port = http_port
+        self.root_pem = root_pem
+        self.workdir = workdir
+        self.log = log
+
+    def channel(self):
+        creds = grpc.ssl_channel_credentials(root_certificates=self.root_pem)
+        return grpc.secure_channel(f"127.0.0.1:{self.grpc_port}", creds,
+                                   options=[("grpc.ssl_target_name_override", SERVER_NAME)])
+
+    def stub(self):
+        return ca_pb2_grpc.IstioCertificateServiceStub(self.channel())
+
+    def http(self, path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+
+
+def start_ca(workdir, cluster, extra_args=(), cacerts=None, env=None):
+    workdir = Path(workdir)
+    jwks = workdir / "jwks.json"
+    jwks.write_text(json.dumps(cluster.jwks))
+    grpc_port, http_port = free_port(), free_port()
+    state = workdir / "state"
+    args = [binary("signet-ca"), "serve",
+            "--cacerts-dir", str(cacerts or workdir / "no-cacerts"),
+            "--state-dir", str(state),
+            "--grpc-addr", f"127.0.0.1:{grpc_port}", "--http-addr", f"127.0.0.1:{http_port}",
+            "--jwks", str(jwks), "--jwt-issuer", ISSUER, *extra_args]
+    log = open(workdir / "ca.log", "w+")
+    full_env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
+    full_env.update(env or {})
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"signet-ca exited with {proc.returncode}: {log.read()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        raise RuntimeError("signet-ca did not become ready")
+    root_file = (Path(cacerts) / "root-cert.pem") if cacerts else state / "root-cert.pem"
+    return CA(proc, grpc_port, http_port, root_file.read_bytes(), workdir, log)
+
+
+def stop_ca(ca):
+    ca.proc.terminate()
+    try:
+        ca.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        ca.proc.kill()
+    ca.log.close()
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    return Cluster()
+
+
+@pytest.fixture(scope="session")
+def ca(cluster):
+    with tempfile.TemporaryDirectory() as d:
+        server = start_ca(d, cluster)
+        yield server
+        stop_ca(server)
+
+
+def make_csr(key=None, uri=None):
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+    if uri:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True)
+    csr = builder.sign(key, hashes.SHA256())
+    return key, csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def request(stub, csr, token, ttl=0, cluster_id="Kubernetes", metadata=None):
+    md = []
+    if token is not None:
+        md.append(("authorization", f"Bearer {token}"))
+    if cluster_id is not None:
+        md.append(("clusterid", cluster_id))
+    return stub.CreateCertificate(
+        ca_pb2.IstioCertificateRequest(csr=csr, validity_duration=ttl, metadata=metadata),
+        metadata=md, timeout=10)
+
+
+def openssl_verify(root_pem, chain, workdir):
+    """`openssl verify` of chain[0] with chain[1:-1] as untrusted and the bundle as roots."""
+    d = Path(workdir)
+    (d / "root.pem").write_text(root_pem if isinstance(root_pem, str) else root_pem.decode())
+    (d / "leaf.pem").write_text(chain[0])
+    args = ["openssl", "verify", "-CAfile", str(d / "root.pem")]
+    if len(chain) > 2:
+        (d / "untrusted.pem").write_text("".join(chain[1:-1]))
+        args += ["-untrusted", str(d / "untrusted.pem")]
+    args.append(str(d / "leaf.pem"))
+    return subprocess.run(args, capture_output=True, text=True)

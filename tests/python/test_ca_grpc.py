@@ -1,0 +1,205 @@
+"""signet-ca driven by an independent gRPC client (grpcio, stubs generated from
+proto/ by grpcio-tools), with CSRs from `cryptography`, tokens from PyJWT and chains
+checked by `openssl verify`."""
+
+import datetime
+import tempfile
+import time
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from google.protobuf import struct_pb2
+
+from conftest import ISSUER, Cluster, make_csr, openssl_verify, request
+
+SPIFFE = "spiffe://cluster.local/ns/default/sa/bookinfo"
+
+
+def leaf_of(chain):
+    return x509.load_pem_x509_certificate(chain[0].encode())
+
+
+def expect_error(code, fn, *contains):
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    err = info.value
+    assert err.code() == code, f"want {code}, got {err.code()}: {err.details()}"
+    for text in contains:
+        assert text in err.details(), f"{text!r} not in {err.details()!r}"
+    return err.details()
+
+
+def test_issues_spiffe_certificate_that_openssl_verifies(ca, cluster):
+    key, csr = make_csr(uri=SPIFFE)
+    resp = request(ca.stub(), csr, cluster.token())
+    chain = list(resp.cert_chain)
+    # Self-signed CA: [leaf, root]; the last element is the trust bundle.
+    assert len(chain) == 2
+    assert chain[-1].encode().strip() == ca.root_pem.strip()
+    with tempfile.TemporaryDirectory() as d:
+        result = openssl_verify(chain[-1], chain, d)
+        assert result.returncode == 0, result.stdout + result.stderr
+    leaf = leaf_of(chain)
+    assert leaf.subject == x509.Name([])
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert san.critical
+    assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == [SPIFFE]
+    ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.digital_signature and ku.key_encipherment and not ku.key_cert_sign
+    eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    root = x509.load_pem_x509_certificate(chain[-1].encode())
+    ski = root.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert aki.key_identifier == ski.digest
+    assert leaf.public_key().public_numbers() == key.public_key().public_numbers()
+    assert 0 < leaf.serial_number < 2**128
+    life = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    assert datetime.timedelta(hours=24) <= life <= datetime.timedelta(hours=24, minutes=2)
+    assert isinstance(leaf.signature_hash_algorithm, hashes.SHA256)
+
+
+@pytest.mark.parametrize("ttl,expected", [
+    (3600, datetime.timedelta(hours=1)),
+    (0, datetime.timedelta(hours=24)),
+    (-30, datetime.timedelta(hours=24)),
+    (100 * 365 * 86400, datetime.timedelta(hours=2160)),
+    (5, datetime.timedelta(seconds=5)),
+])
+def test_lifetime_is_requested_default_or_clamped(ca, cluster, ttl, expected):
+    _, csr = make_csr()
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    leaf = leaf_of(request(ca.stub(), csr, cluster.token(), ttl=ttl).cert_chain)
+    after = datetime.datetime.now(datetime.timezone.utc)
+    # NotAfter is now + lifetime (the answer shows the real NotAfter when clamped).
+    assert before + expected - datetime.timedelta(seconds=1) <= leaf.not_valid_after_utc
+    assert leaf.not_valid_after_utc <= after + expected
+    # Backdated by at most 10% of the lifetime and never more than two minutes.
+    backdate = before - leaf.not_valid_before_utc
+    assert backdate <= min(expected / 10, datetime.timedelta(minutes=2)) + datetime.timedelta(seconds=1)
+
+
+def test_rsa_and_p384_csrs(ca, cluster):
+    for key in (rsa.generate_private_key(public_exponent=65537, key_size=2048),
+                ec.generate_private_key(ec.SECP384R1())):
+        _, csr = make_csr(key=key, uri=SPIFFE)
+        leaf = leaf_of(request(ca.stub(), csr, cluster.token()).cert_chain)
+        assert leaf.public_key().public_numbers() == key.public_key().public_numbers()
+
+
+def test_bad_csrs_are_invalid_argument(ca, cluster):
+    stub, token = ca.stub(), cluster.token()
+    expect_error(grpc.StatusCode.INVALID_ARGUMENT, lambda: request(stub, "", token), "empty")
+    expect_error(grpc.StatusCode.INVALID_ARGUMENT, lambda: request(stub, "garbage", token), "PEM")
+    _, csr = make_csr()
+    lines = csr.strip().splitlines()
+    truncated = "\n".join(lines[:3] + lines[-1:]) + "\n"
+    expect_error(grpc.StatusCode.INVALID_ARGUMENT, lambda: request(stub, truncated, token))
+    # A CSR whose signature was made by another key: no proof of possession.
+    key = ec.generate_private_key(ec.SECP256R1())
+    other = ec.generate_private_key(ec.SECP256R1())
+    good = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    forged_der = bytearray(good.public_bytes(serialization.Encoding.DER))
+    forged_der[-4] ^= 0x55
+    import base64
+    forged = ("-----BEGIN CERTIFICATE REQUEST-----\n"
+              + base64.encodebytes(bytes(forged_der)).decode()
+              + "-----END CERTIFICATE REQUEST-----\n")
+    expect_error(grpc.StatusCode.INVALID_ARGUMENT, lambda: request(stub, forged, token))
+    del other
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    _, csr = make_csr(key=weak)
+    expect_error(grpc.StatusCode.INVALID_ARGUMENT, lambda: request(stub, csr, token), "RSA-1024")
+
+
+def test_csr_for_another_identity_is_permission_denied(ca, cluster):
+    other = "spiffe://cluster.local/ns/kube-system/sa/admin"
+    _, csr = make_csr(uri=other)
+    details = expect_error(grpc.StatusCode.PERMISSION_DENIED,
+                           lambda: request(ca.stub(), csr, cluster.token()), other, SPIFFE)
+    assert "Bearer" not in details
+
+
+def test_ca_true_request_still_gets_a_leaf(ca, cluster):
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([]))
+           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+           .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
+    leaf = leaf_of(request(ca.stub(), csr, cluster.token()).cert_chain)
+    assert leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+
+
+def test_bad_tokens_are_unauthenticated_and_never_echoed(ca, cluster):
+    stub = ca.stub()
+    _, csr = make_csr()
+    hs = __import__("jwt").encode({"sub": "system:serviceaccount:default:bookinfo", "iss": ISSUER,
+                                   "aud": ["istio-ca"], "exp": int(time.time()) + 600},
+                                  "s" * 32, algorithm="HS256")
+    unsigned = __import__("jwt").encode({"sub": "system:serviceaccount:default:bookinfo", "iss": ISSUER,
+                                         "aud": ["istio-ca"], "exp": int(time.time()) + 600},
+                                        None, algorithm="none")
+    stranger = Cluster(kid=cluster.kid)
+    cases = {
+        "missing": (None, "no credentials"),
+        "empty": ("", "no credentials"),
+        "expired": (cluster.token(exp_in=-3600), "expired"),
+        "wrong audience": (cluster.token(aud=("other",)), "audience"),
+        "wrong issuer": (cluster.token(iss="https://evil.example"), "issuer"),
+        "hmac": (hs, "HS256"),
+        "unsigned": (unsigned, "token"),
+        "other key": (stranger.token(), "signature"),
+        "garbage": ("not-a-jwt", "malformed"),
+    }
+    for name, (token, reason) in cases.items():
+        details = expect_error(grpc.StatusCode.UNAUTHENTICATED,
+                               lambda: request(stub, csr, token), reason)
+        if token:
+            assert token not in details, name
+            signature = token.split(".")[-1]
+            assert not signature or signature not in details, name
+
+
+def test_unknown_cluster_id_is_refused_by_name(ca, cluster):
+    _, csr = make_csr()
+    expect_error(grpc.StatusCode.UNAUTHENTICATED,
+                 lambda: request(ca.stub(), csr, cluster.token(), cluster_id="cluster-9"),
+                 "cluster-9", "Kubernetes")
+    # Empty and the local id are both the local cluster.
+    request(ca.stub(), csr, cluster.token(), cluster_id=None)
+    request(ca.stub(), csr, cluster.token(), cluster_id="")
+
+
+def test_impersonation_is_refused_without_configuration(ca, cluster):
+    _, csr = make_csr()
+    md = struct_pb2.Struct()
+    md.update({"ImpersonatedIdentity": "spiffe://cluster.local/ns/x/sa/y"})
+    expect_error(grpc.StatusCode.PERMISSION_DENIED,
+                 lambda: request(ca.stub(), csr, cluster.token(), metadata=md), "impersonat")
+
+
+def test_oversize_request_is_refused(ca, cluster):
+    big = "A" * (200 * 1024)
+    err = expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       lambda: request(ca.stub(), big, cluster.token()))
+    assert err
+
+
+def test_metrics_use_istio_names(ca, cluster):
+    _, csr = make_csr()
+    request(ca.stub(), csr, cluster.token())
+    status, body = ca.http("/metrics")
+    assert status == 200
+    for name in ["citadel_server_csr_count", "citadel_server_success_cert_issuance_count",
+                 "citadel_server_authentication_failure_count",
+                 "citadel_server_root_cert_expiry_timestamp",
+                 "citadel_server_cert_chain_expiry_timestamp",
+                 "signet_ca_create_certificate_duration_seconds_bucket"]:
+        assert name in body, name
+    assert "citadel_server_csr_count_total" not in body
+    assert ca.http("/healthz")[0] == 200
+    assert ca.http("/readyz")[0] == 200
