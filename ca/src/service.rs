@@ -200,7 +200,10 @@ impl IstioCertificateService for CaService {
                     serial = %issued.serial,
                     spiffe_id = %caller.account.spiffe_id(&self.policy.trust_domain).map(|i| i.to_string()).unwrap_or_default(),
                     public_key_sha256 = %issued.public_key_sha256,
-                    not_after = %issued.not_after,
+                    not_after = %issued
+                        .not_after
+                        .format(&time::format_description::well_known::Rfc3339)
+                        .unwrap_or_default(),
                     peer = %peer,
                     method = %caller.method,
                     cluster = %caller.cluster,

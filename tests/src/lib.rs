@@ -1,1 +1,462 @@
+//! Helpers for Signet's end-to-end tests: a CA on 127.0.0.1:0, token issuers, CSRs,
+//! and the openssl CLI as an independent verifier.
+#![forbid(unsafe_code)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_debug_implementations
+)]
 
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use base64::Engine;
+use rcgen::{CertificateParams, KeyPair, SanType};
+use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+use signet_proto::{IstioCertificateRequest, IstioCertificateServiceClient};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+/// Issuer used for test tokens.
+pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+/// The name the CA's serving certificate carries by default.
+pub const SERVER_NAME: &str = "istiod.istio-system.svc";
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// Parses `signet-ca serve` arguments exactly as the binary does.
+pub fn parse_serve(args: &[String]) -> signet_ca::config::ServeConfig {
+    use clap::Parser;
+    use signet_ca::config::{Cli, Command};
+    let mut full = vec!["signet-ca".to_string(), "serve".to_string()];
+    full.extend_from_slice(args);
+    let Command::Serve(serve) = Cli::try_parse_from(full).unwrap().command;
+    serve.validate(false).unwrap()
+}
+
+/// A JWT issuer with an ES256 key and its JWKS.
+pub struct JwtIssuer {
+    pkcs8: Vec<u8>,
+    /// The key id in token headers.
+    pub kid: String,
+    /// The JWKS document.
+    pub jwks: serde_json::Value,
+}
+
+impl JwtIssuer {
+    /// A fresh P-256 signing key.
+    pub fn new(kid: &str) -> Self {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+            .unwrap()
+            .as_ref()
+            .to_vec();
+        let pair =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng).unwrap();
+        let point = pair.public_key().as_ref();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+            "x": b64(&point[1..33]), "y": b64(&point[33..65]),
+        }]});
+        Self {
+            pkcs8,
+            kid: kid.to_owned(),
+            jwks,
+        }
+    }
+
+    /// A service account token for `ns/sa` with audience `istio-ca`, valid an hour.
+    pub fn token(&self, ns: &str, sa: &str) -> String {
+        self.token_with(ns, sa, ISSUER, &["istio-ca"], 3600)
+    }
+
+    /// A token with every knob.
+    pub fn token_with(&self, ns: &str, sa: &str, iss: &str, aud: &[&str], exp_in: i64) -> String {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let claims = serde_json::json!({
+            "iss": iss, "aud": aud, "sub": format!("system:serviceaccount:{ns}:{sa}"),
+            "iat": now, "nbf": now, "exp": now + exp_in,
+            "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "u"}},
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_ec_der(&self.pkcs8),
+        )
+        .unwrap()
+    }
+
+    /// Writes the JWKS to `dir/jwks.json` and returns its path.
+    pub fn write_jwks(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("jwks.json");
+        std::fs::write(&path, self.jwks.to_string()).unwrap();
+        path
+    }
+}
+
+/// A signet-ca server running in this process.
+pub struct TestCa {
+    /// gRPC (TLS) address.
+    pub grpc: SocketAddr,
+    /// HTTP (metrics) address.
+    pub http: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), signet_ca::server::ServeError>>>,
+}
+
+impl TestCa {
+    /// Starts a CA with `args` (flags of `signet-ca serve`); listeners on port 0.
+    pub async fn start(args: &[String]) -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let grpc_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc = grpc_listener.local_addr().unwrap();
+        let http = http_listener.local_addr().unwrap();
+        let mut all = args.to_vec();
+        all.extend([
+            "--grpc-addr".into(),
+            grpc.to_string(),
+            "--http-addr".into(),
+            http.to_string(),
+            "--reload-interval".into(),
+            "200ms".into(),
+        ]);
+        let config = parse_serve(&all);
+        let (stop, stopped) = oneshot::channel();
+        let handle = tokio::spawn(signet_ca::server::run(
+            config,
+            grpc_listener,
+            http_listener,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let ca = Self {
+            grpc,
+            http,
+            stop: Some(stop),
+            handle: Some(handle),
+        };
+        ca.wait_ready().await;
+        ca
+    }
+
+    async fn wait_ready(&self) {
+        for _ in 0..200 {
+            if self
+                .http_get("/readyz")
+                .await
+                .is_ok_and(|(code, _)| code == 200)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("CA not ready");
+    }
+
+    /// GET a path of the HTTP listener: (status, body).
+    pub async fn http_get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.http).await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        let code = out
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+        Ok((code, body))
+    }
+
+    /// A gRPC client that verifies the CA against `root_pem`.
+    pub async fn client(&self, root_pem: &str) -> IstioCertificateServiceClient<Channel> {
+        client(self.grpc, root_pem, None).await
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Our own Rust client: tonic over rustls, verifying `SERVER_NAME` against `root_pem`,
+/// optionally presenting a client certificate (`cert_pem`, `key_pem`).
+pub async fn client(
+    addr: SocketAddr,
+    root_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> IstioCertificateServiceClient<Channel> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(root_pem))
+        .domain_name(SERVER_NAME);
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+    }
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    IstioCertificateServiceClient::new(channel)
+}
+
+/// A CreateCertificate request with a bearer token.
+pub fn request(
+    csr: &str,
+    token: Option<&str>,
+    ttl: i64,
+) -> tonic::Request<IstioCertificateRequest> {
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr: csr.to_owned(),
+        validity_duration: ttl,
+        metadata: None,
+    });
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    req
+}
+
+/// A P-256 key and a PEM CSR, optionally with a URI SAN.
+pub fn csr(uri: Option<&str>) -> (KeyPair, String) {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    if let Some(uri) = uri {
+        params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+    }
+    let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+    (key, pem)
+}
+
+/// Runs `openssl verify` on `chain[0]` with the middle elements as untrusted
+/// intermediates and the last element as the trust bundle.
+pub fn openssl_verify(chain: &[String]) -> Result<String, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root.pem");
+    let leaf = dir.path().join("leaf.pem");
+    std::fs::write(&root, chain.last().unwrap()).unwrap();
+    std::fs::write(&leaf, &chain[0]).unwrap();
+    let mut cmd = Command::new("openssl");
+    cmd.arg("verify").arg("-CAfile").arg(&root);
+    if chain.len() > 2 {
+        let untrusted = dir.path().join("untrusted.pem");
+        std::fs::write(&untrusted, chain[1..chain.len() - 1].concat()).unwrap();
+        cmd.arg("-untrusted").arg(untrusted);
+    }
+    let out = cmd.arg(&leaf).output().expect("openssl is installed");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+/// Runs a shell command and panics with its output on failure.
+pub fn sh(cmd: &str, dir: &Path) -> String {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Parses a PEM certificate with x509-parser and hands it to `f`.
+pub fn with_cert<T>(
+    pem: &str,
+    f: impl FnOnce(&x509_parser::certificate::X509Certificate<'_>) -> T,
+) -> T {
+    let der = ::pem::parse(pem).unwrap().into_contents();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    f(&cert)
+}
+
+/// The URI SANs of a PEM certificate.
+pub fn uri_sans(pem: &str) -> Vec<String> {
+    with_cert(pem, |c| {
+        c.subject_alternative_name()
+            .unwrap()
+            .map(|s| {
+                s.value
+                    .general_names
+                    .iter()
+                    .filter_map(|n| match n {
+                        x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// A test root CA made with rcgen.
+pub struct TestRoot {
+    key: KeyPair,
+    params: CertificateParams,
+    /// The root certificate, PEM.
+    pub pem: String,
+}
+
+impl TestRoot {
+    /// A self-signed root with `key`, valid from yesterday for ten years.
+    pub fn new(name: &str, key: KeyPair) -> Self {
+        let now = time::OffsetDateTime::now_utc();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Signet Tests");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(3650);
+        let pem = params.self_signed(&key).unwrap().pem();
+        Self { key, params, pem }
+    }
+
+    /// A P-256 root.
+    pub fn p256(name: &str) -> Self {
+        Self::new(
+            name,
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
+        )
+    }
+
+    /// Writes an Istio cacerts set into `dir`: an intermediate named `cn` with key
+    /// `ca_key` (pathlen `pathlen`, valid `days` from yesterday), the chain, and
+    /// `bundle` (this root when empty) as root-cert.pem.
+    pub fn write_cacerts(
+        &self,
+        dir: &Path,
+        cn: &str,
+        ca_key: &KeyPair,
+        pathlen: Option<u8>,
+        bundle: &[&str],
+    ) {
+        let now = time::OffsetDateTime::now_utc();
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let mut ca = CertificateParams::default();
+        ca.distinguished_name = rcgen::DistinguishedName::new();
+        ca.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        ca.is_ca = rcgen::IsCa::Ca(match pathlen {
+            Some(n) => rcgen::BasicConstraints::Constrained(n),
+            None => rcgen::BasicConstraints::Unconstrained,
+        });
+        ca.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        ca.use_authority_key_identifier_extension = true;
+        ca.not_before = now - time::Duration::days(1);
+        ca.not_after = now + time::Duration::days(730);
+        let cert = ca.signed_by(ca_key, &issuer).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("ca-cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("ca-key.pem"), ca_key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("cert-chain.pem"), cert.pem() + &self.pem).unwrap();
+        let bundle = if bundle.is_empty() {
+            self.pem.clone()
+        } else {
+            bundle.concat()
+        };
+        std::fs::write(dir.join("root-cert.pem"), bundle).unwrap();
+    }
+}
+
+/// A directory laid out the way the kubelet mounts a Secret: files are links into
+/// `..data`, itself a link to a timestamped directory swapped atomically on update.
+pub struct SecretMount {
+    /// The mount point.
+    pub dir: PathBuf,
+    generation: usize,
+}
+
+impl SecretMount {
+    /// An empty mount at `dir`.
+    pub fn new(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        Self {
+            dir: dir.to_owned(),
+            generation: 0,
+        }
+    }
+
+    /// Publishes the files of `from` as the new content, as the kubelet does.
+    pub fn publish(&mut self, from: &Path) {
+        use std::os::unix::fs::symlink;
+        self.generation += 1;
+        let version = format!("..2026_11_22_{:04}", self.generation);
+        let target = self.dir.join(&version);
+        std::fs::create_dir(&target).unwrap();
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name();
+            std::fs::copy(entry.path(), target.join(&name)).unwrap();
+            names.push(name);
+        }
+        let tmp = self.dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        symlink(&version, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+        for name in names {
+            let link = self.dir.join(&name);
+            if std::fs::symlink_metadata(&link).is_err() {
+                symlink(Path::new("..data").join(&name), &link).unwrap();
+            }
+        }
+    }
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The one command that checks everything: formatting, clippy, the Rust tests, and the
+# Python tests that drive signet-ca with independent clients. Installs what it needs
+# (openssl from Debian, Python packages from PyPI into .venv).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+need_apt=()
+command -v openssl >/dev/null || need_apt+=(openssl)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "==> installing ${need_apt[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> cargo build"
+cargo build --workspace --locked
+echo "==> cargo test"
+cargo test --workspace --locked
+echo "==> python tests (grpcio, cryptography, PyJWT, openssl)"
+python="$("$root/scripts/python-env.sh")"
+"$python" -m pytest -q "$root/tests/python"

@@ -1,0 +1,231 @@
+//! The CA server end to end with our own Rust client (tonic over rustls): issuing,
+//! renewal with a client certificate, gRPC health, overload, and key-material reload
+//! through a kubelet-style `..data` swap.
+
+use std::{path::Path, time::Duration};
+
+use rcgen::KeyPair;
+use signet_e2e::{
+    JwtIssuer, SecretMount, TestCa, TestRoot, client, csr, openssl_verify, request, uri_sans,
+    with_cert,
+};
+
+fn jwt_args(dir: &Path, issuer: &JwtIssuer, cacerts: &Path) -> Vec<String> {
+    vec![
+        "--cacerts-dir".into(),
+        cacerts.display().to_string(),
+        "--state-dir".into(),
+        dir.join("state").display().to_string(),
+        "--jwks".into(),
+        issuer.write_jwks(dir).display().to_string(),
+        "--jwt-issuer".into(),
+        signet_e2e::ISSUER.into(),
+    ]
+}
+
+fn issuer_cn(pem: &str) -> String {
+    with_cert(pem, |c| c.issuer().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issues_renews_with_client_cert_and_reports_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = JwtIssuer::new("k1");
+    let ca = TestCa::start(&jwt_args(dir.path(), &jwt, &dir.path().join("none"))).await;
+    let root = std::fs::read_to_string(dir.path().join("state/root-cert.pem")).unwrap();
+    let mut c = ca.client(&root).await;
+
+    let (key, pem) = csr(Some("spiffe://cluster.local/ns/web/sa/frontend"));
+    let chain = c
+        .create_certificate(request(&pem, Some(&jwt.token("web", "frontend")), 600))
+        .await
+        .unwrap()
+        .into_inner()
+        .cert_chain;
+    assert_eq!(chain.len(), 2);
+    openssl_verify(&chain).unwrap();
+
+    // Renewal: the issued certificate authenticates the next request on its own.
+    let mut renewing = client(ca.grpc, &root, Some((&chain[0], &key.serialize_pem()))).await;
+    let (_, pem2) = csr(None);
+    let renewed = renewing
+        .create_certificate(request(&pem2, None, 600))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        uri_sans(&renewed.cert_chain[0]),
+        vec!["spiffe://cluster.local/ns/web/sa/frontend"]
+    );
+
+    // Standard gRPC health service.
+    let channel = tonic::transport::Channel::from_shared(format!("https://{}", ca.grpc))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&root))
+                .domain_name(signet_e2e::SERVER_NAME),
+        )
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "istio.v1.auth.IstioCertificateService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    // The audit trail counts it.
+    let (_, metrics) = ca.http_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("citadel_server_success_cert_issuance_count 2"),
+        "{metrics}"
+    );
+    ca.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_promptly_with_resource_exhausted() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = JwtIssuer::new("k1");
+    let mut args = jwt_args(dir.path(), &jwt, &dir.path().join("none"));
+    args.extend([
+        "--signing-threads".into(),
+        "1".into(),
+        "--max-pending".into(),
+        "1".into(),
+    ]);
+    let ca = TestCa::start(&args).await;
+    let root = std::fs::read_to_string(dir.path().join("state/root-cert.pem")).unwrap();
+    let token = jwt.token("a", "b");
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let mut c = ca.client(&root).await;
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            let (_, pem) = csr(None);
+            c.create_certificate(request(&pem, Some(&token), 0))
+                .await
+                .map(|_| ())
+                .map_err(|s| s.code())
+        }));
+    }
+    let mut ok = 0;
+    let mut exhausted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(tonic::Code::ResourceExhausted) => exhausted += 1,
+            Err(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(ok >= 1, "some requests must succeed");
+    assert!(
+        exhausted >= 1,
+        "a one-slot queue must refuse some of 64 concurrent requests"
+    );
+    let (_, metrics) = ca.http_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("signet_ca_overload_rejections"),
+        "{metrics}"
+    );
+    ca.stop().await;
+}
+
+async fn wait_for_issuer(ca: &TestCa, root: &str, jwt: &JwtIssuer, want: &str) -> String {
+    let mut last = String::new();
+    for _ in 0..100 {
+        let mut c = ca.client(root).await;
+        let (_, pem) = csr(None);
+        let chain = c
+            .create_certificate(request(&pem, Some(&jwt.token("ns", "sa")), 0))
+            .await
+            .unwrap()
+            .into_inner()
+            .cert_chain;
+        last = issuer_cn(&chain[0]);
+        if last.contains(want) {
+            openssl_verify(&chain).unwrap();
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("issuer never became {want}; still {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_swaps_valid_sets_and_refuses_bad_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = JwtIssuer::new("k1");
+    let root = TestRoot::p256("Root One");
+    let staged = dir.path().join("staged");
+    let key = || KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    root.write_cacerts(&staged.join("a"), "Intermediate A", &key(), Some(0), &[]);
+    root.write_cacerts(&staged.join("b"), "Intermediate B", &key(), Some(0), &[]);
+    let mut mount = SecretMount::new(&dir.path().join("cacerts"));
+    mount.publish(&staged.join("a"));
+
+    let ca = TestCa::start(&jwt_args(dir.path(), &jwt, &mount.dir)).await;
+    wait_for_issuer(&ca, &root.pem, &jwt, "Intermediate A").await;
+
+    // A new intermediate under the same root takes over without a restart.
+    mount.publish(&staged.join("b"));
+    wait_for_issuer(&ca, &root.pem, &jwt, "Intermediate B").await;
+
+    // Garbage: refused, counted, and B keeps serving.
+    let garbage = staged.join("garbage");
+    std::fs::create_dir_all(&garbage).unwrap();
+    for f in [
+        "ca-cert.pem",
+        "ca-key.pem",
+        "cert-chain.pem",
+        "root-cert.pem",
+    ] {
+        std::fs::write(garbage.join(f), "not a pem file").unwrap();
+    }
+    mount.publish(&garbage);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        wait_for_issuer(&ca, &root.pem, &jwt, "Intermediate B")
+            .await
+            .contains("B")
+    );
+    let (_, metrics) = ca.http_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains(r#"signet_ca_cacerts_reload_count{result="failure"}"#),
+        "{metrics}"
+    );
+
+    // A set under an unrelated root would strand every current certificate: refused.
+    let other_root = TestRoot::p256("Root Two");
+    other_root.write_cacerts(&staged.join("c"), "Intermediate C", &key(), Some(0), &[]);
+    mount.publish(&staged.join("c"));
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    wait_for_issuer(&ca, &root.pem, &jwt, "Intermediate B").await;
+
+    // The same set with both roots bundled is accepted, and answers carry both roots.
+    other_root.write_cacerts(
+        &staged.join("d"),
+        "Intermediate D",
+        &key(),
+        Some(0),
+        &[&root.pem, &other_root.pem],
+    );
+    mount.publish(&staged.join("d"));
+    wait_for_issuer(
+        &ca,
+        &(root.pem.clone() + &other_root.pem),
+        &jwt,
+        "Intermediate D",
+    )
+    .await;
+    ca.stop().await;
+}
