@@ -2,6 +2,8 @@
 //! renewal with a client certificate, gRPC health, overload, and key-material reload
 //! through a kubelet-style `..data` swap.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{path::Path, time::Duration};
 
 use rcgen::KeyPair;

@@ -2,6 +2,8 @@
 //! EC sets in PKCS#1, SEC1 and PKCS#8, cert-manager's layout; and the broken sets
 //! that must stop start-up with an error naming the file.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{fs, path::Path};
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
