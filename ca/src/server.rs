@@ -119,7 +119,7 @@ pub async fn run(
     let service = CaService::new(
         signer_rx.clone(),
         authn,
-        SigningQueue::new(config.signing_threads, config.max_pending),
+        SigningQueue::new(config.signing_threads, config.max_pending)?,
         metrics.clone(),
         IssuePolicy {
             trust_domain: config.trust_domain.clone(),

@@ -44,9 +44,10 @@ pub fn parse_serve(args: &[String]) -> signet_ca::config::ServeConfig {
     serve.validate(false).unwrap()
 }
 
-/// A JWT issuer with an ES256 key and its JWKS.
+/// A JWT issuer (ES256, or RS256 as Kubernetes clusters sign by default) and its JWKS.
 pub struct JwtIssuer {
-    pkcs8: Vec<u8>,
+    key: jsonwebtoken::EncodingKey,
+    alg: jsonwebtoken::Algorithm,
     /// The key id in token headers.
     pub kid: String,
     /// The JWKS document.
@@ -70,7 +71,36 @@ impl JwtIssuer {
             "x": b64(&point[1..33]), "y": b64(&point[33..65]),
         }]});
         Self {
-            pkcs8,
+            key: jsonwebtoken::EncodingKey::from_ec_der(&pkcs8),
+            alg: jsonwebtoken::Algorithm::ES256,
+            kid: kid.to_owned(),
+            jwks,
+        }
+    }
+
+    /// An RS256 issuer with a 2048-bit key made by the openssl CLI (ring cannot
+    /// generate RSA keys).
+    pub fn rsa(kid: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let modulus = sh(
+            "openssl genrsa -traditional -out k.pem 2048 2>/dev/null && openssl rsa -in k.pem -traditional -outform DER -out k.der 2>/dev/null && openssl rsa -in k.pem -noout -modulus",
+            dir.path(),
+        );
+        let hex = modulus.trim().trim_start_matches("Modulus=");
+        let n: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "RSA", "alg": "RS256", "use": "sig", "kid": kid,
+            "n": b64(&n), "e": b64(&[1, 0, 1]),
+        }]});
+        Self {
+            key: jsonwebtoken::EncodingKey::from_rsa_der(
+                &std::fs::read(dir.path().join("k.der")).unwrap(),
+            ),
+            alg: jsonwebtoken::Algorithm::RS256,
             kid: kid.to_owned(),
             jwks,
         }
@@ -89,14 +119,9 @@ impl JwtIssuer {
             "iat": now, "nbf": now, "exp": now + exp_in,
             "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "u"}},
         });
-        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        let mut header = jsonwebtoken::Header::new(self.alg);
         header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(
-            &header,
-            &claims,
-            &jsonwebtoken::EncodingKey::from_ec_der(&self.pkcs8),
-        )
-        .unwrap()
+        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
     }
 
     /// Writes the JWKS to `dir/jwks.json` and returns its path.
