@@ -291,7 +291,7 @@ fn self_signed_root_is_created_once_and_reused() {
         &format!("echo '{pem}' | openssl x509 -noout -subject -enddate -text"),
         Path::new("."),
     );
-    assert!(text.contains("O = example.org"), "{text}");
+    assert!(text.contains("subject=O = example.org\n"), "{text}");
     assert!(
         text.contains("prime256v1") || text.contains("P-256"),
         "{text}"

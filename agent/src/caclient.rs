@@ -1,0 +1,168 @@
+//! The CA client: CreateCertificate over TLS to signet-ca or istiod, with the pod's
+//! token re-read for every request.
+
+use std::{
+    future::Future,
+    path::Path,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::Duration as StdDuration,
+};
+
+use sha2::{Digest, Sha256};
+use signet_proto::{IstioCertificateRequest, IstioCertificateServiceClient};
+use time::Duration;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig};
+
+use crate::config::{CaTrust, RunConfig};
+
+/// Why no answer came back.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CaError {
+    #[error("service account token {path}: {problem}")]
+    Token { path: String, problem: String },
+    #[error("CA trust {path}: {problem}")]
+    Trust { path: String, problem: String },
+    #[error("cannot reach the CA at {addr}: {problem}")]
+    Connect { addr: String, problem: String },
+    #[error("the CA refused: {code:?}: {message}")]
+    Refused { code: tonic::Code, message: String },
+}
+
+/// A boxed future of a CA answer (the `cert_chain`).
+pub type SignFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<String>, CaError>> + Send + 'a>>;
+
+/// Anything that signs CSRs: the real CA, or a fake in tests.
+pub trait CaClient: Send + Sync {
+    /// Sends one CSR asking for `ttl`.
+    fn sign<'a>(&'a self, csr: &'a str, ttl: Duration) -> SignFuture<'a>;
+}
+
+/// The gRPC client.
+#[derive(Debug)]
+pub struct GrpcCaClient {
+    config: Arc<RunConfig>,
+    /// The channel and a digest of the trust it was built with; rebuilt when the
+    /// trust file changes (a rotated CA root, for instance).
+    channel: Mutex<Option<(Channel, [u8; 32])>>,
+}
+
+impl GrpcCaClient {
+    /// A client for `config.ca_addr`; connects on first use.
+    pub fn new(config: Arc<RunConfig>) -> Self {
+        Self {
+            config,
+            channel: Mutex::new(None),
+        }
+    }
+
+    fn channel(&self) -> Result<Channel, CaError> {
+        let (tls, digest) = match &self.config.ca_trust {
+            CaTrust::File(path) => {
+                let pem = std::fs::read(path).map_err(|e| CaError::Trust {
+                    path: path.display().to_string(),
+                    problem: e.to_string(),
+                })?;
+                if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
+                    return Err(CaError::Trust {
+                        path: path.display().to_string(),
+                        problem: "holds no PEM certificate".into(),
+                    });
+                }
+                let digest: [u8; 32] = Sha256::digest(&pem).into();
+                (
+                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+                    digest,
+                )
+            }
+            CaTrust::System => (ClientTlsConfig::new().with_native_roots(), [0; 32]),
+        };
+        let mut cached = self.channel.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((channel, d)) = cached.as_ref()
+            && *d == digest
+        {
+            return Ok(channel.clone());
+        }
+        let addr = &self.config.ca_addr;
+        let connect = |problem: String| CaError::Connect {
+            addr: addr.clone(),
+            problem,
+        };
+        let channel = Channel::from_shared(format!("https://{addr}"))
+            .map_err(|e| connect(e.to_string()))?
+            .tls_config(tls.domain_name(self.config.ca_server_name.clone()))
+            .map_err(|e| connect(e.to_string()))?
+            .connect_timeout(StdDuration::from_secs(5))
+            .timeout(StdDuration::from_secs(15))
+            .connect_lazy();
+        *cached = Some((channel.clone(), digest));
+        Ok(channel)
+    }
+}
+
+/// Reads the token file; the kubelet rotates it, so it is read for every request.
+pub fn read_token(path: &Path) -> Result<String, CaError> {
+    let err = |problem: String| CaError::Token {
+        path: path.display().to_string(),
+        problem,
+    };
+    let token = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(err("the file is empty".into()));
+    }
+    if token.len() > 16 * 1024 || token.contains(char::is_whitespace) {
+        return Err(err("the file does not hold one token".into()));
+    }
+    Ok(token.to_owned())
+}
+
+impl CaClient for GrpcCaClient {
+    fn sign<'a>(&'a self, csr: &'a str, ttl: Duration) -> SignFuture<'a> {
+        Box::pin(async move {
+            let token = read_token(&self.config.token_file)?;
+            let mut client = IstioCertificateServiceClient::new(self.channel()?);
+            let mut request = tonic::Request::new(IstioCertificateRequest {
+                csr: csr.to_owned(),
+                validity_duration: ttl.whole_seconds(),
+                metadata: None,
+            });
+            let md = request.metadata_mut();
+            let bearer = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| CaError::Token {
+                    path: self.config.token_file.display().to_string(),
+                    problem: "not a valid header value".into(),
+                })?;
+            md.insert("authorization", bearer);
+            if let Ok(v) = self.config.cluster_id.parse() {
+                md.insert("clusterid", v);
+            }
+            for (name, value) in &self.config.ca_headers {
+                if let (Ok(k), Ok(v)) = (
+                    name.parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
+                    value.parse(),
+                ) {
+                    md.insert(k, v);
+                }
+            }
+            match client.create_certificate(request).await {
+                Ok(answer) => Ok(answer.into_inner().cert_chain),
+                Err(status)
+                    if status.code() == tonic::Code::Unavailable
+                        || status.code() == tonic::Code::Unknown
+                            && status.message().contains("transport") =>
+                {
+                    Err(CaError::Connect {
+                        addr: self.config.ca_addr.clone(),
+                        problem: status.message().to_owned(),
+                    })
+                }
+                Err(status) => Err(CaError::Refused {
+                    code: status.code(),
+                    message: status.message().to_owned(),
+                }),
+            }
+        })
+    }
+}

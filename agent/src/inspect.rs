@@ -1,0 +1,304 @@
+//! `signet-agent inspect`: asks an SDS socket for secrets the way Envoy does and
+//! describes what came back. Works against any SDS server (it uses StreamSecrets,
+//! which pilot-agent and SPIRE implement too).
+
+use std::{path::PathBuf, time::Duration as StdDuration};
+
+use envoy_types::pb::envoy::{
+    config::core::v3::data_source::Specifier,
+    extensions::transport_sockets::tls::v3::{Secret, secret},
+    service::{
+        discovery::v3::DiscoveryRequest,
+        secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient,
+    },
+};
+use prost::Message;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use tonic::transport::{Endpoint, Uri};
+use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
+
+use crate::sds::SECRET_TYPE;
+
+/// What went wrong inspecting.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("cannot connect to {path}: {problem}")]
+    Connect { path: String, problem: String },
+    #[error("the SDS server refused: {0}")]
+    Refused(String),
+    #[error("no answer for {missing:?} within {timeout:?}")]
+    Timeout {
+        missing: Vec<String>,
+        timeout: StdDuration,
+    },
+}
+
+/// One certificate as the operator sees it.
+#[derive(Debug, Serialize)]
+pub struct CertInfo {
+    pub subject: String,
+    pub issuer: String,
+    pub spiffe_id: Option<String>,
+    pub serial: String,
+    pub not_before: String,
+    pub not_after: String,
+    pub seconds_left: i64,
+    pub sha256_fingerprint: String,
+}
+
+/// One secret.
+#[derive(Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SecretInfo {
+    TlsCertificate {
+        name: String,
+        chain_length: usize,
+        leaf: Option<CertInfo>,
+        /// Seconds until the agent rotates it, at the given grace ratio.
+        seconds_to_rotation: Option<i64>,
+        has_private_key: bool,
+    },
+    ValidationContext {
+        name: String,
+        roots: Vec<CertInfo>,
+    },
+    Other {
+        name: String,
+    },
+}
+
+/// Connects to `socket`, subscribes to `names`, and waits for one answer per name.
+pub async fn inspect(
+    socket: PathBuf,
+    names: Vec<String>,
+    timeout: StdDuration,
+    grace_ratio: f64,
+) -> Result<Vec<SecretInfo>, InspectError> {
+    let path = socket.clone();
+    let connect_err = |problem: String| InspectError::Connect {
+        path: socket.display().to_string(),
+        problem,
+    };
+    let channel = Endpoint::try_from("http://sds.invalid")
+        .map_err(|e| connect_err(e.to_string()))?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|e| {
+            connect_err(format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            ))
+        })?;
+    let mut client = SecretDiscoveryServiceClient::new(channel);
+    let request = DiscoveryRequest {
+        resource_names: names.clone(),
+        type_url: SECRET_TYPE.to_owned(),
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let _ = tx.send(request).await;
+    let collect = async {
+        let mut stream = client
+            .stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .map_err(|s| InspectError::Refused(format!("{:?}: {}", s.code(), s.message())))?
+            .into_inner();
+        let mut found: Vec<Secret> = Vec::new();
+        while found.len() < names.len() {
+            match stream.message().await {
+                Ok(Some(response)) => {
+                    for any in response.resources {
+                        if let Ok(secret) = Secret::decode(any.value.as_slice())
+                            && !found.iter().any(|s| s.name == secret.name)
+                        {
+                            found.push(secret);
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(s) => {
+                    return Err(InspectError::Refused(format!(
+                        "{:?}: {}",
+                        s.code(),
+                        s.message()
+                    )));
+                }
+            }
+        }
+        Ok(found)
+    };
+    let found = match tokio::time::timeout(timeout, collect).await {
+        Ok(found) => found?,
+        Err(_) => {
+            return Err(InspectError::Timeout {
+                missing: names,
+                timeout,
+            });
+        }
+    };
+    drop(tx);
+    let now = OffsetDateTime::now_utc();
+    Ok(found
+        .iter()
+        .map(|s| describe(s, now, grace_ratio))
+        .collect())
+}
+
+fn inline(source: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>) -> Vec<u8> {
+    match source.as_ref().and_then(|s| s.specifier.as_ref()) {
+        Some(Specifier::InlineBytes(b)) => b.clone(),
+        Some(Specifier::InlineString(s)) => s.clone().into_bytes(),
+        _ => Vec::new(),
+    }
+}
+
+fn certs(pem: &[u8], now: OffsetDateTime) -> Vec<CertInfo> {
+    ::pem::parse_many(pem)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .filter_map(|p| {
+            let der = p.into_contents();
+            let (_, c) = X509Certificate::from_der(&der).ok()?;
+            let spiffe_id = c.subject_alternative_name().ok().flatten().and_then(|san| {
+                san.value.general_names.iter().find_map(|n| match n {
+                    GeneralName::URI(u) if u.starts_with("spiffe://") => Some((*u).to_owned()),
+                    _ => None,
+                })
+            });
+            let not_after = c.validity().not_after.to_datetime();
+            Some(CertInfo {
+                subject: c.subject().to_string(),
+                issuer: c.issuer().to_string(),
+                spiffe_id,
+                serial: hex::encode(c.raw_serial()),
+                not_before: c.validity().not_before.to_string(),
+                not_after: c.validity().not_after.to_string(),
+                seconds_left: (not_after - now).whole_seconds(),
+                sha256_fingerprint: hex::encode(Sha256::digest(&der)),
+            })
+        })
+        .collect()
+}
+
+fn describe(secret: &Secret, now: OffsetDateTime, grace_ratio: f64) -> SecretInfo {
+    match &secret.r#type {
+        Some(secret::Type::TlsCertificate(tls)) => {
+            let chain = inline(&tls.certificate_chain);
+            let mut infos = certs(&chain, now);
+            let chain_length = infos.len();
+            let leaf = if infos.is_empty() {
+                None
+            } else {
+                Some(infos.remove(0))
+            };
+            let seconds_to_rotation = ::pem::parse_many(&chain)
+                .ok()
+                .and_then(|p| p.into_iter().next())
+                .and_then(|p| {
+                    let der = p.into_contents();
+                    let (_, c) = X509Certificate::from_der(&der).ok()?;
+                    let (nb, na) = (
+                        c.validity().not_before.to_datetime(),
+                        c.validity().not_after.to_datetime(),
+                    );
+                    Some(
+                        (crate::rotation::refresh_at(nb, na, grace_ratio, 0.0) - now)
+                            .whole_seconds(),
+                    )
+                });
+            SecretInfo::TlsCertificate {
+                name: secret.name.clone(),
+                chain_length,
+                leaf,
+                seconds_to_rotation,
+                has_private_key: !inline(&tls.private_key).is_empty(),
+            }
+        }
+        Some(secret::Type::ValidationContext(vc)) => SecretInfo::ValidationContext {
+            name: secret.name.clone(),
+            roots: certs(&inline(&vc.trusted_ca), now),
+        },
+        _ => SecretInfo::Other {
+            name: secret.name.clone(),
+        },
+    }
+}
+
+fn human(secs: i64) -> String {
+    let sign = if secs < 0 { "-" } else { "" };
+    let s = secs.unsigned_abs();
+    format!("{sign}{}h{:02}m{:02}s", s / 3600, (s / 60) % 60, s % 60)
+}
+
+/// Text for a terminal.
+pub fn render_text(secrets: &[SecretInfo]) -> String {
+    let mut out = String::new();
+    for s in secrets {
+        match s {
+            SecretInfo::TlsCertificate {
+                name,
+                chain_length,
+                leaf,
+                seconds_to_rotation,
+                has_private_key,
+            } => {
+                out.push_str(&format!(
+                    "{name}: TLS certificate (chain of {chain_length}, private key {})\n",
+                    if *has_private_key {
+                        "present"
+                    } else {
+                        "MISSING"
+                    }
+                ));
+                if let Some(c) = leaf {
+                    out.push_str(&format!(
+                        "  SPIFFE ID   {}\n",
+                        c.spiffe_id.as_deref().unwrap_or("(none)")
+                    ));
+                    out.push_str(&format!(
+                        "  serial      {}\n  issuer      {}\n",
+                        c.serial, c.issuer
+                    ));
+                    out.push_str(&format!(
+                        "  not before  {}\n  not after   {}\n",
+                        c.not_before, c.not_after
+                    ));
+                    out.push_str(&format!("  time left   {}\n", human(c.seconds_left)));
+                }
+                if let Some(r) = seconds_to_rotation {
+                    out.push_str(&format!("  rotation in {}\n", human(*r)));
+                }
+            }
+            SecretInfo::ValidationContext { name, roots } => {
+                out.push_str(&format!(
+                    "{name}: trust bundle of {} root(s)\n",
+                    roots.len()
+                ));
+                for r in roots {
+                    out.push_str(&format!(
+                        "  {}\n    sha256 {}\n    expires {} ({} left)\n",
+                        r.subject,
+                        r.sha256_fingerprint,
+                        r.not_after,
+                        human(r.seconds_left)
+                    ));
+                }
+            }
+            SecretInfo::Other { name } => {
+                out.push_str(&format!("{name}: a secret of another kind\n"))
+            }
+        }
+    }
+    out
+}

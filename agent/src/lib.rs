@@ -1,0 +1,23 @@
+//! Signet's workload agent: generates the private key locally, obtains a SPIFFE
+//! certificate from signet-ca (or istiod), rotates it at half-life, and serves it to
+//! Envoy over SDS on a Unix socket.
+//!
+//! Major components:
+//! - [`rotation`]: refresh timing, backoff, and the loop that renews the certificate.
+//! - [`caclient`]: CreateCertificate over TLS with the pod's token.
+//! - [`svid`]: the checks every CA answer passes before it is served.
+//! - [`store`] and [`sds`]: the secrets by SDS name and Envoy's SDS protocol.
+//! - [`inspect`]: an SDS client for operators.
+#![forbid(unsafe_code)]
+
+pub mod caclient;
+pub mod config;
+pub mod inspect;
+pub mod keys;
+pub mod metrics;
+pub mod output;
+pub mod rotation;
+pub mod sds;
+pub mod server;
+pub mod store;
+pub mod svid;

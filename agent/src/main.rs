@@ -1,0 +1,110 @@
+//! `signet-agent`: parse flags, set up logging, run or inspect. Exit 64 on bad
+//! configuration.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use signet_agent::config::{Cli, Command};
+
+/// sysexits' EX_USAGE.
+const EX_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            let rendered = e.render().to_string();
+            eprintln!(
+                "{} (see --help)",
+                rendered.lines().next().unwrap_or("invalid arguments")
+            );
+            return ExitCode::from(EX_USAGE);
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SIGNET_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Run(args) => {
+            let config = match args.validate(std::env::vars()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            let result: anyhow::Result<()> = runtime.block_on(async {
+                let socket = signet_agent::sds::bind(&config.socket)?;
+                let http = tokio::net::TcpListener::bind(config.http_addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.http_addr))?;
+                signet_agent::server::run(config, socket, http, shutdown_signal()).await?;
+                Ok(())
+            });
+            if let Err(e) = result {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Inspect(args) => {
+            let timeout = std::time::Duration::try_from(args.timeout)
+                .unwrap_or(std::time::Duration::from_secs(5));
+            match runtime.block_on(signet_agent::inspect::inspect(
+                args.socket,
+                args.names,
+                timeout,
+                0.5,
+            )) {
+                Ok(secrets) if args.json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&secrets).unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(secrets) => {
+                    print!("{}", signet_agent::inspect::render_text(&secrets));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

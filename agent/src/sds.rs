@@ -1,0 +1,378 @@
+//! Envoy's Secret Discovery Service on a Unix socket: `StreamSecrets` (state of the
+//! world), `DeltaSecrets` and `FetchSecrets`.
+//!
+//! Rules Envoy depends on (contract §5): every response holds exactly one secret,
+//! named as requested; an ACK is answered with nothing; a NACK is logged and never
+//! answered with the same version again; a request echoing an older nonce is stale
+//! and ignored; empty `resource_names` unsubscribes; a changed name set is answered
+//! for the new names; a secret that changes is pushed to every stream holding it.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use envoy_types::pb::{
+    envoy::service::{
+        discovery::v3::{
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+            Resource,
+        },
+        secret::v3::secret_discovery_service_server::{
+            SecretDiscoveryService, SecretDiscoveryServiceServer,
+        },
+    },
+    google::protobuf::Any,
+};
+use prost::Message;
+use tokio::{net::UnixListener, sync::mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::store::{Resolved, SecretName, SecretStore};
+
+/// The only resource type served.
+pub const SECRET_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// Why the socket could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    #[error("SDS socket {path}: {problem}")]
+    Path { path: String, problem: String },
+}
+
+/// Prepares the socket path and listens: creates the directory, refuses a path that
+/// is a directory or held by a live server, replaces a stale socket file, and sets
+/// mode 0660.
+pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let err = |problem: String| SocketError::Path {
+        path: path.display().to_string(),
+        problem,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| err(format!("cannot create its directory: {e}")))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => return Err(err("is a directory".into())),
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(err("another server is listening there (is pilot-agent or another signet-agent running?)".into()));
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
+        }
+        Ok(_) => return Err(err("exists and is not a socket".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e.to_string())),
+    }
+    let listener = UnixListener::bind(path).map_err(|e| err(format!("cannot listen: {e}")))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| err(format!("cannot set mode 0660: {e}")))?;
+    Ok(listener)
+}
+
+/// The SDS service.
+#[derive(Debug, Clone)]
+pub struct Sds {
+    store: Arc<SecretStore>,
+    nonces: Arc<AtomicU64>,
+}
+
+impl Sds {
+    /// Serves the secrets of `store`.
+    pub fn new(store: Arc<SecretStore>) -> Self {
+        Self {
+            store,
+            nonces: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The tonic service.
+    pub fn into_service(self) -> SecretDiscoveryServiceServer<Self> {
+        SecretDiscoveryServiceServer::new(self)
+    }
+
+    fn nonce(&self) -> String {
+        format!("{:x}", self.nonces.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Parses and registers requested names; the error is the stream's end status.
+    fn subscribe(&self, names: &[String]) -> Result<Vec<(String, SecretName)>, Status> {
+        let mut out = Vec::with_capacity(names.len());
+        for raw in names {
+            let name = SecretName::parse(raw).map_err(Status::invalid_argument)?;
+            self.store
+                .watch_file(&name)
+                .map_err(Status::resource_exhausted)?;
+            if !out.iter().any(|(r, _)| r == raw) {
+                out.push((raw.clone(), name));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn any(secret: &envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret) -> Any {
+    Any {
+        type_url: SECRET_TYPE.to_owned(),
+        value: secret.encode_to_vec(),
+    }
+}
+
+fn check_type(type_url: &str) -> Result<(), Status> {
+    if type_url.is_empty() || type_url == SECRET_TYPE {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "unsupported type_url {type_url:?}: this server serves only {SECRET_TYPE}"
+        )))
+    }
+}
+
+/// One state-of-the-world stream.
+struct SotwStream {
+    sds: Sds,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    names: Vec<(String, SecretName)>,
+    sent: HashMap<String, String>,
+    last_nonce: Option<String>,
+}
+
+impl SotwStream {
+    async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>) {
+        let mut changes = self.sds.store.changes();
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => {
+                        if let Err(status) = self.on_request(req).await {
+                            let _ = self.tx.send(Err(status)).await;
+                            return;
+                        }
+                    }
+                    Ok(None) | Err(_) => return,
+                },
+                changed = changes.changed() => {
+                    if changed.is_err() || !self.push().await {
+                        return;
+                    }
+                }
+                _ = self.tx.closed() => return,
+            }
+        }
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
+        check_type(&req.type_url)?;
+        if !req.response_nonce.is_empty() && Some(&req.response_nonce) != self.last_nonce.as_ref() {
+            tracing::debug!(nonce = %req.response_nonce, "stale SDS request ignored");
+            return Ok(());
+        }
+        if let Some(error) = &req.error_detail {
+            // A NACK: Envoy keeps the version it had. Sending the same content
+            // again would only be refused again, so nothing is resent.
+            tracing::warn!(names = ?req.resource_names, version = %req.version_info, error = %error.message, "Envoy rejected a secret (NACK)");
+        }
+        let wanted = self.sds.subscribe(&req.resource_names)?;
+        if wanted.is_empty() {
+            self.names.clear();
+            self.sent.clear();
+            return Ok(());
+        }
+        self.sent
+            .retain(|name, _| wanted.iter().any(|(w, _)| w == name));
+        self.names = wanted;
+        self.push().await;
+        Ok(())
+    }
+
+    /// Sends every subscribed secret whose version differs from what this stream
+    /// last sent. False when the client is gone.
+    async fn push(&mut self) -> bool {
+        for (raw, name) in &self.names {
+            let Some(Resolved { version, secret }) = self.sds.store.resolve(name, raw) else {
+                continue;
+            };
+            if self.sent.get(raw) == Some(&version) {
+                continue;
+            }
+            let nonce = self.sds.nonce();
+            let response = DiscoveryResponse {
+                version_info: version.clone(),
+                resources: vec![any(&secret)],
+                type_url: SECRET_TYPE.to_owned(),
+                nonce: nonce.clone(),
+                ..Default::default()
+            };
+            if self.tx.send(Ok(response)).await.is_err() {
+                return false;
+            }
+            self.last_nonce = Some(nonce);
+            self.sent.insert(raw.clone(), version);
+        }
+        true
+    }
+}
+
+/// One delta stream.
+struct DeltaStream {
+    sds: Sds,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    names: BTreeMap<String, SecretName>,
+    known: HashMap<String, String>,
+    last_nonce: Option<String>,
+}
+
+impl DeltaStream {
+    async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>) {
+        let mut changes = self.sds.store.changes();
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => {
+                        if let Err(status) = self.on_request(req).await {
+                            let _ = self.tx.send(Err(status)).await;
+                            return;
+                        }
+                    }
+                    Ok(None) | Err(_) => return,
+                },
+                changed = changes.changed() => {
+                    if changed.is_err() || !self.push().await {
+                        return;
+                    }
+                }
+                _ = self.tx.closed() => return,
+            }
+        }
+    }
+
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
+        check_type(&req.type_url)?;
+        if self.last_nonce.is_none() {
+            // First request: what the client already holds from a previous stream.
+            self.known.extend(req.initial_resource_versions.clone());
+        }
+        if !req.response_nonce.is_empty() && Some(&req.response_nonce) != self.last_nonce.as_ref() {
+            return Ok(());
+        }
+        if let Some(error) = &req.error_detail {
+            tracing::warn!(error = %error.message, "Envoy rejected a secret (delta NACK)");
+        }
+        for (raw, name) in self.sds.subscribe(&req.resource_names_subscribe)? {
+            self.names.insert(raw, name);
+        }
+        for raw in &req.resource_names_unsubscribe {
+            self.names.remove(raw);
+            self.known.remove(raw);
+        }
+        self.push().await;
+        Ok(())
+    }
+
+    async fn push(&mut self) -> bool {
+        let mut resources = Vec::new();
+        for (raw, name) in &self.names {
+            let Some(Resolved { version, secret }) = self.sds.store.resolve(name, raw) else {
+                continue;
+            };
+            if self.known.get(raw) == Some(&version) {
+                continue;
+            }
+            self.known.insert(raw.clone(), version.clone());
+            resources.push(Resource {
+                name: raw.clone(),
+                version,
+                resource: Some(any(&secret)),
+                ..Default::default()
+            });
+        }
+        if resources.is_empty() {
+            return true;
+        }
+        let nonce = self.sds.nonce();
+        let response = DeltaDiscoveryResponse {
+            resources,
+            type_url: SECRET_TYPE.to_owned(),
+            nonce: nonce.clone(),
+            ..Default::default()
+        };
+        self.last_nonce = Some(nonce);
+        self.tx.send(Ok(response)).await.is_ok()
+    }
+}
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for Sds {
+    type StreamSecretsStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaSecretsStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let (tx, rx) = mpsc::channel(8);
+        let stream = SotwStream {
+            sds: self.clone(),
+            tx,
+            names: Vec::new(),
+            sent: HashMap::new(),
+            last_nonce: None,
+        };
+        tokio::spawn(stream.run(request.into_inner()));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delta_secrets(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        let (tx, rx) = mpsc::channel(8);
+        let stream = DeltaStream {
+            sds: self.clone(),
+            tx,
+            names: BTreeMap::new(),
+            known: HashMap::new(),
+            last_nonce: None,
+        };
+        tokio::spawn(stream.run(request.into_inner()));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let req = request.into_inner();
+        check_type(&req.type_url)?;
+        let names = self.subscribe(&req.resource_names)?;
+        if names.is_empty() {
+            return Err(Status::invalid_argument(
+                "FetchSecrets needs at least one resource name",
+            ));
+        }
+        let mut resources = Vec::with_capacity(names.len());
+        let mut versions = Vec::with_capacity(names.len());
+        for (raw, name) in &names {
+            let resolved = self.store.resolve(name, raw).ok_or_else(|| {
+                Status::unavailable(format!("secret {raw:?} is not available yet"))
+            })?;
+            versions.push(resolved.version);
+            resources.push(any(&resolved.secret));
+        }
+        Ok(Response::new(DiscoveryResponse {
+            version_info: versions.join("/"),
+            resources,
+            type_url: SECRET_TYPE.to_owned(),
+            nonce: self.nonce(),
+            ..Default::default()
+        }))
+    }
+}

@@ -1,0 +1,153 @@
+//! Runs the agent: the rotation loop, the SDS server on the Unix socket, the HTTP
+//! listener for readiness and metrics, and `--output-certs`.
+
+use std::{future::Future, sync::Arc};
+
+use axum::{Router, http::StatusCode, routing::get};
+use tokio::{
+    net::{TcpListener, UnixListener},
+    sync::watch,
+};
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::{
+    caclient::{CaClient, GrpcCaClient},
+    config::RunConfig,
+    metrics::Metrics,
+    output,
+    rotation::{Clock, Rotation, SystemClock},
+    sds::Sds,
+    store::SecretStore,
+};
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("SDS server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("HTTP server: {0}")]
+    Http(#[from] std::io::Error),
+}
+
+/// Runs until `shutdown`, on listeners the caller bound (see [`crate::sds::bind`]).
+pub async fn run(
+    config: RunConfig,
+    socket: UnixListener,
+    http: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let config = Arc::new(config);
+    let ca: Arc<dyn CaClient> = Arc::new(GrpcCaClient::new(config.clone()));
+    run_with(config, ca, Arc::new(SystemClock), socket, http, shutdown).await
+}
+
+/// [`run`] with the CA and the clock supplied (tests use fakes).
+pub async fn run_with(
+    config: Arc<RunConfig>,
+    ca: Arc<dyn CaClient>,
+    clock: Arc<dyn Clock>,
+    socket: UnixListener,
+    http: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RunError> {
+    let metrics = Metrics::new()?;
+    let store = SecretStore::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let rotation = Rotation {
+        ca,
+        store: store.clone(),
+        clock: clock.clone(),
+        id: config.spiffe_id.clone(),
+        key_type: config.key_type,
+        ttl: config.secret_ttl,
+        grace_ratio: config.grace_ratio,
+        metrics: metrics.clone(),
+    };
+    tokio::spawn(rotation.run(stop_rx.clone()));
+
+    if let Some(dir) = config.output_certs.clone() {
+        let mut svid = store.watch_svid();
+        tokio::spawn(async move {
+            while svid.changed().await.is_ok() {
+                let Some(current) = svid.borrow_and_update().clone() else {
+                    continue;
+                };
+                if let Err(e) = output::write_certs(&dir, &current) {
+                    tracing::error!(dir = %dir.display(), error = %e, "cannot write --output-certs");
+                }
+            }
+        });
+    }
+
+    let http_server = tokio::spawn(serve_http(
+        http,
+        store.clone(),
+        metrics,
+        clock,
+        stop_rx.clone(),
+    ));
+    let mut sds_stop = stop_rx.clone();
+    let sds = tonic::transport::Server::builder()
+        .add_service(Sds::new(store).into_service())
+        .serve_with_incoming_shutdown(UnixListenerStream::new(socket), async move {
+            let _ = sds_stop.wait_for(|s| *s).await;
+        });
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    tracing::info!(id = %config.spiffe_id, socket = %config.socket.display(), ca = %config.ca_addr, "signet-agent running");
+    sds.await?;
+    match http_server.await {
+        Ok(result) => result?,
+        Err(e) => tracing::warn!(error = %e, "HTTP task failed"),
+    }
+    Ok(())
+}
+
+async fn serve_http(
+    listener: TcpListener,
+    store: Arc<SecretStore>,
+    metrics: Metrics,
+    clock: Arc<dyn Clock>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), std::io::Error> {
+    let ready_store = store.clone();
+    let app = Router::new()
+        .route(
+            "/healthz/ready",
+            get(move || {
+                let ready = ready_store.svid().is_some();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "no certificate yet\n")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                if let Some(svid) = store.svid() {
+                    let left = (svid.not_after - clock.now()).as_seconds_f64();
+                    metrics
+                        .cert_expiry_seconds
+                        .with_label_values(&["default"])
+                        .set(left);
+                }
+                let body = metrics.render();
+                async move { body }
+            }),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+}

@@ -1,0 +1,311 @@
+//! The secrets the agent serves, by SDS name, and change notification.
+//!
+//! `default` and `ROOTCA` come from the rotating certificate; Istio's
+//! `file-cert:<cert>~<key>` and `file-root:<path>` names are read from files and
+//! re-read while subscribed.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use envoy_types::pb::envoy::{
+    config::core::v3::{DataSource, data_source::Specifier},
+    extensions::transport_sockets::tls::v3::{
+        CertificateValidationContext, Secret, TlsCertificate, secret,
+    },
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::svid::Svid;
+
+/// The name Envoy asks for the workload certificate by.
+pub const DEFAULT: &str = "default";
+/// The name Envoy asks for the trust bundle by.
+pub const ROOTCA: &str = "ROOTCA";
+/// How often subscribed files are re-read.
+const FILE_POLL: Duration = Duration::from_secs(2);
+/// File-backed names served at most (each is polled).
+const MAX_FILE_SECRETS: usize = 64;
+
+/// A secret name the agent knows how to serve.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SecretName {
+    /// `default`.
+    Default,
+    /// `ROOTCA`.
+    RootCa,
+    /// `file-cert:<cert>~<key>`.
+    FileCert { cert: PathBuf, key: PathBuf },
+    /// `file-root:<path>`.
+    FileRoot(PathBuf),
+}
+
+impl SecretName {
+    /// Parses a name from an SDS request.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        let unknown = || {
+            format!(
+                "unknown secret {name:?}: this agent serves \"default\", \"ROOTCA\", \"file-cert:<cert-path>~<key-path>\" and \"file-root:<path>\""
+            )
+        };
+        match name {
+            DEFAULT => Ok(Self::Default),
+            ROOTCA => Ok(Self::RootCa),
+            _ => {
+                if let Some(rest) = name.strip_prefix("file-cert:") {
+                    let (cert, key) = rest.split_once('~').ok_or_else(unknown)?;
+                    if cert.is_empty() || key.is_empty() {
+                        return Err(unknown());
+                    }
+                    Ok(Self::FileCert {
+                        cert: cert.into(),
+                        key: key.into(),
+                    })
+                } else if let Some(path) = name.strip_prefix("file-root:") {
+                    if path.is_empty() {
+                        return Err(unknown());
+                    }
+                    Ok(Self::FileRoot(path.into()))
+                } else {
+                    Err(unknown())
+                }
+            }
+        }
+    }
+}
+
+/// A secret ready to send: its version and the Envoy message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    /// Changes whenever the content changes.
+    pub version: String,
+    /// The `Secret`, named as requested.
+    pub secret: Secret,
+}
+
+/// Everything the SDS server serves.
+#[derive(Debug)]
+pub struct SecretStore {
+    svid: watch::Sender<Option<Arc<Svid>>>,
+    files: Mutex<HashMap<SecretName, Option<(String, Secret)>>>,
+    generation: watch::Sender<u64>,
+}
+
+impl Default for SecretStore {
+    fn default() -> Self {
+        Self {
+            svid: watch::channel(None).0,
+            files: Mutex::new(HashMap::new()),
+            generation: watch::channel(0).0,
+        }
+    }
+}
+
+impl SecretStore {
+    /// An empty store.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Publishes a new certificate; every stream holding `default` (and `ROOTCA`, if
+    /// the roots changed) is told.
+    pub fn set_svid(&self, svid: Arc<Svid>) {
+        self.svid.send_replace(Some(svid));
+        self.bump();
+    }
+
+    /// The current certificate, if any.
+    pub fn svid(&self) -> Option<Arc<Svid>> {
+        self.svid.borrow().clone()
+    }
+
+    /// Watches the certificate.
+    pub fn watch_svid(&self) -> watch::Receiver<Option<Arc<Svid>>> {
+        self.svid.subscribe()
+    }
+
+    /// Ticks whenever any secret may have changed.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    fn bump(&self) {
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// The secret for `name`, or `None` while it is not available yet.
+    pub fn resolve(&self, name: &SecretName, requested: &str) -> Option<Resolved> {
+        match name {
+            SecretName::Default => {
+                let svid = self.svid()?;
+                Some(Resolved {
+                    version: svid.serial.clone(),
+                    secret: tls_secret(
+                        requested,
+                        svid.chain_pem.as_bytes(),
+                        svid.key_pem.as_bytes(),
+                    ),
+                })
+            }
+            SecretName::RootCa => {
+                let svid = self.svid()?;
+                Some(Resolved {
+                    version: digest(svid.roots_pem.as_bytes()),
+                    secret: roots_secret(requested, svid.roots_pem.as_bytes()),
+                })
+            }
+            file => {
+                let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+                let (version, secret) = files.get(file)?.clone()?;
+                Some(Resolved {
+                    version,
+                    secret: Secret {
+                        name: requested.to_owned(),
+                        ..secret
+                    },
+                })
+            }
+        }
+    }
+
+    /// Starts re-reading a file-backed name (once per name). Refuses beyond
+    /// [`MAX_FILE_SECRETS`] names.
+    pub fn watch_file(self: &Arc<Self>, name: &SecretName) -> Result<(), String> {
+        if matches!(name, SecretName::Default | SecretName::RootCa) {
+            return Ok(());
+        }
+        {
+            let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+            if files.contains_key(name) {
+                return Ok(());
+            }
+            if files.len() >= MAX_FILE_SECRETS {
+                return Err(format!(
+                    "too many file secrets (at most {MAX_FILE_SECRETS})"
+                ));
+            }
+            files.insert(name.clone(), load_file_secret(name));
+        }
+        self.bump();
+        let store = Arc::downgrade(self);
+        let name = name.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(FILE_POLL).await;
+                let Some(store) = store.upgrade() else { return };
+                let fresh = load_file_secret(&name);
+                let changed = {
+                    let mut files = store.files.lock().unwrap_or_else(|p| p.into_inner());
+                    let slot = files.entry(name.clone()).or_insert(None);
+                    let changed = slot.as_ref().map(|s| &s.0) != fresh.as_ref().map(|s| &s.0);
+                    *slot = fresh;
+                    changed
+                };
+                if changed {
+                    store.bump();
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+fn load_file_secret(name: &SecretName) -> Option<(String, Secret)> {
+    let read = |path: &PathBuf| match std::fs::read(path) {
+        Ok(bytes) if bytes.windows(11).any(|w| w == b"-----BEGIN ") => Some(bytes),
+        Ok(_) => {
+            tracing::warn!(path = %path.display(), "file secret holds no PEM block");
+            None
+        }
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "file secret not readable yet");
+            None
+        }
+    };
+    match name {
+        SecretName::FileCert { cert, key } => {
+            let (c, k) = (read(cert)?, read(key)?);
+            let version = digest(&[c.as_slice(), k.as_slice()].concat());
+            Some((version, tls_secret("", &c, &k)))
+        }
+        SecretName::FileRoot(path) => {
+            let r = read(path)?;
+            Some((digest(&r), roots_secret("", &r)))
+        }
+        _ => None,
+    }
+}
+
+fn inline(bytes: &[u8]) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(Specifier::InlineBytes(bytes.to_vec())),
+        ..Default::default()
+    })
+}
+
+/// `Secret{tls_certificate{certificate_chain, private_key}}`, inline bytes.
+fn tls_secret(name: &str, chain: &[u8], key: &[u8]) -> Secret {
+    Secret {
+        name: name.to_owned(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: inline(chain),
+            private_key: inline(key),
+            ..Default::default()
+        })),
+    }
+}
+
+/// `Secret{validation_context{trusted_ca}}`, inline bytes.
+fn roots_secret(name: &str, roots: &[u8]) -> Secret {
+    Secret {
+        name: name.to_owned(),
+        r#type: Some(secret::Type::ValidationContext(
+            CertificateValidationContext {
+                trusted_ca: inline(roots),
+                ..Default::default()
+            },
+        )),
+    }
+}
+
+fn digest(bytes: &[u8]) -> String {
+    hex::encode(&Sha256::digest(bytes)[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert_eq!(SecretName::parse("default").unwrap(), SecretName::Default);
+        assert_eq!(SecretName::parse("ROOTCA").unwrap(), SecretName::RootCa);
+        assert_eq!(
+            SecretName::parse("file-cert:/a/c.pem~/a/k.pem").unwrap(),
+            SecretName::FileCert {
+                cert: "/a/c.pem".into(),
+                key: "/a/k.pem".into()
+            }
+        );
+        assert_eq!(
+            SecretName::parse("file-root:/r.pem").unwrap(),
+            SecretName::FileRoot("/r.pem".into())
+        );
+        for bad in [
+            "",
+            "Default",
+            "rootca",
+            "file-cert:/a",
+            "file-cert:~/k",
+            "file-root:",
+            "spiffe://x",
+        ] {
+            let e = SecretName::parse(bad).unwrap_err();
+            assert!(e.contains("unknown secret"), "{bad}: {e}");
+        }
+    }
+}
