@@ -268,6 +268,8 @@ fn create_self_signed(
     })?;
     let key = keys::generate_p256().map_err(|e| gen_err(&e))?;
     let mut params = CertificateParams::default();
+    // rcgen's default subject carries a placeholder CN; istiod's root has O only.
+    params.distinguished_name = rcgen::DistinguishedName::new();
     params
         .distinguished_name
         .push(DnType::OrganizationName, trust_domain);
