@@ -69,19 +69,14 @@ pub enum SecretInfo {
     },
 }
 
-/// Connects to `socket`, subscribes to `names`, and waits for one answer per name.
-pub async fn inspect(
-    socket: PathBuf,
-    names: Vec<String>,
-    timeout: StdDuration,
-    grace_ratio: f64,
-) -> Result<Vec<SecretInfo>, InspectError> {
-    let path = socket.clone();
+/// A gRPC channel over the Unix socket at `socket`.
+pub async fn connect(socket: &std::path::Path) -> Result<tonic::transport::Channel, InspectError> {
+    let path = socket.to_owned();
     let connect_err = |problem: String| InspectError::Connect {
         path: socket.display().to_string(),
         problem,
     };
-    let channel = Endpoint::try_from("http://sds.invalid")
+    Endpoint::try_from("http://sds.invalid")
         .map_err(|e| connect_err(e.to_string()))?
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
@@ -98,7 +93,17 @@ pub async fn inspect(
                     .map(|s| s.to_string())
                     .unwrap_or_default()
             ))
-        })?;
+        })
+}
+
+/// Connects to `socket`, subscribes to `names`, and waits for one answer per name.
+pub async fn inspect(
+    socket: PathBuf,
+    names: Vec<String>,
+    timeout: StdDuration,
+    grace_ratio: f64,
+) -> Result<Vec<SecretInfo>, InspectError> {
+    let channel = connect(&socket).await?;
     let mut client = SecretDiscoveryServiceClient::new(channel);
     let request = DiscoveryRequest {
         resource_names: names.clone(),

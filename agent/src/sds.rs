@@ -29,7 +29,10 @@ use envoy_types::pb::{
     google::protobuf::Any,
 };
 use prost::Message;
-use tokio::{net::UnixListener, sync::mpsc};
+use tokio::{
+    net::UnixListener,
+    sync::{mpsc, watch},
+};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -83,14 +86,17 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
 pub struct Sds {
     store: Arc<SecretStore>,
     nonces: Arc<AtomicU64>,
+    stop: watch::Receiver<bool>,
 }
 
 impl Sds {
-    /// Serves the secrets of `store`.
-    pub fn new(store: Arc<SecretStore>) -> Self {
+    /// Serves the secrets of `store`; open streams end when `stop` turns true, so a
+    /// graceful shutdown does not wait for Envoy to hang up.
+    pub fn new(store: Arc<SecretStore>, stop: watch::Receiver<bool>) -> Self {
         Self {
             store,
             nonces: Arc::new(AtomicU64::new(0)),
+            stop,
         }
     }
 
@@ -117,6 +123,10 @@ impl Sds {
         }
         Ok(out)
     }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 fn any(secret: &envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret) -> Any {
@@ -148,8 +158,10 @@ struct SotwStream {
 impl SotwStream {
     async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>) {
         let mut changes = self.sds.store.changes();
+        let mut stop = self.sds.stop.clone();
         loop {
             tokio::select! {
+                _ = stopped(&mut stop) => return,
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => {
                         if let Err(status) = self.on_request(req).await {
@@ -233,8 +245,10 @@ struct DeltaStream {
 impl DeltaStream {
     async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>) {
         let mut changes = self.sds.store.changes();
+        let mut stop = self.sds.stop.clone();
         loop {
             tokio::select! {
+                _ = stopped(&mut stop) => return,
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => {
                         if let Err(status) = self.on_request(req).await {

@@ -91,7 +91,7 @@ pub async fn run_with(
     ));
     let mut sds_stop = stop_rx.clone();
     let sds = tonic::transport::Server::builder()
-        .add_service(Sds::new(store).into_service())
+        .add_service(Sds::new(store, stop_rx.clone()).into_service())
         .serve_with_incoming_shutdown(UnixListenerStream::new(socket), async move {
             let _ = sds_stop.wait_for(|s| *s).await;
         });

@@ -180,3 +180,71 @@ def openssl_verify(root_pem, chain, workdir):
         args += ["-untrusted", str(d / "untrusted.pem")]
     args.append(str(d / "leaf.pem"))
     return subprocess.run(args, capture_output=True, text=True)
+
+
+# --- signet-agent (used by test_sds.py) -------------------------------------------
+
+
+class Agent:
+    def __init__(self, proc, socket_path, http_port, workdir, log, ns, sa):
+        self.proc = proc
+        self.socket = socket_path
+        self.http_port = http_port
+        self.workdir = workdir
+        self.log = log
+        self.ns = ns
+        self.sa = sa
+
+    @property
+    def target(self):
+        return "unix:" + str(self.socket)
+
+    def http(self, path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+
+    def log_text(self):
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")
+
+
+def start_agent(ca, cluster, ns="default", sa="bookinfo", extra_args=(), workdir=None):
+    """Starts the real signet-agent against `ca` and waits for /healthz/ready.
+    The working directory is a short one under /tmp so the socket path stays short."""
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="sds", dir="/tmp"))
+    token = workdir / "istio-token"
+    token.write_text(cluster.token(ns=ns, sa=sa))
+    sock = workdir / "sds" / "socket"
+    http_port = free_port()
+    args = [binary("signet-agent"), "run",
+            "--ca-addr", f"localhost:{ca.grpc_port}",
+            "--ca-root-cert", str(Path(ca.workdir) / "state" / "root-cert.pem"),
+            "--token-file", str(token), "--namespace", ns, "--service-account", sa,
+            "--socket", str(sock), "--http-addr", f"127.0.0.1:{http_port}", *extra_args]
+    log = open(workdir / "agent.log", "w+")
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    agent = Agent(proc, sock, http_port, workdir, log, ns, sa)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"signet-agent exited with {proc.returncode}: {agent.log_text()}")
+        try:
+            if agent.http("/healthz/ready")[0] == 200 and sock.exists():
+                return agent
+        except OSError:
+            pass
+        time.sleep(0.05)
+    stop_agent(agent)
+    raise RuntimeError(f"signet-agent did not become ready: {agent.log_text()}")
+
+
+def stop_agent(agent):
+    if agent.proc.poll() is None:
+        agent.proc.terminate()
+        try:
+            agent.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            agent.proc.kill()
+            agent.proc.wait()
+    agent.log.close()

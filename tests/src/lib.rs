@@ -145,8 +145,13 @@ pub struct TestCa {
 impl TestCa {
     /// Starts a CA with `args` (flags of `signet-ca serve`); listeners on port 0.
     pub async fn start(args: &[String]) -> Self {
+        Self::start_at(args, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts a CA whose gRPC listener is at `grpc` (to restart one where it was).
+    pub async fn start_at(args: &[String], grpc: SocketAddr) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let grpc_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_listener = TcpListener::bind(grpc).await.unwrap();
         let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc = grpc_listener.local_addr().unwrap();
         let http = http_listener.local_addr().unwrap();
@@ -257,6 +262,32 @@ pub async fn client(
         .await
         .unwrap();
     IstioCertificateServiceClient::new(channel)
+}
+
+/// Starts signet-agent in this process with `args` (flags of `signet-agent run`),
+/// its HTTP listener on port 0. Returns the HTTP address and a stop handle.
+pub async fn start_agent(args: &[String]) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<()>) {
+    use clap::Parser;
+    use signet_agent::config::{Cli, Command};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut full = vec!["signet-agent".to_string(), "run".to_string()];
+    full.extend_from_slice(args);
+    let Command::Run(run) = Cli::try_parse_from(full).unwrap().command else {
+        unreachable!()
+    };
+    let config = run.validate(Vec::new()).unwrap();
+    let socket = signet_agent::sds::bind(&config.socket).unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = http.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        signet_agent::server::run(config, socket, http, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    (addr, stop, handle)
 }
 
 /// A CreateCertificate request with a bearer token.

@@ -1,0 +1,608 @@
+//! signet-agent end to end with the real signet-ca: obtaining a certificate,
+//! rotation pushed to an open SDS stream, surviving a CA restart, mutual TLS between
+//! two workloads with what their agents served, and the errors an operator meets.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use envoy_types::pb::envoy::{
+    config::core::v3::data_source::Specifier,
+    extensions::transport_sockets::tls::v3::{Secret, secret},
+    service::{
+        discovery::v3::DiscoveryRequest,
+        secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient,
+    },
+};
+use prost::Message;
+use signet_e2e::{JwtIssuer, TestCa, start_agent, uri_sans, with_cert};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+struct Setup {
+    dir: tempfile::TempDir,
+    jwt: JwtIssuer,
+}
+
+impl Setup {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            jwt: JwtIssuer::new("k1"),
+        }
+    }
+
+    fn ca_args(&self) -> Vec<String> {
+        let d = self.dir.path();
+        vec![
+            "--cacerts-dir".into(),
+            d.join("none").display().to_string(),
+            "--state-dir".into(),
+            d.join("state").display().to_string(),
+            "--jwks".into(),
+            self.jwt.write_jwks(d).display().to_string(),
+            "--jwt-issuer".into(),
+            signet_e2e::ISSUER.into(),
+        ]
+    }
+
+    /// Flags for an agent of `ns/sa` talking to `ca`, its socket under the temp dir.
+    fn agent_args(&self, ca: &TestCa, ns: &str, sa: &str, extra: &[&str]) -> Vec<String> {
+        let d = self.dir.path();
+        let token = d.join(format!("token-{sa}"));
+        std::fs::write(&token, self.jwt.token(ns, sa)).unwrap();
+        let mut args: Vec<String> = vec![
+            "--ca-addr".into(),
+            format!("localhost:{}", ca.grpc.port()),
+            "--ca-root-cert".into(),
+            d.join("state/root-cert.pem").display().to_string(),
+            "--token-file".into(),
+            token.display().to_string(),
+            "--namespace".into(),
+            ns.into(),
+            "--service-account".into(),
+            sa.into(),
+            "--socket".into(),
+            self.socket(sa).display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    fn socket(&self, sa: &str) -> std::path::PathBuf {
+        self.dir.path().join(format!("sds-{sa}/socket"))
+    }
+}
+
+async fn sds(socket: &Path) -> SecretDiscoveryServiceClient<tonic::transport::Channel> {
+    SecretDiscoveryServiceClient::new(signet_agent::inspect::connect(socket).await.unwrap())
+}
+
+fn bytes(source: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>) -> Vec<u8> {
+    match source.as_ref().and_then(|s| s.specifier.as_ref()) {
+        Some(Specifier::InlineBytes(b)) => b.clone(),
+        other => panic!("want inline bytes, got {other:?}"),
+    }
+}
+
+/// (chain PEM, key PEM) of a `default` secret.
+fn tls(secret: &Secret) -> (String, String) {
+    match &secret.r#type {
+        Some(secret::Type::TlsCertificate(t)) => (
+            String::from_utf8(bytes(&t.certificate_chain)).unwrap(),
+            String::from_utf8(bytes(&t.private_key)).unwrap(),
+        ),
+        other => panic!("not a TLS certificate: {other:?}"),
+    }
+}
+
+fn roots(secret: &Secret) -> String {
+    match &secret.r#type {
+        Some(secret::Type::ValidationContext(v)) => {
+            String::from_utf8(bytes(&v.trusted_ca)).unwrap()
+        }
+        other => panic!("not a validation context: {other:?}"),
+    }
+}
+
+async fn fetch(socket: &Path, names: &[&str]) -> Vec<Secret> {
+    let mut client = sds(socket).await;
+    let response = client
+        .fetch_secrets(DiscoveryRequest {
+            resource_names: names.iter().map(|s| s.to_string()).collect(),
+            type_url: SECRET_TYPE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    response
+        .resources
+        .iter()
+        .map(|a| Secret::decode(a.value.as_slice()).unwrap())
+        .collect()
+}
+
+async fn wait_ready(http: std::net::SocketAddr) {
+    for _ in 0..200 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(http).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out).await;
+            if out.starts_with("HTTP/1.1 200") {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("agent never became ready");
+}
+
+fn serial(chain_pem: &str) -> String {
+    with_cert(chain_pem, |c| hex_serial(c.raw_serial()))
+}
+
+fn hex_serial(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotates_on_time_and_pushes_to_the_open_stream() {
+    let s = Setup::new();
+    let ca = TestCa::start(&s.ca_args()).await;
+    let (http, stop, agent) =
+        start_agent(&s.agent_args(&ca, "shop", "cart", &["--secret-ttl", "4s"])).await;
+    wait_ready(http).await;
+
+    let mut client = sds(&s.socket("cart")).await;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        resource_names: vec!["default".into()],
+        type_url: SECRET_TYPE.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = client
+        .stream_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let first_secret = Secret::decode(first.resources[0].value.as_slice()).unwrap();
+    assert_eq!(first_secret.name, "default");
+    let (chain, key) = tls(&first_secret);
+    assert_eq!(
+        uri_sans(&chain),
+        vec!["spiffe://cluster.local/ns/shop/sa/cart"]
+    );
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"));
+    let lifetime = with_cert(&chain, |c| {
+        c.validity().not_after.timestamp() - c.validity().not_before.timestamp()
+    });
+    assert!((4..=5).contains(&lifetime), "{lifetime}");
+    // ACK it, as Envoy does.
+    tx.send(DiscoveryRequest {
+        resource_names: vec!["default".into()],
+        type_url: SECRET_TYPE.into(),
+        version_info: first.version_info.clone(),
+        response_nonce: first.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    // Half-life is 2 s (±1 %): the next certificate arrives on the same stream.
+    let started = std::time::Instant::now();
+    let second = tokio::time::timeout(Duration::from_secs(6), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let (chain2, key2) = tls(&Secret::decode(second.resources[0].value.as_slice()).unwrap());
+    assert_ne!(serial(&chain), serial(&chain2));
+    assert_ne!(key, key2, "each certificate gets a fresh key");
+    assert_ne!(first.version_info, second.version_info);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let _ = stop.send(());
+    agent.await.unwrap();
+    ca.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeps_serving_while_the_ca_is_down_then_recovers() {
+    let s = Setup::new();
+    let ca = TestCa::start(&s.ca_args()).await;
+    let addr = ca.grpc;
+    let (http, stop, agent) =
+        start_agent(&s.agent_args(&ca, "shop", "cart", &["--secret-ttl", "6s"])).await;
+    wait_ready(http).await;
+    let before = tls(&fetch(&s.socket("cart"), &["default"]).await[0]).0;
+    ca.stop().await;
+
+    // Past the refresh point (3 s) the CA is still down: the valid certificate stays.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during = tls(&fetch(&s.socket("cart"), &["default"]).await[0]).0;
+    assert_eq!(serial(&before), serial(&during));
+
+    // The CA comes back (same root, same address): the agent renews by itself.
+    let ca = TestCa::start_at(&s.ca_args(), addr).await;
+    let mut renewed = None;
+    for _ in 0..80 {
+        let now = tls(&fetch(&s.socket("cart"), &["default"]).await[0]).0;
+        if serial(&now) != serial(&before) {
+            renewed = Some(now);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        renewed.is_some(),
+        "the agent did not recover after the CA came back"
+    );
+    let _ = stop.send(());
+    agent.await.unwrap();
+    ca.stop().await;
+}
+
+/// A verifier for SPIFFE peers: the chain must verify to `roots` and the leaf must
+/// carry exactly `expected` as its URI SAN. (DNS names play no part.)
+#[derive(Debug)]
+struct SpiffePeer {
+    roots: Vec<rustls::pki_types::TrustAnchor<'static>>,
+    expected: String,
+}
+
+impl SpiffePeer {
+    fn check(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+        server: bool,
+    ) -> Result<(), rustls::Error> {
+        let ee = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| rustls::Error::General(format!("{e:?}")))?;
+        let usage = if server {
+            webpki::KeyUsage::server_auth()
+        } else {
+            webpki::KeyUsage::client_auth()
+        };
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &self.roots,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(|e| rustls::Error::General(format!("chain: {e:?}")))?;
+        let pem = signet_agent::svid::pem_cert(end_entity);
+        let ids = uri_sans(&pem);
+        if ids != vec![self.expected.clone()] {
+            return Err(rustls::Error::General(format!(
+                "peer is {ids:?}, want {}",
+                self.expected
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for SpiffePeer {
+    fn verify_server_cert(
+        &self,
+        ee: &rustls::pki_types::CertificateDer<'_>,
+        im: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.check(ee, im, now, true)
+            .map(|_| rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for SpiffePeer {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+    fn verify_client_cert(
+        &self,
+        ee: &rustls::pki_types::CertificateDer<'_>,
+        im: &[rustls::pki_types::CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        self.check(ee, im, now, false)
+            .map(|_| rustls::server::danger::ClientCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            m,
+            c,
+            d,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            m,
+            c,
+            d,
+            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// What one workload's agent served: (chain, key, roots).
+async fn served(socket: &Path) -> (String, String, String) {
+    let secrets = fetch(socket, &["default", "ROOTCA"]).await;
+    let (chain, key) = tls(&secrets[0]);
+    (chain, key, roots(&secrets[1]))
+}
+
+fn certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    ::pem::parse_many(pem)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.into_contents().into())
+        .collect()
+}
+
+fn peer(roots_pem: &str, expected: &str) -> Arc<SpiffePeer> {
+    Arc::new(SpiffePeer {
+        roots: certs(roots_pem)
+            .iter()
+            .map(|c| webpki::anchor_from_trusted_cert(c).unwrap().to_owned())
+            .collect(),
+        expected: expected.into(),
+    })
+}
+
+/// One mutual TLS handshake: server `srv` expects `client_id`, client `cli` expects
+/// `server_id`. Ok when both sides accepted each other.
+async fn handshake(
+    srv: &(String, String, String),
+    cli: &(String, String, String),
+    server_id: &str,
+    client_id: &str,
+) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = |pem: &str| {
+        rustls::pki_types::PrivateKeyDer::Pkcs8(::pem::parse(pem).unwrap().into_contents().into())
+    };
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(peer(&srv.2, client_id))
+        .with_single_cert(certs(&srv.0), key(&srv.1))
+        .unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(peer(&cli.2, server_id))
+        .with_client_auth_cert(certs(&cli.0), key(&cli.1))
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let server_side = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor
+            .accept(tcp)
+            .await
+            .map_err(|e| format!("server: {e}"))?;
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf)
+            .await
+            .map_err(|e| format!("server read: {e}"))?;
+        tls.write_all(b"pong")
+            .await
+            .map_err(|e| format!("server write: {e}"))?;
+        tls.shutdown().await.ok();
+        Ok::<_, String>(())
+    });
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("workload.invalid").unwrap();
+    let client_result = async {
+        let mut tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("client: {e}"))?;
+        tls.write_all(b"ping")
+            .await
+            .map_err(|e| format!("client write: {e}"))?;
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf)
+            .await
+            .map_err(|e| format!("client read: {e}"))?;
+        assert_eq!(&buf, b"pong");
+        Ok::<_, String>(())
+    }
+    .await;
+    let server_result = server_side.await.unwrap();
+    client_result.and(server_result)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workloads_complete_mutual_tls_and_a_stranger_is_refused() {
+    let s = Setup::new();
+    let ca = TestCa::start(&s.ca_args()).await;
+    let (h1, stop1, a1) = start_agent(&s.agent_args(&ca, "shop", "frontend", &[])).await;
+    let (h2, stop2, a2) = start_agent(&s.agent_args(&ca, "shop", "backend", &[])).await;
+    wait_ready(h1).await;
+    wait_ready(h2).await;
+    let frontend = served(&s.socket("frontend")).await;
+    let backend = served(&s.socket("backend")).await;
+    let fe = "spiffe://cluster.local/ns/shop/sa/frontend";
+    let be = "spiffe://cluster.local/ns/shop/sa/backend";
+    handshake(&backend, &frontend, be, fe).await.unwrap();
+    handshake(&frontend, &backend, fe, be).await.unwrap();
+    // Each side checks who the other is: expecting someone else fails.
+    assert!(
+        handshake(
+            &backend,
+            &frontend,
+            "spiffe://cluster.local/ns/shop/sa/db",
+            fe
+        )
+        .await
+        .is_err()
+    );
+
+    // A workload certified by an unrelated CA (another root) is refused.
+    let other = Setup::new();
+    let other_ca = TestCa::start(&other.ca_args()).await;
+    let (h3, stop3, a3) = start_agent(&other.agent_args(&other_ca, "shop", "frontend", &[])).await;
+    wait_ready(h3).await;
+    let impostor = served(&other.socket("frontend")).await;
+    let err = handshake(&backend, &impostor, be, fe).await.unwrap_err();
+    assert!(err.contains("server") || err.contains("client"), "{err}");
+
+    for (stop, agent) in [(stop1, a1), (stop2, a2), (stop3, a3)] {
+        let _ = stop.send(());
+        agent.await.unwrap();
+    }
+    ca.stop().await;
+    other_ca.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_token_is_a_clear_error_and_the_agent_recovers() {
+    let s = Setup::new();
+    let ca = TestCa::start(&s.ca_args()).await;
+    let mut args = s.agent_args(&ca, "shop", "cart", &[]);
+    let token = s.dir.path().join("token-cart");
+    std::fs::remove_file(&token).unwrap();
+    args.extend([
+        "--output-certs".to_string(),
+        s.dir.path().join("out").display().to_string(),
+    ]);
+    let (http, stop, agent) = start_agent(&args).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut s_http = tokio::net::TcpStream::connect(http).await.unwrap();
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s_http
+            .write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s_http.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    }
+    // An empty token is no better.
+    std::fs::write(&token, "").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    std::fs::write(&token, s.jwt.token("shop", "cart")).unwrap();
+    wait_ready(http).await;
+    // --output-certs wrote the files, private ones 0600.
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["key.pem", "cert-chain.pem", "root-cert.pem"] {
+        let meta = std::fs::metadata(s.dir.path().join("out").join(f)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{f}");
+    }
+    let _ = stop.send(());
+    agent.await.unwrap();
+    ca.stop().await;
+}
+
+#[test]
+fn socket_paths_that_cannot_work_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = signet_agent::sds::bind(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("is a directory"), "{err}");
+    let file = dir.path().join("plain");
+    std::fs::write(&file, "x").unwrap();
+    let err = signet_agent::sds::bind(&file.join("socket"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cannot create its directory"), "{err}");
+    let err = signet_agent::sds::bind(&file).unwrap_err().to_string();
+    assert!(err.contains("not a socket"), "{err}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let socket = dir.path().join("live/socket");
+        let _live = signet_agent::sds::bind(&socket).unwrap();
+        let err = signet_agent::sds::bind(&socket).unwrap_err().to_string();
+        assert!(err.contains("another server"), "{err}");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777,
+            0o660
+        );
+    });
+    // A stale socket file (nobody listening) is replaced.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let socket = dir.path().join("stale/socket");
+        drop(signet_agent::sds::bind(&socket).unwrap());
+        assert!(socket.exists());
+        signet_agent::sds::bind(&socket).unwrap();
+    });
+}

@@ -1,0 +1,177 @@
+//! Every answer a CA can get wrong, fed to the agent's rotation by a fake CA that
+//! signs with signet-ca's real signer: each is refused with a clear reason and the
+//! certificate already held keeps being served.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration as StdDuration,
+};
+
+use signet_agent::{
+    caclient::{CaClient, CaError, SignFuture},
+    keys::KeyType,
+    metrics::Metrics,
+    rotation::{Rotation, SystemClock},
+    store::SecretStore,
+};
+use signet_ca::{cacerts, signer::Signer};
+use spiffe::SpiffeId;
+use time::{Duration, OffsetDateTime};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Answer {
+    Good,
+    Garbage,
+    LeafOnly,
+    WrongIdentity,
+    WrongKey,
+    Expired,
+    OtherRoots,
+    Refused,
+}
+
+struct FakeCa {
+    signer: Signer,
+    stranger: Signer,
+    script: Mutex<Vec<Answer>>,
+}
+
+impl FakeCa {
+    fn new(script: Vec<Answer>) -> Self {
+        let now = OffsetDateTime::now_utc();
+        let make = || {
+            let dir = tempfile::tempdir().unwrap();
+            Signer::new(
+                cacerts::load_or_create_self_signed(dir.path(), "cluster.local", now).unwrap(),
+                now,
+            )
+            .unwrap()
+        };
+        Self {
+            signer: make(),
+            stranger: make(),
+            script: Mutex::new(script),
+        }
+    }
+}
+
+impl CaClient for FakeCa {
+    fn sign<'a>(&'a self, csr: &'a str, ttl: Duration) -> SignFuture<'a> {
+        Box::pin(async move {
+            let answer = {
+                let mut script = self.script.lock().unwrap();
+                if script.len() > 1 {
+                    script.remove(0)
+                } else {
+                    script[0]
+                }
+            };
+            let checked = signet_ca::csr::check(csr).unwrap();
+            let me = SpiffeId::new(&checked.uri_sans[0]).unwrap();
+            let now = OffsetDateTime::now_utc();
+            let sign = |signer: &Signer, spki: &[u8], id: &SpiffeId, at: OffsetDateTime| {
+                signer.sign(spki, id, ttl, at).unwrap().cert_chain
+            };
+            Ok(match answer {
+                Answer::Good => sign(&self.signer, &checked.spki, &me, now),
+                Answer::Garbage => vec!["garbage".into(), "more garbage".into()],
+                Answer::LeafOnly => vec![sign(&self.signer, &checked.spki, &me, now).remove(0)],
+                Answer::WrongIdentity => {
+                    let other =
+                        SpiffeId::new("spiffe://cluster.local/ns/kube-system/sa/admin").unwrap();
+                    sign(&self.signer, &checked.spki, &other, now)
+                }
+                Answer::WrongKey => {
+                    let key = rcgen::KeyPair::generate().unwrap();
+                    use rcgen::PublicKeyData;
+                    sign(&self.signer, &key.subject_public_key_info(), &me, now)
+                }
+                Answer::Expired => sign(&self.signer, &checked.spki, &me, now - Duration::days(2)),
+                Answer::OtherRoots => {
+                    let mut chain = sign(&self.signer, &checked.spki, &me, now);
+                    let last = chain.len() - 1;
+                    chain[last] = self.stranger.roots_pem().to_owned();
+                    chain
+                }
+                Answer::Refused => {
+                    return Err(CaError::Refused {
+                        code: tonic::Code::Unauthenticated,
+                        message: "bad token".into(),
+                    });
+                }
+            })
+        })
+    }
+}
+
+fn rotation(ca: Arc<FakeCa>, ttl: Duration) -> Rotation {
+    Rotation {
+        ca,
+        store: SecretStore::new(),
+        clock: Arc::new(SystemClock),
+        id: SpiffeId::new("spiffe://cluster.local/ns/shop/sa/cart").unwrap(),
+        key_type: KeyType::EcP256,
+        ttl,
+        grace_ratio: 0.5,
+        metrics: Metrics::new().unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn each_bad_answer_is_refused_with_its_reason() {
+    for (answer, reason) in [
+        (Answer::Garbage, "not a PEM certificate"),
+        (Answer::LeafOnly, "answered 1 certificate"),
+        (Answer::WrongIdentity, "kube-system/sa/admin"),
+        (Answer::WrongKey, "not for our key"),
+        (Answer::Expired, "expired"),
+        (Answer::OtherRoots, "does not verify"),
+        (Answer::Refused, "Unauthenticated"),
+    ] {
+        let r = rotation(Arc::new(FakeCa::new(vec![answer])), Duration::hours(1));
+        let err = r.fetch().await.unwrap_err();
+        assert!(err.contains(reason), "{answer:?}: {err}");
+    }
+    let r = rotation(
+        Arc::new(FakeCa::new(vec![Answer::Good])),
+        Duration::hours(1),
+    );
+    let svid = r.fetch().await.unwrap();
+    assert_eq!(
+        svid.id.to_string(),
+        "spiffe://cluster.local/ns/shop/sa/cart"
+    );
+    assert_eq!(
+        svid.chain_len, 1,
+        "the root travels in ROOTCA, not in the chain"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_renewal_leaves_the_held_certificate_in_place() {
+    let ca = Arc::new(FakeCa::new(vec![Answer::Good, Answer::WrongIdentity]));
+    let r = rotation(ca, Duration::seconds(4));
+    let store = r.store.clone();
+    let metrics = r.metrics.clone();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(r.run(stop));
+    for _ in 0..100 {
+        if store.svid().is_some() {
+            break;
+        }
+        tokio::time::sleep(StdDuration::from_millis(20)).await;
+    }
+    let first = store.svid().unwrap().serial.clone();
+    // The refresh point (2 s) passes; every renewal is refused.
+    tokio::time::sleep(StdDuration::from_millis(3200)).await;
+    assert_eq!(store.svid().unwrap().serial, first);
+    assert!(
+        metrics.failed_requests.get() >= 2,
+        "{}",
+        metrics.failed_requests.get()
+    );
+    stop_tx.send(true).unwrap();
+    task.await.unwrap();
+}
