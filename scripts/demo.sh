@@ -1,47 +1,65 @@
 #!/usr/bin/env bash
-# Signet locally, no cluster: builds signet-ca, starts it with a self-signed root and a
-# JWKS (offline token mode), and has a workload (Python, grpcio) obtain its SPIFFE
-# certificate, which openssl then verifies. Stops everything on exit.
+# Signet locally, no cluster: builds signet-ca and signet-agent, starts the CA with a
+# self-signed root and a JWKS (offline token mode), starts the agent for workload
+# demo/web, and shows the workload's certificate as Envoy receives it over SDS
+# (`signet-agent inspect`), verified with openssl. Stops everything on exit.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }
 
-echo "==> building signet-ca (release)"
-cargo build --release --locked -p signet-ca 2>&1 | tail -n 1
+echo "==> building signet-ca and signet-agent (release)"
+cargo build --release --locked -p signet-ca -p signet-agent 2>&1 | tail -n 1
 python="$("$root/scripts/python-env.sh")"
+bin="$root/target/release"
 
-work="$(mktemp -d)"
-ca_pid=""
+work="$(mktemp -d /tmp/signet-demo.XXXXXX)"
+pids=()
 cleanup() {
-    [ -n "$ca_pid" ] && kill "$ca_pid" 2>/dev/null && wait "$ca_pid" 2>/dev/null
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
 
 port() { "$python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-grpc_port="$(port)"; http_port="$(port)"
+wait_http() { # url pid log
+    for _ in $(seq 200); do
+        "$python" -c "import urllib.request; urllib.request.urlopen('$1', timeout=1)" 2>/dev/null && return 0
+        kill -0 "$2" 2>/dev/null || { cat "$3"; exit 1; }
+        sleep 0.05
+    done
+    cat "$3"; exit 1
+}
 
-echo "==> making a service account token and the cluster's JWKS"
-"$python" scripts/demo_client.py init "$work"
+echo "==> a stand-in cluster: signing key, JWKS, and a token for service account demo/web"
+"$python" scripts/demo_token.py "$work"
 
-echo "==> starting signet-ca on 127.0.0.1:$grpc_port (self-signed root in $work/state)"
-SIGNET_LOG=warn,signet_ca::audit=info ./target/release/signet-ca serve \
+ca_grpc="$(port)"; ca_http="$(port)"; agent_http="$(port)"
+echo "==> signet-ca on 127.0.0.1:$ca_grpc (self-signed root in $work/state)"
+SIGNET_LOG=warn,signet_ca::audit=info "$bin/signet-ca" serve \
     --cacerts-dir "$work/no-cacerts" --state-dir "$work/state" \
-    --grpc-addr "127.0.0.1:$grpc_port" --http-addr "127.0.0.1:$http_port" \
+    --grpc-addr "127.0.0.1:$ca_grpc" --http-addr "127.0.0.1:$ca_http" \
     --jwks "$work/jwks.json" --jwt-issuer https://kubernetes.default.svc.cluster.local \
     2> "$work/ca.log" &
-ca_pid=$!
-for _ in $(seq 100); do
-    curl -fs "http://127.0.0.1:$http_port/readyz" >/dev/null 2>&1 && break
-    "$python" -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:$http_port/readyz', timeout=1)" 2>/dev/null && break
-    kill -0 "$ca_pid" 2>/dev/null || { cat "$work/ca.log"; exit 1; }
-    sleep 0.1
-done
+pids+=($!)
+wait_http "http://127.0.0.1:$ca_http/readyz" "${pids[-1]}" "$work/ca.log"
 
-echo "==> workload demo/web asks for its certificate"
-"$python" scripts/demo_client.py request "$work" "127.0.0.1:$grpc_port"
+echo "==> signet-agent for demo/web, SDS on $work/sds/socket"
+SIGNET_LOG=info "$bin/signet-agent" run \
+    --ca-addr "localhost:$ca_grpc" --ca-root-cert "$work/state/root-cert.pem" \
+    --token-file "$work/token" --namespace demo --service-account web \
+    --socket "$work/sds/socket" --http-addr "127.0.0.1:$agent_http" \
+    --output-certs "$work/certs" 2> "$work/agent.log" &
+pids+=($!)
+wait_http "http://127.0.0.1:$agent_http/healthz/ready" "${pids[-1]}" "$work/agent.log"
+
+echo "==> what Envoy gets over SDS (signet-agent inspect)"
+"$bin/signet-agent" inspect --socket "$work/sds/socket" | sed 's/^/  /'
+
+echo "==> openssl verify of the workload certificate against the served trust bundle"
+printf '  '; openssl verify -CAfile "$work/certs/root-cert.pem" "$work/certs/cert-chain.pem"
 
 echo "==> the CA's audit log"
 grep "certificate issued" "$work/ca.log" | sed 's/^/  /'
-echo "==> done; stopping signet-ca"
+echo "==> done; stopping signet-agent and signet-ca"
