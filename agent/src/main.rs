@@ -25,17 +25,11 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SIGNET_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One identity is light work: a single-threaded runtime keeps the agent small
+    // (one stack, one malloc arena). RSA key generation runs on a blocking thread.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -107,4 +101,27 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// Logs to stderr, filtered by `SIGNET_LOG` (`info` by default; directives such as
+/// `warn,signet_ca::audit=info`). tracing-subscriber's `Targets` filter reads the same
+/// syntax as `RUST_LOG` without pulling in a regex engine.
+fn init_logging() {
+    use tracing_subscriber::{filter::Targets, prelude::*};
+    let default = || Targets::new().with_default(tracing::Level::INFO);
+    let filter = match std::env::var("SIGNET_LOG") {
+        Ok(spec) => spec.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!("warning: SIGNET_LOG={spec:?} is not a log filter ({e}); using info");
+            default()
+        }),
+        Err(_) => default(),
+    };
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(filter)
+        .init();
 }

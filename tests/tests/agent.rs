@@ -558,7 +558,15 @@ async fn missing_token_is_a_clear_error_and_the_agent_recovers() {
     // --output-certs wrote the files, private ones 0600.
     use std::os::unix::fs::PermissionsExt;
     for f in ["key.pem", "cert-chain.pem", "root-cert.pem"] {
-        let meta = std::fs::metadata(s.dir.path().join("out").join(f)).unwrap();
+        let path = s.dir.path().join("out").join(f);
+        // Written by its own task just after the certificate is published.
+        for _ in 0..100 {
+            if path.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{f}");
     }
     let _ = stop.send(());
