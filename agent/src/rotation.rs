@@ -91,9 +91,20 @@ pub async fn sleep_until(
     deadline: OffsetDateTime,
     stop: &mut watch::Receiver<bool>,
 ) -> bool {
+    sleep_until_or(clock, deadline, stop, &mut || false).await
+}
+
+/// [`sleep_until`], also ending (true) as soon as `wake` says so; `wake` is asked
+/// after every nap.
+pub async fn sleep_until_or(
+    clock: &dyn Clock,
+    deadline: OffsetDateTime,
+    stop: &mut watch::Receiver<bool>,
+    wake: &mut (dyn FnMut() -> bool + Send),
+) -> bool {
     loop {
         let left = deadline - clock.now();
-        if left <= Duration::ZERO {
+        if left <= Duration::ZERO || wake() {
             return true;
         }
         let nap = StdDuration::try_from(left)
@@ -124,6 +135,10 @@ pub struct Rotation {
     pub grace_ratio: f64,
     /// Counters.
     pub metrics: Metrics,
+    /// The file the CA is trusted with (`--ca-root-cert`): when it changes, the CA's
+    /// trust has changed (a root rotation), so a new certificate and bundle are
+    /// fetched at once instead of at the next refresh.
+    pub trust_file: Option<std::path::PathBuf>,
 }
 
 impl Rotation {
@@ -149,7 +164,19 @@ impl Rotation {
                     self.store.set_svid(Arc::new(svid));
                     backoff.reset();
                     retries = 0;
-                    if !sleep_until(self.clock.as_ref(), at, &mut stop).await {
+                    let trusted = self.trust_file.as_deref().map(file_digest);
+                    let mut trust_changed = || {
+                        let now = self.trust_file.as_deref().map(file_digest);
+                        let changed = now != trusted;
+                        if changed {
+                            tracing::info!(
+                                "the CA trust file changed; fetching a new certificate and bundle now"
+                            );
+                        }
+                        changed
+                    };
+                    if !sleep_until_or(self.clock.as_ref(), at, &mut stop, &mut trust_changed).await
+                    {
                         return;
                     }
                 }
@@ -203,6 +230,14 @@ impl Rotation {
         )
         .map_err(|e| format!("refusing the CA's answer: {e}"))
     }
+}
+
+/// SHA-256 of a file's content (`None` when unreadable).
+fn file_digest(path: &std::path::Path) -> Option<[u8; 32]> {
+    use sha2::Digest;
+    std::fs::read(path)
+        .ok()
+        .map(|b| sha2::Sha256::digest(b).into())
 }
 
 impl std::fmt::Debug for Rotation {

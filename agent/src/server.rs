@@ -65,6 +65,10 @@ pub async fn run_with(
         ttl: config.secret_ttl,
         grace_ratio: config.grace_ratio,
         metrics: metrics.clone(),
+        trust_file: match &config.ca_trust {
+            crate::config::CaTrust::File(path) => Some(path.clone()),
+            crate::config::CaTrust::System => None,
+        },
     };
     tokio::spawn(rotation.run(stop_rx.clone()));
 

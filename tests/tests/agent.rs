@@ -614,3 +614,74 @@ fn socket_paths_that_cannot_work_are_named() {
         signet_agent::sds::bind(&socket).unwrap();
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_root_in_the_ca_trust_reaches_rootca_without_waiting_for_rotation() {
+    use signet_e2e::{SecretMount, TestRoot};
+    let s = Setup::new();
+    let root1 = TestRoot::p256("Root One");
+    let root2 = TestRoot::p256("Root Two");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let staged = s.dir.path().join("staged");
+    root1.write_cacerts(&staged.join("a"), "Intermediate A", &key, Some(0), &[]);
+    root1.write_cacerts(
+        &staged.join("b"),
+        "Intermediate A",
+        &key,
+        Some(0),
+        &[&root1.pem, &root2.pem],
+    );
+    let mut mount = SecretMount::new(&s.dir.path().join("cacerts"));
+    mount.publish(&staged.join("a"));
+    let mut ca_args = s.ca_args();
+    ca_args[1] = mount.dir.display().to_string();
+    let ca = TestCa::start(&ca_args).await;
+
+    // The agent trusts the CA through a file, as pods do with istio-ca-root-cert.
+    let trust = s.dir.path().join("ca-root.pem");
+    std::fs::write(&trust, &root1.pem).unwrap();
+    let mut args = s.agent_args(&ca, "shop", "cart", &[]);
+    args[3] = trust.display().to_string();
+    let (http, stop, agent) = start_agent(&args).await;
+    wait_ready(http).await;
+
+    let mut client = sds(&s.socket("cart")).await;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        resource_names: vec!["ROOTCA".into()],
+        type_url: SECRET_TYPE.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut stream = client
+        .stream_secrets(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(
+        ::pem::parse_many(roots(
+            &Secret::decode(first.resources[0].value.as_slice()).unwrap()
+        ))
+        .unwrap()
+        .len(),
+        1
+    );
+
+    // Step 2 of a root rotation: the CA bundles both roots, and the trust file that
+    // pods mount is updated. The 24-hour certificate is nowhere near its refresh.
+    mount.publish(&staged.join("b"));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    std::fs::write(&trust, root1.pem.clone() + &root2.pem).unwrap();
+    let pushed = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let bundle = roots(&Secret::decode(pushed.resources[0].value.as_slice()).unwrap());
+    assert_eq!(::pem::parse_many(&bundle).unwrap().len(), 2, "{bundle}");
+    let _ = stop.send(());
+    agent.await.unwrap();
+    ca.stop().await;
+}

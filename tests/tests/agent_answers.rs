@@ -116,6 +116,7 @@ fn rotation(ca: Arc<FakeCa>, ttl: Duration) -> Rotation {
         ttl,
         grace_ratio: 0.5,
         metrics: Metrics::new().unwrap(),
+        trust_file: None,
     }
 }
 
