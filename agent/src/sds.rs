@@ -123,6 +123,13 @@ impl Sds {
     }
 }
 
+/// A request answering an older response than the last one sent is stale. Before
+/// this stream has sent anything, no nonce can be stale (a client may carry one over
+/// from a previous stream).
+fn is_stale(nonce: &str, last_sent: Option<&str>) -> bool {
+    !nonce.is_empty() && last_sent.is_some_and(|last| last != nonce)
+}
+
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
@@ -203,7 +210,7 @@ impl SotwStream {
 
     async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
         check_type(&req.type_url)?;
-        if !req.response_nonce.is_empty() && Some(&req.response_nonce) != self.last_nonce.as_ref() {
+        if is_stale(&req.response_nonce, self.last_nonce.as_deref()) {
             tracing::debug!(nonce = %req.response_nonce, "stale SDS request ignored");
             return Ok(());
         }
@@ -294,7 +301,7 @@ impl DeltaStream {
             // First request: what the client already holds from a previous stream.
             self.known.extend(req.initial_resource_versions.clone());
         }
-        if !req.response_nonce.is_empty() && Some(&req.response_nonce) != self.last_nonce.as_ref() {
+        if is_stale(&req.response_nonce, self.last_nonce.as_deref()) {
             return Ok(());
         }
         if let Some(error) = &req.error_detail {

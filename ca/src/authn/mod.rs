@@ -128,7 +128,11 @@ impl Authenticator {
                 "no credentials: send 'authorization: Bearer <service account token>' or a client certificate issued by this CA".into(),
             ));
         };
-        let auth = &self.clusters[&cluster];
+        let Some(auth) = self.clusters.get(&cluster) else {
+            return Err(AuthnError::Unauthenticated(format!(
+                "cluster {cluster:?} is not configured"
+            )));
+        };
         let mut failures = Vec::new();
         let mut unavailable = false;
         if let Some(reviewer) = &auth.token_review {
