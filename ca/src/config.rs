@@ -22,6 +22,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve IstioCertificateService/CreateCertificate over TLS.
     Serve(Box<ServeArgs>),
+    /// PKI tooling: roots, per-cluster intermediates, bundles, and checks.
+    #[command(subcommand)]
+    Pki(crate::pki::PkiCommand),
 }
 
 /// Flags of `signet-ca serve`. Durations are written like `24h`, `90m` or `8s`.
@@ -298,7 +301,9 @@ mod tests {
         ];
         full.extend_from_slice(args);
         let cli = Cli::try_parse_from(full).map_err(|e| e.to_string())?;
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            unreachable!()
+        };
         args.validate(false).map_err(|e| e.to_string())
     }
 

@@ -7,6 +7,7 @@
 //! - [`csr`]: parses and verifies workload CSRs.
 //! - [`identity`]: service accounts and SPIFFE IDs.
 //! - [`keys`]: private keys in PKCS#1, SEC1 or PKCS#8, and public key classification.
+//! - [`pki`]: `signet-ca pki`, roots and per-cluster intermediates for operators.
 #![forbid(unsafe_code)]
 
 pub mod authn;
@@ -16,6 +17,7 @@ pub mod csr;
 pub mod identity;
 pub mod keys;
 pub mod metrics;
+pub mod pki;
 pub mod queue;
 pub mod server;
 pub mod service;

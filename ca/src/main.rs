@@ -29,6 +29,18 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     match cli.command {
+        Command::Pki(command) => {
+            match signet_ca::pki::run(command, time::OffsetDateTime::now_utc()) {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve(args) => {
             let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
             let config = match args.validate(in_cluster) {

@@ -134,12 +134,7 @@ impl Signer {
                 format!("cannot sign with this certificate: {e}"),
             )
         })?;
-        let to_pem = |c: &CertificateDer<'_>| {
-            pem::encode_config(
-                &pem::Pem::new("CERTIFICATE", c.as_ref()),
-                pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
-            )
-        };
+        let to_pem = |c: &CertificateDer<'_>| pem_cert(c);
         let mut signer = Self {
             issuer,
             kind: m.key.kind,
@@ -416,6 +411,14 @@ impl Signer {
     pub fn leaf_not_after_limit(&self) -> OffsetDateTime {
         self.leaf_not_after_limit
     }
+}
+
+/// PEM of one certificate, LF line endings.
+pub fn pem_cert(der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 /// A random positive serial number of at most 128 bits (126 random bits).

@@ -40,7 +40,9 @@ pub fn parse_serve(args: &[String]) -> signet_ca::config::ServeConfig {
     use signet_ca::config::{Cli, Command};
     let mut full = vec!["signet-ca".to_string(), "serve".to_string()];
     full.extend_from_slice(args);
-    let Command::Serve(serve) = Cli::try_parse_from(full).unwrap().command;
+    let Command::Serve(serve) = Cli::try_parse_from(full).unwrap().command else {
+        unreachable!()
+    };
     serve.validate(false).unwrap()
 }
 

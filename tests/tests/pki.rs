@@ -1,0 +1,213 @@
+//! `signet-ca pki`: the tooling's output loads in `serve`, passes `openssl verify`,
+//! sibling intermediates share one root, and `pki inspect` catches broken sets.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{fs, path::Path};
+
+use clap::Parser;
+use signet_ca::{
+    config::{Cli, Command},
+    pki,
+};
+use signet_e2e::sh;
+use time::OffsetDateTime;
+
+fn pki_run(args: &[&str]) -> Result<String, String> {
+    let mut full = vec!["signet-ca", "pki"];
+    full.extend_from_slice(args);
+    let Command::Pki(command) = Cli::try_parse_from(full)
+        .map_err(|e| e.to_string())?
+        .command
+    else {
+        unreachable!()
+    };
+    pki::run(command, OffsetDateTime::now_utc()).map_err(|e| e.to_string())
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn root_and_sibling_intermediates_make_a_shared_trust() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    pki_run(&["root", "--out", p(&root)]).unwrap();
+    let key = fs::read_to_string(root.join("root-key.pem")).unwrap();
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(root.join("root-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    let text = sh(
+        &format!(
+            "openssl x509 -in {} -noout -text",
+            root.join("root-cert.pem").display()
+        ),
+        d.path(),
+    );
+    assert!(text.contains("Public-Key: (4096 bit)"), "{text}");
+    // Existing keys are never overwritten without --force.
+    let err = pki_run(&["root", "--out", p(&root)]).unwrap_err();
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(fs::read_to_string(root.join("root-key.pem")).unwrap(), key);
+
+    for cluster in ["east", "west"] {
+        let out = d.path().join(cluster);
+        pki_run(&[
+            "intermediate",
+            "--root",
+            p(&root),
+            "--cluster",
+            cluster,
+            "--out",
+            p(&out),
+            "--key-type",
+            "ec-p256",
+        ])
+        .unwrap();
+        sh(
+            &format!(
+                "openssl verify -CAfile {0}/root-cert.pem {0}/ca-cert.pem",
+                out.display()
+            ),
+            d.path(),
+        );
+        let text = sh(
+            &format!(
+                "openssl x509 -in {}/ca-cert.pem -noout -text",
+                out.display()
+            ),
+            d.path(),
+        );
+        assert!(text.contains("CA:TRUE, pathlen:0"), "{text}");
+        assert!(text.contains("Certificate Sign, CRL Sign"), "{text}");
+        assert!(text.contains(&format!("L = {cluster}")), "{text}");
+        assert!(text.contains("DNS:istiod.istio-system.svc"), "{text}");
+        let report = pki_run(&["inspect", p(&out)]).unwrap();
+        assert!(report.contains("no warnings"), "{report}");
+        assert!(!report.contains("PRIVATE KEY"));
+    }
+    // Each cluster's leaf verifies against the other cluster's bundle.
+    let now = OffsetDateTime::now_utc();
+    let east = signet_ca::signer::Signer::new(
+        signet_ca::cacerts::load_dir(&d.path().join("east"))
+            .unwrap()
+            .unwrap(),
+        now,
+    )
+    .unwrap();
+    let (leaf_key, _) = signet_e2e::csr(None);
+    use rcgen::PublicKeyData;
+    let id = spiffe::SpiffeId::new("spiffe://cluster.local/ns/a/sa/b").unwrap();
+    let mut chain = east
+        .sign(
+            &leaf_key.subject_public_key_info(),
+            &id,
+            time::Duration::hours(1),
+            now,
+        )
+        .unwrap()
+        .cert_chain;
+    let last = chain.len() - 1;
+    chain[last] = fs::read_to_string(d.path().join("west/root-cert.pem")).unwrap();
+    signet_e2e::openssl_verify(&chain).unwrap();
+
+    let bundle = d.path().join("bundle.pem");
+    let other = d.path().join("other");
+    pki_run(&["root", "--out", p(&other), "--key-type", "ec-p256"]).unwrap();
+    let report = pki_run(&[
+        "bundle",
+        "--out",
+        p(&bundle),
+        p(&root.join("root-cert.pem")),
+        p(&d.path().join("east/root-cert.pem")),
+        p(&other.join("root-cert.pem")),
+    ])
+    .unwrap();
+    assert!(report.contains("2 root(s)"), "{report}");
+}
+
+#[test]
+fn inspect_catches_broken_sets() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    pki_run(&["root", "--out", p(&root), "--key-type", "ec-p256"]).unwrap();
+    let make = |name: &str, extra: &[&str]| {
+        let out = d.path().join(name);
+        let mut args = vec![
+            "intermediate",
+            "--root",
+            p(&root),
+            "--cluster",
+            name,
+            "--out",
+            p(&out),
+            "--key-type",
+            "ec-p256",
+        ];
+        args.extend_from_slice(extra);
+        pki_run(&args).unwrap();
+        out
+    };
+
+    // Wrong key.
+    let a = make("a", &[]);
+    let b = make("b", &[]);
+    fs::copy(b.join("ca-key.pem"), a.join("ca-key.pem")).unwrap();
+    let e = pki_run(&["inspect", p(&a)]).unwrap_err();
+    assert!(e.contains("does not match"), "{e}");
+
+    // Root bundle without the chain's root.
+    let c = make("c", &[]);
+    let stranger = d.path().join("stranger");
+    pki_run(&["root", "--out", p(&stranger), "--key-type", "ec-p256"]).unwrap();
+    fs::copy(stranger.join("root-cert.pem"), c.join("root-cert.pem")).unwrap();
+    let e = pki_run(&["inspect", p(&c)]).unwrap_err();
+    assert!(
+        e.contains("root-cert.pem") && e.contains("does not verify"),
+        "{e}"
+    );
+
+    // An intermediate close to expiry: loads, with a warning.
+    let soon = make("soon", &["--days", "10"]);
+    let report = pki_run(&["inspect", p(&soon)]).unwrap();
+    assert!(
+        report.contains("warning: the intermediate expires in"),
+        "{report}"
+    );
+    let report = pki_run(&["inspect", p(&soon), "--leaf-ttl", "2160h"]).unwrap();
+    assert!(report.contains("would be cut short"), "{report}");
+
+    // Pathlen violation: a CA under the pathlen:0 intermediate used as signing cert.
+    let parent = make("parent", &[]);
+    let sub = d.path().join("sub");
+    fs::create_dir_all(&sub).unwrap();
+    let parent_key =
+        rcgen::KeyPair::from_pem(&fs::read_to_string(parent.join("ca-key.pem")).unwrap()).unwrap();
+    let parent_der = ::pem::parse(fs::read_to_string(parent.join("ca-cert.pem")).unwrap())
+        .unwrap()
+        .into_contents();
+    let issuer = rcgen::Issuer::from_ca_cert_der(&parent_der.into(), parent_key).unwrap();
+    let sub_key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let sub_cert = params.signed_by(&sub_key, &issuer).unwrap();
+    fs::write(sub.join("ca-cert.pem"), sub_cert.pem()).unwrap();
+    fs::write(sub.join("ca-key.pem"), sub_key.serialize_pem()).unwrap();
+    fs::write(
+        sub.join("cert-chain.pem"),
+        sub_cert.pem() + &fs::read_to_string(parent.join("cert-chain.pem")).unwrap(),
+    )
+    .unwrap();
+    fs::copy(parent.join("root-cert.pem"), sub.join("root-cert.pem")).unwrap();
+    let e = pki_run(&["inspect", p(&sub)]).unwrap_err();
+    assert!(e.contains("pathlen"), "{e}");
+}
