@@ -8,6 +8,7 @@ cd "$root"
 
 need_apt=()
 command -v openssl >/dev/null || need_apt+=(openssl)
+command -v kubectl >/dev/null || need_apt+=(kubectl)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing ${need_apt[*]}"
