@@ -98,7 +98,23 @@ async fn issues_renews_with_client_cert_and_reports_health() {
 async fn overload_is_refused_promptly_with_resource_exhausted() {
     let dir = tempfile::tempdir().unwrap();
     let jwt = JwtIssuer::new("k1");
-    let mut args = jwt_args(dir.path(), &jwt, &dir.path().join("none"));
+    // An RSA-4096 intermediate: each signature takes milliseconds, so 64 requests
+    // released at once are bound to find the one worker busy and the one slot taken.
+    let root = TestRoot::p256("Overload Root");
+    signet_e2e::sh(
+        "openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:4096 -out k.pem 2>/dev/null",
+        dir.path(),
+    );
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(dir.path().join("k.pem")).unwrap()).unwrap();
+    root.write_cacerts(
+        &dir.path().join("cacerts"),
+        "Slow Intermediate",
+        &ca_key,
+        Some(0),
+        &[],
+    );
+    let mut args = jwt_args(dir.path(), &jwt, &dir.path().join("cacerts"));
     args.extend([
         "--signing-threads".into(),
         "1".into(),
@@ -106,33 +122,42 @@ async fn overload_is_refused_promptly_with_resource_exhausted() {
         "1".into(),
     ]);
     let ca = TestCa::start(&args).await;
-    let root = std::fs::read_to_string(dir.path().join("state/root-cert.pem")).unwrap();
     let token = jwt.token("a", "b");
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(64));
     let mut tasks = Vec::new();
     for _ in 0..64 {
-        let mut c = ca.client(&root).await;
+        let mut c = ca.client(&root.pem).await;
         let token = token.clone();
+        let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
             let (_, pem) = csr(None);
-            c.create_certificate(request(&pem, Some(&token), 0))
+            barrier.wait().await;
+            let started = std::time::Instant::now();
+            let result = c
+                .create_certificate(request(&pem, Some(&token), 0))
                 .await
                 .map(|_| ())
-                .map_err(|s| s.code())
+                .map_err(|s| s.code());
+            (result, started.elapsed())
         }));
     }
     let mut ok = 0;
     let mut exhausted = 0;
     for t in tasks {
         match t.await.unwrap() {
-            Ok(()) => ok += 1,
-            Err(tonic::Code::ResourceExhausted) => exhausted += 1,
-            Err(other) => panic!("unexpected {other:?}"),
+            (Ok(()), _) => ok += 1,
+            (Err(tonic::Code::ResourceExhausted), took) => {
+                exhausted += 1;
+                // Refused at once, not after waiting in line.
+                assert!(took < Duration::from_secs(2), "{took:?}");
+            }
+            (Err(other), _) => panic!("unexpected {other:?}"),
         }
     }
     assert!(ok >= 1, "some requests must succeed");
     assert!(
         exhausted >= 1,
-        "a one-slot queue must refuse some of 64 concurrent requests"
+        "a one-slot queue must refuse some of 64 concurrent requests ({ok} succeeded)"
     );
     let (_, metrics) = ca.http_get("/metrics").await.unwrap();
     assert!(
