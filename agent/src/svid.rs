@@ -213,3 +213,38 @@ pub fn pem_cert(der: &[u8]) -> String {
         ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    /// Whatever a CA sends, the checks answer; they never panic.
+    #[test]
+    fn hostile_answers_never_panic() {
+        let id = SpiffeId::new("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into().unwrap())];
+        let cert = params.self_signed(&key).unwrap().pem();
+        let mut rng = rand::rng();
+        let now = OffsetDateTime::now_utc();
+        use rcgen::PublicKeyData;
+        let spki = key.subject_public_key_info();
+        for _ in 0..500 {
+            let mut bytes = cert.clone().into_bytes();
+            let i = rng.random_range(28..bytes.len() - 26);
+            bytes[i] = b"AZaz09+/="[rng.random_range(0..9)];
+            let mutated = String::from_utf8_lossy(&bytes).into_owned();
+            let answer = vec![mutated.clone(), mutated];
+            let _ = check_answer(&answer, &id, &spki, String::new(), now);
+        }
+        for answer in [
+            vec![],
+            vec![String::new()],
+            vec!["x".repeat(100_000), String::new()],
+        ] {
+            assert!(check_answer(&answer, &id, &spki, String::new(), now).is_err());
+        }
+    }
+}

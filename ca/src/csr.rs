@@ -165,6 +165,39 @@ mod tests {
         assert!(matches!(check(&tampered), Err(CsrError::BadSignature)));
     }
 
+    /// Hostile input never panics: thousands of random mutations of a valid CSR
+    /// (flipped bytes, truncations, junk appended) each come back as an answer.
+    #[test]
+    fn mutated_csrs_never_panic() {
+        use rand::Rng;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let pem = csr_for(&key, Some("spiffe://cluster.local/ns/a/sa/b"));
+        let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .as_ref()
+            .to_vec();
+        let mut rng = rand::rng();
+        let mut accepted = 0;
+        for _ in 0..3000 {
+            let mut bytes = der.clone();
+            match rng.random_range(0..3) {
+                0 => {
+                    for _ in 0..rng.random_range(1..4) {
+                        let i = rng.random_range(0..bytes.len());
+                        bytes[i] = rng.random();
+                    }
+                }
+                1 => bytes.truncate(rng.random_range(0..bytes.len())),
+                _ => bytes.extend((0..rng.random_range(1..16)).map(|_| rng.random::<u8>())),
+            }
+            if check(&pem_encode(&bytes)).is_ok() {
+                accepted += 1;
+            }
+        }
+        // A flip inside the signature or a trailing byte must never pass.
+        assert!(accepted < 30, "{accepted} mutated CSRs accepted");
+    }
+
     pub(crate) fn pem_encode(der: &[u8]) -> String {
         use base64::Engine;
         let b64 = base64::engine::general_purpose::STANDARD.encode(der);

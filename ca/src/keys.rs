@@ -222,3 +222,31 @@ fn rsa_modulus_bits(pkcs1: &[u8]) -> Result<usize, KeyError> {
     let bytes = modulus.as_bytes();
     Ok(bytes.len() * 8 - bytes.first().map_or(8, |b| b.leading_zeros() as usize))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    #[test]
+    fn every_encoding_loads_and_mutations_never_panic() {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let loaded = load_signing_key(key.serialize_pem().as_bytes()).unwrap();
+        assert_eq!(loaded.kind, KeyKind::P384);
+        assert!(!format!("{loaded:?}").contains("PRIVATE"));
+        let der = key.serialize_der();
+        let mut rng = rand::rng();
+        for _ in 0..2000 {
+            let mut bytes = der.clone();
+            let i = rng.random_range(0..bytes.len());
+            bytes[i] = rng.random();
+            if rng.random_bool(0.3) {
+                bytes.truncate(rng.random_range(0..bytes.len()));
+            }
+            for label in ["PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY"] {
+                let pem = ::pem::encode(&::pem::Pem::new(label, bytes.clone()));
+                let _ = load_signing_key(pem.as_bytes());
+            }
+        }
+    }
+}

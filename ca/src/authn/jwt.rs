@@ -359,3 +359,81 @@ fn http_client(ca: Option<&std::path::Path>) -> Result<reqwest::Client, String> 
         .build()
         .map_err(|e| format!("HTTP client: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::Engine;
+    use rand::Rng;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
+
+    async fn setup(dir: &std::path::Path) -> (JwtAuthenticator, jsonwebtoken::EncodingKey) {
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        let point = pair.public_key().as_ref();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let jwks = serde_json::json!({"keys": [
+            {"kty": "oct", "k": b64(b"a shared secret that must never be used"), "kid": "k1"},
+            {"kty": "EC", "crv": "P-256", "kid": "k1", "x": b64(&point[1..33]), "y": b64(&point[33..65])},
+        ]});
+        let path = dir.join("jwks.json");
+        std::fs::write(&path, jwks.to_string()).unwrap();
+        let auth = JwtAuthenticator::new(JwtConfig {
+            issuer: "iss".into(),
+            audiences: vec!["istio-ca".into()],
+            source: JwksSource::File(path),
+        })
+        .await
+        .unwrap();
+        (auth, jsonwebtoken::EncodingKey::from_ec_der(pkcs8.as_ref()))
+    }
+
+    fn token(key: &jsonwebtoken::EncodingKey, exp: i64) -> String {
+        let mut header = jsonwebtoken::Header::new(Algorithm::ES256);
+        header.kid = Some("k1".into());
+        let claims = serde_json::json!({"iss": "iss", "aud": "istio-ca", "sub": "system:serviceaccount:ns:sa", "exp": exp});
+        jsonwebtoken::encode(&header, &claims, key).unwrap()
+    }
+
+    #[tokio::test]
+    async fn symmetric_keys_are_dropped_and_mutations_never_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let (auth, key) = setup(dir.path()).await;
+        let now = OffsetDateTime::now_utc();
+        let good = token(&key, now.unix_timestamp() + 600);
+        let ok = auth.verify(&Token::new(good.clone()), now).await.unwrap();
+        assert_eq!(ok.account.to_string(), "ns/sa");
+        // Expiry is judged against the `now` given, with 30 s of leeway.
+        assert!(
+            auth.verify(&Token::new(good.clone()), now + time::Duration::minutes(11))
+                .await
+                .is_err()
+        );
+        // An HS256 token signed with the `oct` key from the same JWKS is refused.
+        let mut header = jsonwebtoken::Header::new(Algorithm::HS256);
+        header.kid = Some("k1".into());
+        let claims = serde_json::json!({"iss": "iss", "aud": "istio-ca", "sub": "system:serviceaccount:ns:sa", "exp": now.unix_timestamp() + 600});
+        let hs = jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(b"a shared secret that must never be used"),
+        )
+        .unwrap();
+        assert!(auth.verify(&Token::new(hs), now).await.is_err());
+        let mut rng = rand::rng();
+        let chars: Vec<char> = good.chars().collect();
+        for _ in 0..1500 {
+            let mut mutated = chars.clone();
+            let i = rng.random_range(0..mutated.len());
+            mutated[i] = *['A', 'z', '0', '.', '-', '_', '=', '~']
+                .get(rng.random_range(0..8))
+                .unwrap();
+            let mutated: String = mutated.into_iter().collect();
+            if mutated != good {
+                assert!(auth.verify(&Token::new(mutated), now).await.is_err());
+            }
+        }
+    }
+}
