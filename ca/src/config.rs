@@ -112,6 +112,25 @@ pub struct ServeArgs {
     )]
     pub serving_dns_names: Vec<String>,
 
+    /// Another name of this cluster in the `clusterid` header (repeatable).
+    #[arg(long = "cluster-alias", value_name = "ID")]
+    pub cluster_aliases: Vec<String>,
+
+    /// A trust domain accepted as an alias of --trust-domain in CSRs and client
+    /// certificates; certificates always carry the primary one (repeatable).
+    #[arg(long = "trust-domain-alias", value_name = "DOMAIN")]
+    pub trust_domain_aliases: Vec<String>,
+
+    /// Another cluster whose tokens are checked by TokenReview through its own API
+    /// server, chosen by the `clusterid` header (repeatable).
+    #[arg(long = "remote-cluster", value_name = "ID=KUBECONFIG")]
+    pub remote_clusters: Vec<String>,
+
+    /// Another cluster whose tokens are checked offline against its JWKS (a file or
+    /// an https URL), chosen by the `clusterid` header (repeatable).
+    #[arg(long = "remote-jwks", value_name = "ID=ISSUER,JWKS")]
+    pub remote_jwks: Vec<String>,
+
     /// Accept new key material whose roots do not include the root of the chain in
     /// use (workloads holding old certificates will fail to connect to new ones).
     #[arg(long)]
@@ -138,6 +157,15 @@ pub struct ConfigError {
     problem: String,
 }
 
+/// How tokens of another cluster are checked.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteCluster {
+    /// TokenReview through this kubeconfig.
+    pub kubeconfig: Option<PathBuf>,
+    /// Offline verification.
+    pub jwt: Option<JwtConfig>,
+}
+
 /// Validated settings for [`crate::server::run`].
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -153,6 +181,10 @@ pub struct ServeConfig {
     /// `Some(None)`: in-cluster configuration; `None`: no TokenReview.
     pub kubeconfig: Option<Option<PathBuf>>,
     pub jwt: Option<JwtConfig>,
+    pub cluster_aliases: Vec<String>,
+    pub trust_domain_aliases: Vec<TrustDomain>,
+    /// Other clusters by id: TokenReview kubeconfig and/or offline JWT.
+    pub remotes: std::collections::BTreeMap<String, RemoteCluster>,
     pub serving_dns_names: Vec<String>,
     pub allow_root_change: bool,
     pub reload_interval: Duration,
@@ -213,29 +245,71 @@ impl ServeArgs {
                 ));
             }
         }
-        let jwt = match (self.jwt_issuer, self.jwks) {
-            (Some(issuer), Some(jwks)) => {
-                let source = if jwks.starts_with("https://") {
-                    JwksSource::Url {
-                        url: jwks,
-                        ca: self.jwks_ca_cert,
-                    }
-                } else if jwks.contains("://") {
-                    return Err(err(
-                        "--jwks",
-                        format!("{jwks:?}: only https URLs or file paths"),
-                    ));
-                } else {
-                    JwksSource::File(jwks.into())
-                };
-                Some(JwtConfig {
-                    issuer,
-                    audiences: token_audiences.clone(),
-                    source,
+        let jwks_source = |flag: &'static str, jwks: String| -> Result<JwksSource, ConfigError> {
+            if jwks.starts_with("https://") {
+                Ok(JwksSource::Url {
+                    url: jwks,
+                    ca: self.jwks_ca_cert.clone(),
                 })
+            } else if jwks.contains("://") || jwks.is_empty() {
+                Err(err(
+                    flag,
+                    format!("{jwks:?}: want an https URL or a file path"),
+                ))
+            } else {
+                Ok(JwksSource::File(jwks.into()))
             }
+        };
+        let jwt = match (self.jwt_issuer, self.jwks) {
+            (Some(issuer), Some(jwks)) => Some(JwtConfig {
+                issuer,
+                audiences: token_audiences.clone(),
+                source: jwks_source("--jwks", jwks)?,
+            }),
             _ => None,
         };
+        let mut remotes: std::collections::BTreeMap<String, RemoteCluster> = Default::default();
+        for spec in &self.remote_clusters {
+            let (id, path) = spec
+                .split_once('=')
+                .filter(|(id, path)| !id.is_empty() && !path.is_empty())
+                .ok_or_else(|| err("--remote-cluster", format!("{spec:?}: want ID=KUBECONFIG")))?;
+            remotes.entry(id.to_owned()).or_default().kubeconfig = Some(path.into());
+        }
+        for spec in &self.remote_jwks {
+            let parsed = spec.split_once('=').and_then(|(id, rest)| {
+                let (issuer, jwks) = rest.split_once(',')?;
+                (!id.is_empty() && !issuer.is_empty()).then(|| (id, issuer, jwks))
+            });
+            let (id, issuer, jwks) = parsed
+                .ok_or_else(|| err("--remote-jwks", format!("{spec:?}: want ID=ISSUER,JWKS")))?;
+            remotes.entry(id.to_owned()).or_default().jwt = Some(JwtConfig {
+                issuer: issuer.to_owned(),
+                audiences: token_audiences.clone(),
+                source: jwks_source("--remote-jwks", jwks.to_owned())?,
+            });
+        }
+        let cluster_aliases: Vec<String> = self
+            .cluster_aliases
+            .into_iter()
+            .filter(|a| !a.is_empty())
+            .collect();
+        for id in remotes.keys() {
+            if *id == self.cluster_id || cluster_aliases.contains(id) {
+                return Err(err(
+                    "--remote-cluster/--remote-jwks",
+                    format!("{id:?} is the local cluster"),
+                ));
+            }
+        }
+        let trust_domain_aliases = self
+            .trust_domain_aliases
+            .iter()
+            .map(|td| {
+                crate::identity::trust_domain(td)
+                    .map_err(|e| err("--trust-domain-alias", e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let kubeconfig = match self.kubeconfig {
             Some(path) if !path.as_os_str().is_empty() => Some(Some(path)),
             _ if in_cluster => Some(None),
@@ -270,6 +344,9 @@ impl ServeArgs {
             cluster_id: self.cluster_id,
             kubeconfig,
             jwt,
+            cluster_aliases,
+            trust_domain_aliases,
+            remotes,
             serving_dns_names,
             allow_root_change: self.allow_root_change,
             reload_interval: self.reload_interval,

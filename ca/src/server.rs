@@ -67,28 +67,52 @@ pub fn load_signer(config: &ServeConfig, now: OffsetDateTime) -> Result<Signer, 
     Ok(Signer::new(material, now)?)
 }
 
-/// Builds the authenticator of the local cluster from the configuration.
-pub async fn authenticator(config: &ServeConfig) -> Result<Authenticator, ServeError> {
-    let mut local = ClusterAuth::default();
-    if let Some(kubeconfig) = &config.kubeconfig {
-        let reviewer =
-            KubeTokenReviewer::connect(kubeconfig.as_deref(), config.token_audiences.clone())
-                .await
-                .map_err(ServeError::Authn)?;
-        local.token_review = Some(CachedReviewer::new(Arc::new(reviewer)));
+/// Builds the token authenticators of one cluster.
+async fn cluster_auth(
+    kubeconfig: Option<Option<&std::path::Path>>,
+    jwt: Option<&crate::authn::JwtConfig>,
+    audiences: &[String],
+) -> Result<ClusterAuth, ServeError> {
+    let mut auth = ClusterAuth::default();
+    if let Some(kubeconfig) = kubeconfig {
+        let reviewer = KubeTokenReviewer::connect(kubeconfig, audiences.to_vec())
+            .await
+            .map_err(ServeError::Authn)?;
+        auth.token_review = Some(CachedReviewer::new(Arc::new(reviewer)));
     }
-    if let Some(jwt) = &config.jwt {
-        local.jwt = Some(
+    if let Some(jwt) = jwt {
+        auth.jwt = Some(
             JwtAuthenticator::new(jwt.clone())
                 .await
                 .map_err(ServeError::Authn)?,
         );
     }
-    Ok(Authenticator::new(
-        config.cluster_id.clone(),
-        local,
-        vec![config.trust_domain.clone()],
-    ))
+    Ok(auth)
+}
+
+/// Builds the authenticator: the local cluster, its aliases, and remote clusters.
+pub async fn authenticator(config: &ServeConfig) -> Result<Authenticator, ServeError> {
+    let local = cluster_auth(
+        config.kubeconfig.as_ref().map(|k| k.as_deref()),
+        config.jwt.as_ref(),
+        &config.token_audiences,
+    )
+    .await?;
+    let mut trust_domains = vec![config.trust_domain.clone()];
+    trust_domains.extend(config.trust_domain_aliases.iter().cloned());
+    let mut authn = Authenticator::new(config.cluster_id.clone(), local, trust_domains)
+        .with_aliases(config.cluster_aliases.clone());
+    for (id, remote) in &config.remotes {
+        let auth = cluster_auth(
+            remote.kubeconfig.as_deref().map(Some),
+            remote.jwt.as_ref(),
+            &config.token_audiences,
+        )
+        .await
+        .map_err(|e| ServeError::Authn(format!("cluster {id}: {e}")))?;
+        authn = authn.with_cluster(id.clone(), auth);
+    }
+    Ok(authn)
 }
 
 /// Runs the CA until `shutdown` completes. The listeners are bound by the caller, so
@@ -123,7 +147,11 @@ pub async fn run(
         metrics.clone(),
         IssuePolicy {
             trust_domain: config.trust_domain.clone(),
-            trust_domain_aliases: Vec::new(),
+            trust_domain_aliases: config
+                .trust_domain_aliases
+                .iter()
+                .map(|td| td.as_str().to_owned())
+                .collect(),
             default_ttl: config.default_ttl,
             max_ttl: config.max_ttl,
         },

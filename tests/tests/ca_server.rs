@@ -256,3 +256,103 @@ async fn reload_swaps_valid_sets_and_refuses_bad_ones() {
     .await;
     ca.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_against_the_cluster_they_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let local = JwtIssuer::new("local");
+    let east = JwtIssuer::new("east");
+    let east_dir = dir.path().join("east");
+    std::fs::create_dir_all(&east_dir).unwrap();
+    let east_jwks = east.write_jwks(&east_dir);
+    let mut args = jwt_args(dir.path(), &local, &dir.path().join("none"));
+    args.extend([
+        "--remote-jwks".into(),
+        format!("east=https://east.example,{}", east_jwks.display()),
+        "--cluster-alias".into(),
+        "Kubernetes-primary".into(),
+        "--trust-domain-alias".into(),
+        "old.example".into(),
+    ]);
+    let ca = TestCa::start(&args).await;
+    let root = std::fs::read_to_string(dir.path().join("state/root-cert.pem")).unwrap();
+    let mut c = ca.client(&root).await;
+    let call = |token: String, cluster: &str, uri: Option<&str>| {
+        let (_, pem) = csr(uri);
+        let mut req = request(&pem, Some(&token), 0);
+        if !cluster.is_empty() {
+            req.metadata_mut()
+                .insert("clusterid", cluster.parse().unwrap());
+        }
+        req
+    };
+    let east_token = east.token_with("shop", "cart", "https://east.example", &["istio-ca"], 600);
+
+    // East's token, claimed as east: checked against east's JWKS.
+    let chain = c
+        .create_certificate(call(east_token.clone(), "east", None))
+        .await
+        .unwrap()
+        .into_inner()
+        .cert_chain;
+    assert_eq!(
+        uri_sans(&chain[0]),
+        vec!["spiffe://cluster.local/ns/shop/sa/cart"]
+    );
+    // East's token presented as the local cluster, and the local token as east: refused.
+    let e = c
+        .create_certificate(call(east_token.clone(), "", None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = c
+        .create_certificate(call(local.token("shop", "cart"), "east", None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    // The local cluster under its alias.
+    c.create_certificate(call(
+        local.token("shop", "cart"),
+        "Kubernetes-primary",
+        None,
+    ))
+    .await
+    .unwrap();
+    let e = c
+        .create_certificate(call(local.token("shop", "cart"), "west", None))
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("west")
+            && e.message().contains("east")
+            && e.message().contains("Kubernetes"),
+        "{}",
+        e.message()
+    );
+
+    // A CSR naming the alias trust domain is accepted; the certificate carries the primary.
+    let chain = c
+        .create_certificate(call(
+            local.token("shop", "cart"),
+            "",
+            Some("spiffe://old.example/ns/shop/sa/cart"),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .cert_chain;
+    assert_eq!(
+        uri_sans(&chain[0]),
+        vec!["spiffe://cluster.local/ns/shop/sa/cart"]
+    );
+    let e = c
+        .create_certificate(call(
+            local.token("shop", "cart"),
+            "",
+            Some("spiffe://evil.example/ns/shop/sa/cart"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    ca.stop().await;
+}

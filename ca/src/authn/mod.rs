@@ -105,6 +105,12 @@ impl Authenticator {
         }
     }
 
+    /// Adds another cluster, chosen when a request's `clusterid` names it.
+    pub fn with_cluster(mut self, id: String, auth: ClusterAuth) -> Self {
+        self.clusters.insert(id, Arc::new(auth));
+        self
+    }
+
     /// Other names the local cluster answers to in the `clusterid` header.
     pub fn with_aliases(mut self, aliases: Vec<String>) -> Self {
         self.aliases = aliases;
