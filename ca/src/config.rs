@@ -279,7 +279,7 @@ impl ServeArgs {
         for spec in &self.remote_jwks {
             let parsed = spec.split_once('=').and_then(|(id, rest)| {
                 let (issuer, jwks) = rest.split_once(',')?;
-                (!id.is_empty() && !issuer.is_empty()).then(|| (id, issuer, jwks))
+                (!id.is_empty() && !issuer.is_empty()).then_some((id, issuer, jwks))
             });
             let (id, issuer, jwks) = parsed
                 .ok_or_else(|| err("--remote-jwks", format!("{spec:?}: want ID=ISSUER,JWKS")))?;
