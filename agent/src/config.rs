@@ -98,6 +98,13 @@ pub struct RunArgs {
     /// Address of the HTTP listener for /healthz/ready and /metrics.
     #[arg(long, default_value = "0.0.0.0:15020", value_name = "ADDR")]
     pub http_addr: SocketAddr,
+
+    /// Bundles of other trust domains, served through Envoy's SPIFFE validator as
+    /// `ALL` and `spiffe://<trust-domain>`: a directory of `<trust-domain>.pem` or
+    /// `<trust-domain>.json` (SPIFFE bundle) files, or one JSON file mapping trust
+    /// domains to SPIFFE bundles. Re-read every 2 seconds.
+    #[arg(long, env = "FEDERATED_BUNDLES", value_name = "PATH")]
+    pub federated_bundles: Option<PathBuf>,
 }
 
 /// Key types on the command line.
@@ -184,6 +191,7 @@ pub struct RunConfig {
     pub key_type: KeyType,
     pub output_certs: Option<PathBuf>,
     pub http_addr: SocketAddr,
+    pub federated_bundles: Option<PathBuf>,
     /// Extra request headers from `CA_HEADER_<NAME>` variables.
     pub ca_headers: BTreeMap<String, String>,
 }
@@ -284,6 +292,7 @@ impl RunArgs {
             key_type: self.key_type.into(),
             output_certs: self.output_certs,
             http_addr: self.http_addr,
+            federated_bundles: self.federated_bundles,
             ca_headers,
         })
     }

@@ -12,6 +12,7 @@
 
 pub mod caclient;
 pub mod config;
+pub mod federation;
 pub mod inspect;
 pub mod keys;
 pub mod metrics;

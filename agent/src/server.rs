@@ -86,6 +86,31 @@ pub async fn run_with(
         });
     }
 
+    if let Some(path) = config.federated_bundles.clone() {
+        let store = store.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut last_error = None;
+            loop {
+                match crate::federation::load(&path) {
+                    Ok(bundles) => {
+                        store.set_federated(bundles);
+                        last_error = None;
+                    }
+                    Err(e) if last_error.as_ref() != Some(&e) => {
+                        tracing::warn!(error = %e, "cannot read --federated-bundles; keeping the bundles already loaded");
+                        last_error = Some(e);
+                    }
+                    Err(_) => {}
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        });
+    }
+
     let http_server = tokio::spawn(serve_http(
         http,
         store.clone(),

@@ -26,6 +26,12 @@ use crate::svid::Svid;
 pub const DEFAULT: &str = "default";
 /// The name Envoy asks for the trust bundle by.
 pub const ROOTCA: &str = "ROOTCA";
+/// SPIRE's name for every trust domain's bundle in one SPIFFE validator.
+pub const ALL: &str = "ALL";
+/// Envoy's SPIFFE certificate validator extension.
+const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";
+const SPIFFE_VALIDATOR_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";
 /// How often subscribed files are re-read.
 const FILE_POLL: Duration = Duration::from_secs(2);
 /// File-backed names served at most (each is polled).
@@ -42,6 +48,10 @@ pub enum SecretName {
     FileCert { cert: PathBuf, key: PathBuf },
     /// `file-root:<path>`.
     FileRoot(PathBuf),
+    /// `ALL`: Envoy's SPIFFE validator with every trust domain's bundle.
+    All,
+    /// `spiffe://<trust-domain>`: the SPIFFE validator with that one bundle.
+    TrustDomain(String),
 }
 
 impl SecretName {
@@ -49,12 +59,13 @@ impl SecretName {
     pub fn parse(name: &str) -> Result<Self, String> {
         let unknown = || {
             format!(
-                "unknown secret {name:?}: this agent serves \"default\", \"ROOTCA\", \"file-cert:<cert-path>~<key-path>\" and \"file-root:<path>\""
+                "unknown secret {name:?}: this agent serves \"default\", \"ROOTCA\", \"ALL\", \"spiffe://<trust-domain>\", \"file-cert:<cert-path>~<key-path>\" and \"file-root:<path>\""
             )
         };
         match name {
             DEFAULT => Ok(Self::Default),
             ROOTCA => Ok(Self::RootCa),
+            ALL => Ok(Self::All),
             _ => {
                 if let Some(rest) = name.strip_prefix("file-cert:") {
                     let (cert, key) = rest.split_once('~').ok_or_else(unknown)?;
@@ -65,6 +76,13 @@ impl SecretName {
                         cert: cert.into(),
                         key: key.into(),
                     })
+                } else if let Some(td) = name.strip_prefix("spiffe://") {
+                    let valid = spiffe::TrustDomain::new(td)
+                        .ok()
+                        .filter(|t| t.as_str() == td && !td.contains(['/', ':']));
+                    valid
+                        .map(|t| Self::TrustDomain(t.as_str().to_owned()))
+                        .ok_or_else(unknown)
                 } else if let Some(path) = name.strip_prefix("file-root:") {
                     if path.is_empty() {
                         return Err(unknown());
@@ -91,6 +109,7 @@ pub struct Resolved {
 #[derive(Debug)]
 pub struct SecretStore {
     svid: watch::Sender<Option<Arc<Svid>>>,
+    federated: Mutex<crate::federation::Bundles>,
     files: Mutex<HashMap<SecretName, Option<(String, Secret)>>>,
     generation: watch::Sender<u64>,
 }
@@ -99,6 +118,7 @@ impl Default for SecretStore {
     fn default() -> Self {
         Self {
             svid: watch::channel(None).0,
+            federated: Mutex::new(Default::default()),
             files: Mutex::new(HashMap::new()),
             generation: watch::channel(0).0,
         }
@@ -121,6 +141,32 @@ impl SecretStore {
     /// The current certificate, if any.
     pub fn svid(&self) -> Option<Arc<Svid>> {
         self.svid.borrow().clone()
+    }
+
+    /// Replaces the bundles of other trust domains; streams holding `ALL` or a
+    /// changed `spiffe://<td>` are told.
+    pub fn set_federated(&self, bundles: crate::federation::Bundles) {
+        let mut current = self.federated.lock().unwrap_or_else(|p| p.into_inner());
+        if *current != bundles {
+            *current = bundles;
+            drop(current);
+            self.bump();
+        }
+    }
+
+    /// Trust domain -> PEM bundle: our own (from the CA's answer) and the federated.
+    fn bundles(&self) -> Option<crate::federation::Bundles> {
+        let svid = self.svid()?;
+        let mut all = self
+            .federated
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        all.insert(
+            svid.id.trust_domain_name().to_owned(),
+            svid.roots_pem.clone(),
+        );
+        Some(all)
     }
 
     /// Watches the certificate.
@@ -158,6 +204,18 @@ impl SecretStore {
                     secret: roots_secret(requested, svid.roots_pem.as_bytes()),
                 })
             }
+            SecretName::All => {
+                let bundles = self.bundles()?;
+                Some(spiffe_secret(requested, &bundles))
+            }
+            SecretName::TrustDomain(td) => {
+                let mut bundles = self.bundles()?;
+                let pem = bundles.remove(td)?;
+                Some(spiffe_secret(
+                    requested,
+                    &[(td.clone(), pem)].into_iter().collect(),
+                ))
+            }
             file => {
                 let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
                 let (version, secret) = files.get(file)?.clone()?;
@@ -175,7 +233,10 @@ impl SecretStore {
     /// Starts re-reading a file-backed name (once per name). Refuses beyond
     /// [`MAX_FILE_SECRETS`] names.
     pub fn watch_file(self: &Arc<Self>, name: &SecretName) -> Result<(), String> {
-        if matches!(name, SecretName::Default | SecretName::RootCa) {
+        if matches!(
+            name,
+            SecretName::Default | SecretName::RootCa | SecretName::All | SecretName::TrustDomain(_)
+        ) {
             return Ok(());
         }
         {
@@ -272,6 +333,52 @@ fn roots_secret(name: &str, roots: &[u8]) -> Secret {
     }
 }
 
+/// `validation_context{custom_validator_config}`: Envoy's SPIFFE validator, one
+/// trust bundle per trust domain, so a peer is verified only against its own domain's
+/// roots.
+fn spiffe_secret(name: &str, bundles: &crate::federation::Bundles) -> Resolved {
+    use envoy_types::pb::{
+        envoy::{
+            config::core::v3::TypedExtensionConfig,
+            extensions::transport_sockets::tls::v3::{
+                SpiffeCertValidatorConfig, spiffe_cert_validator_config,
+            },
+        },
+        google::protobuf::Any,
+    };
+    use prost::Message;
+    let config = SpiffeCertValidatorConfig {
+        trust_domains: bundles
+            .iter()
+            .map(|(td, pem)| spiffe_cert_validator_config::TrustDomain {
+                name: td.clone(),
+                trust_bundle: inline(pem.as_bytes()),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let value = config.encode_to_vec();
+    Resolved {
+        version: digest(&value),
+        secret: Secret {
+            name: name.to_owned(),
+            r#type: Some(secret::Type::ValidationContext(
+                CertificateValidationContext {
+                    custom_validator_config: Some(TypedExtensionConfig {
+                        name: SPIFFE_VALIDATOR.to_owned(),
+                        typed_config: Some(Any {
+                            type_url: SPIFFE_VALIDATOR_TYPE.to_owned(),
+                            value,
+                        }),
+                    }),
+                    ..Default::default()
+                },
+            )),
+        },
+    }
+}
+
 fn digest(bytes: &[u8]) -> String {
     hex::encode(&Sha256::digest(bytes)[..8])
 }
@@ -295,6 +402,11 @@ mod tests {
             SecretName::parse("file-root:/r.pem").unwrap(),
             SecretName::FileRoot("/r.pem".into())
         );
+        assert_eq!(SecretName::parse("ALL").unwrap(), SecretName::All);
+        assert_eq!(
+            SecretName::parse("spiffe://b.example").unwrap(),
+            SecretName::TrustDomain("b.example".into())
+        );
         for bad in [
             "",
             "Default",
@@ -302,7 +414,9 @@ mod tests {
             "file-cert:/a",
             "file-cert:~/k",
             "file-root:",
-            "spiffe://x",
+            "spiffe://x/ns/a",
+            "spiffe://",
+            "spiffe://A b",
         ] {
             let e = SecretName::parse(bad).unwrap_err();
             assert!(e.contains("unknown secret"), "{bad}: {e}");

@@ -685,3 +685,112 @@ async fn a_new_root_in_the_ca_trust_reaches_rootca_without_waiting_for_rotation(
     agent.await.unwrap();
     ca.stop().await;
 }
+
+/// The trust bundles inside a SPIFFE-validator secret: trust domain -> PEM.
+fn spiffe_bundles(secret: &Secret) -> std::collections::BTreeMap<String, String> {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SpiffeCertValidatorConfig;
+    let Some(secret::Type::ValidationContext(v)) = &secret.r#type else {
+        panic!("not a validation context")
+    };
+    let custom = v
+        .custom_validator_config
+        .as_ref()
+        .expect("a custom validator");
+    assert_eq!(custom.name, "envoy.tls.cert_validator.spiffe");
+    let any = custom.typed_config.as_ref().unwrap();
+    assert_eq!(
+        any.type_url,
+        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig"
+    );
+    let config = SpiffeCertValidatorConfig::decode(any.value.as_slice()).unwrap();
+    config
+        .trust_domains
+        .iter()
+        .map(|td| {
+            (
+                td.name.clone(),
+                String::from_utf8(bytes(&td.trust_bundle)).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn verifies(leaf_chain_pem: &str, roots_pem: &str) -> bool {
+    let certs = certs(leaf_chain_pem);
+    let anchors: Vec<_> = certs(roots_pem)
+        .iter()
+        .map(|c| webpki::anchor_from_trusted_cert(c).unwrap().to_owned())
+        .collect();
+    let ee = webpki::EndEntityCert::try_from(&certs[0]).unwrap();
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &anchors,
+        &certs[1..],
+        rustls::pki_types::UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federated_trust_domains_through_the_spiffe_validator() {
+    // Two meshes with different trust domains and unrelated roots.
+    let a = Setup::new();
+    let b = Setup::new();
+    let with_td = |mut args: Vec<String>, td: &str| {
+        args.extend(["--trust-domain".to_string(), td.to_string()]);
+        args
+    };
+    let ca_a = TestCa::start(&with_td(a.ca_args(), "a.example")).await;
+    let ca_b = TestCa::start(&with_td(b.ca_args(), "b.example")).await;
+    // Agent A knows B's bundle (and B's file appears only after start, to show the
+    // directory is watched).
+    let federation = a.dir.path().join("federation");
+    std::fs::create_dir_all(&federation).unwrap();
+    let mut args = a.agent_args(&ca_a, "shop", "web", &["--trust-domain", "a.example"]);
+    args.extend([
+        "--federated-bundles".into(),
+        federation.display().to_string(),
+    ]);
+    let (ha, stop_a, agent_a) = start_agent(&args).await;
+    let (hb, stop_b, agent_b) =
+        start_agent(&b.agent_args(&ca_b, "shop", "api", &["--trust-domain", "b.example"])).await;
+    wait_ready(ha).await;
+    wait_ready(hb).await;
+    let only_a = spiffe_bundles(&fetch(&a.socket("web"), &["ALL"]).await[0]);
+    assert_eq!(only_a.keys().collect::<Vec<_>>(), ["a.example"]);
+    let b_root = std::fs::read_to_string(b.dir.path().join("state/root-cert.pem")).unwrap();
+    std::fs::write(federation.join("b.example.pem"), &b_root).unwrap();
+    let mut all = only_a;
+    for _ in 0..60 {
+        all = spiffe_bundles(&fetch(&a.socket("web"), &["ALL"]).await[0]);
+        if all.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(all.keys().collect::<Vec<_>>(), ["a.example", "b.example"]);
+    let just_b = spiffe_bundles(&fetch(&a.socket("web"), &["spiffe://b.example"]).await[0]);
+    assert_eq!(just_b.keys().collect::<Vec<_>>(), ["b.example"]);
+
+    // B's workload verifies under B's bundle, never under A's.
+    let b_chain = tls(&fetch(&b.socket("api"), &["default"]).await[0]).0;
+    assert_eq!(
+        uri_sans(&b_chain),
+        vec!["spiffe://b.example/ns/shop/sa/api"]
+    );
+    assert!(verifies(&b_chain, &all["b.example"]));
+    assert!(!verifies(&b_chain, &all["a.example"]));
+    let a_chain = tls(&fetch(&a.socket("web"), &["default"]).await[0]).0;
+    assert!(verifies(&a_chain, &all["a.example"]));
+    assert!(!verifies(&a_chain, &all["b.example"]));
+
+    for (stop, agent) in [(stop_a, agent_a), (stop_b, agent_b)] {
+        let _ = stop.send(());
+        agent.await.unwrap();
+    }
+    ca_a.stop().await;
+    ca_b.stop().await;
+}
