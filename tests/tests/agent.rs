@@ -716,7 +716,7 @@ fn spiffe_bundles(secret: &Secret) -> std::collections::BTreeMap<String, String>
 }
 
 fn verifies(leaf_chain_pem: &str, roots_pem: &str) -> bool {
-    let certs = certs(leaf_chain_pem);
+    let chain = certs(leaf_chain_pem);
     let anchors: Vec<_> = certs(roots_pem)
         .iter()
         .map(|c| webpki::anchor_from_trusted_cert(c).unwrap().to_owned())
