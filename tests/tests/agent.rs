@@ -721,11 +721,11 @@ fn verifies(leaf_chain_pem: &str, roots_pem: &str) -> bool {
         .iter()
         .map(|c| webpki::anchor_from_trusted_cert(c).unwrap().to_owned())
         .collect();
-    let ee = webpki::EndEntityCert::try_from(&certs[0]).unwrap();
+    let ee = webpki::EndEntityCert::try_from(&chain[0]).unwrap();
     ee.verify_for_usage(
         webpki::ALL_VERIFICATION_ALGS,
         &anchors,
-        &certs[1..],
+        &chain[1..],
         rustls::pki_types::UnixTime::now(),
         webpki::KeyUsage::client_auth(),
         None,
