@@ -110,6 +110,10 @@ pub struct InspectArgs {
     /// warns when the intermediate has less than this left.
     #[arg(long, default_value = "24h", value_parser = crate::config::parse_duration)]
     pub leaf_ttl: Duration,
+    /// The set in use now (a cacerts directory): warns when DIR's bundle drops a root
+    /// that certificates issued under the current set still chain to.
+    #[arg(long, value_name = "DIR")]
+    pub previous: Option<PathBuf>,
 }
 
 /// What went wrong.
@@ -134,7 +138,7 @@ pub fn run(command: PkiCommand, now: OffsetDateTime) -> Result<String, PkiError>
         PkiCommand::Root(a) => root(&a, now),
         PkiCommand::Intermediate(a) => intermediate(&a, now),
         PkiCommand::Bundle(a) => bundle(&a),
-        PkiCommand::Inspect(a) => inspect(&a.dir, a.leaf_ttl, now),
+        PkiCommand::Inspect(a) => inspect(&a.dir, a.leaf_ttl, a.previous.as_deref(), now),
     }
 }
 
@@ -343,7 +347,12 @@ fn describe(der: &[u8], now: OffsetDateTime) -> String {
 }
 
 /// Loads `dir` as `serve` does; errors are returned, warnings printed in the report.
-pub fn inspect(dir: &Path, leaf_ttl: Duration, now: OffsetDateTime) -> Result<String, PkiError> {
+pub fn inspect(
+    dir: &Path,
+    leaf_ttl: Duration,
+    previous: Option<&Path>,
+    now: OffsetDateTime,
+) -> Result<String, PkiError> {
     let material = cacerts::load_dir(dir)
         .map_err(|e| PkiError::Invalid(e.to_string()))?
         .ok_or_else(|| {
@@ -384,6 +393,33 @@ pub fn inspect(dir: &Path, leaf_ttl: Duration, now: OffsetDateTime) -> Result<St
         warnings.push(format!(
             "workload certificates of {leaf_ttl} would be cut short: only {leaf_left} is left on the chain"
         ));
+    }
+    if let Some(previous) = previous {
+        let old = cacerts::load_dir(previous)
+            .map_err(|e| PkiError::Invalid(format!("--previous: {e}")))?
+            .ok_or_else(|| {
+                PkiError::Invalid(format!(
+                    "--previous {}: no cacerts files",
+                    previous.display()
+                ))
+            })?;
+        let old_roots = old.roots.clone();
+        let old_signer =
+            Signer::new(old, now).map_err(|e| PkiError::Invalid(format!("--previous: {e}")))?;
+        for root in old_roots.iter().filter(|r| !roots.contains(r)) {
+            let name = X509Certificate::from_der(root)
+                .map(|(_, c)| c.subject().to_string())
+                .unwrap_or_default();
+            if old_signer.anchor_in(std::slice::from_ref(root)) {
+                warnings.push(format!(
+                    "the bundle drops {name}, the root the set in use signs under: every certificate it issued (up to {leaf_ttl} old) stops verifying at once. Switch to an intermediate under the new root first and wait one leaf lifetime"
+                ));
+            } else {
+                warnings.push(format!(
+                    "the bundle drops {name}: certificates issued under it in the last {leaf_ttl} stop verifying; drop it only a full leaf lifetime after the switch away from it"
+                ));
+            }
+        }
     }
     for w in &warnings {
         out.push_str(&format!("warning: {w}\n"));

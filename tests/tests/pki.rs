@@ -211,3 +211,50 @@ fn inspect_catches_broken_sets() {
     let e = pki_run(&["inspect", p(&sub)]).unwrap_err();
     assert!(e.contains("pathlen"), "{e}");
 }
+
+#[test]
+fn inspect_warns_before_the_old_root_is_dropped_too_early() {
+    let d = tempfile::tempdir().unwrap();
+    let (old_root, new_root) = (d.path().join("old-root"), d.path().join("new-root"));
+    pki_run(&["root", "--out", p(&old_root), "--key-type", "ec-p256"]).unwrap();
+    pki_run(&["root", "--out", p(&new_root), "--key-type", "ec-p256"]).unwrap();
+    let in_use = d.path().join("in-use");
+    pki_run(&[
+        "intermediate",
+        "--root",
+        p(&old_root),
+        "--cluster",
+        "east",
+        "--out",
+        p(&in_use),
+        "--key-type",
+        "ec-p256",
+    ])
+    .unwrap();
+    let next = d.path().join("next");
+    pki_run(&[
+        "intermediate",
+        "--root",
+        p(&new_root),
+        "--cluster",
+        "east",
+        "--out",
+        p(&next),
+        "--key-type",
+        "ec-p256",
+    ])
+    .unwrap();
+    // Jumping straight from the old set to a new-root-only set: warned.
+    let report = pki_run(&["inspect", p(&next), "--previous", p(&in_use)]).unwrap();
+    assert!(
+        report.contains("the root the set in use signs under"),
+        "{report}"
+    );
+    // With both roots bundled (step 2/3) nothing is dropped.
+    let bundle = d.path().join("next/root-cert.pem");
+    let both = fs::read_to_string(old_root.join("root-cert.pem")).unwrap()
+        + &fs::read_to_string(new_root.join("root-cert.pem")).unwrap();
+    fs::write(&bundle, both).unwrap();
+    let report = pki_run(&["inspect", p(&next), "--previous", p(&in_use)]).unwrap();
+    assert!(!report.contains("drops"), "{report}");
+}
