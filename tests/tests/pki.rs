@@ -258,3 +258,69 @@ fn inspect_warns_before_the_old_root_is_dropped_too_early() {
     let report = pki_run(&["inspect", p(&next), "--previous", p(&in_use)]).unwrap();
     assert!(!report.contains("drops"), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tooling_output_serves_and_an_expired_intermediate_is_caught() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    pki_run(&["root", "--out", p(&root), "--key-type", "ec-p384"]).unwrap();
+    let east = d.path().join("east");
+    pki_run(&[
+        "intermediate",
+        "--root",
+        p(&root),
+        "--cluster",
+        "east",
+        "--out",
+        p(&east),
+        "--key-type",
+        "ec-p256",
+    ])
+    .unwrap();
+    // The set serves as it is.
+    let jwt = signet_e2e::JwtIssuer::new("k");
+    let ca = signet_e2e::TestCa::start(&[
+        "--cacerts-dir".into(),
+        p(&east).into(),
+        "--jwks".into(),
+        jwt.write_jwks(d.path()).display().to_string(),
+        "--jwt-issuer".into(),
+        signet_e2e::ISSUER.into(),
+    ])
+    .await;
+    let roots = fs::read_to_string(east.join("root-cert.pem")).unwrap();
+    let mut client = ca.client(&roots).await;
+    let (_, csr) = signet_e2e::csr(None);
+    let chain = client
+        .create_certificate(signet_e2e::request(&csr, Some(&jwt.token("ns", "sa")), 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .cert_chain;
+    signet_e2e::openssl_verify(&chain).unwrap();
+    ca.stop().await;
+
+    // An expired intermediate under the same root: inspect fails, naming it.
+    let expired = d.path().join("expired");
+    fs::create_dir_all(&expired).unwrap();
+    let root_key =
+        rcgen::KeyPair::from_pem(&fs::read_to_string(root.join("root-key.pem")).unwrap()).unwrap();
+    let root_der = ::pem::parse(fs::read_to_string(root.join("root-cert.pem")).unwrap())
+        .unwrap()
+        .into_contents();
+    let issuer = rcgen::Issuer::from_ca_cert_der(&root_der.into(), root_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(60);
+    params.not_after = now - time::Duration::days(1);
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    fs::write(expired.join("ca-cert.pem"), cert.pem()).unwrap();
+    fs::write(expired.join("ca-key.pem"), key.serialize_pem()).unwrap();
+    fs::write(expired.join("cert-chain.pem"), cert.pem() + &roots).unwrap();
+    fs::write(expired.join("root-cert.pem"), &roots).unwrap();
+    let e = pki_run(&["inspect", p(&expired)]).unwrap_err();
+    assert!(e.contains("ca-cert.pem") && e.contains("expired"), "{e}");
+}
