@@ -299,6 +299,11 @@ impl SpiffePeer {
     }
 }
 
+/// ring's signature algorithms, for both verifiers below.
+fn algorithms() -> rustls::crypto::WebPkiSupportedAlgorithms {
+    rustls::crypto::ring::default_provider().signature_verification_algorithms
+}
+
 impl rustls::client::danger::ServerCertVerifier for SpiffePeer {
     fn verify_server_cert(
         &self,
@@ -317,12 +322,7 @@ impl rustls::client::danger::ServerCertVerifier for SpiffePeer {
         c: &rustls::pki_types::CertificateDer<'_>,
         d: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            m,
-            c,
-            d,
-            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(m, c, d, &algorithms())
     }
     fn verify_tls13_signature(
         &self,
@@ -330,17 +330,10 @@ impl rustls::client::danger::ServerCertVerifier for SpiffePeer {
         c: &rustls::pki_types::CertificateDer<'_>,
         d: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            m,
-            c,
-            d,
-            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(m, c, d, &algorithms())
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        algorithms().supported_schemes()
     }
 }
 
@@ -363,12 +356,7 @@ impl rustls::server::danger::ClientCertVerifier for SpiffePeer {
         c: &rustls::pki_types::CertificateDer<'_>,
         d: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            m,
-            c,
-            d,
-            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(m, c, d, &algorithms())
     }
     fn verify_tls13_signature(
         &self,
@@ -376,17 +364,10 @@ impl rustls::server::danger::ClientCertVerifier for SpiffePeer {
         c: &rustls::pki_types::CertificateDer<'_>,
         d: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            m,
-            c,
-            d,
-            &rustls::crypto::ring::default_provider().signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(m, c, d, &algorithms())
     }
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        algorithms().supported_schemes()
     }
 }
 
