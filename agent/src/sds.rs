@@ -9,6 +9,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    future::Future,
     path::Path,
     sync::{
         Arc,
@@ -173,6 +174,47 @@ impl<T> tokio_stream::Stream for Unboxed<T> {
     }
 }
 
+/// What differs between the state-of-the-world and the delta protocol; [`drive`]
+/// runs either.
+trait Protocol: Send + Sized + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    fn sds(&self) -> &Sds;
+    fn tx(&self) -> &mpsc::Sender<Outbound<Self::Response>>;
+    /// Handles one request; an error ends the stream with that status.
+    fn on_request(&mut self, req: Self::Request)
+    -> impl Future<Output = Result<(), Status>> + Send;
+    /// Sends what changed; false when the client is gone.
+    fn push(&mut self) -> impl Future<Output = bool> + Send;
+}
+
+/// Runs one stream until the client leaves, the agent stops, or a request is bad.
+async fn drive<P: Protocol>(mut stream: P, mut inbound: Streaming<P::Request>) {
+    let mut changes = stream.sds().store.changes();
+    let mut stop = stream.sds().stop.clone();
+    let tx = stream.tx().clone();
+    loop {
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => {
+                    if let Err(status) = stream.on_request(req).await {
+                        let _ = tx.send(Err(Box::new(status))).await;
+                        return;
+                    }
+                }
+                Ok(None) | Err(_) => return,
+            },
+            changed = changes.changed() => {
+                if changed.is_err() || !stream.push().await {
+                    return;
+                }
+            }
+            _ = tx.closed() => return,
+        }
+    }
+}
+
 /// One state-of-the-world stream.
 struct SotwStream {
     sds: Sds,
@@ -182,30 +224,16 @@ struct SotwStream {
     last_nonce: Option<String>,
 }
 
-impl SotwStream {
-    async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>) {
-        let mut changes = self.sds.store.changes();
-        let mut stop = self.sds.stop.clone();
-        loop {
-            tokio::select! {
-                _ = stopped(&mut stop) => return,
-                msg = inbound.message() => match msg {
-                    Ok(Some(req)) => {
-                        if let Err(status) = self.on_request(req).await {
-                            let _ = self.tx.send(Err(Box::new(status))).await;
-                            return;
-                        }
-                    }
-                    Ok(None) | Err(_) => return,
-                },
-                changed = changes.changed() => {
-                    if changed.is_err() || !self.push().await {
-                        return;
-                    }
-                }
-                _ = self.tx.closed() => return,
-            }
-        }
+impl Protocol for SotwStream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+
+    fn sds(&self) -> &Sds {
+        &self.sds
+    }
+
+    fn tx(&self) -> &mpsc::Sender<Outbound<DiscoveryResponse>> {
+        &self.tx
     }
 
     async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
@@ -269,30 +297,16 @@ struct DeltaStream {
     last_nonce: Option<String>,
 }
 
-impl DeltaStream {
-    async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>) {
-        let mut changes = self.sds.store.changes();
-        let mut stop = self.sds.stop.clone();
-        loop {
-            tokio::select! {
-                _ = stopped(&mut stop) => return,
-                msg = inbound.message() => match msg {
-                    Ok(Some(req)) => {
-                        if let Err(status) = self.on_request(req).await {
-                            let _ = self.tx.send(Err(Box::new(status))).await;
-                            return;
-                        }
-                    }
-                    Ok(None) | Err(_) => return,
-                },
-                changed = changes.changed() => {
-                    if changed.is_err() || !self.push().await {
-                        return;
-                    }
-                }
-                _ = self.tx.closed() => return,
-            }
-        }
+impl Protocol for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+
+    fn sds(&self) -> &Sds {
+        &self.sds
+    }
+
+    fn tx(&self) -> &mpsc::Sender<Outbound<DeltaDiscoveryResponse>> {
+        &self.tx
     }
 
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), Status> {
@@ -367,7 +381,7 @@ impl SecretDiscoveryService for Sds {
             sent: HashMap::new(),
             last_nonce: None,
         };
-        tokio::spawn(stream.run(request.into_inner()));
+        tokio::spawn(drive(stream, request.into_inner()));
         Ok(Response::new(Unboxed(ReceiverStream::new(rx))))
     }
 
@@ -383,7 +397,7 @@ impl SecretDiscoveryService for Sds {
             known: HashMap::new(),
             last_nonce: None,
         };
-        tokio::spawn(stream.run(request.into_inner()));
+        tokio::spawn(drive(stream, request.into_inner()));
         Ok(Response::new(Unboxed(ReceiverStream::new(rx))))
     }
 
