@@ -186,29 +186,57 @@ fn days(n: u32) -> Result<Duration, PkiError> {
     Ok(Duration::days(i64::from(n)))
 }
 
-fn root(a: &RootArgs, now: OffsetDateTime) -> Result<String, PkiError> {
-    let lifetime = days(a.days)?;
-    fs::create_dir_all(&a.out).map_err(|e| file_err(&a.out, e))?;
-    let key_path = a.out.join("root-key.pem");
-    guard_key(&key_path, a.force)?;
-    let key = generate(a.key_type)?;
+/// Creates `dir`, refuses to replace `dir/name` unless forced, and generates the key
+/// that will be written there.
+fn new_key(
+    dir: &Path,
+    name: &str,
+    kind: KeyTypeArg,
+    force: bool,
+) -> Result<(PathBuf, KeyPair), PkiError> {
+    fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
+    let path = dir.join(name);
+    guard_key(&path, force)?;
+    Ok((path, generate(kind)?))
+}
+
+/// The profile shared by roots and intermediates: a CA that may sign certificates
+/// and CRLs, backdated five minutes for clock skew, with a random serial.
+fn ca_params(
+    subject: &[(DnType, &str)],
+    constraints: BasicConstraints,
+    now: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, a.org.as_str());
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Root CA");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    for (ty, value) in subject {
+        params.distinguished_name.push(ty.clone(), *value);
+    }
+    params.is_ca = IsCa::Ca(constraints);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
     params.not_before = now - Duration::minutes(5);
-    params.not_after = now + lifetime;
+    params.not_after = not_after;
     params.serial_number = Some(random_serial());
+    params
+}
+
+fn root(a: &RootArgs, now: OffsetDateTime) -> Result<String, PkiError> {
+    let lifetime = days(a.days)?;
+    let (key_path, key) = new_key(&a.out, "root-key.pem", a.key_type, a.force)?;
+    let params = ca_params(
+        &[
+            (DnType::OrganizationName, &a.org),
+            (DnType::CommonName, "Root CA"),
+        ],
+        BasicConstraints::Unconstrained,
+        now,
+        now + lifetime,
+    );
     let cert = params
         .self_signed(&key)
         .map_err(|e| PkiError::Invalid(e.to_string()))?;
@@ -255,36 +283,23 @@ fn intermediate(a: &IntermediateArgs, now: OffsetDateTime) -> Result<String, Pki
     let issuer = Issuer::from_ca_cert_der(&root_der, root_key.pair)
         .map_err(|e| file_err(&root_cert_path, e))?;
 
-    fs::create_dir_all(&a.out).map_err(|e| file_err(&a.out, e))?;
-    let key_path = a.out.join("ca-key.pem");
-    guard_key(&key_path, a.force)?;
-    let key = generate(a.key_type)?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "Istio");
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "Intermediate CA");
-    params
-        .distinguished_name
-        .push(DnType::LocalityName, a.cluster.as_str());
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    let (key_path, key) = new_key(&a.out, "ca-key.pem", a.key_type, a.force)?;
+    let mut params = ca_params(
+        &[
+            (DnType::OrganizationName, "Istio"),
+            (DnType::CommonName, "Intermediate CA"),
+            (DnType::LocalityName, &a.cluster),
+        ],
+        BasicConstraints::Constrained(0),
+        now,
+        (now + lifetime).min(root_not_after),
+    );
     params.subject_alt_names = vec![SanType::DnsName(
         "istiod.istio-system.svc"
             .try_into()
             .map_err(|e: rcgen::Error| PkiError::Invalid(e.to_string()))?,
     )];
     params.use_authority_key_identifier_extension = true;
-    params.not_before = now - Duration::minutes(5);
-    params.not_after = (now + lifetime).min(root_not_after);
-    params.serial_number = Some(random_serial());
     let cert = params
         .signed_by(&key, &issuer)
         .map_err(|e| PkiError::Invalid(e.to_string()))?;
