@@ -12,6 +12,17 @@ use crate::keys::KeyType;
 #[derive(Debug, Parser)]
 #[command(name = "signet-agent", version, about, long_about = None)]
 pub struct Cli {
+    /// Log line format: text (control characters escaped) or json (one object per
+    /// line). The filter is read from SIGNET_LOG (default info).
+    #[arg(
+        long,
+        global = true,
+        env = "SIGNET_LOG_FORMAT",
+        default_value = "text",
+        value_name = "text|json"
+    )]
+    pub log_format: signet_telemetry::LogFormat,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -105,6 +116,18 @@ pub struct RunArgs {
     /// domains to SPIFFE bundles. Re-read every 2 seconds.
     #[arg(long, env = "FEDERATED_BUNDLES", value_name = "PATH")]
     pub federated_bundles: Option<PathBuf>,
+
+    /// A directory that Istio's file-backed SDS names (`file-cert:<cert>~<key>`,
+    /// `file-root:<path>`) may read from (repeatable; comma separated in the
+    /// variable). None by default: such names are refused with PERMISSION_DENIED,
+    /// since anyone on the socket could otherwise read any file the agent can.
+    #[arg(
+        long = "file-secret-dir",
+        env = "FILE_SECRET_DIRS",
+        value_delimiter = ',',
+        value_name = "DIR"
+    )]
+    pub file_secret_dirs: Vec<PathBuf>,
 }
 
 /// Key types on the command line.
@@ -192,6 +215,8 @@ pub struct RunConfig {
     pub output_certs: Option<PathBuf>,
     pub http_addr: SocketAddr,
     pub federated_bundles: Option<PathBuf>,
+    /// Absolute directories file-backed SDS names may read from.
+    pub file_secret_dirs: Vec<PathBuf>,
     /// Extra request headers from `CA_HEADER_<NAME>` variables.
     pub ca_headers: BTreeMap<String, String>,
 }
@@ -266,6 +291,21 @@ impl RunArgs {
                 format!("{} is not between 0 and 1", self.grace_ratio),
             ));
         }
+        let mut file_secret_dirs = Vec::new();
+        for dir in self.file_secret_dirs {
+            if dir.as_os_str().is_empty() {
+                continue;
+            }
+            if dir == std::path::Path::new("/") {
+                return Err(err(
+                    "--file-secret-dir",
+                    "/ would expose every file the agent can read".into(),
+                ));
+            }
+            let absolute = std::path::absolute(&dir)
+                .map_err(|e| err("--file-secret-dir", format!("{}: {e}", dir.display())))?;
+            file_secret_dirs.push(absolute);
+        }
         let mut ca_headers = BTreeMap::new();
         for (key, value) in env {
             if let Some(name) = key.strip_prefix("CA_HEADER_") {
@@ -293,6 +333,7 @@ impl RunArgs {
             output_certs: self.output_certs,
             http_addr: self.http_addr,
             federated_bundles: self.federated_bundles,
+            file_secret_dirs,
             ca_headers,
         })
     }

@@ -13,6 +13,7 @@
 pub mod caclient;
 pub mod config;
 pub mod federation;
+pub mod filesecret;
 pub mod inspect;
 pub mod keys;
 pub mod metrics;

@@ -25,7 +25,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    init_logging();
+    signet_telemetry::init_logging(cli.log_format);
     let _ = rustls::crypto::ring::default_provider().install_default();
     // One identity is light work: a single-threaded runtime keeps the agent small
     // (one stack, one malloc arena). RSA key generation runs on a blocking thread.
@@ -101,27 +101,4 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-}
-
-/// Logs to stderr, filtered by `SIGNET_LOG` (`info` by default; directives such as
-/// `warn,signet_ca::audit=info`). tracing-subscriber's `Targets` filter reads the same
-/// syntax as `RUST_LOG` without pulling in a regex engine.
-fn init_logging() {
-    use tracing_subscriber::{filter::Targets, prelude::*};
-    let default = || Targets::new().with_default(tracing::Level::INFO);
-    let filter = match std::env::var("SIGNET_LOG") {
-        Ok(spec) => spec.parse::<Targets>().unwrap_or_else(|e| {
-            eprintln!("warning: SIGNET_LOG={spec:?} is not a log filter ({e}); using info");
-            default()
-        }),
-        Err(_) => default(),
-    };
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
-        .with(filter)
-        .init();
 }

@@ -1,8 +1,6 @@
 //! Prometheus metrics under Istio's agent names (contract §6).
 
-use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, Opts, Registry, TextEncoder,
-};
+use prometheus::{GaugeVec, Histogram, HistogramOpts, IntCounter, Opts, Registry};
 
 /// The agent's metrics.
 #[derive(Debug, Clone)]
@@ -63,10 +61,6 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
-            tracing::warn!(error = %e, "cannot encode metrics");
-        }
-        String::from_utf8(out).unwrap_or_default()
+        signet_telemetry::render_metrics(&self.registry)
     }
 }

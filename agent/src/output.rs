@@ -1,9 +1,12 @@
 //! `--output-certs`: key.pem, cert-chain.pem and root-cert.pem on disk for workloads
 //! that read files, written atomically with mode 0600, and only when they change.
 
-use std::{io::Write, path::Path};
+use std::path::Path;
 
 use crate::svid::Svid;
+
+/// Largest file compared before rewriting; anything bigger is simply rewritten.
+const MAX_COMPARE: u64 = 1024 * 1024;
 
 /// Writes the three files for `svid` into `dir`, skipping unchanged ones.
 pub fn write_certs(dir: &Path, svid: &Svid) -> std::io::Result<()> {
@@ -15,31 +18,12 @@ pub fn write_certs(dir: &Path, svid: &Svid) -> std::io::Result<()> {
         ("root-cert.pem", svid.roots_pem.as_bytes()),
     ] {
         let path = dir.join(name);
-        if std::fs::read(&path).is_ok_and(|old| old == content) {
+        // Only a regular file with the same bytes counts as unchanged: a link, FIFO
+        // or device planted in a shared directory is replaced, never read through.
+        if signet_fs::read_regular(&path, MAX_COMPARE).is_ok_and(|old| old == content) {
             continue;
         }
-        write_atomic(&path, content)?;
+        signet_fs::write_atomic(&path, content, 0o600)?;
     }
     Ok(())
-}
-
-/// Temporary file, fsync, rename: readers never see half a file.
-fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)
 }

@@ -35,7 +35,10 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::store::{Resolved, SecretName, SecretStore};
+use crate::{
+    filesecret::{FileLease, FileSecretError},
+    store::{Resolved, SecretName, SecretStore},
+};
 
 /// The only resource type served.
 pub const SECRET_TYPE: &str =
@@ -108,19 +111,46 @@ impl Sds {
         format!("{:x}", self.nonces.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
-    /// Parses and registers requested names; the error is the stream's end status.
-    fn subscribe(&self, names: &[String]) -> Result<Vec<(String, SecretName)>, Status> {
-        let mut out = Vec::with_capacity(names.len());
+    /// Parses requested names and takes a lease on each file-backed one (which
+    /// checks and reads its files); the error is the stream's end status.
+    async fn subscribe(&self, names: &[String]) -> Result<Vec<Subscribed>, Status> {
+        let mut out: Vec<Subscribed> = Vec::with_capacity(names.len());
         for raw in names {
-            let name = SecretName::parse(raw).map_err(Status::invalid_argument)?;
-            self.store
-                .watch_file(&name)
-                .map_err(Status::resource_exhausted)?;
-            if !out.iter().any(|(r, _)| r == raw) {
-                out.push((raw.clone(), name));
+            if out.iter().any(|s| s.raw == *raw) {
+                continue;
             }
+            let name = SecretName::parse(raw).map_err(Status::invalid_argument)?;
+            let lease = self
+                .store
+                .lease_file(&name)
+                .await
+                .map_err(|e| file_status(&e))?;
+            out.push(Subscribed {
+                raw: raw.clone(),
+                name,
+                lease,
+            });
         }
         Ok(out)
+    }
+}
+
+/// A requested name, parsed, with the lease that keeps a file-backed one watched.
+#[derive(Debug)]
+struct Subscribed {
+    raw: String,
+    name: SecretName,
+    lease: Option<FileLease>,
+}
+
+fn file_status(e: &FileSecretError) -> Status {
+    let message = e.to_string();
+    match e {
+        FileSecretError::NotAllowed { .. } => Status::permission_denied(message),
+        FileSecretError::BadPath { .. } | FileSecretError::Unreadable(_) => {
+            Status::invalid_argument(message)
+        }
+        FileSecretError::TooMany => Status::resource_exhausted(message),
     }
 }
 
@@ -220,6 +250,8 @@ struct SotwStream {
     sds: Sds,
     tx: mpsc::Sender<Outbound<DiscoveryResponse>>,
     names: Vec<(String, SecretName)>,
+    /// Keeps the file-backed names of `names` watched.
+    leases: Vec<FileLease>,
     sent: HashMap<String, String>,
     last_nonce: Option<String>,
 }
@@ -247,15 +279,25 @@ impl Protocol for SotwStream {
             // again would only be refused again, so nothing is resent.
             tracing::warn!(names = ?req.resource_names, version = %req.version_info, error = %error.message, "Envoy rejected a secret (NACK)");
         }
-        let wanted = self.sds.subscribe(&req.resource_names)?;
+        let wanted = self.sds.subscribe(&req.resource_names).await?;
         if wanted.is_empty() {
             self.names.clear();
             self.sent.clear();
+            self.leases.clear();
             return Ok(());
         }
         self.sent
-            .retain(|name, _| wanted.iter().any(|(w, _)| w == name));
-        self.names = wanted;
+            .retain(|name, _| wanted.iter().any(|w| w.raw == *name));
+        // The new leases are taken before the old ones go, so a name kept across
+        // the change is never released in between.
+        let mut names = Vec::with_capacity(wanted.len());
+        let mut leases = Vec::new();
+        for Subscribed { raw, name, lease } in wanted {
+            names.push((raw, name));
+            leases.extend(lease);
+        }
+        self.names = names;
+        self.leases = leases;
         self.push().await;
         Ok(())
     }
@@ -293,6 +335,8 @@ struct DeltaStream {
     sds: Sds,
     tx: mpsc::Sender<Outbound<DeltaDiscoveryResponse>>,
     names: BTreeMap<String, SecretName>,
+    /// Keeps the file-backed names of `names` watched.
+    leases: HashMap<String, FileLease>,
     known: HashMap<String, String>,
     last_nonce: Option<String>,
 }
@@ -321,12 +365,18 @@ impl Protocol for DeltaStream {
         if let Some(error) = &req.error_detail {
             tracing::warn!(error = %error.message, "Envoy rejected a secret (delta NACK)");
         }
-        for (raw, name) in self.sds.subscribe(&req.resource_names_subscribe)? {
+        for Subscribed { raw, name, lease } in
+            self.sds.subscribe(&req.resource_names_subscribe).await?
+        {
+            if let Some(lease) = lease {
+                self.leases.insert(raw.clone(), lease);
+            }
             self.names.insert(raw, name);
         }
         for raw in &req.resource_names_unsubscribe {
             self.names.remove(raw);
             self.known.remove(raw);
+            self.leases.remove(raw);
         }
         self.push().await;
         Ok(())
@@ -378,6 +428,7 @@ impl SecretDiscoveryService for Sds {
             sds: self.clone(),
             tx,
             names: Vec::new(),
+            leases: Vec::new(),
             sent: HashMap::new(),
             last_nonce: None,
         };
@@ -394,6 +445,7 @@ impl SecretDiscoveryService for Sds {
             sds: self.clone(),
             tx,
             names: BTreeMap::new(),
+            leases: HashMap::new(),
             known: HashMap::new(),
             last_nonce: None,
         };
@@ -407,7 +459,8 @@ impl SecretDiscoveryService for Sds {
     ) -> Result<Response<DiscoveryResponse>, Status> {
         let req = request.into_inner();
         check_type(&req.type_url)?;
-        let names = self.subscribe(&req.resource_names)?;
+        // The leases in `names` keep file-backed names readable for this call only.
+        let names = self.subscribe(&req.resource_names).await?;
         if names.is_empty() {
             return Err(Status::invalid_argument(
                 "FetchSecrets needs at least one resource name",
@@ -415,7 +468,7 @@ impl SecretDiscoveryService for Sds {
         }
         let mut resources = Vec::with_capacity(names.len());
         let mut versions = Vec::with_capacity(names.len());
-        for (raw, name) in &names {
+        for Subscribed { raw, name, .. } in &names {
             let resolved = self.store.resolve(name, raw).ok_or_else(|| {
                 Status::unavailable(format!("secret {raw:?} is not available yet"))
             })?;

@@ -13,6 +13,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::{
     caclient::{CaClient, GrpcCaClient},
     config::RunConfig,
+    filesecret::FilePolicy,
     metrics::Metrics,
     output,
     rotation::{Clock, Rotation, SystemClock},
@@ -53,7 +54,7 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let metrics = Metrics::new()?;
-    let store = SecretStore::new();
+    let store = SecretStore::with_file_policy(FilePolicy::new(config.file_secret_dirs.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let rotation = Rotation {

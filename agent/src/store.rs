@@ -2,13 +2,11 @@
 //!
 //! `default` and `ROOTCA` come from the rotating certificate; Istio's
 //! `file-cert:<cert>~<key>` and `file-root:<path>` names are read from files and
-//! re-read while subscribed.
+//! re-read while subscribed ([`crate::filesecret`]).
 
 use std::{
-    collections::HashMap,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use envoy_types::pb::envoy::{
@@ -20,7 +18,10 @@ use envoy_types::pb::envoy::{
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::svid::Svid;
+use crate::{
+    filesecret::{FileLease, FilePolicy, FileSecretError, FileSecrets},
+    svid::Svid,
+};
 
 /// The name Envoy asks for the workload certificate by.
 pub const DEFAULT: &str = "default";
@@ -32,10 +33,6 @@ pub const ALL: &str = "ALL";
 const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";
 const SPIFFE_VALIDATOR_TYPE: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";
-/// How often subscribed files are re-read.
-const FILE_POLL: Duration = Duration::from_secs(2);
-/// File-backed names served at most (each is polled).
-const MAX_FILE_SECRETS: usize = 64;
 
 /// A secret name the agent knows how to serve.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -110,25 +107,24 @@ pub struct Resolved {
 pub struct SecretStore {
     svid: watch::Sender<Option<Arc<Svid>>>,
     federated: Mutex<crate::federation::Bundles>,
-    files: Mutex<HashMap<SecretName, Option<(String, Secret)>>>,
+    files: Arc<FileSecrets>,
     generation: watch::Sender<u64>,
 }
 
-impl Default for SecretStore {
-    fn default() -> Self {
-        Self {
+impl SecretStore {
+    /// An empty store that serves no file secrets.
+    pub fn new() -> Arc<Self> {
+        Self::with_file_policy(FilePolicy::default())
+    }
+
+    /// An empty store serving file secrets from the directories `policy` allows.
+    pub fn with_file_policy(policy: FilePolicy) -> Arc<Self> {
+        Arc::new(Self {
             svid: watch::channel(None).0,
             federated: Mutex::new(Default::default()),
-            files: Mutex::new(HashMap::new()),
+            files: FileSecrets::new(policy),
             generation: watch::channel(0).0,
-        }
-    }
-}
-
-impl SecretStore {
-    /// An empty store.
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        })
     }
 
     /// Publishes a new certificate; every stream holding `default` (and `ROOTCA`, if
@@ -217,8 +213,7 @@ impl SecretStore {
                 ))
             }
             file => {
-                let files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-                let (version, secret) = files.get(file)?.clone()?;
+                let (version, secret) = self.files.current(file)?;
                 Some(Resolved {
                     version,
                     secret: Secret {
@@ -230,74 +225,23 @@ impl SecretStore {
         }
     }
 
-    /// Starts re-reading a file-backed name (once per name). Refuses beyond
-    /// [`MAX_FILE_SECRETS`] names.
-    pub fn watch_file(self: &Arc<Self>, name: &SecretName) -> Result<(), String> {
-        if matches!(
-            name,
-            SecretName::Default | SecretName::RootCa | SecretName::All | SecretName::TrustDomain(_)
-        ) {
-            return Ok(());
-        }
-        {
-            let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-            if files.contains_key(name) {
-                return Ok(());
-            }
-            if files.len() >= MAX_FILE_SECRETS {
-                return Err(format!(
-                    "too many file secrets (at most {MAX_FILE_SECRETS})"
-                ));
-            }
-            files.insert(name.clone(), load_file_secret(name));
-        }
-        self.bump();
+    /// Keeps a file-backed name watched while the lease lives (see
+    /// [`crate::filesecret`]); `None` for names that are not file-backed.
+    pub async fn lease_file(
+        self: &Arc<Self>,
+        name: &SecretName,
+    ) -> Result<Option<FileLease>, FileSecretError> {
         let store = Arc::downgrade(self);
-        let name = name.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(FILE_POLL).await;
-                let Some(store) = store.upgrade() else { return };
-                let fresh = load_file_secret(&name);
-                let changed = {
-                    let mut files = store.files.lock().unwrap_or_else(|p| p.into_inner());
-                    let slot = files.entry(name.clone()).or_insert(None);
-                    let changed = slot.as_ref().map(|s| &s.0) != fresh.as_ref().map(|s| &s.0);
-                    *slot = fresh;
-                    changed
-                };
-                if changed {
-                    store.bump();
-                }
-            }
-        });
-        Ok(())
-    }
-}
-
-fn load_file_secret(name: &SecretName) -> Option<(String, Secret)> {
-    let read = |path: &PathBuf| match std::fs::read(path) {
-        Ok(bytes) if bytes.windows(11).any(|w| w == b"-----BEGIN ") => Some(bytes),
-        Ok(_) => {
-            tracing::warn!(path = %path.display(), "file secret holds no PEM block");
-            None
-        }
-        Err(e) => {
-            tracing::debug!(path = %path.display(), error = %e, "file secret not readable yet");
-            None
-        }
-    };
-    match name {
-        SecretName::FileCert { cert, key } => {
-            let (c, k) = (read(cert)?, read(key)?);
-            let version = digest(&[c.as_slice(), k.as_slice()].concat());
-            Some((version, tls_secret("", &c, &k)))
-        }
-        SecretName::FileRoot(path) => {
-            let r = read(path)?;
-            Some((digest(&r), roots_secret("", &r)))
-        }
-        _ => None,
+        self.files
+            .lease(
+                name,
+                Arc::new(move || {
+                    if let Some(store) = store.upgrade() {
+                        store.bump();
+                    }
+                }),
+            )
+            .await
     }
 }
 
@@ -309,7 +253,7 @@ fn inline(bytes: &[u8]) -> Option<DataSource> {
 }
 
 /// `Secret{tls_certificate{certificate_chain, private_key}}`, inline bytes.
-fn tls_secret(name: &str, chain: &[u8], key: &[u8]) -> Secret {
+pub(crate) fn tls_secret(name: &str, chain: &[u8], key: &[u8]) -> Secret {
     Secret {
         name: name.to_owned(),
         r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
@@ -321,7 +265,7 @@ fn tls_secret(name: &str, chain: &[u8], key: &[u8]) -> Secret {
 }
 
 /// `Secret{validation_context{trusted_ca}}`, inline bytes.
-fn roots_secret(name: &str, roots: &[u8]) -> Secret {
+pub(crate) fn roots_secret(name: &str, roots: &[u8]) -> Secret {
     Secret {
         name: name.to_owned(),
         r#type: Some(secret::Type::ValidationContext(
@@ -379,7 +323,8 @@ fn spiffe_secret(name: &str, bundles: &crate::federation::Bundles) -> Resolved {
     }
 }
 
-fn digest(bytes: &[u8]) -> String {
+/// A short content digest, used as a secret's version.
+pub(crate) fn digest(bytes: &[u8]) -> String {
     hex::encode(&Sha256::digest(bytes)[..8])
 }
 

@@ -7,12 +7,11 @@
 
 use std::{
     fmt, fs,
-    io::Write,
     path::{Path, PathBuf},
 };
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose};
-use rustls_pki_types::{CertificateDer, pem::PemObject};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, pem::PemObject};
 use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
@@ -25,6 +24,9 @@ pub const ISTIO_FILES: [&str; 4] = [
     "cert-chain.pem",
     "root-cert.pem",
 ];
+/// Istio's optional revocation list beside the plugged-in CA files: serials listed
+/// there cannot renew by client certificate.
+pub const CRL_FILE: &str = "ca-crl.pem";
 /// cert-manager's secret layout.
 pub const CERT_MANAGER_FILES: [&str; 3] = ["tls.crt", "tls.key", "ca.crt"];
 /// File names of the self-signed root in the state directory.
@@ -105,6 +107,9 @@ pub struct KeyMaterial {
     pub roots: Vec<CertificateDer<'static>>,
     /// Path of the trust bundle file.
     pub roots_path: PathBuf,
+    /// Revocation lists (`ca-crl.pem`), checked when a caller renews with its
+    /// client certificate.
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
     /// SHA-256 over every file read, to tell a changed set from an unchanged one.
     pub digest: [u8; 32],
 }
@@ -160,6 +165,12 @@ pub fn load_dir(dir: &Path) -> Result<Option<KeyMaterial>, CaCertsError> {
         let (key_path, key) = read("ca-key.pem")?;
         let (chain_path, chain) = read("cert-chain.pem")?;
         let (roots_path, roots) = read("root-cert.pem")?;
+        let crls = if dir.join(CRL_FILE).exists() {
+            let (crl_path, crl) = read(CRL_FILE)?;
+            crls(&crl_path, &crl)?
+        } else {
+            Vec::new()
+        };
         let signing_cert = single_cert(&cert_path, &cert)?;
         let mut chain = certs_allow_empty(&chain_path, &chain)?;
         // The runbook's cert-chain.pem starts with the signing certificate; accept a
@@ -175,6 +186,7 @@ pub fn load_dir(dir: &Path) -> Result<Option<KeyMaterial>, CaCertsError> {
             chain,
             roots: certs(&roots_path, &roots)?,
             roots_path,
+            crls,
             digest: [0; 32],
         }
     } else {
@@ -197,6 +209,7 @@ pub fn load_dir(dir: &Path) -> Result<Option<KeyMaterial>, CaCertsError> {
             chain,
             roots,
             roots_path,
+            crls: Vec::new(),
             digest: [0; 32],
         }
     };
@@ -252,6 +265,7 @@ pub fn load_or_create_self_signed(
         signing_cert_path: cert_path.clone(),
         chain: Vec::new(),
         roots_path: cert_path,
+        crls: Vec::new(),
         digest: hasher.finalize().into(),
     })
 }
@@ -285,13 +299,13 @@ fn create_self_signed(
     let cert = params.self_signed(&key.pair).map_err(|e| gen_err(&e))?;
     // Key first: a crash between the two writes leaves a key without a cert, which
     // the loader reports instead of silently making a second root.
-    write_atomic(
+    signet_fs::write_atomic(
         &state_dir.join(SELF_SIGNED_KEY),
         key.pair.serialize_pem().as_bytes(),
         0o600,
     )
     .map_err(|e| gen_err(&e))?;
-    write_atomic(
+    signet_fs::write_atomic(
         &state_dir.join(SELF_SIGNED_CERT),
         cert.pem().as_bytes(),
         0o644,
@@ -301,25 +315,25 @@ fn create_self_signed(
     Ok(())
 }
 
-/// Writes a file through a temporary file and a rename, so readers never see half of it.
-pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, path)
+/// Every `X509 CRL` block of a PEM file; a file with none is an error (an empty
+/// `ca-crl.pem` is more likely a mistake than an intent).
+fn crls(
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, CaCertsError> {
+    let found = CertificateRevocationListDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CaCertsError::Invalid {
+            path: path.to_owned(),
+            problem: format!("not a PEM revocation list: {e}"),
+        })?;
+    if found.is_empty() {
+        return Err(CaCertsError::Invalid {
+            path: path.to_owned(),
+            problem: "holds no X509 CRL block".into(),
+        });
+    }
+    Ok(found)
 }
 
 fn load_key(path: &Path, pem: &[u8]) -> Result<SigningKey, CaCertsError> {

@@ -12,6 +12,17 @@ use crate::authn::{JwksSource, JwtConfig};
 #[derive(Debug, Parser)]
 #[command(name = "signet-ca", version, about, long_about = None)]
 pub struct Cli {
+    /// Log line format: text (control characters escaped) or json (one object per
+    /// line). The filter is read from SIGNET_LOG (default info).
+    #[arg(
+        long,
+        global = true,
+        env = "SIGNET_LOG_FORMAT",
+        default_value = "text",
+        value_name = "text|json"
+    )]
+    pub log_format: signet_telemetry::LogFormat,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -147,6 +158,37 @@ pub struct ServeArgs {
     /// Threads that sign (default: one per CPU).
     #[arg(long)]
     pub signing_threads: Option<usize>,
+
+    /// Share of --max-pending one caller (service account) may hold at once; more
+    /// from that caller are refused with RESOURCE_EXHAUSTED (default: a quarter of
+    /// --max-pending).
+    #[arg(long, value_name = "N")]
+    pub max_pending_per_caller: Option<usize>,
+
+    /// Open connections (including TLS handshakes in progress) allowed at once; more
+    /// are closed as soon as they are accepted.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub max_connections: usize,
+
+    /// Concurrent gRPC streams one connection may open (HTTP/2 SETTINGS).
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub max_streams_per_connection: u32,
+
+    /// Connections are closed gracefully (GOAWAY) after this long, so nothing a
+    /// connection proved at its handshake lives forever; clients reconnect.
+    #[arg(long, default_value = "30m", value_parser = parse_duration, value_name = "DURATION")]
+    pub max_connection_age: Duration,
+
+    /// TokenReviews sent to an API server at once; requests beyond that get
+    /// UNAVAILABLE at once (clients retry with backoff).
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_token_reviews: usize,
+
+    /// How long a JWKS fetched from a URL or file stays usable when it can no longer
+    /// be refreshed; after that, tokens of that cluster fail (UNAVAILABLE) until a
+    /// refresh succeeds.
+    #[arg(long, default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
+    pub jwks_max_age: Duration,
 }
 
 /// A flag value that cannot work.
@@ -190,6 +232,11 @@ pub struct ServeConfig {
     pub reload_interval: Duration,
     pub max_pending: usize,
     pub signing_threads: usize,
+    pub max_pending_per_caller: usize,
+    pub max_connections: usize,
+    pub max_streams_per_connection: u32,
+    pub max_connection_age: Duration,
+    pub max_token_reviews: usize,
 }
 
 impl ServeArgs {
@@ -265,6 +312,7 @@ impl ServeArgs {
                 issuer,
                 audiences: token_audiences.clone(),
                 source: jwks_source("--jwks", jwks)?,
+                max_age: self.jwks_max_age,
             }),
             _ => None,
         };
@@ -287,6 +335,7 @@ impl ServeArgs {
                 issuer: issuer.to_owned(),
                 audiences: token_audiences.clone(),
                 source: jwks_source("--remote-jwks", jwks.to_owned())?,
+                max_age: self.jwks_max_age,
             });
         }
         let cluster_aliases: Vec<String> = self
@@ -332,6 +381,30 @@ impl ServeArgs {
         if self.max_pending == 0 {
             return Err(err("--max-pending", "must be at least 1".into()));
         }
+        let max_pending_per_caller = self
+            .max_pending_per_caller
+            .unwrap_or((self.max_pending / 4).max(1));
+        if max_pending_per_caller == 0 {
+            return Err(err("--max-pending-per-caller", "must be at least 1".into()));
+        }
+        for (flag, value) in [
+            ("--max-connections", self.max_connections),
+            ("--max-token-reviews", self.max_token_reviews),
+            (
+                "--max-streams-per-connection",
+                self.max_streams_per_connection as usize,
+            ),
+        ] {
+            if value == 0 {
+                return Err(err(flag, "must be at least 1".into()));
+            }
+        }
+        if self.max_connection_age < Duration::seconds(1) {
+            return Err(err("--max-connection-age", "must be at least 1s".into()));
+        }
+        if self.jwks_max_age < Duration::minutes(1) {
+            return Err(err("--jwks-max-age", "must be at least 1m".into()));
+        }
         Ok(ServeConfig {
             cacerts_dir: self.cacerts_dir,
             state_dir: self.state_dir,
@@ -352,6 +425,11 @@ impl ServeArgs {
             reload_interval: self.reload_interval,
             max_pending: self.max_pending,
             signing_threads,
+            max_pending_per_caller,
+            max_connections: self.max_connections,
+            max_streams_per_connection: self.max_streams_per_connection,
+            max_connection_age: self.max_connection_age,
+            max_token_reviews: self.max_token_reviews,
         })
     }
 }

@@ -1,8 +1,6 @@
 //! Prometheus metrics under the names Istio dashboards already query (contract §6).
 
-use prometheus::{
-    Encoder, Gauge, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Gauge, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 
 /// The CA's metrics.
 #[derive(Debug, Clone)]
@@ -30,6 +28,9 @@ pub struct Metrics {
     pub cacerts_reloads: IntCounterVec,
     /// Requests turned away because the signing queue was full.
     pub overloaded: IntCounter,
+    /// Connections and requests turned away by a limit, by limit (`connections`,
+    /// `token_reviews`, `caller_share`).
+    pub limit_rejections: IntCounterVec,
 }
 
 impl Metrics {
@@ -73,6 +74,14 @@ impl Metrics {
             &["result"],
         )?;
         registry.register(Box::new(cacerts_reloads.clone()))?;
+        let limit_rejections = IntCounterVec::new(
+            Opts::new(
+                "signet_ca_limit_rejections",
+                "Connections and requests turned away by a limit, by limit.",
+            ),
+            &["limit"],
+        )?;
+        registry.register(Box::new(limit_rejections.clone()))?;
         Ok(Self {
             csr_count: counter(
                 "citadel_server_csr_count",
@@ -109,6 +118,7 @@ impl Metrics {
             csr_sign_err_count,
             request_latency,
             cacerts_reloads,
+            limit_rejections,
             registry,
         })
     }
@@ -128,10 +138,6 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
-            tracing::warn!(error = %e, "cannot encode metrics");
-        }
-        String::from_utf8(out).unwrap_or_default()
+        signet_telemetry::render_metrics(&self.registry)
     }
 }

@@ -18,7 +18,7 @@ use time::{Duration, OffsetDateTime};
 use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
 use crate::{
-    cacerts::{self, write_atomic},
+    cacerts,
     keys::{self, KeyKind},
     signer::{Signer, random_serial},
 };
@@ -176,7 +176,7 @@ fn guard_key(path: &Path, force: bool) -> Result<(), PkiError> {
 }
 
 fn write(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
-    write_atomic(path, contents.as_bytes(), mode).map_err(|e| file_err(path, e))
+    signet_fs::write_atomic(path, contents.as_bytes(), mode).map_err(|e| file_err(path, e))
 }
 
 fn days(n: u32) -> Result<Duration, PkiError> {

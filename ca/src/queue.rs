@@ -3,11 +3,15 @@
 //! that finishes a job takes the next one straight from the queue, so the pool stays
 //! busy under load without a round trip through the runtime. When the queue is full a
 //! request is refused at once: overload shows as `RESOURCE_EXHAUSTED` instead of every
-//! caller timing out.
+//! caller timing out. No one caller (a service account) may hold more than its share
+//! of the queue, so one noisy workload cannot lock every other out.
 
-use std::sync::{
-    Arc, Mutex,
-    mpsc::{self, Receiver, SyncSender, TrySendError},
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        mpsc::{self, Receiver, SyncSender, TrySendError},
+    },
 };
 
 use tokio::sync::oneshot;
@@ -18,6 +22,11 @@ pub enum QueueError {
     /// Too many jobs are waiting already.
     #[error("the CA is overloaded: {0} signing requests are already queued; retry with backoff")]
     Full(usize),
+    /// This caller already has its whole share of the queue.
+    #[error(
+        "this caller already has {0} signing requests in progress, its share of the queue; retry with backoff"
+    )]
+    Share(usize),
     /// The job panicked, or the pool is gone.
     #[error("the signing task failed: {0}")]
     Failed(String),
@@ -30,12 +39,54 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct SigningQueue {
     jobs: SyncSender<Job>,
     capacity: usize,
+    shares: Arc<Shares>,
+}
+
+/// Jobs in progress per caller.
+#[derive(Debug)]
+struct Shares {
+    limit: usize,
+    held: Mutex<HashMap<String, usize>>,
+}
+
+/// One job's place in its caller's share; given back on drop.
+struct ShareGuard {
+    shares: Arc<Shares>,
+    key: String,
+}
+
+impl Shares {
+    fn take(self: &Arc<Self>, key: &str) -> Option<ShareGuard> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let n = held.entry(key.to_owned()).or_insert(0);
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(ShareGuard {
+            shares: self.clone(),
+            key: key.to_owned(),
+        })
+    }
+}
+
+impl Drop for ShareGuard {
+    fn drop(&mut self) {
+        let mut held = self.shares.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl SigningQueue {
-    /// Starts `workers` threads; up to `capacity` jobs wait for them. The threads end
-    /// when the last clone of the queue is dropped.
-    pub fn new(workers: usize, capacity: usize) -> Result<Self, std::io::Error> {
+    /// Starts `workers` threads; up to `capacity` jobs wait for them, at most
+    /// `per_caller` of them for any one caller. The threads end when the last clone
+    /// of the queue is dropped.
+    pub fn new(workers: usize, capacity: usize, per_caller: usize) -> Result<Self, std::io::Error> {
         let capacity = capacity.max(1);
         let (jobs, queue) = mpsc::sync_channel::<Job>(capacity);
         let queue = Arc::new(Mutex::new(queue));
@@ -45,7 +96,28 @@ impl SigningQueue {
                 .name(format!("signet-sign-{n}"))
                 .spawn(move || work(&queue))?;
         }
-        Ok(Self { jobs, capacity })
+        Ok(Self {
+            jobs,
+            capacity,
+            shares: Arc::new(Shares {
+                limit: per_caller.max(1),
+                held: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// Runs `job` for `caller` on a signing thread, or refuses at once when the queue
+    /// is full or the caller already holds its share. The share is held until the
+    /// job has run (or the request is cancelled).
+    pub async fn run_as<T, F>(&self, caller: &str, job: F) -> Result<T, QueueError>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        let Some(_share) = self.shares.take(caller) else {
+            return Err(QueueError::Share(self.shares.limit));
+        };
+        self.run(job).await
     }
 
     /// Runs `job` on a signing thread, or refuses at once when the queue is full.
@@ -92,7 +164,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn refuses_when_full_and_recovers() {
-        let queue = SigningQueue::new(1, 1).unwrap();
+        let queue = SigningQueue::new(1, 1, 1).unwrap();
         let (release_tx, release_rx) = mpsc::channel::<()>();
         let (started_tx, started_rx) = mpsc::channel::<()>();
         let q = queue.clone();
@@ -120,11 +192,48 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_job_is_an_error_not_a_dead_pool() {
-        let queue = SigningQueue::new(1, 4).unwrap();
+        let queue = SigningQueue::new(1, 4, 4).unwrap();
         assert!(matches!(
             queue.run(|| panic!("boom")).await,
             Err(QueueError::Failed(_))
         ));
         assert_eq!(queue.run(|| 3).await.unwrap(), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_caller_cannot_take_the_whole_queue() {
+        // Eight slots, two per caller; the only worker is held busy.
+        let queue = SigningQueue::new(1, 8, 2).unwrap();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        let q = queue.clone();
+        let busy = tokio::spawn(async move {
+            q.run_as("noisy", move || {
+                started_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+            })
+            .await
+        });
+        tokio::task::spawn_blocking(move || started_rx.recv().unwrap())
+            .await
+            .unwrap();
+        let q = queue.clone();
+        let second = tokio::spawn(async move { q.run_as("noisy", || 2).await });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // The noisy caller's third request is refused, although the queue has room...
+        assert!(matches!(
+            queue.run_as("noisy", || 3).await,
+            Err(QueueError::Share(2))
+        ));
+        // ...which another caller still gets.
+        let q = queue.clone();
+        let other = tokio::spawn(async move { q.run_as("quiet", || 4).await });
+        release_tx.send(()).unwrap();
+        busy.await.unwrap().unwrap();
+        assert_eq!(second.await.unwrap().unwrap(), 2);
+        assert_eq!(other.await.unwrap().unwrap(), 4);
+        // Shares are given back once jobs finish.
+        assert_eq!(queue.run_as("noisy", || 5).await.unwrap(), 5);
+        assert!(queue.shares.held.lock().unwrap().is_empty());
     }
 }

@@ -1,14 +1,21 @@
 //! Wires everything together: key material, authenticators, the TLS gRPC server,
 //! the HTTP side (metrics and health), key-material reload and certificate renewal.
 
-use std::{future::Future, sync::Arc, time::Duration as StdDuration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration as StdDuration,
+};
 
 use axum::{Router, http::StatusCode, routing::get};
 use signet_proto::IstioCertificateServiceServer;
 use time::OffsetDateTime;
 use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{mpsc, watch},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,6 +33,9 @@ use crate::{
 
 /// How long a client gets to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: StdDuration = StdDuration::from_secs(10);
+/// How long a connection past its maximum age gets to finish requests in flight
+/// before it is cut (tonic's own grace option skips the graceful close altogether).
+const CONNECTION_AGE_GRACE: StdDuration = StdDuration::from_secs(30);
 
 /// Why the server could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -72,13 +82,14 @@ async fn cluster_auth(
     kubeconfig: Option<Option<&std::path::Path>>,
     jwt: Option<&crate::authn::JwtConfig>,
     audiences: &[String],
+    max_token_reviews: usize,
 ) -> Result<ClusterAuth, ServeError> {
     let mut auth = ClusterAuth::default();
     if let Some(kubeconfig) = kubeconfig {
         let reviewer = KubeTokenReviewer::connect(kubeconfig, audiences.to_vec())
             .await
             .map_err(ServeError::Authn)?;
-        auth.token_review = Some(CachedReviewer::new(Arc::new(reviewer)));
+        auth.token_review = Some(CachedReviewer::new(Arc::new(reviewer), max_token_reviews));
     }
     if let Some(jwt) = jwt {
         auth.jwt = Some(
@@ -96,6 +107,7 @@ pub async fn authenticator(config: &ServeConfig) -> Result<Authenticator, ServeE
         config.kubeconfig.as_ref().map(|k| k.as_deref()),
         config.jwt.as_ref(),
         &config.token_audiences,
+        config.max_token_reviews,
     )
     .await?;
     let mut trust_domains = vec![config.trust_domain.clone()];
@@ -107,6 +119,7 @@ pub async fn authenticator(config: &ServeConfig) -> Result<Authenticator, ServeE
             remote.kubeconfig.as_deref().map(Some),
             remote.jwt.as_ref(),
             &config.token_audiences,
+            config.max_token_reviews,
         )
         .await
         .map_err(|e| ServeError::Authn(format!("cluster {id}: {e}")))?;
@@ -142,8 +155,13 @@ pub async fn run(
 
     let service = CaService::new(
         signer_rx.clone(),
+        tls.clone(),
         authn,
-        SigningQueue::new(config.signing_threads, config.max_pending)?,
+        SigningQueue::new(
+            config.signing_threads,
+            config.max_pending,
+            config.max_pending_per_caller,
+        )?,
         metrics.clone(),
         IssuePolicy {
             trust_domain: config.trust_domain.clone(),
@@ -161,8 +179,18 @@ pub async fn run(
         .set_serving::<IstioCertificateServiceServer<CaService>>()
         .await;
 
-    let (conn_tx, conn_rx) = mpsc::channel::<Result<TlsStream<TcpStream>, std::io::Error>>(256);
-    tokio::spawn(accept_tls(grpc, acceptor, conn_tx, stop_rx.clone()));
+    let (conn_tx, conn_rx) = mpsc::channel::<Result<Conn, std::io::Error>>(256);
+    let max_age =
+        StdDuration::try_from(config.max_connection_age).unwrap_or(StdDuration::from_secs(1800));
+    tokio::spawn(accept_tls(
+        grpc,
+        acceptor,
+        max_age + CONNECTION_AGE_GRACE,
+        Arc::new(Semaphore::new(config.max_connections)),
+        metrics.clone(),
+        conn_tx,
+        stop_rx.clone(),
+    ));
     tokio::spawn(reload_loop(
         config.clone(),
         signer_tx,
@@ -182,6 +210,8 @@ pub async fn run(
     let mut grpc_stop = stop_rx.clone();
     let grpc_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(StdDuration::from_secs(30)))
+        .max_concurrent_streams(config.max_streams_per_connection)
+        .max_connection_age(max_age)
         .layer(tower::util::MapResponseLayer::new(
             oversize_is_resource_exhausted,
         ))
@@ -227,11 +257,16 @@ fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::R
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently, so one slow
-/// client cannot hold up the others.
+/// client cannot hold up the others. Each connection holds a permit of `slots` from
+/// accept to close; with none left, a new connection is closed at once. A connection
+/// still open `cut_after` its accept is cut.
 async fn accept_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    conns: mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>,
+    cut_after: StdDuration,
+    slots: Arc<Semaphore>,
+    metrics: Metrics,
+    conns: mpsc::Sender<Result<Conn, std::io::Error>>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -248,18 +283,111 @@ async fn accept_tls(
                 continue;
             }
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics
+                .limit_rejections
+                .with_label_values(&["connections"])
+                .inc();
+            tracing::debug!(%peer, "connection limit reached; closing the new connection");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let conns = conns.clone();
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => {
-                    let _ = conns.send(Ok(tls)).await;
+                    let _ = conns
+                        .send(Ok(Conn {
+                            tls,
+                            cut_at: Box::pin(tokio::time::sleep(cut_after)),
+                            _slot: permit,
+                        }))
+                        .await;
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
+    }
+}
+
+/// A TLS connection, the connection slot it holds until it is dropped, and the
+/// moment it is cut whatever it is doing. tonic closes a connection gracefully at its
+/// maximum age; a client that keeps a request open past the grace period after that
+/// gets its reads and writes failed here.
+#[derive(Debug)]
+struct Conn {
+    tls: TlsStream<TcpStream>,
+    cut_at: Pin<Box<tokio::time::Sleep>>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    fn cut(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
+        self.cut_at.as_mut().poll(cx).is_ready().then(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the connection outlived its maximum age",
+            )
+        })
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tls.connect_info()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if let Some(e) = self.cut(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.cut(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Some(e) = self.cut(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
     }
 }
 

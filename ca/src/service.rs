@@ -3,6 +3,7 @@
 
 use std::{sync::Arc, time::Instant};
 
+use rustls::pki_types::UnixTime;
 use signet_proto::{IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService};
 use spiffe::TrustDomain;
 use time::{Duration, OffsetDateTime};
@@ -10,11 +11,12 @@ use tokio::sync::watch;
 use tonic::{Code, Request, Response, Status};
 
 use crate::{
-    authn::{Authenticator, AuthnError, Caller, Token},
+    authn::{Authenticator, AuthnError, Caller, ClientCert, Token},
     csr::{self, CsrError},
     metrics::Metrics,
     queue::{QueueError, SigningQueue},
     signer::{self, Issued, SignError, Signer},
+    tls::TlsState,
 };
 
 /// Largest request message accepted (a CSR is about 1 KiB).
@@ -37,6 +39,7 @@ pub struct IssuePolicy {
 #[derive(Debug, Clone)]
 pub struct CaService {
     signer: watch::Receiver<Arc<Signer>>,
+    tls: Arc<TlsState>,
     authn: Arc<Authenticator>,
     queue: SigningQueue,
     metrics: Metrics,
@@ -67,11 +70,15 @@ impl RequestError {
         let message = self.to_string();
         match self {
             Self::Authn(AuthnError::Unauthenticated(_)) => Status::unauthenticated(message),
-            Self::Authn(AuthnError::Unavailable(_)) => Status::unavailable(message),
+            Self::Authn(AuthnError::Unavailable(_) | AuthnError::Throttled(_)) => {
+                Status::unavailable(message)
+            }
             Self::Csr(_) | Self::Sign(SignError::PublicKey(_)) => Status::invalid_argument(message),
             Self::Identity { .. } | Self::Impersonation(_) => Status::permission_denied(message),
             Self::Sign(_) => Status::internal(message),
-            Self::Queue(QueueError::Full(_)) => Status::resource_exhausted(message),
+            Self::Queue(QueueError::Full(_) | QueueError::Share(_)) => {
+                Status::resource_exhausted(message)
+            }
             Self::Queue(QueueError::Failed(_)) => Status::internal(message),
         }
     }
@@ -85,7 +92,7 @@ impl RequestError {
             }
             Self::Sign(SignError::Expired(_)) => Some("CA_NOT_READY"),
             Self::Sign(_) | Self::Queue(QueueError::Failed(_)) => Some("CERT_GEN_ERROR"),
-            Self::Queue(QueueError::Full(_)) => Some("OVERLOADED"),
+            Self::Queue(QueueError::Full(_) | QueueError::Share(_)) => Some("OVERLOADED"),
         }
     }
 }
@@ -94,6 +101,7 @@ impl CaService {
     /// A service signing with whatever signer `signer` holds at each request.
     pub fn new(
         signer: watch::Receiver<Arc<Signer>>,
+        tls: Arc<TlsState>,
         authn: Arc<Authenticator>,
         queue: SigningQueue,
         metrics: Metrics,
@@ -101,6 +109,7 @@ impl CaService {
     ) -> Self {
         Self {
             signer,
+            tls,
             authn,
             queue,
             metrics,
@@ -123,13 +132,20 @@ impl CaService {
             .unwrap_or("")
             .to_owned();
         let peer_certs = request.peer_certs();
+        let refusal;
+        let client_cert = match peer_certs.as_deref().map(Vec::as_slice) {
+            None | Some([]) => ClientCert::Absent,
+            Some(chain) => match self.tls.reverify_client(chain, UnixTime::now()) {
+                Ok(()) => ClientCert::Verified(chain),
+                Err(e) => {
+                    refusal = e.to_string();
+                    ClientCert::Refused(&refusal)
+                }
+            },
+        };
         let caller = self
             .authn
-            .authenticate(
-                peer_certs.as_deref().map(Vec::as_slice),
-                token.as_ref(),
-                &cluster_id,
-            )
+            .authenticate(client_cert, token.as_ref(), &cluster_id)
             .await
             .inspect_err(|_| self.metrics.authentication_failure_count.inc())?;
 
@@ -151,9 +167,10 @@ impl CaService {
             .map_err(|e| RequestError::Csr(CsrError::Key(e.to_string())))?;
         let signer = self.signer.borrow().clone();
         let policy = self.policy.clone();
+        let share = caller.account.to_string();
         let issued = self
             .queue
-            .run(move || -> Result<Issued, RequestError> {
+            .run_as(&share, move || -> Result<Issued, RequestError> {
                 let checked = csr::check(&body.csr)?;
                 let mut domains = vec![policy.trust_domain.as_str()];
                 domains.extend(policy.trust_domain_aliases.iter().map(String::as_str));
@@ -219,8 +236,19 @@ impl IstioCertificateService for CaService {
                         .with_label_values(&[label])
                         .inc();
                 }
-                if matches!(e, RequestError::Queue(QueueError::Full(_))) {
-                    self.metrics.overloaded.inc();
+                match e {
+                    RequestError::Queue(QueueError::Full(_)) => self.metrics.overloaded.inc(),
+                    RequestError::Queue(QueueError::Share(_)) => self
+                        .metrics
+                        .limit_rejections
+                        .with_label_values(&["caller_share"])
+                        .inc(),
+                    RequestError::Authn(AuthnError::Throttled(_)) => self
+                        .metrics
+                        .limit_rejections
+                        .with_label_values(&["token_reviews"])
+                        .inc(),
+                    _ => {}
                 }
                 let status = e.status();
                 tracing::warn!(peer = %peer, code = ?status.code(), error = %e, "certificate request refused");

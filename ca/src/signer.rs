@@ -4,7 +4,7 @@ use rcgen::{
     CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
 };
-use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, TrustAnchor, UnixTime};
 use sha2::{Digest, Sha256};
 use spiffe::SpiffeId;
 use time::{Duration, OffsetDateTime};
@@ -62,6 +62,7 @@ pub struct Signer {
     chain_pem: Vec<String>,
     roots: Vec<CertificateDer<'static>>,
     roots_pem: String,
+    crls: Vec<CertificateRevocationListDer<'static>>,
     anchor: TrustAnchor<'static>,
     signing_not_after: OffsetDateTime,
     root_not_after: OffsetDateTime,
@@ -145,6 +146,7 @@ impl Signer {
             roots_pem: m.roots.iter().map(to_pem).collect(),
             signing_cert: m.signing_cert,
             roots: m.roots,
+            crls: m.crls,
             anchor: first_anchor,
             signing_not_after,
             root_not_after: signing_not_after,
@@ -380,6 +382,10 @@ impl Signer {
     /// The trust bundle, DER.
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
+    }
+    /// Revocation lists from `ca-crl.pem` (empty when there is none).
+    pub fn crls(&self) -> &[CertificateRevocationListDer<'static>] {
+        &self.crls
     }
     /// The trust bundle as the PEM string sent as the last `cert_chain` element.
     pub fn roots_pem(&self) -> &str {

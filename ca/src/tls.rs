@@ -78,6 +78,11 @@ impl TlsState {
     }
 
     /// A rustls server configuration that reads the current certificate and trust.
+    ///
+    /// Session resumption is off: a resumed session restores the peer's certificates
+    /// from the ticket without running the verifier, which would let a client
+    /// certificate authenticate after it expired. gRPC clients keep one connection
+    /// open, so a full handshake per connection costs nothing that matters.
     pub fn server_config(self: &Arc<Self>) -> Result<ServerConfig, TlsError> {
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -85,7 +90,29 @@ impl TlsState {
             .with_client_cert_verifier(Arc::new(DynamicClientVerifier(self.clone())))
             .with_cert_resolver(Arc::new(DynamicCert(self.clone())));
         config.alpn_protocols = vec![b"h2".to_vec()];
+        // No session cache and no TLS 1.3 tickets; the builder's ticketer already
+        // never produces TLS 1.2 tickets.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
         Ok(config)
+    }
+
+    /// Checks a client certificate chain again, at `now`, against the trust bundle
+    /// and revocation lists loaded now. The handshake checked it once, but a
+    /// connection outlives both the certificate and a key-material reload, so a
+    /// request that authenticates by certificate is judged by this, not by the
+    /// handshake.
+    pub fn reverify_client(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or(rustls::Error::NoCertificatesPresented)?;
+        self.verifier()
+            .verify_client_cert(leaf, intermediates, now)
+            .map(|_| ())
     }
 
     fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
@@ -127,10 +154,19 @@ fn client_verifier(signer: &Signer) -> Result<Arc<dyn ClientCertVerifier>, TlsEr
             .add(root.clone())
             .map_err(|e| TlsError::Rustls(format!("trust bundle: {e}")))?;
     }
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .allow_unauthenticated()
+    let mut builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .allow_unauthenticated();
+    if !signer.crls().is_empty() {
+        // Istio's ca-crl.pem comes from the signing CA: it speaks for the leaves it
+        // issued, and there is no list for the CAs above it.
+        builder = builder
+            .with_crls(signer.crls().iter().cloned())
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status();
+    }
+    builder
         .build()
-        .map_err(|e| TlsError::Rustls(e.to_string()))
+        .map_err(|e| TlsError::Rustls(format!("client verifier (ca-crl.pem?): {e}")))
 }
 
 #[derive(Debug)]

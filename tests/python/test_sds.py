@@ -39,6 +39,10 @@ NS, SA = "bookstore", "reviews"
 SPIFFE = f"spiffe://cluster.local/ns/{NS}/sa/{SA}"
 NODE = Node(id=f"sidecar~10.1.2.3~{SA}-pod.{NS}~{NS}.svc.cluster.local", cluster=f"{SA}.{NS}")
 
+# The one directory the module's agents may serve file-backed names from
+# (--file-secret-dir); everything else is refused.
+FILES = Path(tempfile.mkdtemp(prefix="files", dir="/tmp"))
+
 # How long "nothing arrives" is watched for; a reply to a request comes in milliseconds.
 QUIET = 1.5
 # Rotation with --secret-ttl 4s happens about every 2 s.
@@ -224,7 +228,7 @@ def fetch(agent, names, timeout=10):
 @pytest.fixture(scope="module")
 def agent(ca, cluster):
     """An agent whose certificate lives 24 h: nothing rotates during the tests."""
-    a = start_agent(ca, cluster, ns=NS, sa=SA)
+    a = start_agent(ca, cluster, ns=NS, sa=SA, extra_args=("--file-secret-dir", str(FILES)))
     yield a
     stop_agent(a)
 
@@ -410,8 +414,8 @@ def test_nack_is_not_answered_with_a_resend(agent, channel, streams):
     assert the_secret(s.recv()).name == "ROOTCA"
 
 
-def test_stale_nonce_is_ignored(tmp_path, channel, streams):
-    root = tmp_path / "root.pem"
+def test_stale_nonce_is_ignored(channel, streams):
+    root = Path(tempfile.mkdtemp(dir=FILES)) / "root.pem"
     root.write_bytes(self_signed("stale-test")[0])
     s = open_stream(streams, channel)
     s.request(["default"])
@@ -730,7 +734,7 @@ def replace(path, data):
 
 
 def test_file_secrets_served_and_pushed_on_change(channel, streams):
-    d = Path(tempfile.mkdtemp(prefix="files", dir="/tmp"))
+    d = Path(tempfile.mkdtemp(dir=FILES))
     cert, key, root = d / "cert.pem", d / "key.pem", d / "root.pem"
     c1, k1 = self_signed("workload-1")
     r1, _ = self_signed("root-1")
@@ -775,3 +779,73 @@ def test_file_secrets_served_and_pushed_on_change(channel, streams):
             final[root_name] = resp
     # Unchanged files are not pushed again.
     s.expect_nothing(2.5)
+
+
+# --- file secrets under attack (security report, finding 2) -------------------------
+
+
+def test_file_names_outside_the_allowed_directories_are_refused(ca, agent, channel, streams):
+    """The reported attack: asking for the CA's root key by path, directly, as the key
+    of a file-cert pair, and through a link planted in the allowed directory."""
+    root_key = Path(ca.workdir) / "state" / "root-key.pem"
+    assert root_key.exists()
+    cert, _ = self_signed("planted")
+    d = Path(tempfile.mkdtemp(dir=FILES))
+    (d / "cert.pem").write_bytes(cert)
+    (d / "link.pem").symlink_to(root_key)
+    for name in (f"file-root:{root_key}",
+                 f"file-cert:{d / 'cert.pem'}~{root_key}",
+                 f"file-root:{d / 'link.pem'}",
+                 f"file-root:{d}/../../../{root_key}"):
+        s = open_stream(streams, channel)
+        s.request([name])
+        end = s.recv_end()
+        assert end.error is not None, name
+        want = (grpc.StatusCode.INVALID_ARGUMENT if "/../" in name
+                else grpc.StatusCode.PERMISSION_DENIED)
+        assert end.error.code() == want, f"{name}: {end}"
+        assert b"PRIVATE KEY" not in (end.error.details() or "").encode()
+    expect_rpc_error(grpc.StatusCode.PERMISSION_DENIED,
+                     lambda: fetch(agent, [f"file-root:{root_key}"]), "--file-secret-dir")
+
+
+def test_fifo_device_and_huge_files_are_refused_without_stalling_the_agent(agent, channel, streams):
+    d = Path(tempfile.mkdtemp(dir=FILES))
+    os.mkfifo(d / "fifo")
+    (d / "zero").symlink_to("/dev/zero")
+    (d / "huge.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\n" + b"A" * (2 << 20))
+    for name, code in ((f"file-root:{d / 'fifo'}", grpc.StatusCode.INVALID_ARGUMENT),
+                       (f"file-root:{d / 'zero'}", grpc.StatusCode.PERMISSION_DENIED),
+                       (f"file-root:{d / 'huge.pem'}", grpc.StatusCode.INVALID_ARGUMENT)):
+        started = time.time()
+        s = open_stream(streams, channel)
+        s.request([name])
+        end = s.recv_end(timeout=5)
+        assert end.error is not None and end.error.code() == code, f"{name}: {end}"
+        assert time.time() - started < 3, f"{name} took {time.time() - started:.1f}s"
+    # The agent is still whole: ready, and serving its certificate.
+    assert agent.http("/healthz/ready")[0] == 200
+    s = open_stream(streams, channel)
+    s.request(["default"])
+    assert the_secret(s.recv()).name == "default"
+
+
+def test_file_names_are_released_when_no_stream_holds_them(channel, streams):
+    d = Path(tempfile.mkdtemp(dir=FILES))
+    bogus = [f"file-root:{d}/missing-{i}.pem" for i in range(64)]
+    holder = open_stream(streams, channel)
+    holder.request(bogus)
+    holder.expect_nothing(0.5)  # missing files: waited for, not an error
+    # Every slot is taken while that stream holds them...
+    s = open_stream(streams, channel)
+    s.request([f"file-root:{d}/one-more.pem"])
+    end = s.recv_end()
+    assert end.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, end
+    # ...and given back when it unsubscribes.
+    holder.request([])
+    time.sleep(0.3)
+    root, _ = self_signed("after")
+    (d / "after.pem").write_bytes(root)
+    s = open_stream(streams, channel)
+    s.request([f"file-root:{d}/after.pem"])
+    assert the_secret(s.recv()).validation_context.trusted_ca.inline_bytes == root

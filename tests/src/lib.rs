@@ -134,6 +134,21 @@ impl JwtIssuer {
     }
 }
 
+/// `signet-ca serve` flags for a CA with key material in `cacerts` (self-signed in
+/// `dir/state` when that holds none) checking tokens of `issuer` offline.
+pub fn jwt_ca_args(dir: &Path, issuer: &JwtIssuer, cacerts: &Path) -> Vec<String> {
+    vec![
+        "--cacerts-dir".into(),
+        cacerts.display().to_string(),
+        "--state-dir".into(),
+        dir.join("state").display().to_string(),
+        "--jwks".into(),
+        issuer.write_jwks(dir).display().to_string(),
+        "--jwt-issuer".into(),
+        ISSUER.into(),
+    ]
+}
+
 /// A signet-ca server running in this process.
 pub struct TestCa {
     /// gRPC (TLS) address.
@@ -264,6 +279,112 @@ pub async fn client(
         .await
         .unwrap();
     IstioCertificateServiceClient::new(channel)
+}
+
+/// CreateCertificate clients over TLS connections we make ourselves with rustls: one
+/// `ClientConfig`, and so one session-resumption store, for every connection, and a
+/// record of how each handshake went (full or resumed).
+pub struct RawTls {
+    addr: SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    /// How each connection so far was established.
+    pub handshakes: std::sync::Arc<std::sync::Mutex<Vec<rustls::HandshakeKind>>>,
+}
+
+impl RawTls {
+    /// Trusts `root_pem` and presents `identity` (certificate chain, key) if given.
+    pub fn new(addr: SocketAddr, root_pem: &str, identity: Option<(&str, &str)>) -> Self {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+        let mut config = match identity {
+            Some((cert, key)) => builder
+                .with_client_auth_cert(
+                    CertificateDer::pem_slice_iter(cert.as_bytes())
+                        .collect::<Result<_, _>>()
+                        .unwrap(),
+                    PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Self {
+            addr,
+            config: std::sync::Arc::new(config),
+            handshakes: Default::default(),
+        }
+    }
+
+    /// A client on a new connection (the handshake happens here).
+    pub async fn client(
+        &self,
+    ) -> Result<IstioCertificateServiceClient<Channel>, tonic::transport::Error> {
+        use rustls::pki_types::ServerName;
+        let (addr, config, log) = (self.addr, self.config.clone(), self.handshakes.clone());
+        let connector = tower::service_fn(move |_: http::Uri| {
+            let config = config.clone();
+            let log = log.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await?;
+                let tls = tokio_rustls::TlsConnector::from(config)
+                    .connect(ServerName::try_from(SERVER_NAME).unwrap(), tcp)
+                    .await?;
+                if let Some(kind) = tls.get_ref().1.handshake_kind() {
+                    log.lock().unwrap().push(kind);
+                }
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+            }
+        });
+        let channel = tonic::transport::Endpoint::from_static("http://signet.test")
+            .connect_with_connector(connector)
+            .await?;
+        Ok(IstioCertificateServiceClient::new(channel))
+    }
+
+    /// How many connections were established.
+    pub fn connections(&self) -> usize {
+        self.handshakes.lock().unwrap().len()
+    }
+}
+
+/// Writes `ca-crl.pem` into an Istio cacerts directory: a CRL signed by its
+/// `ca-cert.pem` with `ca_key`, revoking `serials`.
+pub fn write_crl(cacerts: &Path, ca_key: &KeyPair, serials: &[Vec<u8>]) {
+    let now = time::OffsetDateTime::now_utc();
+    let ca_pem = std::fs::read_to_string(cacerts.join("ca-cert.pem")).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let params = rcgen::CertificateRevocationListParams {
+        this_update: now - time::Duration::minutes(1),
+        next_update: now + time::Duration::days(1),
+        crl_number: rcgen::SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: serials
+            .iter()
+            .map(|s| rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(s),
+                revocation_time: now - time::Duration::minutes(1),
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            })
+            .collect(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    };
+    let crl = params.signed_by(&issuer).unwrap();
+    std::fs::write(cacerts.join("ca-crl.pem"), crl.pem().unwrap()).unwrap();
+}
+
+/// The serial number of a PEM certificate, big-endian bytes.
+pub fn serial(pem: &str) -> Vec<u8> {
+    with_cert(pem, |c| c.tbs_certificate.raw_serial().to_vec())
 }
 
 /// Starts signet-agent in this process with `args` (flags of `signet-agent run`),

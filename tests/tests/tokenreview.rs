@@ -26,7 +26,18 @@ const API_TOKEN: &str = "signet-ca-service-account-token";
 struct ApiServer {
     verify_key: jsonwebtoken::DecodingKey,
     reviews: AtomicUsize,
-    refuse: bool,
+    mode: Mode,
+}
+
+/// How the test API server answers.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// As Kubernetes does.
+    Normal,
+    /// 403 to every review (the CA's RBAC is missing).
+    Refuse,
+    /// Authenticated, but `status.audiences` left empty (the report's finding 5).
+    NoAudiences,
 }
 
 /// The RSA key tokens are signed with (openssl-made, since ring cannot generate RSA).
@@ -71,7 +82,7 @@ async fn token_review(
     api.reviews.fetch_add(1, Ordering::SeqCst);
     if headers.get("authorization").and_then(|v| v.to_str().ok())
         != Some(&format!("Bearer {API_TOKEN}"))
-        || api.refuse
+        || api.mode == Mode::Refuse
     {
         return (
             axum::http::StatusCode::FORBIDDEN,
@@ -104,7 +115,9 @@ async fn token_review(
             };
             json!({
                 "authenticated": true,
-                "audiences": aud.into_iter().filter(|a| wanted.iter().any(|w| a == w)).collect::<Vec<_>>(),
+                "audiences": if api.mode == Mode::NoAudiences { vec![] } else {
+                    aud.into_iter().filter(|a| wanted.iter().any(|w| a == w)).collect::<Vec<_>>()
+                },
                 "user": {
                     "username": c["sub"], "uid": "u",
                     "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{}", c["kubernetes.io"]["namespace"].as_str().unwrap())],
@@ -123,11 +136,7 @@ async fn token_review(
 }
 
 /// Starts the API server and writes a kubeconfig that trusts its CA.
-async fn api_server(
-    key: &RsaKey,
-    dir: &Path,
-    refuse: bool,
-) -> (Arc<ApiServer>, std::path::PathBuf) {
+async fn api_server(key: &RsaKey, dir: &Path, mode: Mode) -> (Arc<ApiServer>, std::path::PathBuf) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca_params = CertificateParams::new(vec![]).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -151,7 +160,7 @@ async fn api_server(
     let state = Arc::new(ApiServer {
         verify_key: jsonwebtoken::DecodingKey::from_rsa_der(&key.public_pkcs1_der),
         reviews: AtomicUsize::new(0),
-        refuse,
+        mode,
     });
     let app = Router::new()
         .route(
@@ -213,7 +222,7 @@ async fn start_ca(dir: &Path, kubeconfig: &Path) -> (TestCa, String) {
 async fn tokenreview_accepts_service_accounts_and_caches() {
     let key = rsa_key();
     let dir = tempfile::tempdir().unwrap();
-    let (api, kubeconfig) = api_server(&key, dir.path(), false).await;
+    let (api, kubeconfig) = api_server(&key, dir.path(), Mode::Normal).await;
     let (ca, root) = start_ca(dir.path(), &kubeconfig).await;
     let mut client = ca.client(&root).await;
 
@@ -238,31 +247,65 @@ async fn tokenreview_accepts_service_accounts_and_caches() {
         .unwrap();
     assert_eq!(api.reviews.load(Ordering::SeqCst), 1);
 
-    // Wrong audience, expired, signed by another key: UNAUTHENTICATED with the API
-    // server's reason, never the token.
+    // Wrong audience, expired, signed by another key: UNAUTHENTICATED, never the
+    // token, and never the API server's own words (those go to the CA's log).
     let other = rsa_key();
-    for (bad, why) in [
-        (
-            sa_token(&key, "shop", "cart", &["other"], 3600),
-            "invalid bearer token",
-        ),
-        (
-            sa_token(&key, "shop", "cart", &["istio-ca"], -600),
-            "invalid bearer token",
-        ),
-        (
-            sa_token(&other, "shop", "cart", &["istio-ca"], 3600),
-            "invalid bearer token",
-        ),
-    ] {
+    let bad_tokens = [
+        sa_token(&key, "shop", "cart", &["other"], 3600),
+        sa_token(&key, "shop", "cart", &["istio-ca"], -600),
+        sa_token(&other, "shop", "cart", &["istio-ca"], 3600),
+    ];
+    for bad in &bad_tokens {
         let status = client
-            .create_certificate(request(&pem, Some(&bad), 0))
+            .create_certificate(request(&pem, Some(bad), 0))
             .await
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
-        assert!(status.message().contains(why), "{}", status.message());
-        assert!(!status.message().contains(&bad));
+        assert!(
+            status.message().contains("did not authenticate"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            !status.message().contains("invalid bearer token"),
+            "{}",
+            status.message()
+        );
+        assert!(!status.message().contains(bad.as_str()));
     }
+    // A refused token replayed is refused again without another review.
+    let reviews = api.reviews.load(Ordering::SeqCst);
+    for _ in 0..5 {
+        let status = client
+            .create_certificate(request(&pem, Some(&bad_tokens[0]), 0))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    }
+    assert_eq!(api.reviews.load(Ordering::SeqCst), reviews);
+    ca.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_without_audiences_does_not_authenticate() {
+    let key = rsa_key();
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kubeconfig) = api_server(&key, dir.path(), Mode::NoAudiences).await;
+    let (ca, root) = start_ca(dir.path(), &kubeconfig).await;
+    let mut client = ca.client(&root).await;
+    let token = sa_token(&key, "shop", "cart", &["istio-ca"], 3600);
+    let (_, pem) = csr(None);
+    let status = client
+        .create_certificate(request(&pem, Some(&token), 0))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(
+        status.message().contains("audiences"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(api.reviews.load(Ordering::SeqCst), 1);
     ca.stop().await;
 }
 
@@ -271,7 +314,7 @@ async fn api_server_trouble_is_unavailable_never_success() {
     let key = rsa_key();
     let dir = tempfile::tempdir().unwrap();
     // The API server refuses the CA (RBAC missing): UNAVAILABLE.
-    let (_, kubeconfig) = api_server(&key, dir.path(), true).await;
+    let (_, kubeconfig) = api_server(&key, dir.path(), Mode::Refuse).await;
     let (ca, root) = start_ca(dir.path(), &kubeconfig).await;
     let mut client = ca.client(&root).await;
     let token = sa_token(&key, "shop", "cart", &["istio-ca"], 3600);
@@ -281,7 +324,16 @@ async fn api_server_trouble_is_unavailable_never_success() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-    assert!(status.message().contains("403"), "{}", status.message());
+    assert!(
+        status.message().contains("could not review"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        !status.message().contains("403") && !status.message().contains("forbidden"),
+        "the API server's answer reached the caller: {}",
+        status.message()
+    );
     ca.stop().await;
 
     // The API server is gone: UNAVAILABLE.

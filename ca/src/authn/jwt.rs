@@ -3,7 +3,10 @@
 
 use std::{
     path::PathBuf,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -28,6 +31,10 @@ const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 const MAX_JWKS_AGE: Duration = Duration::from_secs(300);
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
+/// How long a token with an unknown `kid` waits for the refresh it started.
+const UNKNOWN_KID_WAIT: Duration = Duration::from_secs(3);
+/// Redirects followed when fetching a JWKS URL (https only).
+const MAX_REDIRECTS: usize = 5;
 
 /// Where the JWKS comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +59,8 @@ pub struct JwtConfig {
     pub audiences: Vec<String>,
     /// The JWKS.
     pub source: JwksSource,
+    /// Keys that could not be refreshed for this long are no longer trusted.
+    pub max_age: time::Duration,
 }
 
 /// A parsed JWKS, with symmetric keys removed.
@@ -94,17 +103,31 @@ struct Named {
 }
 
 /// Verifies tokens against one issuer's JWKS.
-pub struct JwtAuthenticator {
+///
+/// Verification never waits for a fetch: keys older than five minutes are refreshed
+/// in the background while the current ones keep verifying. Only a token whose `kid`
+/// is unknown waits, briefly, for the refresh it triggers. Keys that could not be
+/// refreshed for [`JwtConfig::max_age`] stop being trusted (fail closed).
+#[derive(Clone)]
+pub struct JwtAuthenticator(Arc<Inner>);
+
+struct Inner {
     config: JwtConfig,
     http: Option<reqwest::Client>,
+    /// The keys and when they were last fetched successfully.
     keys: RwLock<(Arc<Jwks>, Instant)>,
-    refresh: tokio::sync::Mutex<Option<Instant>>,
+    /// When a refresh was last started (rate limit).
+    last_attempt: Mutex<Option<Instant>>,
+    /// A refresh is running.
+    refreshing: AtomicBool,
+    /// Ticks when a refresh ends, whatever its outcome.
+    refreshed: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for JwtAuthenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JwtAuthenticator")
-            .field("config", &self.config)
+            .field("config", &self.0.config)
             .finish_non_exhaustive()
     }
 }
@@ -122,12 +145,14 @@ impl JwtAuthenticator {
             }
         };
         let jwks = fetch(&config.source, http.as_ref()).await?;
-        Ok(Self {
+        Ok(Self(Arc::new(Inner {
             config,
             http,
             keys: RwLock::new((Arc::new(jwks), Instant::now())),
-            refresh: tokio::sync::Mutex::new(None),
-        })
+            last_attempt: Mutex::new(None),
+            refreshing: AtomicBool::new(false),
+            refreshed: tokio::sync::watch::channel(0).0,
+        })))
     }
 
     /// Verifies a token's signature, issuer, audience and lifetime at `now`.
@@ -148,52 +173,85 @@ impl JwtAuthenticator {
                 "tokens signed with {alg:?} are refused (accepted: RS256/384/512, PS256/384/512, ES256/384)"
             )));
         }
-        let (_, loaded) = self.current();
-        if loaded.elapsed() > MAX_JWKS_AGE {
-            self.try_refresh().await;
+        let (keys, loaded) = self.0.current();
+        let age = loaded.elapsed();
+        if age > MAX_JWKS_AGE {
+            self.start_refresh();
         }
-        let mut result = self.verify_with(&self.current().0, token, &header, now);
-        if matches!(result, Err(VerifyFailure::NoKey)) && self.try_refresh().await {
-            result = self.verify_with(&self.current().0, token, &header, now);
+        let max_age = Duration::try_from(self.0.config.max_age).unwrap_or(Duration::MAX);
+        if age > max_age {
+            return Err(ReviewError::Unavailable(format!(
+                "the signing keys of {} could not be refreshed for {}s; tokens are refused until they can",
+                self.0.config.issuer,
+                age.as_secs()
+            )));
+        }
+        let mut result = self.0.verify_with(&keys, token, &header, now);
+        if matches!(result, Err(VerifyFailure::NoKey))
+            && let Some(mut done) = self.start_refresh()
+        {
+            let _ = tokio::time::timeout(UNKNOWN_KID_WAIT, done.changed()).await;
+            result = self.0.verify_with(&self.0.current().0, token, &header, now);
         }
         result.map_err(|f| match f {
             VerifyFailure::NoKey => reject(match &header.kid {
                 Some(kid) => format!(
                     "no key with kid {kid:?} in the JWKS of {}",
-                    self.config.issuer
+                    self.0.config.issuer
                 ),
                 None => format!(
                     "no {alg:?} key in the JWKS of {} verifies the token",
-                    self.config.issuer
+                    self.0.config.issuer
                 ),
             }),
             VerifyFailure::Bad(why) => reject(why),
         })
     }
 
+    /// Starts a background refresh unless one runs or one started moments ago.
+    /// Returns a receiver that ticks when the running refresh ends, or `None` when
+    /// no refresh is running or coming.
+    fn start_refresh(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        let done = self.0.refreshed.subscribe();
+        if self.0.refreshing.load(Ordering::Acquire) {
+            return Some(done);
+        }
+        {
+            let mut last = self
+                .0
+                .last_attempt
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < MIN_REFRESH_INTERVAL) {
+                return None;
+            }
+            if self.0.refreshing.swap(true, Ordering::AcqRel) {
+                return Some(done);
+            }
+            *last = Some(Instant::now());
+        }
+        let inner = self.0.clone();
+        tokio::spawn(async move {
+            match fetch(&inner.config.source, inner.http.as_ref()).await {
+                Ok(jwks) => {
+                    *inner.keys.write().unwrap_or_else(|p| p.into_inner()) =
+                        (Arc::new(jwks), Instant::now());
+                }
+                Err(e) => {
+                    tracing::warn!(issuer = %inner.config.issuer, error = %e, "cannot refresh the JWKS; keeping the keys already loaded until --jwks-max-age");
+                }
+            }
+            inner.refreshing.store(false, Ordering::Release);
+            inner.refreshed.send_modify(|n| *n = n.wrapping_add(1));
+        });
+        Some(done)
+    }
+}
+
+impl Inner {
     fn current(&self) -> (Arc<Jwks>, Instant) {
         let guard = self.keys.read().unwrap_or_else(|p| p.into_inner());
         (guard.0.clone(), guard.1)
-    }
-
-    /// Reloads the JWKS unless that was tried moments ago; true when it changed.
-    async fn try_refresh(&self) -> bool {
-        let mut last = self.refresh.lock().await;
-        if last.is_some_and(|t| t.elapsed() < MIN_REFRESH_INTERVAL) {
-            return false;
-        }
-        *last = Some(Instant::now());
-        match fetch(&self.config.source, self.http.as_ref()).await {
-            Ok(jwks) => {
-                *self.keys.write().unwrap_or_else(|p| p.into_inner()) =
-                    (Arc::new(jwks), Instant::now());
-                true
-            }
-            Err(e) => {
-                tracing::warn!(issuer = %self.config.issuer, error = %e, "cannot refresh the JWKS; keeping the keys already loaded");
-                false
-            }
-        }
     }
 
     fn verify_with(
@@ -297,34 +355,54 @@ enum VerifyFailure {
 }
 
 async fn fetch(source: &JwksSource, http: Option<&reqwest::Client>) -> Result<Jwks, String> {
+    let too_big = |url: &str| format!("JWKS {url}: over the {MAX_JWKS_BYTES}-byte limit");
     let bytes = match (source, http) {
-        (JwksSource::File(path), _) => tokio::fs::read(path)
+        (JwksSource::File(path), _) => {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                signet_fs::read_resolved(&path, MAX_JWKS_BYTES as u64)
+                    .map_err(|e| format!("JWKS file {e}"))
+            })
             .await
-            .map_err(|e| format!("JWKS file {}: {e}", path.display()))?,
+            .map_err(|e| format!("JWKS file: {e}"))??
+        }
         (JwksSource::Url { url, .. }, Some(client)) => {
-            let response = client
-                .get(url)
-                .timeout(Duration::from_secs(10))
-                .send()
+            let fetch = async {
+                let mut response = client
+                    .get(url)
+                    .send()
+                    .await
+                    .map_err(|e| format!("JWKS {url}: {e}"))?;
+                if !response.status().is_success() {
+                    return Err(format!("JWKS {url}: HTTP {}", response.status()));
+                }
+                if response
+                    .content_length()
+                    .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
+                {
+                    return Err(too_big(url));
+                }
+                // Read chunk by chunk: a server that lies about its length, or sends
+                // none, still cannot make us hold more than the limit.
+                let mut body = Vec::new();
+                while let Some(chunk) = response
+                    .chunk()
+                    .await
+                    .map_err(|e| format!("JWKS {url}: {e}"))?
+                {
+                    if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                        return Err(too_big(url));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(body)
+            };
+            tokio::time::timeout(Duration::from_secs(10), fetch)
                 .await
-                .map_err(|e| format!("JWKS {url}: {e}"))?;
-            if !response.status().is_success() {
-                return Err(format!("JWKS {url}: HTTP {}", response.status()));
-            }
-            let body = response
-                .bytes()
-                .await
-                .map_err(|e| format!("JWKS {url}: {e}"))?;
-            body.to_vec()
+                .map_err(|_| format!("JWKS {url}: no complete answer within 10s"))??
         }
         (JwksSource::Url { url, .. }, None) => return Err(format!("JWKS {url}: no HTTP client")),
     };
-    if bytes.len() > MAX_JWKS_BYTES {
-        return Err(format!(
-            "JWKS is {} bytes, over the 1 MiB limit",
-            bytes.len()
-        ));
-    }
     Jwks::parse(&bytes)
 }
 
@@ -354,8 +432,19 @@ fn http_client(ca: Option<&std::path::Path>) -> Result<reqwest::Client, String> 
     .map_err(|e| e.to_string())?
     .with_root_certificates(roots)
     .with_no_client_auth();
+    // Redirects stay on https (a JWKS must never come over plain HTTP), and few.
+    let redirects = reqwest::redirect::Policy::custom(|attempt| {
+        if attempt.url().scheme() != "https" {
+            attempt.error("the JWKS server redirected to a non-https URL")
+        } else if attempt.previous().len() >= MAX_REDIRECTS {
+            attempt.error("too many redirects")
+        } else {
+            attempt.follow()
+        }
+    });
     reqwest::Client::builder()
         .use_preconfigured_tls(tls)
+        .redirect(redirects)
         .build()
         .map_err(|e| format!("HTTP client: {e}"))
 }
@@ -384,6 +473,7 @@ mod tests {
             issuer: "iss".into(),
             audiences: vec!["istio-ca".into()],
             source: JwksSource::File(path),
+            max_age: time::Duration::hours(24),
         })
         .await
         .unwrap();

@@ -63,6 +63,9 @@ pub enum AuthnError {
     /// The authority that could have decided was unreachable: `UNAVAILABLE`.
     #[error("{0}")]
     Unavailable(String),
+    /// Too many token reviews in flight: `UNAVAILABLE`, counted as a limit.
+    #[error("{0}")]
+    Throttled(String),
 }
 
 /// The token authenticators of one cluster.
@@ -81,6 +84,19 @@ impl fmt::Debug for ClusterAuth {
             .field("jwt", &self.jwt.is_some())
             .finish()
     }
+}
+
+/// What the TLS layer holds of a request's client certificate, judged at the time of
+/// the request (not of the handshake).
+#[derive(Debug, Clone, Copy)]
+pub enum ClientCert<'a> {
+    /// None was presented.
+    Absent,
+    /// The chain verifies now against the trust bundle loaded now.
+    Verified(&'a [CertificateDer<'a>]),
+    /// A chain was presented but no longer verifies (expired, revoked, or under a
+    /// root that is no longer trusted); the reason is for the caller.
+    Refused(&'a str),
 }
 
 /// Everything needed to authenticate a request.
@@ -117,16 +133,26 @@ impl Authenticator {
         self
     }
 
-    /// Authenticates a request: its client certificate chain (already verified by
-    /// the TLS layer against our trust bundle), its bearer token and `clusterid`.
+    /// Authenticates a request: its client certificate chain (verified again at
+    /// request time, see [`ClientCert`]), its bearer token and `clusterid`.
     pub async fn authenticate(
         &self,
-        peer_certs: Option<&[CertificateDer<'_>]>,
+        client_cert: ClientCert<'_>,
         token: Option<&Token>,
         cluster_id: &str,
     ) -> Result<Caller, AuthnError> {
-        if let Some(caller) = peer_certs.and_then(|c| self.client_cert_caller(c)) {
-            return Ok(caller);
+        match client_cert {
+            ClientCert::Verified(chain) => {
+                if let Some(caller) = self.client_cert_caller(chain) {
+                    return Ok(caller);
+                }
+            }
+            ClientCert::Refused(why) if token.is_none() => {
+                return Err(AuthnError::Unauthenticated(format!(
+                    "the client certificate can no longer authenticate: {why}; send a service account token instead"
+                )));
+            }
+            ClientCert::Refused(_) | ClientCert::Absent => {}
         }
         let cluster = self.cluster(cluster_id)?;
         let Some(token) = token else {
@@ -141,6 +167,7 @@ impl Authenticator {
         };
         let mut failures = Vec::new();
         let mut unavailable = false;
+        let mut throttled = false;
         if let Some(reviewer) = &auth.token_review {
             match reviewer.review(token).await {
                 Ok(r) => {
@@ -153,6 +180,10 @@ impl Authenticator {
                 }
                 Err(ReviewError::Unavailable(why)) => {
                     unavailable = true;
+                    failures.push(format!("tokenreview: {why}"));
+                }
+                Err(ReviewError::Throttled(why)) => {
+                    throttled = true;
                     failures.push(format!("tokenreview: {why}"));
                 }
                 Err(ReviewError::Rejected(why)) => failures.push(format!("tokenreview: {why}")),
@@ -168,7 +199,7 @@ impl Authenticator {
                         pod: r.pod,
                     });
                 }
-                Err(ReviewError::Unavailable(why)) => {
+                Err(ReviewError::Unavailable(why) | ReviewError::Throttled(why)) => {
                     unavailable = true;
                     failures.push(format!("jwt: {why}"));
                 }
@@ -183,6 +214,8 @@ impl Authenticator {
         // a definite "no" the client would not retry.
         Err(if unavailable {
             AuthnError::Unavailable(why)
+        } else if throttled {
+            AuthnError::Throttled(why)
         } else {
             AuthnError::Unauthenticated(why)
         })
@@ -202,9 +235,14 @@ impl Authenticator {
             .map(String::as_str)
             .chain(self.aliases.iter().map(String::as_str))
             .collect();
+        // The list of clusters is for the operator, not for an anonymous caller.
+        tracing::warn!(
+            cluster_id = id,
+            known = %known.join(","),
+            "request names an unknown cluster id"
+        );
         Err(AuthnError::Unauthenticated(format!(
-            "unknown cluster id {id:?} in the clusterid header (known clusters: {})",
-            known.join(", ")
+            "unknown cluster id {id:?} in the clusterid header"
         )))
     }
 

@@ -18,6 +18,9 @@ use crate::identity::ServiceAccount;
 
 /// The longest a positive TokenReview answer is reused.
 pub(crate) const CACHE_TTL: Duration = Duration::from_secs(60);
+/// How long a refused token is refused again without asking the API server, so
+/// anonymous callers replaying garbage cannot turn into API-server traffic.
+pub(crate) const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(10);
 /// Entries kept at most; beyond this, expired ones are dropped, then the cache is reset.
 const CACHE_MAX_ENTRIES: usize = 50_000;
 const SA_GROUP: &str = "system:serviceaccounts";
@@ -41,6 +44,9 @@ pub enum ReviewError {
     /// No answer could be had (API server down, JWKS unreachable).
     #[error("{0}")]
     Unavailable(String),
+    /// Too many reviews are in flight already; the caller should retry later.
+    #[error("{0}")]
+    Throttled(String),
 }
 
 /// A boxed review future, so reviewers can sit behind `dyn`.
@@ -102,19 +108,27 @@ impl TokenReviewer for KubeTokenReviewer {
             };
             let api: Api<TokenReview> = Api::all(self.client.clone());
             // kube's errors describe the HTTP exchange, never the request body, so the
-            // token cannot leak through them.
-            let answer =
-                api.create(&PostParams::default(), &review)
-                    .await
-                    .map_err(|e| match e {
-                        kube::Error::Api(status) => ReviewError::Unavailable(format!(
-                            "the API server refused the TokenReview ({} {}): {}",
-                            status.code, status.reason, status.message
-                        )),
-                        other => ReviewError::Unavailable(format!(
-                            "the API server is unreachable: {other}"
-                        )),
-                    })?;
+            // token cannot leak through them. Their text is the operator's business:
+            // it goes to the log, and the caller hears only that no answer came.
+            let answer = api
+                .create(&PostParams::default(), &review)
+                .await
+                .map_err(|e| {
+                    match e {
+                        kube::Error::Api(status) => tracing::warn!(
+                            code = status.code,
+                            reason = %status.reason,
+                            message = %status.message,
+                            "the API server refused a TokenReview"
+                        ),
+                        other => {
+                            tracing::warn!(error = %other, "cannot reach the API server for a TokenReview")
+                        }
+                    }
+                    ReviewError::Unavailable(
+                        "the Kubernetes API server could not review the token; retry later".into(),
+                    )
+                })?;
             interpret(answer.status, &self.audiences)
         })
     }
@@ -130,14 +144,19 @@ pub(crate) fn interpret(
         return reject("the TokenReview came back without a status".into());
     };
     if status.authenticated != Some(true) {
-        let why = status.error.unwrap_or_else(|| "no reason given".into());
-        return reject(format!("the token is not authenticated: {why}"));
+        // The API server's own words stay in the log.
+        tracing::debug!(
+            error = status.error.as_deref().unwrap_or(""),
+            "TokenReview: token not authenticated"
+        );
+        return reject("the Kubernetes API server did not authenticate the token".into());
     }
-    if let Some(got) = status.audiences.as_ref().filter(|a| !a.is_empty())
-        && !got.iter().any(|a| audiences.contains(a))
-    {
+    // A review that asked for audiences is answered with the ones the token carries
+    // among them; an answer that names none of them did not check the audience.
+    let got = status.audiences.unwrap_or_default();
+    if !audiences.is_empty() && !got.iter().any(|a| audiences.contains(a)) {
         return reject(format!(
-            "the token's audiences {got:?} include none of {audiences:?}"
+            "the TokenReview answer confirms none of the audiences {audiences:?}"
         ));
     }
     let Some(user) = status.user else {
@@ -163,11 +182,15 @@ pub(crate) fn interpret(
 
 /// Remembers positive answers by token hash until the token expires or for
 /// [`CACHE_TTL`], whichever comes first, so a restart storm of pods does not become a
-/// storm of TokenReviews. Negative answers are never cached.
+/// storm of TokenReviews; remembers refusals for [`NEGATIVE_CACHE_TTL`]; and keeps
+/// at most a fixed number of reviews in flight, answering the rest at once.
 pub struct CachedReviewer {
     inner: Arc<dyn TokenReviewer>,
-    cache: Mutex<HashMap<[u8; 32], (Reviewed, Instant)>>,
+    cache: Mutex<Cache>,
+    in_flight: tokio::sync::Semaphore,
 }
+
+type Cache = HashMap<[u8; 32], (Result<Reviewed, String>, Instant)>;
 
 impl std::fmt::Debug for CachedReviewer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -176,11 +199,12 @@ impl std::fmt::Debug for CachedReviewer {
 }
 
 impl CachedReviewer {
-    /// Wraps a reviewer.
-    pub fn new(inner: Arc<dyn TokenReviewer>) -> Self {
+    /// Wraps a reviewer that may have `max_in_flight` reviews outstanding.
+    pub fn new(inner: Arc<dyn TokenReviewer>, max_in_flight: usize) -> Self {
         Self {
             inner,
             cache: Mutex::new(HashMap::new()),
+            in_flight: tokio::sync::Semaphore::new(max_in_flight.max(1)),
         }
     }
 
@@ -191,15 +215,28 @@ impl CachedReviewer {
         if let Some((hit, until)) = self.lock().get(&key)
             && *until > now
         {
-            return Ok(hit.clone());
+            return hit.clone().map_err(ReviewError::Rejected);
         }
-        let reviewed = self.inner.review(token).await?;
-        let mut ttl = CACHE_TTL;
-        if let Some(exp) = token.unverified_expiry() {
-            let left = exp - time::OffsetDateTime::now_utc().unix_timestamp();
-            ttl = ttl.min(Duration::from_secs(u64::try_from(left).unwrap_or(0)));
-        }
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return Err(ReviewError::Throttled(
+                "too many token reviews are in flight; retry with backoff".into(),
+            ));
+        };
+        let (entry, ttl) = match self.inner.review(token).await {
+            Ok(reviewed) => {
+                let mut ttl = CACHE_TTL;
+                if let Some(exp) = token.unverified_expiry() {
+                    let left = exp - time::OffsetDateTime::now_utc().unix_timestamp();
+                    ttl = ttl.min(Duration::from_secs(u64::try_from(left).unwrap_or(0)));
+                }
+                (Ok(reviewed), ttl)
+            }
+            Err(ReviewError::Rejected(why)) => (Err(why), NEGATIVE_CACHE_TTL),
+            // No answer is no verdict: nothing to remember.
+            Err(other) => return Err(other),
+        };
         if !ttl.is_zero() {
+            let now = Instant::now();
             let mut cache = self.lock();
             if cache.len() >= CACHE_MAX_ENTRIES {
                 cache.retain(|_, (_, until)| *until > now);
@@ -207,12 +244,12 @@ impl CachedReviewer {
                     cache.clear();
                 }
             }
-            cache.insert(key, (reviewed.clone(), now + ttl));
+            cache.insert(key, (entry.clone(), now + ttl));
         }
-        Ok(reviewed)
+        entry.map_err(ReviewError::Rejected)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], (Reviewed, Instant)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
         // A panic while holding this lock cannot leave the map inconsistent (every
         // update is a single insert or retain), so a poisoned lock is still usable.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
@@ -260,7 +297,7 @@ mod tests {
         denied.authenticated = Some(false);
         denied.error = Some("token expired".into());
         let err = interpret(Some(denied), &aud).unwrap_err().to_string();
-        assert!(err.contains("token expired"), "{err}");
+        assert!(err.contains("did not authenticate"), "{err}");
         assert!(interpret(None, &aud).is_err());
         let other_aud = vec!["other".to_string()];
         assert!(
@@ -270,6 +307,21 @@ mod tests {
             )
             .is_err()
         );
+        // The API server's error text is not passed on to the caller.
+        assert!(!err.contains("token expired"), "{err}");
+    }
+
+    #[test]
+    fn an_answer_that_confirms_no_audience_is_refused() {
+        // Authenticated, but `status.audiences` empty or absent: the API server did
+        // not say the token is meant for us.
+        let aud = vec!["istio-ca".to_string()];
+        for audiences in [Some(vec![]), None] {
+            let mut s = status("system:serviceaccount:ns1:sa1", &[SA_GROUP]);
+            s.audiences = audiences.clone();
+            let err = interpret(Some(s), &aud).unwrap_err().to_string();
+            assert!(err.contains("audiences"), "{audiences:?}: {err}");
+        }
     }
 
     struct Counting(AtomicUsize);
@@ -288,7 +340,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn caches_positive_answers_for_a_minute() {
         let inner = Arc::new(Counting(AtomicUsize::new(0)));
-        let cached = CachedReviewer::new(inner.clone());
+        let cached = CachedReviewer::new(inner.clone(), 4);
         let token = Token::new("opaque-token");
         cached.review(&token).await.unwrap();
         cached.review(&token).await.unwrap();
@@ -298,5 +350,53 @@ mod tests {
         assert_eq!(inner.0.load(Ordering::SeqCst), 2);
         cached.review(&Token::new("another")).await.unwrap();
         assert_eq!(inner.0.load(Ordering::SeqCst), 3);
+    }
+
+    /// Refuses every token after `delay`, counting reviews.
+    struct Refusing(AtomicUsize, Duration);
+    impl TokenReviewer for Refusing {
+        fn review<'a>(&'a self, _: &'a Token) -> ReviewFuture<'a> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            let delay = self.1;
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                Err(ReviewError::Rejected("bad token".into()))
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_are_remembered_briefly_and_reviews_in_flight_are_bounded() {
+        let inner = Arc::new(Refusing(AtomicUsize::new(0), Duration::from_millis(5)));
+        let cached = Arc::new(CachedReviewer::new(inner.clone(), 2));
+        // The same garbage token, replayed: one review, then the remembered refusal.
+        let garbage = Token::new("garbage");
+        for _ in 0..20 {
+            assert!(matches!(
+                cached.review(&garbage).await,
+                Err(ReviewError::Rejected(_))
+            ));
+        }
+        assert_eq!(inner.0.load(Ordering::SeqCst), 1);
+        tokio::time::advance(NEGATIVE_CACHE_TTL + Duration::from_secs(1)).await;
+        let _ = cached.review(&garbage).await;
+        assert_eq!(inner.0.load(Ordering::SeqCst), 2);
+
+        // 50 distinct tokens at once: two reach the API server, the rest are turned
+        // away at once instead of queueing behind them.
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let cached = cached.clone();
+                tokio::spawn(async move { cached.review(&Token::new(format!("t{i}"))).await })
+            })
+            .collect();
+        let mut throttled = 0;
+        for t in tasks {
+            if matches!(t.await.unwrap(), Err(ReviewError::Throttled(_))) {
+                throttled += 1;
+            }
+        }
+        assert_eq!(throttled, 48);
+        assert_eq!(inner.0.load(Ordering::SeqCst), 4);
     }
 }

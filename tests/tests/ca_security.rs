@@ -1,0 +1,292 @@
+//! Attacks from the security report against the CA port, each performed for real:
+//! renewal by client certificate on a connection that outlived the certificate or
+//! the trust bundle, session resumption, revoked serials, and connections that never
+//! end.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{path::Path, time::Duration};
+
+use rcgen::KeyPair;
+use signet_e2e::{
+    JwtIssuer, RawTls, SecretMount, TestCa, TestRoot, csr, jwt_ca_args, request, serial, uri_sans,
+    write_crl,
+};
+
+/// A certificate chain for `web/frontend` living `secs` seconds (leaf and
+/// intermediates, as a client presents it), and its key (PEM).
+async fn issue(ca: &TestCa, root: &str, jwt: &JwtIssuer, secs: i64) -> (String, String) {
+    let (key, pem) = csr(None);
+    let mut c = ca.client(root).await;
+    let chain = c
+        .create_certificate(request(&pem, Some(&jwt.token("web", "frontend")), secs))
+        .await
+        .unwrap()
+        .into_inner()
+        .cert_chain;
+    (chain[..chain.len() - 1].concat(), key.serialize_pem())
+}
+
+/// A renewal with no token, asking for 90 days as in the report.
+fn renewal() -> tonic::Request<signet_proto::IstioCertificateRequest> {
+    let (_, pem) = csr(None);
+    request(&pem, None, 90 * 24 * 3600)
+}
+
+fn self_signed_root(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("state/root-cert.pem")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_kept_open_past_not_after_cannot_renew() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = JwtIssuer::new("k1");
+    let ca = TestCa::start(&jwt_ca_args(dir.path(), &jwt, &dir.path().join("none"))).await;
+    let root = self_signed_root(dir.path());
+    let (cert, key) = issue(&ca, &root, &jwt, 3).await;
+
+    let tls = RawTls::new(ca.grpc, &root, Some((&cert, &key)));
+    let mut c = tls.client().await.unwrap();
+    // While the certificate is valid it renews on its own.
+    let renewed = c.create_certificate(renewal()).await.unwrap().into_inner();
+    assert_eq!(
+        uri_sans(&renewed.cert_chain[0]),
+        vec!["spiffe://cluster.local/ns/web/sa/frontend"]
+    );
+    // The same connection, once the certificate has expired: nothing.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let e = c.create_certificate(renewal()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("can no longer authenticate"), "{e:?}");
+    assert_eq!(tls.connections(), 1, "one connection throughout");
+    let (_, metrics) = ca.http_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("citadel_server_authentication_failure_count 1\n"),
+        "{metrics}"
+    );
+    ca.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_never_resumed_so_expiry_is_always_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = JwtIssuer::new("k1");
+    let ca = TestCa::start(&jwt_ca_args(dir.path(), &jwt, &dir.path().join("none"))).await;
+    let root = self_signed_root(dir.path());
+    let (cert, key) = issue(&ca, &root, &jwt, 4).await;
+
+    // Two connections from one client configuration (one resumption store) while
+    // the certificate is valid: a server issuing tickets would let the second resume.
+    let tls = RawTls::new(ca.grpc, &root, Some((&cert, &key)));
+    tls.client()
+        .await
+        .unwrap()
+        .create_certificate(renewal())
+        .await
+        .unwrap();
+    tls.client()
+        .await
+        .unwrap()
+        .create_certificate(renewal())
+        .await
+        .unwrap();
+    // After expiry, the same store: the handshake or the request must fail.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = match tls.client().await {
+        Ok(mut c) => c.create_certificate(renewal()).await.map(|_| ()),
+        Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    };
+    assert!(after.is_err(), "an expired certificate renewed");
+    let kinds = tls.handshakes.lock().unwrap().clone();
+    assert!(kinds.len() >= 2, "{kinds:?}");
+    assert!(
+        kinds.iter().all(|k| *k == rustls::HandshakeKind::Full),
+        "a session was resumed: {kinds:?}"
+    );
+    ca.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_root_change_old_connections_cannot_renew() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = JwtIssuer::new("k1");
+    let key = || KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let old_root = TestRoot::p256("Old Root");
+    let new_root = TestRoot::p256("Unrelated Root");
+    let staged = dir.path().join("staged");
+    old_root.write_cacerts(
+        &staged.join("old"),
+        "Old Intermediate",
+        &key(),
+        Some(0),
+        &[],
+    );
+    new_root.write_cacerts(
+        &staged.join("new"),
+        "New Intermediate",
+        &key(),
+        Some(0),
+        &[],
+    );
+    let mut mount = SecretMount::new(&dir.path().join("cacerts"));
+    mount.publish(&staged.join("old"));
+    let mut args = jwt_ca_args(dir.path(), &jwt, &mount.dir);
+    args.push("--allow-root-change".into());
+    let ca = TestCa::start(&args).await;
+    let (cert, key_pem) = issue(&ca, &old_root.pem, &jwt, 600).await;
+
+    // Opened under the old root; both roots are trusted by this client, so it can
+    // keep talking to the CA after the swap.
+    let both = old_root.pem.clone() + &new_root.pem;
+    let tls = RawTls::new(ca.grpc, &both, Some((&cert, &key_pem)));
+    let mut c = tls.client().await.unwrap();
+    c.create_certificate(renewal()).await.unwrap();
+
+    mount.publish(&staged.join("new"));
+    // Wait for the reload: a token request is answered by the new intermediate.
+    let mut reloaded = false;
+    for _ in 0..100 {
+        let (_, pem) = csr(None);
+        let chain = c
+            .create_certificate(request(&pem, Some(&jwt.token("ns", "sa")), 0))
+            .await
+            .unwrap()
+            .into_inner()
+            .cert_chain;
+        if signet_e2e::with_cert(&chain[0], |c| c.issuer().to_string()).contains("New") {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reloaded, "the CA never loaded the new set");
+    // The old-root certificate on the old connection no longer renews.
+    let e = c.create_certificate(renewal()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert_eq!(tls.connections(), 1);
+    ca.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_serial_cannot_renew() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = JwtIssuer::new("k1");
+    let root = TestRoot::p256("Root");
+    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let staged = dir.path().join("staged");
+    root.write_cacerts(&staged.join("a"), "Intermediate", &ca_key, Some(0), &[]);
+    let mut mount = SecretMount::new(&dir.path().join("cacerts"));
+    mount.publish(&staged.join("a"));
+    let ca = TestCa::start(&jwt_ca_args(dir.path(), &jwt, &mount.dir)).await;
+    let (revoked, revoked_key) = issue(&ca, &root.pem, &jwt, 600).await;
+    let (kept, kept_key) = issue(&ca, &root.pem, &jwt, 600).await;
+    let tls_revoked = RawTls::new(ca.grpc, &root.pem, Some((&revoked, &revoked_key)));
+    let mut c_revoked = tls_revoked.client().await.unwrap();
+    c_revoked.create_certificate(renewal()).await.unwrap();
+
+    // The same set, now with ca-crl.pem revoking the first certificate.
+    let (_, before) = ca.http_get("/metrics").await.unwrap();
+    write_crl(&staged.join("a"), &ca_key, &[serial(&revoked)]);
+    mount.publish(&staged.join("a"));
+    let mut refused = None;
+    for _ in 0..100 {
+        match c_revoked.create_certificate(renewal()).await {
+            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refused.expect("the revoked certificate kept renewing");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().to_lowercase().contains("revoked"), "{e:?}");
+    let (_, after) = ca.http_get("/metrics").await.unwrap();
+    assert_ne!(
+        reloads(&before, "success"),
+        reloads(&after, "success"),
+        "the CRL came in by a reload"
+    );
+    // A new connection with the revoked certificate fails already at the handshake;
+    // a certificate the list does not name still renews.
+    let fresh = RawTls::new(ca.grpc, &root.pem, Some((&revoked, &revoked_key)));
+    let refused_again = match fresh.client().await {
+        Ok(mut c) => c.create_certificate(renewal()).await.is_err(),
+        Err(_) => true,
+    };
+    assert!(refused_again);
+    let mut c_kept = RawTls::new(ca.grpc, &root.pem, Some((&kept, &kept_key)))
+        .client()
+        .await
+        .unwrap();
+    c_kept.create_certificate(renewal()).await.unwrap();
+    ca.stop().await;
+}
+
+/// The value of `signet_ca_cacerts_reload_count{result=...}` (0 when absent).
+fn reloads(metrics: &str, result: &str) -> u64 {
+    let prefix = format!("signet_ca_cacerts_reload_count{{result=\"{result}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map_or(0, |v| v.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_closed_at_their_maximum_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = JwtIssuer::new("k1");
+    let mut args = jwt_ca_args(dir.path(), &jwt, &dir.path().join("none"));
+    args.extend(["--max-connection-age".into(), "1s".into()]);
+    let ca = TestCa::start(&args).await;
+    let root = self_signed_root(dir.path());
+    let tls = RawTls::new(ca.grpc, &root, None);
+    let mut c = tls.client().await.unwrap();
+    let token = jwt.token("web", "frontend");
+    let (_, pem) = csr(None);
+    c.create_certificate(request(&pem, Some(&token), 0))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The first connection was closed by the server; the channel made a new one.
+    let (_, pem) = csr(None);
+    c.create_certificate(request(&pem, Some(&token), 0))
+        .await
+        .unwrap();
+    assert_eq!(tls.connections(), 2, "the old connection was not closed");
+    ca.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_closed_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwt = JwtIssuer::new("k1");
+    let mut args = jwt_ca_args(dir.path(), &jwt, &dir.path().join("none"));
+    args.extend(["--max-connections".into(), "2".into()]);
+    let ca = TestCa::start(&args).await;
+    let root = self_signed_root(dir.path());
+    let tls = RawTls::new(ca.grpc, &root, None);
+    let _a = tls.client().await.unwrap();
+    let _b = tls.client().await.unwrap();
+    assert!(
+        tls.client().await.is_err(),
+        "a third connection was accepted"
+    );
+    let (_, metrics) = ca.http_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("signet_ca_limit_rejections{limit=\"connections\"} 1\n"),
+        "{metrics}"
+    );
+    // A slot comes back when a connection closes.
+    drop(_a);
+    let mut ok = false;
+    for _ in 0..50 {
+        if tls.client().await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "the slot of a closed connection was not given back");
+    ca.stop().await;
+}
