@@ -227,7 +227,8 @@ mod tests {
         let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
         params.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into().unwrap())];
         let cert = params.self_signed(&key).unwrap().pem();
-        let mut rng = rand::rng();
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x7376_6964);
         let now = OffsetDateTime::now_utc();
         use rcgen::PublicKeyData;
         let spki = key.subject_public_key_info();

@@ -228,24 +228,78 @@ mod tests {
     use super::*;
     use rand::Rng;
 
+    /// A key in each encoding Istio's cacerts may hold, made by the openssl CLI:
+    /// PKCS#8, SEC1 (`EC PRIVATE KEY`) and PKCS#1 (`RSA PRIVATE KEY`).
+    fn openssl_keys() -> Vec<(String, KeyKind)> {
+        let dir = tempfile::tempdir().unwrap();
+        let run = |cmd: &str| {
+            let out = std::process::Command::new("bash")
+                .arg("-c")
+                .arg(cmd)
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{cmd}: {out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        };
+        vec![
+            (
+                run("openssl ecparam -name prime256v1 -genkey -noout"),
+                KeyKind::P256,
+            ),
+            (
+                run("openssl ecparam -name secp384r1 -genkey -noout"),
+                KeyKind::P384,
+            ),
+            (
+                run("openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256"),
+                KeyKind::P256,
+            ),
+            (
+                run("openssl genrsa -traditional 2048 2>/dev/null"),
+                KeyKind::Rsa(2048),
+            ),
+            (
+                run("openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 2>/dev/null"),
+                KeyKind::Rsa(2048),
+            ),
+        ]
+    }
+
     #[test]
     fn every_encoding_loads_and_mutations_never_panic() {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
-        let loaded = load_signing_key(key.serialize_pem().as_bytes()).unwrap();
-        assert_eq!(loaded.kind, KeyKind::P384);
-        assert!(!format!("{loaded:?}").contains("PRIVATE"));
-        let der = key.serialize_der();
-        let mut rng = rand::rng();
-        for _ in 0..2000 {
-            let mut bytes = der.clone();
-            let i = rng.random_range(0..bytes.len());
-            bytes[i] = rng.random();
-            if rng.random_bool(0.3) {
-                bytes.truncate(rng.random_range(0..bytes.len()));
-            }
-            for label in ["PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY"] {
-                let pem = ::pem::encode(&::pem::Pem::new(label, bytes.clone()));
-                let _ = load_signing_key(pem.as_bytes());
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b65_7973);
+        let keys = openssl_keys();
+        let labels: Vec<&str> = keys
+            .iter()
+            .map(|(pem, _)| pem.lines().next().unwrap_or_default())
+            .collect();
+        for want in ["EC PRIVATE KEY", "RSA PRIVATE KEY", "BEGIN PRIVATE KEY"] {
+            assert!(labels.iter().any(|l| l.contains(want)), "{labels:?}");
+        }
+        for (pem, kind) in keys {
+            let loaded = load_signing_key(pem.as_bytes()).unwrap();
+            assert_eq!(
+                loaded.kind,
+                kind,
+                "{}",
+                pem.lines().next().unwrap_or_default()
+            );
+            assert!(!format!("{loaded:?}").contains("PRIVATE"));
+            let parsed = ::pem::parse(&pem).unwrap();
+            let der = parsed.contents().to_vec();
+            for _ in 0..400 {
+                let mut bytes = der.clone();
+                let i = rng.random_range(0..bytes.len());
+                bytes[i] = rng.random();
+                if rng.random_bool(0.3) {
+                    bytes.truncate(rng.random_range(0..bytes.len()));
+                }
+                for label in ["PRIVATE KEY", "EC PRIVATE KEY", "RSA PRIVATE KEY"] {
+                    let mutated = ::pem::encode(&::pem::Pem::new(label, bytes.clone()));
+                    let _ = load_signing_key(mutated.as_bytes());
+                }
             }
         }
     }

@@ -382,6 +382,15 @@ pub fn write_crl(cacerts: &Path, ca_key: &KeyPair, serials: &[Vec<u8>]) {
     std::fs::write(cacerts.join("ca-crl.pem"), crl.pem().unwrap()).unwrap();
 }
 
+/// The value of the sample `series` (a metric name with its labels, as printed) in
+/// a Prometheus text exposition; `None` when absent.
+pub fn metric(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
 /// The serial number of a PEM certificate, big-endian bytes.
 pub fn serial(pem: &str) -> Vec<u8> {
     with_cert(pem, |c| c.tbs_certificate.raw_serial().to_vec())

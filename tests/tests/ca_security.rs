@@ -9,8 +9,8 @@ use std::{path::Path, time::Duration};
 
 use rcgen::KeyPair;
 use signet_e2e::{
-    JwtIssuer, RawTls, SecretMount, TestCa, TestRoot, csr, jwt_ca_args, request, serial, uri_sans,
-    write_crl,
+    JwtIssuer, RawTls, SecretMount, TestCa, TestRoot, csr, jwt_ca_args, metric, request, serial,
+    uri_sans, write_crl,
 };
 
 /// A certificate chain for `web/frontend` living `secs` seconds (leaf and
@@ -60,8 +60,9 @@ async fn a_connection_kept_open_past_not_after_cannot_renew() {
     assert!(e.message().contains("can no longer authenticate"), "{e:?}");
     assert_eq!(tls.connections(), 1, "one connection throughout");
     let (_, metrics) = ca.http_get("/metrics").await.unwrap();
-    assert!(
-        metrics.contains("citadel_server_authentication_failure_count 1\n"),
+    assert_eq!(
+        metric(&metrics, "citadel_server_authentication_failure_count"),
+        Some(1.0),
         "{metrics}"
     );
     ca.stop().await;
@@ -224,12 +225,12 @@ async fn a_revoked_serial_cannot_renew() {
 }
 
 /// The value of `signet_ca_cacerts_reload_count{result=...}` (0 when absent).
-fn reloads(metrics: &str, result: &str) -> u64 {
-    let prefix = format!("signet_ca_cacerts_reload_count{{result=\"{result}\"}} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map_or(0, |v| v.trim().parse().unwrap())
+fn reloads(metrics: &str, result: &str) -> f64 {
+    metric(
+        metrics,
+        &format!("signet_ca_cacerts_reload_count{{result=\"{result}\"}}"),
+    )
+    .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,8 +274,12 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
         "a third connection was accepted"
     );
     let (_, metrics) = ca.http_get("/metrics").await.unwrap();
-    assert!(
-        metrics.contains("signet_ca_limit_rejections{limit=\"connections\"} 1\n"),
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"signet_ca_limit_rejections{limit="connections"}"#
+        ),
+        Some(1.0),
         "{metrics}"
     );
     // A slot comes back when a connection closes.

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use rcgen::KeyPair;
 use signet_e2e::{
-    JwtIssuer, SecretMount, TestCa, TestRoot, client, csr, jwt_ca_args, openssl_verify, request,
-    uri_sans, with_cert,
+    JwtIssuer, SecretMount, TestCa, TestRoot, client, csr, jwt_ca_args, metric, openssl_verify,
+    request, uri_sans, with_cert,
 };
 
 fn issuer_cn(pem: &str) -> String {
@@ -74,8 +74,9 @@ async fn issues_renews_with_client_cert_and_reports_health() {
 
     // The audit trail counts it.
     let (_, metrics) = ca.http_get("/metrics").await.unwrap();
-    assert!(
-        metrics.contains("citadel_server_success_cert_issuance_count 2"),
+    assert_eq!(
+        metric(&metrics, "citadel_server_success_cert_issuance_count"),
+        Some(2.0),
         "{metrics}"
     );
     ca.stop().await;
@@ -147,8 +148,9 @@ async fn overload_is_refused_promptly_with_resource_exhausted() {
         "a one-slot queue must refuse some of 64 concurrent requests ({ok} succeeded)"
     );
     let (_, metrics) = ca.http_get("/metrics").await.unwrap();
-    assert!(
-        metrics.contains("signet_ca_overload_rejections"),
+    assert_eq!(
+        metric(&metrics, "signet_ca_overload_rejections"),
+        Some(exhausted as f64),
         "{metrics}"
     );
     ca.stop().await;
@@ -213,8 +215,18 @@ async fn reload_swaps_valid_sets_and_refuses_bad_ones() {
             .contains("B")
     );
     let (_, metrics) = ca.http_get("/metrics").await.unwrap();
-    assert!(
-        metrics.contains(r#"signet_ca_cacerts_reload_count{result="failure"}"#),
+    let failures = metric(
+        &metrics,
+        r#"signet_ca_cacerts_reload_count{result="failure"}"#,
+    );
+    assert!(failures.is_some_and(|n| n >= 1.0), "{metrics}");
+    // One successful reload so far: B (A was loaded at start, not reloaded).
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"signet_ca_cacerts_reload_count{result="success"}"#
+        ),
+        Some(1.0),
         "{metrics}"
     );
 
