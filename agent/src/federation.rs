@@ -67,45 +67,57 @@ fn pem_roots(bytes: &[u8]) -> Result<String, String> {
     Ok(pem)
 }
 
+/// One file of a bundle directory: `<trust domain>.pem|.crt` (PEM roots) or
+/// `<trust domain>.json` (a SPIFFE bundle). `Ok(None)` for files that are not bundles.
+pub fn parse_file(stem: &str, ext: &str, bytes: &[u8]) -> Result<Option<(String, String)>, String> {
+    if stem.starts_with('.') {
+        return Ok(None); // kubelet's ..data and friends
+    }
+    let pem = match ext {
+        "pem" | "crt" => pem_roots(bytes)?,
+        "json" => bundle_pem(bytes)?,
+        _ => return Ok(None),
+    };
+    Ok(Some((trust_domain(stem)?, pem)))
+}
+
+/// A JSON document mapping trust domains to SPIFFE bundles.
+pub fn parse_map(bytes: &[u8]) -> Result<Bundles, String> {
+    let map: BTreeMap<String, serde_json::Value> = serde_json::from_slice(bytes)
+        .map_err(|e| format!("want {{\"<trust domain>\": <SPIFFE bundle>}}: {e}"))?;
+    let mut out = Bundles::new();
+    for (td, bundle) in map {
+        let pem = bundle_pem(bundle.to_string().as_bytes()).map_err(|e| format!("{td}: {e}"))?;
+        out.insert(trust_domain(&td)?, pem);
+    }
+    Ok(out)
+}
+
+/// Largest bundle file read.
+const MAX_BUNDLE_BYTES: u64 = 1024 * 1024;
+
 /// Reads `path` (a directory or a JSON file).
 pub fn load(path: &Path) -> Result<Bundles, String> {
     let err = |p: &Path, e: String| format!("{}: {e}", p.display());
+    let read = |p: &Path| signet_fs::read_resolved(p, MAX_BUNDLE_BYTES).map_err(|e| e.to_string());
+    if !path.is_dir() {
+        return parse_map(&read(path)?).map_err(|e| err(path, e));
+    }
     let mut out = Bundles::new();
-    if path.is_dir() {
-        let entries = std::fs::read_dir(path).map_err(|e| err(path, e.to_string()))?;
-        for entry in entries.flatten() {
-            let file = entry.path();
-            let (Some(stem), Some(ext)) = (
-                file.file_stem().and_then(|s| s.to_str()),
-                file.extension().and_then(|s| s.to_str()),
-            ) else {
-                continue;
-            };
-            if stem.starts_with('.') {
-                continue; // kubelet's ..data and friends
-            }
-            let bytes = std::fs::read(&file).map_err(|e| err(&file, e.to_string()))?;
-            let pem = match ext {
-                "pem" | "crt" => pem_roots(&bytes),
-                "json" => bundle_pem(&bytes),
-                _ => continue,
-            }
-            .map_err(|e| err(&file, e))?;
-            out.insert(trust_domain(stem).map_err(|e| err(&file, e))?, pem);
+    let entries = std::fs::read_dir(path).map_err(|e| err(path, e.to_string()))?;
+    for entry in entries.flatten() {
+        let file = entry.path();
+        let (Some(stem), Some(ext)) = (
+            file.file_stem().and_then(|s| s.to_str()),
+            file.extension().and_then(|s| s.to_str()),
+        ) else {
+            continue;
+        };
+        if stem.starts_with('.') || !matches!(ext, "pem" | "crt" | "json") {
+            continue;
         }
-    } else {
-        let bytes = std::fs::read(path).map_err(|e| err(path, e.to_string()))?;
-        let map: BTreeMap<String, serde_json::Value> =
-            serde_json::from_slice(&bytes).map_err(|e| {
-                err(
-                    path,
-                    format!("want {{\"<trust domain>\": <SPIFFE bundle>}}: {e}"),
-                )
-            })?;
-        for (td, bundle) in map {
-            let pem = bundle_pem(bundle.to_string().as_bytes())
-                .map_err(|e| err(path, format!("{td}: {e}")))?;
-            out.insert(trust_domain(&td).map_err(|e| err(path, e))?, pem);
+        if let Some((td, pem)) = parse_file(stem, ext, &read(&file)?).map_err(|e| err(&file, e))? {
+            out.insert(td, pem);
         }
     }
     Ok(out)

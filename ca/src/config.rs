@@ -189,6 +189,11 @@ pub struct ServeArgs {
     /// refresh succeeds.
     #[arg(long, default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
     pub jwks_max_age: Duration,
+
+    /// A JWKS older than this is fetched again in the background (verification goes
+    /// on with the keys in hand meanwhile).
+    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    pub jwks_refresh_interval: Duration,
 }
 
 /// A flag value that cannot work.
@@ -312,6 +317,7 @@ impl ServeArgs {
                 issuer,
                 audiences: token_audiences.clone(),
                 source: jwks_source("--jwks", jwks)?,
+                refresh_interval: self.jwks_refresh_interval,
                 max_age: self.jwks_max_age,
             }),
             _ => None,
@@ -335,6 +341,7 @@ impl ServeArgs {
                 issuer: issuer.to_owned(),
                 audiences: token_audiences.clone(),
                 source: jwks_source("--remote-jwks", jwks.to_owned())?,
+                refresh_interval: self.jwks_refresh_interval,
                 max_age: self.jwks_max_age,
             });
         }
@@ -402,8 +409,17 @@ impl ServeArgs {
         if self.max_connection_age < Duration::seconds(1) {
             return Err(err("--max-connection-age", "must be at least 1s".into()));
         }
-        if self.jwks_max_age < Duration::minutes(1) {
-            return Err(err("--jwks-max-age", "must be at least 1m".into()));
+        if self.jwks_refresh_interval < Duration::seconds(1) {
+            return Err(err("--jwks-refresh-interval", "must be at least 1s".into()));
+        }
+        if self.jwks_max_age <= self.jwks_refresh_interval {
+            return Err(err(
+                "--jwks-max-age",
+                format!(
+                    "{} must be longer than --jwks-refresh-interval {}",
+                    self.jwks_max_age, self.jwks_refresh_interval
+                ),
+            ));
         }
         Ok(ServeConfig {
             cacerts_dir: self.cacerts_dir,

@@ -90,6 +90,7 @@ fn breakdown(name: &str, cacerts_dir: &Path, jwks: &Path, issuer: &JwtIssuer) {
             issuer: signet_e2e::ISSUER.into(),
             audiences: vec!["istio-ca".into()],
             source: JwksSource::File(jwks.to_owned()),
+            refresh_interval: time::Duration::minutes(5),
             max_age: time::Duration::hours(24),
         }))
         .unwrap();
@@ -161,6 +162,7 @@ fn crypto_limit(
         issuer: signet_e2e::ISSUER.into(),
         audiences: vec!["istio-ca".into()],
         source: JwksSource::File(jwks.to_owned()),
+        refresh_interval: time::Duration::minutes(5),
         max_age: time::Duration::hours(24),
     };
     let done = Arc::new(AtomicU64::new(0));

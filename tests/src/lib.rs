@@ -382,6 +382,59 @@ pub fn write_crl(cacerts: &Path, ca_key: &KeyPair, serials: &[Vec<u8>]) {
     std::fs::write(cacerts.join("ca-crl.pem"), crl.pem().unwrap()).unwrap();
 }
 
+/// Serves `app` over HTTPS (HTTP/1.1 and HTTP/2) on 127.0.0.1 with a certificate for
+/// `127.0.0.1` and `localhost` from a fresh CA: the Kubernetes-shaped endpoints of
+/// the tests (API server, JWKS). Returns the address and the CA's PEM, for a
+/// kubeconfig or `--jwks-ca-cert`.
+pub async fn https_server(app: axum::Router) -> (SocketAddr, String) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, &ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let mut tls = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![leaf.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+    )
+    .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let app = app.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .await;
+            });
+        }
+    });
+    (addr, ca_cert.pem())
+}
+
 /// The value of the sample `series` (a metric name with its labels, as printed) in
 /// a Prometheus text exposition; `None` when absent.
 pub fn metric(exposition: &str, series: &str) -> Option<f64> {

@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    net::SocketAddr,
     path::Path,
     sync::{
         Arc,
@@ -15,11 +14,9 @@ use std::{
 
 use axum::{Json, Router, extract::State, http::HeaderMap, routing::post};
 use base64::Engine;
-use rcgen::{CertificateParams, KeyPair};
 use serde_json::{Value, json};
-use signet_e2e::{TestCa, csr, openssl_verify, request, sh, uri_sans};
+use signet_e2e::{TestCa, csr, https_server, openssl_verify, request, sh, uri_sans};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 const API_TOKEN: &str = "signet-ca-service-account-token";
 
@@ -137,26 +134,6 @@ async fn token_review(
 
 /// Starts the API server and writes a kubeconfig that trusts its CA.
 async fn api_server(key: &RsaKey, dir: &Path, mode: Mode) -> (Arc<ApiServer>, std::path::PathBuf) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(vec![]).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, &ca_key);
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
-    let tls = rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-        )
-        .unwrap();
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
     let state = Arc::new(ApiServer {
         verify_key: jsonwebtoken::DecodingKey::from_rsa_der(&key.public_pkcs1_der),
         reviews: AtomicUsize::new(0),
@@ -168,28 +145,9 @@ async fn api_server(key: &RsaKey, dir: &Path, mode: Mode) -> (Arc<ApiServer>, st
             post(token_review),
         )
         .with_state(state.clone());
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                return;
-            };
-            let acceptor = acceptor.clone();
-            let app = app.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let service = hyper_util::service::TowerToHyperService::new(app);
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await;
-            });
-        }
-    });
+    let (addr, ca_pem) = https_server(app).await;
     let kubeconfig = dir.join("kubeconfig");
-    write_kubeconfig(&kubeconfig, &format!("https://{addr}"), &ca_cert.pem());
+    write_kubeconfig(&kubeconfig, &format!("https://{addr}"), &ca_pem);
     (state, kubeconfig)
 }
 

@@ -25,10 +25,8 @@ use crate::identity::ServiceAccount;
 
 /// Clock skew tolerated on `exp` and `nbf`.
 const LEEWAY_SECS: i64 = 30;
-/// An unknown `kid` triggers a JWKS refresh at most this often.
+/// A refresh is started at most this often (or every refresh interval, if shorter).
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
-/// A JWKS is refreshed when a token is verified and it is older than this.
-const MAX_JWKS_AGE: Duration = Duration::from_secs(300);
 /// Largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
 /// How long a token with an unknown `kid` waits for the refresh it started.
@@ -59,6 +57,8 @@ pub struct JwtConfig {
     pub audiences: Vec<String>,
     /// The JWKS.
     pub source: JwksSource,
+    /// Keys older than this are refreshed in the background.
+    pub refresh_interval: time::Duration,
     /// Keys that could not be refreshed for this long are no longer trusted.
     pub max_age: time::Duration,
 }
@@ -104,8 +104,9 @@ struct Named {
 
 /// Verifies tokens against one issuer's JWKS.
 ///
-/// Verification never waits for a fetch: keys older than five minutes are refreshed
-/// in the background while the current ones keep verifying. Only a token whose `kid`
+/// Verification never waits for a fetch: keys older than the refresh interval (five
+/// minutes by default) are refreshed in the background while the current ones keep
+/// verifying. Only a token whose `kid`
 /// is unknown waits, briefly, for the refresh it triggers. Keys that could not be
 /// refreshed for [`JwtConfig::max_age`] stop being trusted (fail closed).
 #[derive(Clone)]
@@ -175,11 +176,10 @@ impl JwtAuthenticator {
         }
         let (keys, loaded) = self.0.current();
         let age = loaded.elapsed();
-        if age > MAX_JWKS_AGE {
+        if age > std_duration(self.0.config.refresh_interval) {
             self.start_refresh();
         }
-        let max_age = Duration::try_from(self.0.config.max_age).unwrap_or(Duration::MAX);
-        if age > max_age {
+        if age > std_duration(self.0.config.max_age) {
             return Err(ReviewError::Unavailable(format!(
                 "the signing keys of {} could not be refreshed for {}s; tokens are refused until they can",
                 self.0.config.issuer,
@@ -222,7 +222,8 @@ impl JwtAuthenticator {
                 .last_attempt
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            if last.is_some_and(|t| t.elapsed() < MIN_REFRESH_INTERVAL) {
+            let spacing = MIN_REFRESH_INTERVAL.min(std_duration(self.0.config.refresh_interval));
+            if last.is_some_and(|t| t.elapsed() < spacing) {
                 return None;
             }
             if self.0.refreshing.swap(true, Ordering::AcqRel) {
@@ -349,6 +350,22 @@ impl Inner {
     }
 }
 
+/// An error and its sources, one line: reqwest's own message leaves out why.
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+fn std_duration(d: time::Duration) -> Duration {
+    Duration::try_from(d).unwrap_or(Duration::MAX)
+}
+
 enum VerifyFailure {
     NoKey,
     Bad(String),
@@ -372,7 +389,7 @@ async fn fetch(source: &JwksSource, http: Option<&reqwest::Client>) -> Result<Jw
                     .get(url)
                     .send()
                     .await
-                    .map_err(|e| format!("JWKS {url}: {e}"))?;
+                    .map_err(|e| format!("JWKS {url}: {}", with_sources(&e)))?;
                 if !response.status().is_success() {
                     return Err(format!("JWKS {url}: HTTP {}", response.status()));
                 }
@@ -473,6 +490,7 @@ mod tests {
             issuer: "iss".into(),
             audiences: vec!["istio-ca".into()],
             source: JwksSource::File(path),
+            refresh_interval: time::Duration::minutes(5),
             max_age: time::Duration::hours(24),
         })
         .await

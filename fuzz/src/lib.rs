@@ -1,0 +1,232 @@
+//! The bodies of Signet's fuzz targets, one function per target. `fuzz_targets/`
+//! hands them libFuzzer's input; `tests/corpus.rs` replays the checked-in corpus
+//! through them in `cargo test`, so CI keeps every target compiling and passing.
+//!
+//! Besides "never panic", each target asserts what must hold for hostile input: a
+//! token nobody signed never authenticates, a CA answer is only accepted for our own
+//! key and identity, a file-secret path that passes the check stays inside the
+//! allowed directory.
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+use signet_agent::{filesecret::FilePolicy, store::SecretName, svid::check_answer};
+use signet_ca::authn::{JwksSource, JwtAuthenticator, JwtConfig, Token};
+use spiffe::SpiffeId;
+use time::OffsetDateTime;
+
+/// The workload key the `ca_answer` target's answers are checked against (a key made
+/// for fuzzing only; its seeds certify it).
+pub const WORKLOAD_KEY: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgNGrunwWXNyuWaLzU
+6cuYaJPzvN0H+DQTKFtKHmEjWhqhRANCAATthl00Vzb9oNcONgSsf36WXrpME6T2
+dljO411mYO63NzVAgqgmGsjI16Mv91U1Vd2L0UXXlVhPZBOMH+On9xSV
+-----END PRIVATE KEY-----
+";
+/// The identity the `ca_answer` target expects.
+pub const WORKLOAD_ID: &str = "spiffe://cluster.local/ns/fuzz/sa/target";
+/// Separates the parts of a multi-part input (a CA answer's elements, a cacerts set).
+pub const SEPARATOR: &[u8] = b"\n@@\n";
+/// The allowed directory of the `sds_name` target.
+pub const FILE_SECRET_DIR: &str = "/etc/certs";
+
+/// The fixed "now" of time-dependent targets, so a crash reproduces.
+pub fn now() -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(1_795_000_000).unwrap()
+}
+
+/// Splits `data` at [`SEPARATOR`].
+pub fn parts(data: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while let Some(i) = rest.windows(SEPARATOR.len()).position(|w| w == SEPARATOR) {
+        out.push(&rest[..i]);
+        rest = &rest[i + SEPARATOR.len()..];
+    }
+    out.push(rest);
+    out
+}
+
+/// `signet_ca::csr::check` on a PEM (or anything else).
+pub fn csr(data: &[u8]) {
+    let pem = String::from_utf8_lossy(data);
+    if let Ok(checked) = signet_ca::csr::check(&pem) {
+        assert!(!checked.spki.is_empty());
+    }
+}
+
+struct JwtSetup {
+    runtime: tokio::runtime::Runtime,
+    auth: JwtAuthenticator,
+}
+
+fn jwt_setup() -> &'static JwtSetup {
+    static SETUP: OnceLock<JwtSetup> = OnceLock::new();
+    SETUP.get_or_init(|| {
+        // A JWKS whose private keys nobody has: no input can be a valid token.
+        let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let point = ec.public_key_raw();
+        let b64 = |b: &[u8]| base64url(b);
+        let jwks = format!(
+            r#"{{"keys":[{{"kty":"EC","crv":"P-256","kid":"k1","alg":"ES256","x":"{}","y":"{}"}},{{"kty":"oct","kid":"k2","k":"c2VjcmV0"}},{{"kty":"RSA","kid":"k3","alg":"RS256","n":"{}","e":"AQAB"}}]}}"#,
+            b64(&point[1..33]),
+            b64(&point[33..65]),
+            b64(&[0xc5; 256]),
+        );
+        let path = std::env::temp_dir().join(format!("signet-fuzz-jwks-{}.json", std::process::id()));
+        std::fs::write(&path, jwks).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let auth = runtime
+            .block_on(JwtAuthenticator::new(JwtConfig {
+                issuer: "https://kubernetes.default.svc".into(),
+                audiences: vec!["istio-ca".into()],
+                source: JwksSource::File(path),
+                refresh_interval: time::Duration::minutes(5),
+                max_age: time::Duration::days(365),
+            }))
+            .unwrap();
+        JwtSetup { runtime, auth }
+    })
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+/// The JWT front end: the JWKS parser on the raw input, and the whole offline
+/// verification (header, key choice, signature, claims) on it as a token.
+pub fn jwt(data: &[u8]) {
+    let _ = signet_ca::authn::Jwks::parse(data);
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let setup = jwt_setup();
+    let verdict = setup
+        .runtime
+        .block_on(setup.auth.verify(&Token::new(text), now()));
+    assert!(verdict.is_err(), "a token nobody signed was accepted");
+}
+
+/// A cacerts directory (Istio layout, and `ca-crl.pem` when a fifth part is given)
+/// loaded exactly as `signet-ca serve` loads it, then checked by `Signer::new`.
+pub fn cacerts(data: &[u8]) {
+    thread_local! {
+        static DIR: PathBuf = {
+            let base = if Path::new("/dev/shm").is_dir() {
+                PathBuf::from("/dev/shm")
+            } else {
+                std::env::temp_dir()
+            };
+            let dir = base.join(format!("signet-fuzz-cacerts-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            dir
+        };
+    }
+    let parts = parts(data);
+    DIR.with(|dir| {
+        let names = [
+            "ca-cert.pem",
+            "ca-key.pem",
+            "cert-chain.pem",
+            "root-cert.pem",
+            "ca-crl.pem",
+        ];
+        for (i, name) in names.iter().enumerate() {
+            let path = dir.join(name);
+            match parts.get(i) {
+                Some(bytes) => std::fs::write(&path, bytes).unwrap(),
+                None => {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        if let Ok(Some(material)) = signet_ca::cacerts::load_dir(dir) {
+            let _ = signet_ca::signer::Signer::new(material, now());
+        }
+    });
+}
+
+/// SDS resource names, and the file-secret path check for the file-backed ones.
+pub fn sds_name(data: &[u8]) {
+    let name = String::from_utf8_lossy(data);
+    let Ok(parsed) = SecretName::parse(&name) else {
+        return;
+    };
+    let policy = FilePolicy::new(vec![PathBuf::from(FILE_SECRET_DIR)]);
+    let paths: Vec<&Path> = match &parsed {
+        SecretName::FileCert { cert, key } => vec![cert, key],
+        SecretName::FileRoot(path) => vec![path],
+        _ => Vec::new(),
+    };
+    for path in paths {
+        if policy.check(path).is_ok() {
+            assert!(path.starts_with(FILE_SECRET_DIR), "{path:?}");
+            assert!(
+                !path
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir)),
+                "{path:?}"
+            );
+        }
+    }
+}
+
+fn workload_spki() -> &'static [u8] {
+    static SPKI: OnceLock<Vec<u8>> = OnceLock::new();
+    SPKI.get_or_init(|| {
+        use rcgen::PublicKeyData;
+        rcgen::KeyPair::from_pem(WORKLOAD_KEY)
+            .unwrap()
+            .subject_public_key_info()
+    })
+}
+
+/// The agent's check of a CA answer (`cert_chain` elements separated by
+/// [`SEPARATOR`]).
+pub fn ca_answer(data: &[u8]) {
+    let chain: Vec<String> = parts(data)
+        .into_iter()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    let id = SpiffeId::new(WORKLOAD_ID).unwrap();
+    if let Ok(svid) = check_answer(&chain, &id, workload_spki(), String::new(), now()) {
+        assert_eq!(svid.id, id);
+    }
+}
+
+/// Federated bundles: a bundle file (`.pem` or `.json`, chosen by the first byte)
+/// and the one-document JSON map.
+pub fn federation(data: &[u8]) {
+    let ext = if data.first().is_some_and(|b| b % 2 == 0) {
+        "json"
+    } else {
+        "pem"
+    };
+    let body = data.get(1..).unwrap_or_default();
+    if let Ok(Some((_, pem))) = signet_agent::federation::parse_file("b.example", ext, body) {
+        assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+    }
+    if let Ok(bundles) = signet_agent::federation::parse_map(data) {
+        for pem in bundles.values() {
+            assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! Replays the checked-in corpus of every fuzz target through its body, so `cargo
+//! test` keeps the targets compiling and passing; and (ignored, run by hand) writes
+//! the seed corpus.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+type Target = fn(&[u8]);
+
+const TARGETS: [(&str, Target); 6] = [
+    ("csr", signet_fuzz::csr),
+    ("jwt", signet_fuzz::jwt),
+    ("cacerts", signet_fuzz::cacerts),
+    ("sds_name", signet_fuzz::sds_name),
+    ("ca_answer", signet_fuzz::ca_answer),
+    ("federation", signet_fuzz::federation),
+];
+
+fn corpus(target: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("corpus")
+        .join(target)
+}
+
+#[test]
+fn every_corpus_file_replays() {
+    for (name, target) in TARGETS {
+        let dir = corpus(name);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        assert!(!files.is_empty(), "{name} has no seed corpus");
+        for file in files {
+            target(&std::fs::read(&file).unwrap());
+        }
+    }
+}
+
+/// The seeds that exercise the accepting paths are still accepted: a corpus that
+/// only holds garbage would fuzz nothing but the first parser error.
+#[test]
+fn seeds_reach_the_accepting_paths() {
+    let read = |target: &str, file: &str| std::fs::read(corpus(target).join(file)).unwrap();
+    let csr = String::from_utf8(read("csr", "p256-san")).unwrap();
+    assert!(signet_ca::csr::check(&csr).is_ok());
+    let answer: Vec<String> = signet_fuzz::parts(&read("ca_answer", "leaf-intermediate-root"))
+        .into_iter()
+        .map(|p| String::from_utf8(p.to_vec()).unwrap())
+        .collect();
+    let id = spiffe::SpiffeId::new(signet_fuzz::WORKLOAD_ID).unwrap();
+    use rcgen::PublicKeyData;
+    let spki = rcgen::KeyPair::from_pem(signet_fuzz::WORKLOAD_KEY)
+        .unwrap()
+        .subject_public_key_info();
+    signet_agent::svid::check_answer(&answer, &id, &spki, String::new(), signet_fuzz::now())
+        .unwrap();
+    let set = read("cacerts", "p256-istio-set");
+    let dir = tempfile_dir();
+    for (part, name) in signet_fuzz::parts(&set).into_iter().zip([
+        "ca-cert.pem",
+        "ca-key.pem",
+        "cert-chain.pem",
+        "root-cert.pem",
+    ]) {
+        std::fs::write(dir.join(name), part).unwrap();
+    }
+    let material = signet_ca::cacerts::load_dir(&dir).unwrap().unwrap();
+    signet_ca::signer::Signer::new(material, signet_fuzz::now()).unwrap();
+    assert!(signet_agent::federation::parse_map(&read("federation", "map")).is_ok());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn tempfile_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("signet-fuzz-seeds-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes the seed corpus: `cargo test -p signet-fuzz -- --ignored write_seeds`.
+#[test]
+#[ignore]
+fn write_seeds() {
+    use rcgen::{CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
+    let write = |target: &str, file: &str, bytes: &[u8]| {
+        let dir = corpus(target);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(file), bytes).unwrap();
+    };
+    let join = |parts: &[&[u8]]| parts.join(signet_fuzz::SEPARATOR);
+    let openssl = |cmd: &str| {
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(cmd)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cmd}");
+        out.stdout
+    };
+
+    // CSRs.
+    let p256 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(
+        "spiffe://cluster.local/ns/a/sa/b".try_into().unwrap(),
+    )];
+    write(
+        "csr",
+        "p256-san",
+        params
+            .serialize_request(&p256)
+            .unwrap()
+            .pem()
+            .unwrap()
+            .as_bytes(),
+    );
+    let p384 = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    write(
+        "csr",
+        "p384",
+        CertificateParams::default()
+            .serialize_request(&p384)
+            .unwrap()
+            .pem()
+            .unwrap()
+            .as_bytes(),
+    );
+    write(
+        "csr",
+        "rsa2048-openssl",
+        &openssl(
+            "openssl req -new -newkey rsa:2048 -nodes -keyout /dev/null -subj / -addext subjectAltName=URI:spiffe://cluster.local/ns/a/sa/b 2>/dev/null",
+        ),
+    );
+
+    // Tokens (signed by keys the target's JWKS does not hold) and a JWKS.
+    let header = |h: &str| base64url(h.as_bytes());
+    let claims = base64url(br#"{"iss":"https://kubernetes.default.svc","aud":"istio-ca","sub":"system:serviceaccount:a:b","exp":1895000000,"kubernetes.io":{"namespace":"a","serviceaccount":{"name":"b"}}}"#);
+    write(
+        "jwt",
+        "es256-k1",
+        format!(
+            "{}.{claims}.{}",
+            header(r#"{"alg":"ES256","kid":"k1"}"#),
+            base64url(&[7; 64])
+        )
+        .as_bytes(),
+    );
+    write(
+        "jwt",
+        "alg-none",
+        format!("{}.{claims}.", header(r#"{"alg":"none"}"#)).as_bytes(),
+    );
+    write(
+        "jwt",
+        "hs256-k2",
+        format!(
+            "{}.{claims}.{}",
+            header(r#"{"alg":"HS256","kid":"k2"}"#),
+            base64url(&[1; 32])
+        )
+        .as_bytes(),
+    );
+    write(
+        "jwt",
+        "rs256-no-kid",
+        format!(
+            "{}.{claims}.{}",
+            header(r#"{"alg":"RS256"}"#),
+            base64url(&[3; 256])
+        )
+        .as_bytes(),
+    );
+    write("jwt", "jwks", br#"{"keys":[{"kty":"EC","crv":"P-256","kid":"a","x":"AAAA","y":"AAAA"},{"kty":"oct","k":"AAAA"}]}"#);
+
+    // A root, an intermediate, a workload leaf for WORKLOAD_KEY.
+    let now = signet_fuzz::now();
+    let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut root = CertificateParams::default();
+    root.distinguished_name = rcgen::DistinguishedName::new();
+    root.distinguished_name
+        .push(DnType::OrganizationName, "Fuzz Root");
+    root.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    root.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    root.not_before = now - time::Duration::days(30);
+    root.not_after = now + time::Duration::days(3650);
+    let root_cert = root.self_signed(&root_key).unwrap();
+    let root_issuer = rcgen::Issuer::from_params(&root, &root_key);
+    let ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name = rcgen::DistinguishedName::new();
+    ca.distinguished_name
+        .push(DnType::CommonName, "Fuzz Intermediate");
+    ca.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.use_authority_key_identifier_extension = true;
+    ca.not_before = now - time::Duration::days(30);
+    ca.not_after = now + time::Duration::days(700);
+    let ca_cert = ca.signed_by(&ca_key, &root_issuer).unwrap();
+    let ca_issuer = rcgen::Issuer::from_params(&ca, &ca_key);
+    write(
+        "cacerts",
+        "p256-istio-set",
+        &join(&[
+            ca_cert.pem().as_bytes(),
+            ca_key.serialize_pem().as_bytes(),
+            (ca_cert.pem() + &root_cert.pem()).as_bytes(),
+            root_cert.pem().as_bytes(),
+        ]),
+    );
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update: now - time::Duration::days(1),
+        next_update: now + time::Duration::days(1),
+        crl_number: rcgen::SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: vec![rcgen::RevokedCertParams {
+            serial_number: rcgen::SerialNumber::from(42u64),
+            revocation_time: now - time::Duration::days(1),
+            reason_code: None,
+            invalidity_date: None,
+        }],
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&ca_issuer)
+    .unwrap();
+    write(
+        "cacerts",
+        "p256-istio-set-crl",
+        &join(&[
+            ca_cert.pem().as_bytes(),
+            ca_key.serialize_pem().as_bytes(),
+            (ca_cert.pem() + &root_cert.pem()).as_bytes(),
+            root_cert.pem().as_bytes(),
+            crl.pem().unwrap().as_bytes(),
+        ]),
+    );
+    let sec1 = openssl(&format!(
+        "printf '%s' '{}' | openssl ec -outform PEM 2>/dev/null",
+        ca_key.serialize_pem()
+    ));
+    write(
+        "cacerts",
+        "p256-istio-set-sec1",
+        &join(&[
+            ca_cert.pem().as_bytes(),
+            &sec1,
+            (ca_cert.pem() + &root_cert.pem()).as_bytes(),
+            root_cert.pem().as_bytes(),
+        ]),
+    );
+
+    let workload = KeyPair::from_pem(signet_fuzz::WORKLOAD_KEY).unwrap();
+    let mut leaf = CertificateParams::default();
+    leaf.distinguished_name = rcgen::DistinguishedName::new();
+    leaf.subject_alt_names = vec![SanType::URI(signet_fuzz::WORKLOAD_ID.try_into().unwrap())];
+    leaf.not_before = now - time::Duration::hours(1);
+    leaf.not_after = now + time::Duration::hours(23);
+    leaf.use_authority_key_identifier_extension = true;
+    let leaf_cert = leaf.signed_by(&workload, &ca_issuer).unwrap();
+    write(
+        "ca_answer",
+        "leaf-intermediate-root",
+        &join(&[
+            leaf_cert.pem().as_bytes(),
+            ca_cert.pem().as_bytes(),
+            root_cert.pem().as_bytes(),
+        ]),
+    );
+    write("ca_answer", "leaf-only", leaf_cert.pem().as_bytes());
+
+    // SDS names.
+    for (file, name) in [
+        ("default", "default"),
+        ("rootca", "ROOTCA"),
+        ("all", "ALL"),
+        ("trust-domain", "spiffe://b.example"),
+        (
+            "file-cert",
+            "file-cert:/etc/certs/cert-chain.pem~/etc/certs/key.pem",
+        ),
+        ("file-root", "file-root:/etc/certs/root-cert.pem"),
+        (
+            "file-root-escape",
+            "file-root:/etc/certs/../../root/.ssh/id_rsa",
+        ),
+    ] {
+        write("sds_name", file, name.as_bytes());
+    }
+
+    // Federated bundles: '0' (even) + JSON, '1' (odd) + PEM, and a map.
+    let x5c = {
+        use std::io::Write;
+        let mut out = Vec::new();
+        let der = root_cert.der().to_vec();
+        let b64 = base64std(&der);
+        out.write_all(b64.as_bytes()).unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    let bundle = format!(
+        r#"{{"keys":[{{"use":"x509-svid","kty":"EC","x5c":["{x5c}"]}},{{"use":"jwt-svid","kty":"EC"}}]}}"#
+    );
+    write("federation", "bundle-json", format!("0{bundle}").as_bytes());
+    write(
+        "federation",
+        "bundle-pem",
+        format!("1{}", root_cert.pem()).as_bytes(),
+    );
+    write(
+        "federation",
+        "map",
+        format!(r#"{{"b.example":{bundle}}}"#).as_bytes(),
+    );
+}
+
+fn base64url(bytes: &[u8]) -> String {
+    encode(
+        bytes,
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+        false,
+    )
+}
+
+fn base64std(bytes: &[u8]) -> String {
+    encode(
+        bytes,
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
+        true,
+    )
+}
+
+fn encode(bytes: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(alphabet[(n >> (18 - 6 * i) & 63) as usize] as char);
+        }
+        if pad {
+            for _ in chunk.len()..3 {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
