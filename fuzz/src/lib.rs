@@ -70,12 +70,11 @@ fn jwt_setup() -> &'static JwtSetup {
         // A JWKS whose private keys nobody has: no input can be a valid token.
         let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let point = ec.public_key_raw();
-        let b64 = |b: &[u8]| base64url(b);
         let jwks = format!(
             r#"{{"keys":[{{"kty":"EC","crv":"P-256","kid":"k1","alg":"ES256","x":"{}","y":"{}"}},{{"kty":"oct","kid":"k2","k":"c2VjcmV0"}},{{"kty":"RSA","kid":"k3","alg":"RS256","n":"{}","e":"AQAB"}}]}}"#,
-            b64(&point[1..33]),
-            b64(&point[33..65]),
-            b64(&[0xc5; 256]),
+            base64url(&point[1..33]),
+            base64url(&point[33..65]),
+            base64url(&[0xc5; 256]),
         );
         let path = std::env::temp_dir().join(format!("signet-fuzz-jwks-{}.json", std::process::id()));
         std::fs::write(&path, jwks).unwrap();
@@ -97,18 +96,8 @@ fn jwt_setup() -> &'static JwtSetup {
 }
 
 fn base64url(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, b)| acc | u32::from(*b) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// The JWT front end: the JWKS parser on the raw input, and the whole offline

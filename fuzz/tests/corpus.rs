@@ -295,14 +295,7 @@ fn write_seeds() {
     }
 
     // Federated bundles: '0' (even) + JSON, '1' (odd) + PEM, and a map.
-    let x5c = {
-        use std::io::Write;
-        let mut out = Vec::new();
-        let der = root_cert.der().to_vec();
-        let b64 = base64std(&der);
-        out.write_all(b64.as_bytes()).unwrap();
-        String::from_utf8(out).unwrap()
-    };
+    let x5c = base64std(root_cert.der());
     let bundle = format!(
         r#"{{"keys":[{{"use":"x509-svid","kty":"EC","x5c":["{x5c}"]}},{{"use":"jwt-svid","kty":"EC"}}]}}"#
     );
@@ -320,36 +313,11 @@ fn write_seeds() {
 }
 
 fn base64url(bytes: &[u8]) -> String {
-    encode(
-        bytes,
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
-        false,
-    )
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 fn base64std(bytes: &[u8]) -> String {
-    encode(
-        bytes,
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
-        true,
-    )
-}
-
-fn encode(bytes: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, b)| acc | u32::from(*b) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(alphabet[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
-        if pad {
-            for _ in chunk.len()..3 {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
