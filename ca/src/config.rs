@@ -244,6 +244,16 @@ pub struct ServeConfig {
     pub max_token_reviews: usize,
 }
 
+impl ServeConfig {
+    /// `--trust-domain` with its `--trust-domain-alias`es.
+    pub fn trust_domains(&self) -> crate::identity::TrustDomains {
+        crate::identity::TrustDomains::new(
+            self.trust_domain.clone(),
+            self.trust_domain_aliases.clone(),
+        )
+    }
+}
+
 impl ServeArgs {
     /// Checks values that clap cannot; `in_cluster` says whether we run in a pod.
     pub fn validate(self, in_cluster: bool) -> Result<ServeConfig, ConfigError> {

@@ -2,7 +2,6 @@
 //! used; everything else in it is either checked or ignored, never copied.
 
 use rustls_pki_types::{CertificateSigningRequestDer, pem::PemObject};
-use spiffe::SpiffeId;
 use x509_parser::{
     certification_request::X509CertificationRequest,
     extensions::{GeneralName, ParsedExtension},
@@ -36,36 +35,39 @@ pub enum CsrError {
     BadSignature,
 }
 
-/// A CSR whose signature verified, reduced to what signing needs.
+/// A CSR that parsed, with an accepted key, reduced to what policy and signing need.
+/// Its self-signature is checked by [`ParsedCsr::verify`] (the costly part, which
+/// runs on the signing threads).
 #[derive(Clone, Debug)]
-pub struct CheckedCsr {
+pub struct ParsedCsr {
+    der: Vec<u8>,
     /// DER SubjectPublicKeyInfo of the workload key.
     pub spki: Vec<u8>,
     /// The key's type.
     pub key: KeyKind,
-    /// URI SANs the CSR asked for (the caller's own claim, checked against its identity).
+    /// URI SANs the CSR asked for (the caller's own claim, judged by policy).
     pub uri_sans: Vec<String>,
 }
 
-impl CheckedCsr {
-    /// URI SANs that are not this identity (or the same path in an alias trust domain).
-    pub fn foreign_sans(&self, id: &SpiffeId, trust_domains: &[&str]) -> Vec<String> {
-        self.uri_sans
-            .iter()
-            .filter(|san| {
-                let Ok(claimed) = SpiffeId::new(san.as_str()) else {
-                    return true;
-                };
-                !(claimed.path() == id.path()
-                    && trust_domains.contains(&claimed.trust_domain_name()))
-            })
-            .cloned()
-            .collect()
+impl ParsedCsr {
+    /// Verifies the self-signature: proof that the caller holds the key.
+    pub fn verify(&self) -> Result<(), CsrError> {
+        let (_, csr) = X509CertificationRequest::from_der(&self.der)
+            .map_err(|e| CsrError::Der(e.to_string()))?;
+        csr.verify_signature().map_err(|_| CsrError::BadSignature)
     }
 }
 
-/// Parses a PEM CSR, checks its key and verifies its self-signature.
-pub fn check(pem: &str) -> Result<CheckedCsr, CsrError> {
+/// [`parse`] and [`ParsedCsr::verify`] in one.
+pub fn check(pem: &str) -> Result<ParsedCsr, CsrError> {
+    let parsed = parse(pem)?;
+    parsed.verify()?;
+    Ok(parsed)
+}
+
+/// Parses a PEM CSR and checks everything but its signature: size, encoding (the
+/// unsigned envelope byte for byte), key type and size, signature algorithm.
+pub fn parse(pem: &str) -> Result<ParsedCsr, CsrError> {
     if pem.trim().is_empty() {
         return Err(CsrError::Empty);
     }
@@ -97,8 +99,6 @@ pub fn check(pem: &str) -> Result<CheckedCsr, CsrError> {
     if *alg == oid_registry::OID_PKCS1_SHA1WITHRSA || *alg == oid_registry::OID_SHA1_WITH_RSA {
         return Err(CsrError::WeakSignature("SHA-1".into()));
     }
-    csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
-
     let mut uri_sans = Vec::new();
     for ext in csr.requested_extensions().into_iter().flatten() {
         if let ParsedExtension::SubjectAlternativeName(san) = ext {
@@ -109,10 +109,11 @@ pub fn check(pem: &str) -> Result<CheckedCsr, CsrError> {
             }
         }
     }
-    Ok(CheckedCsr {
+    Ok(ParsedCsr {
         spki: spki.raw.to_vec(),
         key,
         uri_sans,
+        der: der.as_ref().to_vec(),
     })
 }
 
@@ -190,11 +191,6 @@ mod tests {
         let checked = check(&csr_for(&key, Some("spiffe://cluster.local/ns/a/sa/b"))).unwrap();
         assert_eq!(checked.key, KeyKind::P256);
         assert_eq!(checked.uri_sans, vec!["spiffe://cluster.local/ns/a/sa/b"]);
-        let me = SpiffeId::new("spiffe://cluster.local/ns/a/sa/b").unwrap();
-        assert!(checked.foreign_sans(&me, &["cluster.local"]).is_empty());
-        let other = SpiffeId::new("spiffe://cluster.local/ns/a/sa/c").unwrap();
-        assert_eq!(checked.foreign_sans(&other, &["cluster.local"]).len(), 1);
-        assert_eq!(checked.foreign_sans(&me, &["other.td"]).len(), 1);
     }
 
     #[test]

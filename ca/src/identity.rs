@@ -115,6 +115,36 @@ impl fmt::Display for ServiceAccount {
     }
 }
 
+/// Our trust domain and the aliases accepted for it (in CSR SANs and client
+/// certificates); issued certificates always name the primary one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustDomains {
+    primary: TrustDomain,
+    aliases: Vec<TrustDomain>,
+}
+
+impl TrustDomains {
+    /// `primary` and its `aliases`.
+    pub fn new(primary: TrustDomain, aliases: Vec<TrustDomain>) -> Self {
+        Self { primary, aliases }
+    }
+
+    /// The trust domain certificates are issued in.
+    pub fn primary(&self) -> &TrustDomain {
+        &self.primary
+    }
+
+    /// Whether `name` is ours or an alias.
+    pub fn contains(&self, name: &str) -> bool {
+        self.iter().any(|td| td.as_str() == name)
+    }
+
+    /// The primary, then the aliases.
+    pub fn iter(&self) -> impl Iterator<Item = &TrustDomain> {
+        std::iter::once(&self.primary).chain(&self.aliases)
+    }
+}
+
 /// Parses and validates a trust domain name such as `cluster.local`.
 pub fn trust_domain(name: &str) -> Result<TrustDomain, IdentityError> {
     if name.contains('/') || name.contains(':') {

@@ -5,6 +5,7 @@
 //!   a self-signed root from the state directory.
 //! - [`signer`]: checks key material and issues SPIFFE workload certificates.
 //! - [`csr`]: parses and verifies workload CSRs.
+//! - [`policy`]: decides identity, lifetime, impersonation and SANs of a request.
 //! - [`identity`]: service accounts and SPIFFE IDs.
 //! - [`keys`]: private keys in PKCS#1, SEC1 or PKCS#8, and public key classification.
 //! - [`pki`]: `signet-ca pki`, roots and per-cluster intermediates for operators.
@@ -18,6 +19,7 @@ pub mod identity;
 pub mod keys;
 pub mod metrics;
 pub mod pki;
+pub mod policy;
 pub mod queue;
 pub mod server;
 pub mod service;

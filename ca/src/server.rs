@@ -25,8 +25,9 @@ use crate::{
     cacerts::{self, CaCertsError},
     config::ServeConfig,
     metrics::Metrics,
+    policy::Policy,
     queue::SigningQueue,
-    service::{CaService, IssuePolicy, MAX_REQUEST_BYTES},
+    service::{CaService, MAX_REQUEST_BYTES},
     signer::{SignError, Signer},
     tls::{TlsError, TlsState},
 };
@@ -110,9 +111,7 @@ pub async fn authenticator(config: &ServeConfig) -> Result<Authenticator, ServeE
         config.max_token_reviews,
     )
     .await?;
-    let mut trust_domains = vec![config.trust_domain.clone()];
-    trust_domains.extend(config.trust_domain_aliases.iter().cloned());
-    let mut authn = Authenticator::new(config.cluster_id.clone(), local, trust_domains)
+    let mut authn = Authenticator::new(config.cluster_id.clone(), local, config.trust_domains())
         .with_aliases(config.cluster_aliases.clone());
     for (id, remote) in &config.remotes {
         let auth = cluster_auth(
@@ -163,16 +162,7 @@ pub async fn run(
             config.max_pending_per_caller,
         )?,
         metrics.clone(),
-        IssuePolicy {
-            trust_domain: config.trust_domain.clone(),
-            trust_domain_aliases: config
-                .trust_domain_aliases
-                .iter()
-                .map(|td| td.as_str().to_owned())
-                .collect(),
-            default_ttl: config.default_ttl,
-            max_ttl: config.max_ttl,
-        },
+        Policy::new(config.trust_domains(), config.default_ttl, config.max_ttl),
     );
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

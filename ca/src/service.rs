@@ -1,12 +1,13 @@
-//! `istio.v1.auth.IstioCertificateService`: authenticate, check the CSR, sign, answer.
-//! Errors become gRPC statuses here and nowhere else.
+//! `istio.v1.auth.IstioCertificateService`. A request goes authenticate -> parse the
+//! CSR -> policy -> (queue) verify the CSR's signature and sign -> answer. Errors
+//! become gRPC statuses here and nowhere else.
 
 use std::{sync::Arc, time::Instant};
 
 use rustls::pki_types::UnixTime;
 use signet_proto::{IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService};
-use spiffe::TrustDomain;
-use time::{Duration, OffsetDateTime};
+use spiffe::SpiffeId;
+use time::OffsetDateTime;
 use tokio::sync::watch;
 use tonic::{Code, Request, Response, Status};
 
@@ -14,26 +15,14 @@ use crate::{
     authn::{Authenticator, AuthnError, Caller, ClientCert, Token},
     csr::{self, CsrError},
     metrics::Metrics,
+    policy::{Policy, PolicyError},
     queue::{QueueError, SigningQueue},
-    signer::{self, Issued, SignError, Signer},
+    signer::{Issued, SignError, Signer},
     tls::TlsState,
 };
 
 /// Largest request message accepted (a CSR is about 1 KiB).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
-
-/// Lifetime policy and trust domains for issued certificates.
-#[derive(Debug, Clone)]
-pub struct IssuePolicy {
-    /// The trust domain certificates are issued in.
-    pub trust_domain: TrustDomain,
-    /// Aliases a CSR's URI SAN may name instead.
-    pub trust_domain_aliases: Vec<String>,
-    /// Lifetime when none is requested.
-    pub default_ttl: Duration,
-    /// Upper bound on lifetimes.
-    pub max_ttl: Duration,
-}
 
 /// The CreateCertificate service.
 #[derive(Debug, Clone)]
@@ -43,7 +32,7 @@ pub struct CaService {
     authn: Arc<Authenticator>,
     queue: SigningQueue,
     metrics: Metrics,
-    policy: Arc<IssuePolicy>,
+    policy: Arc<Policy>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,13 +41,8 @@ enum RequestError {
     Authn(#[from] AuthnError),
     #[error(transparent)]
     Csr(#[from] CsrError),
-    #[error("the CSR asks for {claimed:?}, but the caller is authenticated as {caller}")]
-    Identity {
-        claimed: Vec<String>,
-        caller: String,
-    },
-    #[error("{0}")]
-    Impersonation(String),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
     #[error(transparent)]
     Sign(#[from] SignError),
     #[error(transparent)]
@@ -74,7 +58,10 @@ impl RequestError {
                 Status::unavailable(message)
             }
             Self::Csr(_) | Self::Sign(SignError::PublicKey(_)) => Status::invalid_argument(message),
-            Self::Identity { .. } | Self::Impersonation(_) => Status::permission_denied(message),
+            Self::Policy(PolicyError::ForeignSan { .. } | PolicyError::Impersonation { .. }) => {
+                Status::permission_denied(message)
+            }
+            Self::Policy(PolicyError::Identity(_)) => Status::failed_precondition(message),
             Self::Sign(_) => Status::internal(message),
             Self::Queue(QueueError::Full(_) | QueueError::Share(_)) => {
                 Status::resource_exhausted(message)
@@ -86,10 +73,10 @@ impl RequestError {
     /// Istio's `error` label values for `citadel_server_csr_sign_err_count`.
     fn sign_error_label(&self) -> Option<&'static str> {
         match self {
-            Self::Authn(_) | Self::Impersonation(_) => None,
-            Self::Csr(_) | Self::Identity { .. } | Self::Sign(SignError::PublicKey(_)) => {
-                Some("CSR_ERROR")
-            }
+            Self::Authn(_) | Self::Policy(PolicyError::Impersonation { .. }) => None,
+            Self::Csr(_)
+            | Self::Policy(PolicyError::ForeignSan { .. } | PolicyError::Identity(_))
+            | Self::Sign(SignError::PublicKey(_)) => Some("CSR_ERROR"),
             Self::Sign(SignError::Expired(_)) => Some("CA_NOT_READY"),
             Self::Sign(_) | Self::Queue(QueueError::Failed(_)) => Some("CERT_GEN_ERROR"),
             Self::Queue(QueueError::Full(_) | QueueError::Share(_)) => Some("OVERLOADED"),
@@ -105,7 +92,7 @@ impl CaService {
         authn: Arc<Authenticator>,
         queue: SigningQueue,
         metrics: Metrics,
-        policy: IssuePolicy,
+        policy: Policy,
     ) -> Self {
         Self {
             signer,
@@ -120,7 +107,7 @@ impl CaService {
     async fn handle(
         &self,
         request: Request<IstioCertificateRequest>,
-    ) -> Result<(Caller, Issued), RequestError> {
+    ) -> Result<(Caller, SpiffeId, Issued), RequestError> {
         let metadata = request.metadata();
         let token = metadata
             .get("authorization")
@@ -150,41 +137,29 @@ impl CaService {
             .inspect_err(|_| self.metrics.authentication_failure_count.inc())?;
 
         let body = request.into_inner();
-        if let Some(target) = impersonation_target(&body) {
-            return Err(RequestError::Impersonation(format!(
-                "{} asked to act for {target:?}, but node impersonation is not enabled on this CA",
-                caller.account
-            )));
-        }
-        let lifetime = signer::lifetime(
+        let csr = csr::parse(&body.csr)?;
+        let decision = self.policy.decide(
+            &caller,
             body.validity_duration,
-            self.policy.default_ttl,
-            self.policy.max_ttl,
-        );
-        let id = caller
-            .account
-            .spiffe_id(&self.policy.trust_domain)
-            .map_err(|e| RequestError::Csr(CsrError::Key(e.to_string())))?;
+            impersonation_target(&body).as_deref(),
+            &csr,
+        )?;
         let signer = self.signer.borrow().clone();
-        let policy = self.policy.clone();
         let share = caller.account.to_string();
+        let id = decision.id.clone();
         let issued = self
             .queue
             .run_as(&share, move || -> Result<Issued, RequestError> {
-                let checked = csr::check(&body.csr)?;
-                let mut domains = vec![policy.trust_domain.as_str()];
-                domains.extend(policy.trust_domain_aliases.iter().map(String::as_str));
-                let foreign = checked.foreign_sans(&id, &domains);
-                if !foreign.is_empty() {
-                    return Err(RequestError::Identity {
-                        claimed: foreign,
-                        caller: id.to_string(),
-                    });
-                }
-                Ok(signer.sign(&checked.spki, &id, lifetime, OffsetDateTime::now_utc())?)
+                csr.verify()?;
+                Ok(signer.sign(
+                    &csr.spki,
+                    &decision.id,
+                    decision.lifetime,
+                    OffsetDateTime::now_utc(),
+                )?)
             })
             .await??;
-        Ok((caller, issued))
+        Ok((caller, id, issued))
     }
 }
 
@@ -210,12 +185,12 @@ impl IstioCertificateService for CaService {
             .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         let result = self.handle(request).await;
         let code = match &result {
-            Ok((caller, issued)) => {
+            Ok((caller, id, issued)) => {
                 self.metrics.success_cert_issuance_count.inc();
                 tracing::info!(
                     target: "signet_ca::audit",
                     serial = %issued.serial,
-                    spiffe_id = %caller.account.spiffe_id(&self.policy.trust_domain).map(|i| i.to_string()).unwrap_or_default(),
+                    spiffe_id = %id,
                     public_key_sha256 = %issued.public_key_sha256,
                     not_after = %issued
                         .not_after
@@ -260,7 +235,7 @@ impl IstioCertificateService for CaService {
             .with_label_values(&[&format!("{code:?}")])
             .observe(started.elapsed().as_secs_f64());
         result
-            .map(|(_, issued)| {
+            .map(|(_, _, issued)| {
                 Response::new(IstioCertificateResponse {
                     cert_chain: issued.cert_chain,
                 })

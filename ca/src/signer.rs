@@ -436,17 +436,6 @@ pub fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-/// The lifetime to issue for a request: the requested seconds, or the default when
-/// zero or negative, clamped to `max`.
-pub fn lifetime(requested_secs: i64, default: Duration, max: Duration) -> Duration {
-    let requested = if requested_secs <= 0 {
-        default
-    } else {
-        Duration::seconds(requested_secs)
-    };
-    requested.min(max)
-}
-
 /// NotBefore and NotAfter: backdated by at most 10 % of the lifetime (and two minutes),
 /// so that a short certificate is not due for renewal the moment it arrives; NotAfter
 /// clamped to `limit`.
@@ -496,16 +485,6 @@ fn describe_webpki(e: &webpki::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lifetime_policy() {
-        let day = Duration::hours(24);
-        let max = Duration::days(90);
-        assert_eq!(lifetime(0, day, max), day);
-        assert_eq!(lifetime(-5, day, max), day);
-        assert_eq!(lifetime(3, day, max), Duration::seconds(3));
-        assert_eq!(lifetime(100 * 365 * 86_400, day, max), max);
-    }
 
     #[test]
     fn backdate_is_a_small_fraction() {

@@ -9,10 +9,10 @@ mod tokenreview;
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use rustls_pki_types::CertificateDer;
-use spiffe::{SpiffeId, TrustDomain};
+use spiffe::SpiffeId;
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
 
-use crate::identity::ServiceAccount;
+use crate::identity::{ServiceAccount, TrustDomains};
 
 pub use jwt::{Jwks, JwksSource, JwtAuthenticator, JwtConfig};
 pub use token::Token;
@@ -105,12 +105,12 @@ pub struct Authenticator {
     local_cluster: String,
     aliases: Vec<String>,
     clusters: BTreeMap<String, Arc<ClusterAuth>>,
-    trust_domains: Vec<TrustDomain>,
+    trust_domains: TrustDomains,
 }
 
 impl Authenticator {
-    /// `trust_domains[0]` is ours; the rest are aliases accepted on client certificates.
-    pub fn new(local_cluster: String, local: ClusterAuth, trust_domains: Vec<TrustDomain>) -> Self {
+    /// Client certificates are accepted in any of `trust_domains`.
+    pub fn new(local_cluster: String, local: ClusterAuth, trust_domains: TrustDomains) -> Self {
         let mut clusters = BTreeMap::new();
         clusters.insert(local_cluster.clone(), Arc::new(local));
         Self {
