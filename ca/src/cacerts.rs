@@ -295,7 +295,7 @@ fn create_self_signed(
     ];
     params.not_before = now - Duration::minutes(5);
     params.not_after = now + SELF_SIGNED_LIFETIME;
-    params.serial_number = Some(crate::signer::random_serial());
+    params.serial_number = Some(keys::random_serial());
     let cert = params.self_signed(&key.pair).map_err(|e| gen_err(&e))?;
     // Key first: a crash between the two writes leaves a key without a cert, which
     // the loader reports instead of silently making a second root.

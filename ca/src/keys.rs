@@ -223,6 +223,15 @@ fn rsa_modulus_bits(pkcs1: &[u8]) -> Result<usize, KeyError> {
     Ok(bytes.len() * 8 - bytes.first().map_or(8, |b| b.leading_zeros() as usize))
 }
 
+/// A random positive serial number of at most 128 bits (126 random bits).
+pub fn random_serial() -> rcgen::SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    // Clear the sign bit and set the next one so the DER integer is positive and
+    // always 16 bytes long.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    rcgen::SerialNumber::from_slice(&bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

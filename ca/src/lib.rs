@@ -4,6 +4,7 @@
 //! - [`cacerts`]: loads the operator's key material (Istio or cert-manager layout) or
 //!   a self-signed root from the state directory.
 //! - [`signer`]: checks key material and issues SPIFFE workload certificates.
+//! - [`reload`]: takes changed key material while serving, or refuses it.
 //! - [`csr`]: parses and verifies workload CSRs.
 //! - [`policy`]: decides identity, lifetime, impersonation and SANs of a request.
 //! - [`identity`]: service accounts and SPIFFE IDs.
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod pki;
 pub mod policy;
 pub mod queue;
+pub mod reload;
 pub mod server;
 pub mod service;
 pub mod signer;

@@ -19,8 +19,9 @@ use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
 use crate::{
     cacerts,
+    keys::random_serial,
     keys::{self, KeyKind},
-    signer::{Signer, random_serial},
+    signer::Signer,
 };
 
 /// `signet-ca pki ...`.

@@ -27,6 +27,7 @@ use crate::{
     metrics::Metrics,
     policy::Policy,
     queue::SigningQueue,
+    reload,
     service::{CaService, MAX_REQUEST_BYTES},
     signer::{SignError, Signer},
     tls::{TlsError, TlsState},
@@ -399,7 +400,14 @@ async fn reload_loop(
             _ = tokio::time::sleep(interval) => {}
         }
         let current = signer_tx.borrow().clone();
-        let outcome = match try_reload(&config, &current).await {
+        let outcome = match reload::changed(
+            &config.cacerts_dir,
+            &current,
+            config.allow_root_change,
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        {
             Ok(None) => continue,
             Ok(Some(new)) => {
                 if let Err(e) = tls.refresh(&new, OffsetDateTime::now_utc()) {
@@ -416,7 +424,7 @@ async fn reload_loop(
                     Ok(())
                 }
             }
-            Err(e) => Err(e),
+            Err(e) => Err(e.to_string()),
         };
         match outcome {
             Ok(()) => {
@@ -439,36 +447,6 @@ async fn reload_loop(
             }
         }
     }
-}
-
-/// `Ok(None)` when nothing changed (or the directory is mid-update).
-async fn try_reload(config: &ServeConfig, current: &Signer) -> Result<Option<Signer>, String> {
-    let first = match cacerts::load_dir(&config.cacerts_dir) {
-        Ok(Some(m)) => m,
-        // No files: keep what we have (a deleted Secret must not stop the CA).
-        Ok(None) => return Ok(None),
-        Err(e) => return Err(e.to_string()),
-    };
-    if first.digest == current.digest() {
-        return Ok(None);
-    }
-    // Kubernetes swaps the `..data` link atomically, but four reads are not atomic:
-    // take the set only when two reads a moment apart agree.
-    tokio::time::sleep(StdDuration::from_millis(200)).await;
-    let second = cacerts::load_dir(&config.cacerts_dir)
-        .map_err(|e| e.to_string())?
-        .ok_or("the CA key material disappeared while being read")?;
-    if second.digest != first.digest {
-        return Ok(None);
-    }
-    let new = Signer::new(second, OffsetDateTime::now_utc()).map_err(|e| e.to_string())?;
-    if !config.allow_root_change && !current.anchor_in(new.roots()) {
-        return Err(format!(
-            "the new root bundle ({}) does not include the root the current chain ends at; workloads holding current certificates would stop being trusted. Bundle old and new roots first, or pass --allow-root-change",
-            new.source()
-        ));
-    }
-    Ok(Some(new))
 }
 
 /// Renews the CA's own serving certificate at half its life, and keeps the expiry

@@ -2,7 +2,7 @@
 
 use rcgen::{
     CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    KeyUsagePurpose, PublicKeyData, SanType,
 };
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, TrustAnchor, UnixTime};
 use sha2::{Digest, Sha256};
@@ -309,7 +309,7 @@ impl Signer {
         ];
         params.extended_key_usages = eku;
         params.use_authority_key_identifier_extension = true;
-        let serial = random_serial();
+        let serial = crate::keys::random_serial();
         let serial_hex = hex::encode(serial.to_bytes());
         params.serial_number = Some(serial);
         params.not_before = not_before;
@@ -425,15 +425,6 @@ pub fn pem_cert(der: &[u8]) -> String {
         &pem::Pem::new("CERTIFICATE", der),
         pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
     )
-}
-
-/// A random positive serial number of at most 128 bits (126 random bits).
-pub fn random_serial() -> SerialNumber {
-    let mut bytes: [u8; 16] = rand::random();
-    // Clear the sign bit and set the next one so the DER integer is positive and
-    // always 16 bytes long.
-    bytes[0] = (bytes[0] & 0x7f) | 0x40;
-    SerialNumber::from_slice(&bytes)
 }
 
 /// NotBefore and NotAfter: backdated by at most 10 % of the lifetime (and two minutes),
