@@ -21,7 +21,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
-    authn::{Authenticator, CachedReviewer, ClusterAuth, JwtAuthenticator, KubeTokenReviewer},
+    authn::{Authenticator, ClusterAuth},
     cacerts::{self, CaCertsError},
     config::ServeConfig,
     metrics::Metrics,
@@ -79,43 +79,20 @@ pub fn load_signer(config: &ServeConfig, now: OffsetDateTime) -> Result<Signer, 
     Ok(Signer::new(material, now)?)
 }
 
-/// Builds the token authenticators of one cluster.
-async fn cluster_auth(
-    kubeconfig: Option<Option<&std::path::Path>>,
-    jwt: Option<&crate::authn::JwtConfig>,
-    audiences: &[String],
-    max_token_reviews: usize,
-) -> Result<ClusterAuth, ServeError> {
-    let mut auth = ClusterAuth::default();
-    if let Some(kubeconfig) = kubeconfig {
-        let reviewer = KubeTokenReviewer::connect(kubeconfig, audiences.to_vec())
-            .await
-            .map_err(ServeError::Authn)?;
-        auth.token_review = Some(CachedReviewer::new(Arc::new(reviewer), max_token_reviews));
-    }
-    if let Some(jwt) = jwt {
-        auth.jwt = Some(
-            JwtAuthenticator::new(jwt.clone())
-                .await
-                .map_err(ServeError::Authn)?,
-        );
-    }
-    Ok(auth)
-}
-
 /// Builds the authenticator: the local cluster, its aliases, and remote clusters.
 pub async fn authenticator(config: &ServeConfig) -> Result<Authenticator, ServeError> {
-    let local = cluster_auth(
+    let local = ClusterAuth::build(
         config.kubeconfig.as_ref().map(|k| k.as_deref()),
         config.jwt.as_ref(),
         &config.token_audiences,
         config.max_token_reviews,
     )
-    .await?;
+    .await
+    .map_err(ServeError::Authn)?;
     let mut authn = Authenticator::new(config.cluster_id.clone(), local, config.trust_domains())
         .with_aliases(config.cluster_aliases.clone());
     for (id, remote) in &config.remotes {
-        let auth = cluster_auth(
+        let auth = ClusterAuth::build(
             remote.kubeconfig.as_deref().map(Some),
             remote.jwt.as_ref(),
             &config.token_audiences,

@@ -6,10 +6,11 @@ mod jwt;
 mod token;
 mod tokenreview;
 
-use std::{collections::BTreeMap, fmt, sync::Arc};
+use std::{collections::BTreeMap, fmt, path::Path, sync::Arc};
 
 use rustls_pki_types::CertificateDer;
 use spiffe::SpiffeId;
+use time::OffsetDateTime;
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
 
 use crate::identity::{ServiceAccount, TrustDomains};
@@ -68,21 +69,64 @@ pub enum AuthnError {
     Throttled(String),
 }
 
-/// The token authenticators of one cluster.
-#[derive(Default)]
-pub struct ClusterAuth {
-    /// TokenReview through that cluster's API server.
-    pub token_review: Option<CachedReviewer>,
-    /// Offline JWT verification.
-    pub jwt: Option<JwtAuthenticator>,
+/// Turns a bearer token into the service account it proves (TokenReview, offline
+/// JWT, or a fake in tests). The one seam every token check goes through.
+pub trait TokenAuthenticator: Send + Sync + fmt::Debug {
+    /// How it proves the caller (for the audit line and error messages).
+    fn method(&self) -> Method;
+    /// Checks `token` at `now`.
+    fn authenticate<'a>(&'a self, token: &'a Token, now: OffsetDateTime) -> ReviewFuture<'a>;
 }
 
-impl fmt::Debug for ClusterAuth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClusterAuth")
-            .field("token_review", &self.token_review.is_some())
-            .field("jwt", &self.jwt.is_some())
-            .finish()
+impl TokenAuthenticator for CachedReviewer {
+    fn method(&self) -> Method {
+        Method::TokenReview
+    }
+    fn authenticate<'a>(&'a self, token: &'a Token, _now: OffsetDateTime) -> ReviewFuture<'a> {
+        Box::pin(self.review(token))
+    }
+}
+
+impl TokenAuthenticator for JwtAuthenticator {
+    fn method(&self) -> Method {
+        Method::Jwt
+    }
+    fn authenticate<'a>(&'a self, token: &'a Token, now: OffsetDateTime) -> ReviewFuture<'a> {
+        Box::pin(self.verify(token, now))
+    }
+}
+
+/// The token authenticators of one cluster, tried in order.
+#[derive(Debug, Default)]
+pub struct ClusterAuth {
+    authenticators: Vec<Box<dyn TokenAuthenticator>>,
+}
+
+impl ClusterAuth {
+    /// Adds an authenticator, tried after those already there.
+    pub fn with(mut self, authenticator: impl TokenAuthenticator + 'static) -> Self {
+        self.authenticators.push(Box::new(authenticator));
+        self
+    }
+
+    /// The authenticators of a cluster as configured: TokenReview through
+    /// `kubeconfig` (`Some(None)`: the in-cluster configuration) with at most
+    /// `max_token_reviews` in flight, then offline JWT.
+    pub async fn build(
+        kubeconfig: Option<Option<&Path>>,
+        jwt: Option<&JwtConfig>,
+        audiences: &[String],
+        max_token_reviews: usize,
+    ) -> Result<Self, String> {
+        let mut auth = Self::default();
+        if let Some(kubeconfig) = kubeconfig {
+            let reviewer = KubeTokenReviewer::connect(kubeconfig, audiences.to_vec()).await?;
+            auth = auth.with(CachedReviewer::new(Arc::new(reviewer), max_token_reviews));
+        }
+        if let Some(jwt) = jwt {
+            auth = auth.with(JwtAuthenticator::new(jwt.clone()).await?);
+        }
+        Ok(auth)
     }
 }
 
@@ -168,42 +212,27 @@ impl Authenticator {
         let mut failures = Vec::new();
         let mut unavailable = false;
         let mut throttled = false;
-        if let Some(reviewer) = &auth.token_review {
-            match reviewer.review(token).await {
+        let now = OffsetDateTime::now_utc();
+        for authenticator in &auth.authenticators {
+            let method = authenticator.method();
+            match authenticator.authenticate(token, now).await {
                 Ok(r) => {
                     return Ok(Caller {
                         account: r.account,
-                        method: Method::TokenReview,
+                        method,
                         cluster,
                         pod: r.pod,
                     });
                 }
+                Err(ReviewError::Rejected(why)) => failures.push(format!("{method}: {why}")),
                 Err(ReviewError::Unavailable(why)) => {
                     unavailable = true;
-                    failures.push(format!("tokenreview: {why}"));
+                    failures.push(format!("{method}: {why}"));
                 }
                 Err(ReviewError::Throttled(why)) => {
                     throttled = true;
-                    failures.push(format!("tokenreview: {why}"));
+                    failures.push(format!("{method}: {why}"));
                 }
-                Err(ReviewError::Rejected(why)) => failures.push(format!("tokenreview: {why}")),
-            }
-        }
-        if let Some(jwt) = &auth.jwt {
-            match jwt.verify(token, time::OffsetDateTime::now_utc()).await {
-                Ok(r) => {
-                    return Ok(Caller {
-                        account: r.account,
-                        method: Method::Jwt,
-                        cluster,
-                        pod: r.pod,
-                    });
-                }
-                Err(ReviewError::Unavailable(why) | ReviewError::Throttled(why)) => {
-                    unavailable = true;
-                    failures.push(format!("jwt: {why}"));
-                }
-                Err(ReviewError::Rejected(why)) => failures.push(format!("jwt: {why}")),
             }
         }
         if failures.is_empty() {
