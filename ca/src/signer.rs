@@ -8,7 +8,7 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, TrustAnchor
 use sha2::{Digest, Sha256};
 use spiffe::SpiffeId;
 use time::{Duration, OffsetDateTime};
-use x509_parser::{certificate::X509Certificate, prelude::FromDer};
+use x509_parser::{certificate::X509Certificate, extensions::ParsedExtension, prelude::FromDer};
 
 use crate::{
     cacerts::{KeyMaterial, Source},
@@ -58,6 +58,10 @@ pub struct Signer {
     source: Source,
     digest: [u8; 32],
     signing_cert: CertificateDer<'static>,
+    /// The signing certificate's subject (DER) and key identifier, which every leaf
+    /// must name.
+    signing_subject: Vec<u8>,
+    signing_key_id: Option<Vec<u8>>,
     chain: Vec<CertificateDer<'static>>,
     chain_pem: Vec<String>,
     roots: Vec<CertificateDer<'static>>,
@@ -136,6 +140,14 @@ impl Signer {
             )
         })?;
         let to_pem = |c: &CertificateDer<'_>| pem_cert(c);
+        let signing_subject = signing.subject().as_raw().to_vec();
+        let signing_key_id = signing
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(ski) => Some(ski.0.to_vec()),
+                _ => None,
+            });
         let mut signer = Self {
             issuer,
             kind: m.key.kind,
@@ -145,6 +157,8 @@ impl Signer {
             chain: m.chain,
             roots_pem: m.roots.iter().map(to_pem).collect(),
             signing_cert: m.signing_cert,
+            signing_subject,
+            signing_key_id,
             roots: m.roots,
             crls: m.crls,
             anchor: first_anchor,
@@ -210,38 +224,18 @@ impl Signer {
     }
 
     /// Signs a workload leaf for `id` over the public key `spki_der`, valid for
-    /// `lifetime` from `now` but never past the chain's NotAfter; then checks the
-    /// leaf's signature.
+    /// `lifetime` from `now` but never past the chain's NotAfter.
+    ///
+    /// The leaf's signature is not verified again per request: the load-time probe
+    /// (see [`Signer::new`]) verified this exact code path with webpki through the
+    /// whole chain, and ring checks its own RSA signatures against faults. Each leaf
+    /// gets the cheap structural checks of [`Self::check_leaf`].
     pub fn sign(
         &self,
         spki_der: &[u8],
         id: &SpiffeId,
         lifetime: Duration,
         now: OffsetDateTime,
-    ) -> Result<Issued, SignError> {
-        self.sign_workload(spki_der, id, lifetime, now, true)
-    }
-
-    /// [`Self::sign`] without the post-signing verification: the bare cost of a
-    /// signature, which benchmarks compare the server against. Never for serving.
-    #[doc(hidden)]
-    pub fn sign_unverified_for_bench(
-        &self,
-        spki_der: &[u8],
-        id: &SpiffeId,
-        lifetime: Duration,
-        now: OffsetDateTime,
-    ) -> Result<Issued, SignError> {
-        self.sign_workload(spki_der, id, lifetime, now, false)
-    }
-
-    fn sign_workload(
-        &self,
-        spki_der: &[u8],
-        id: &SpiffeId,
-        lifetime: Duration,
-        now: OffsetDateTime,
-        verify: bool,
     ) -> Result<Issued, SignError> {
         let uri = id
             .to_string()
@@ -251,14 +245,7 @@ impl Signer {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        self.issue(
-            spki_der,
-            vec![SanType::URI(uri)],
-            eku,
-            lifetime,
-            now,
-            verify,
-        )
+        self.issue(spki_der, vec![SanType::URI(uri)], eku, lifetime, now)
     }
 
     /// Signs the CA's own TLS serving certificate for `dns_names`.
@@ -284,7 +271,6 @@ impl Signer {
             vec![ExtendedKeyUsagePurpose::ServerAuth],
             lifetime,
             now,
-            true,
         )
     }
 
@@ -295,7 +281,6 @@ impl Signer {
         eku: Vec<ExtendedKeyUsagePurpose>,
         lifetime: Duration,
         now: OffsetDateTime,
-        verify: bool,
     ) -> Result<Issued, SignError> {
         let (not_before, not_after) = validity(now, lifetime, self.leaf_not_after_limit)?;
         let mut params = CertificateParams::default();
@@ -319,9 +304,7 @@ impl Signer {
         let cert = params
             .signed_by(&public_key, &self.issuer)
             .map_err(|e| SignError::Internal(e.to_string()))?;
-        if verify {
-            self.check_leaf(cert.der())?;
-        }
+        self.check_leaf(cert.der())?;
 
         let mut cert_chain = Vec::with_capacity(self.chain_pem.len() + 2);
         cert_chain.push(cert.pem());
@@ -336,22 +319,33 @@ impl Signer {
         })
     }
 
-    /// The leaf's signature verifies with the signing certificate's key and its issuer
-    /// is that certificate's subject. The rest of the path is verified at load time.
+    /// The leaf names the signing certificate as its issuer, by subject and by key
+    /// identifier: what a verifier uses to build the path the probe proved.
     fn check_leaf(&self, leaf: &[u8]) -> Result<(), SignError> {
-        let bad = |what: String| {
+        let bad = |what: &str| {
             SignError::Internal(format!("issued certificate failed its check: {what}"))
         };
-        let (_, signing) =
-            X509Certificate::from_der(&self.signing_cert).map_err(|e| bad(e.to_string()))?;
-        let (_, leaf) = X509Certificate::from_der(leaf).map_err(|e| bad(e.to_string()))?;
-        if leaf.issuer().as_raw() != signing.subject().as_raw() {
+        let (_, leaf) = X509Certificate::from_der(leaf).map_err(|_| bad("does not parse"))?;
+        if leaf.issuer().as_raw() != self.signing_subject.as_slice() {
             return Err(bad(
-                "issuer name differs from the signing certificate's subject".into(),
+                "issuer name differs from the signing certificate's subject",
             ));
         }
-        leaf.verify_signature(Some(signing.public_key()))
-            .map_err(|e| bad(format!("signature: {e}")))
+        let aki = leaf
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::AuthorityKeyIdentifier(aki) => aki.key_identifier.as_ref(),
+                _ => None,
+            });
+        if let Some(ski) = &self.signing_key_id
+            && aki.map(|k| k.0) != Some(ski.as_slice())
+        {
+            return Err(bad(
+                "authority key identifier differs from the signing certificate's",
+            ));
+        }
+        Ok(())
     }
 
     /// The signing certificate followed by the operator's chain, DER.
