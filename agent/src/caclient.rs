@@ -100,6 +100,14 @@ impl GrpcCaClient {
     }
 }
 
+/// Whether a failed call never got an answer from the CA: UNAVAILABLE, or a status
+/// tonic made from a transport error (connection refused, TLS failure, reset).
+fn is_transport(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        || std::error::Error::source(status)
+            .is_some_and(|source| source.is::<tonic::transport::Error>())
+}
+
 /// Reads the token file; the kubelet rotates it, so it is read for every request.
 pub fn read_token(path: &Path) -> Result<String, CaError> {
     let err = |problem: String| CaError::Token {
@@ -148,16 +156,10 @@ impl CaClient for GrpcCaClient {
             }
             match client.create_certificate(request).await {
                 Ok(answer) => Ok(answer.into_inner().cert_chain),
-                Err(status)
-                    if status.code() == tonic::Code::Unavailable
-                        || status.code() == tonic::Code::Unknown
-                            && status.message().contains("transport") =>
-                {
-                    Err(CaError::Connect {
-                        addr: self.config.ca_addr.clone(),
-                        problem: status.message().to_owned(),
-                    })
-                }
+                Err(status) if is_transport(&status) => Err(CaError::Connect {
+                    addr: self.config.ca_addr.clone(),
+                    problem: status.message().to_owned(),
+                }),
                 Err(status) => Err(CaError::Refused {
                     code: status.code(),
                     message: status.message().to_owned(),

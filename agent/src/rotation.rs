@@ -9,12 +9,29 @@ use time::{Duration, OffsetDateTime};
 use tokio::sync::watch;
 
 use crate::{
-    caclient::CaClient,
-    keys::{KeyType, WorkloadKey},
+    caclient::{CaClient, CaError},
+    keys::{KeyError, KeyType, WorkloadKey},
     metrics::Metrics,
     store::SecretStore,
-    svid::{self, Svid},
+    svid::{self, AnswerError, Svid},
 };
+
+/// Why one attempt to get a certificate failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The key or the CSR could not be made.
+    #[error("cannot make the key or CSR: {0}")]
+    Key(#[from] KeyError),
+    /// The key generation task died.
+    #[error("the key generation task failed: {0}")]
+    Task(String),
+    /// No answer from the CA, or a refusal.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The CA's answer failed a check.
+    #[error("refusing the CA's answer: {0}")]
+    Answer(#[from] AnswerError),
+}
 
 /// Jitter on the refresh point: ±1 % of the lifetime, so a fleet does not renew in
 /// lockstep.
@@ -202,33 +219,27 @@ impl Rotation {
     }
 
     /// One attempt: a fresh key, a CSR, the CA's answer, its checks.
-    pub async fn fetch(&self) -> Result<Svid, String> {
+    pub async fn fetch(&self) -> Result<Svid, FetchError> {
         let key_type = self.key_type;
         // RSA generation takes long enough to keep it off the reactor.
         let key = tokio::task::spawn_blocking(move || WorkloadKey::generate(key_type))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        let csr = key.csr(&self.id).map_err(|e| e.to_string())?;
+            .map_err(|e| FetchError::Task(e.to_string()))??;
+        let csr = key.csr(&self.id)?;
         let started = std::time::Instant::now();
         self.metrics.outgoing_requests.inc();
-        let answer = self
-            .ca
-            .sign(&csr, self.ttl)
-            .await
-            .map_err(|e| e.to_string());
+        let answer = self.ca.sign(&csr, self.ttl).await;
         self.metrics
             .outgoing_latency
             .observe(started.elapsed().as_secs_f64());
         let chain = answer?;
-        svid::check_answer(
+        Ok(svid::check_answer(
             &chain,
             &self.id,
             &key.spki(),
             key.pkcs8_pem(),
             self.clock.now(),
-        )
-        .map_err(|e| format!("refusing the CA's answer: {e}"))
+        )?)
     }
 }
 

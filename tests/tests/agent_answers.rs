@@ -132,7 +132,7 @@ async fn each_bad_answer_is_refused_with_its_reason() {
         (Answer::Refused, "Unauthenticated"),
     ] {
         let r = rotation(Arc::new(FakeCa::new(vec![answer])), Duration::hours(1));
-        let err = r.fetch().await.unwrap_err();
+        let err = r.fetch().await.unwrap_err().to_string();
         assert!(err.contains(reason), "{answer:?}: {err}");
     }
     let r = rotation(
@@ -175,4 +175,47 @@ async fn a_bad_renewal_leaves_the_held_certificate_in_place() {
     );
     stop_tx.send(true).unwrap();
     task.await.unwrap();
+}
+
+/// The real gRPC client: a CA that cannot be reached (nothing listening) is "no
+/// answer" (retried as such), not a refusal.
+#[tokio::test]
+async fn an_unreachable_ca_is_a_connect_error_not_a_refusal() {
+    use clap::Parser;
+    use signet_agent::{
+        caclient::GrpcCaClient,
+        config::{Cli, Command},
+    };
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a.b.c").unwrap();
+    let root = signet_e2e::TestRoot::p256("Some Root");
+    let trust = dir.path().join("root.pem");
+    std::fs::write(&trust, &root.pem).unwrap();
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let args = [
+        "signet-agent",
+        "run",
+        "--ca-addr",
+        &closed.to_string(),
+        "--ca-root-cert",
+        trust.to_str().unwrap(),
+        "--token-file",
+        token.to_str().unwrap(),
+        "--namespace",
+        "shop",
+        "--service-account",
+        "cart",
+    ];
+    let Command::Run(run) = Cli::try_parse_from(args).unwrap().command else {
+        unreachable!()
+    };
+    let client = GrpcCaClient::new(Arc::new(run.validate(Vec::new()).unwrap()));
+    let err = client.sign("csr", Duration::hours(1)).await.unwrap_err();
+    assert!(matches!(err, CaError::Connect { .. }), "{err:?}");
 }
