@@ -77,7 +77,22 @@ impl Signer {
     /// Checks the key material and builds a signer: the key matches the certificate,
     /// the certificate may sign certificates, nothing is expired, and a probe leaf
     /// signed with this very code verifies through the chain to a root of the bundle.
+    ///
+    /// Whatever the files hold, this answers: a panic inside the certificate
+    /// libraries on some input nobody has found yet becomes an error naming the
+    /// signing certificate, so a bad reload cannot take the reload task down.
     pub fn new(m: KeyMaterial, now: OffsetDateTime) -> Result<Self, SignError> {
+        let cert_path = m.signing_cert_path.display().to_string();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Self::checked(m, now)))
+            .unwrap_or_else(|_| {
+                Err(SignError::Material {
+                    path: cert_path,
+                    problem: "the certificate libraries failed on this key material".into(),
+                })
+            })
+    }
+
+    fn checked(m: KeyMaterial, now: OffsetDateTime) -> Result<Self, SignError> {
         let cert_path = m.signing_cert_path.display().to_string();
         let roots_path = m.roots_path.display().to_string();
         let material = |path: &str, problem: String| SignError::Material {
@@ -133,6 +148,7 @@ impl Signer {
             .first()
             .cloned()
             .ok_or_else(|| material(&roots_path, "no root certificate".into()))?;
+        check_name_oids(signing.subject()).map_err(|p| material(&cert_path, p))?;
         let issuer = Issuer::from_ca_cert_der(&m.signing_cert, m.key.pair).map_err(|e| {
             material(
                 &cert_path,
@@ -439,6 +455,25 @@ pub fn validity(
     // inside what was asked.
     let trunc = |t: OffsetDateTime| t.replace_nanosecond(0).unwrap_or(t);
     Ok((trunc(not_before), trunc(not_after)))
+}
+
+/// rcgen writes the issuer's name anew into every certificate it signs, and its DER
+/// writer panics on an object identifier DER cannot encode (a first arc over 2, or a
+/// second arc over 39 under arcs 0 and 1). A signing certificate whose subject holds
+/// one is refused here, at load, instead of panicking when it signs. (Found by the
+/// `cacerts` fuzz target.)
+fn check_name_oids(name: &x509_parser::x509::X509Name<'_>) -> Result<(), String> {
+    for attr in name.iter_attributes() {
+        let oid = attr.attr_type();
+        let arcs: Option<Vec<u64>> = oid.iter().map(Iterator::collect);
+        let encodable = arcs.is_some_and(|a| a.len() >= 2 && a[0] <= 2 && (a[0] == 2 || a[1] < 40));
+        if !encodable {
+            return Err(format!(
+                "its subject holds an attribute type ({oid}) that cannot be written back into issued certificates"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_time(cert: &X509Certificate<'_>, now: OffsetDateTime) -> Result<(), String> {

@@ -58,7 +58,7 @@ fn seeds_reach_the_accepting_paths() {
     signet_agent::svid::check_answer(&answer, &id, &spki, String::new(), signet_fuzz::now())
         .unwrap();
     let set = read("cacerts", "p256-istio-set");
-    let dir = tempfile_dir();
+    let dir = tempfile_dir("seeds");
     for (part, name) in signet_fuzz::parts(&set).into_iter().zip([
         "ca-cert.pem",
         "ca-key.pem",
@@ -73,8 +73,31 @@ fn seeds_reach_the_accepting_paths() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-fn tempfile_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("signet-fuzz-seeds-{}", std::process::id()));
+/// Found by the `cacerts` target: a signing certificate whose subject holds an object
+/// identifier DER cannot encode made rcgen panic when it signed. It is refused at load
+/// with a reason now.
+#[test]
+fn a_subject_with_an_unencodable_oid_is_refused_at_load() {
+    let set = std::fs::read(corpus("cacerts").join("regression-invalid-oid-in-subject")).unwrap();
+    let dir = tempfile_dir("oid");
+    for (part, name) in signet_fuzz::parts(&set).into_iter().zip([
+        "ca-cert.pem",
+        "ca-key.pem",
+        "cert-chain.pem",
+        "root-cert.pem",
+    ]) {
+        std::fs::write(dir.join(name), part).unwrap();
+    }
+    let material = signet_ca::cacerts::load_dir(&dir).unwrap().unwrap();
+    let err = signet_ca::signer::Signer::new(material, signet_fuzz::now())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("attribute type"), "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn tempfile_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("signet-fuzz-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
