@@ -257,15 +257,8 @@ impl RunArgs {
         } else {
             CaTrust::File(self.ca_root_cert.into())
         };
-        let trust_domain = TrustDomain::new(&self.trust_domain)
-            .ok()
-            .filter(|_| !self.trust_domain.contains('/') && !self.trust_domain.contains(':'))
-            .ok_or_else(|| {
-                err(
-                    "--trust-domain",
-                    format!("{:?} is not a trust domain", self.trust_domain),
-                )
-            })?;
+        let trust_domain = signet_spiffe::trust_domain(&self.trust_domain)
+            .map_err(|e| err("--trust-domain", e.to_string()))?;
         if self.namespace.is_empty() {
             return Err(err("--namespace", "must not be empty".into()));
         }

@@ -25,11 +25,9 @@ struct BundleKey {
 }
 
 fn trust_domain(name: &str) -> Result<String, String> {
-    spiffe::TrustDomain::new(name)
-        .ok()
-        .filter(|_| !name.contains(['/', ':']))
+    signet_spiffe::trust_domain(name)
         .map(|td| td.as_str().to_owned())
-        .ok_or_else(|| format!("{name:?} is not a trust domain name"))
+        .map_err(|e| e.to_string())
 }
 
 /// The X.509 roots of a SPIFFE bundle document, as PEM.
@@ -46,7 +44,7 @@ fn bundle_pem(json: &[u8]) -> Result<String, String> {
         let der = base64::engine::general_purpose::STANDARD
             .decode(der)
             .map_err(|e| format!("x5c is not base64: {e}"))?;
-        pem.push_str(&crate::svid::pem_cert(&der));
+        pem.push_str(&signet_spiffe::pem_cert(&der));
     }
     if pem.is_empty() {
         return Err("no x509-svid key in the bundle".into());
@@ -59,7 +57,7 @@ fn pem_roots(bytes: &[u8]) -> Result<String, String> {
     let pem: String = certs
         .iter()
         .filter(|p| p.tag() == "CERTIFICATE")
-        .map(|p| crate::svid::pem_cert(p.contents()))
+        .map(|p| signet_spiffe::pem_cert(p.contents()))
         .collect();
     if pem.is_empty() {
         return Err("no PEM certificate".into());

@@ -189,10 +189,10 @@ pub fn check_answer(
     let mut chain_pem = cert_chain[0].trim_end().to_owned() + "\n";
     let mut chain_len = 1;
     for der in intermediates.iter().filter(|c| !roots.contains(c)) {
-        chain_pem.push_str(&pem_cert(der));
+        chain_pem.push_str(&signet_spiffe::pem_cert(der));
         chain_len += 1;
     }
-    let roots_pem: String = roots.iter().map(|r| pem_cert(r)).collect();
+    let roots_pem: String = roots.iter().map(|r| signet_spiffe::pem_cert(r)).collect();
     Ok(Svid {
         id: id.clone(),
         chain_pem,
@@ -204,14 +204,6 @@ pub fn check_answer(
         not_after,
         chain_len,
     })
-}
-
-/// PEM of one certificate with LF line endings.
-pub fn pem_cert(der: &[u8]) -> String {
-    ::pem::encode_config(
-        &::pem::Pem::new("CERTIFICATE", der),
-        ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF),
-    )
 }
 
 #[cfg(test)]

@@ -246,8 +246,8 @@ pub struct ServeConfig {
 
 impl ServeConfig {
     /// `--trust-domain` with its `--trust-domain-alias`es.
-    pub fn trust_domains(&self) -> crate::identity::TrustDomains {
-        crate::identity::TrustDomains::new(
+    pub fn trust_domains(&self) -> signet_spiffe::TrustDomains {
+        signet_spiffe::TrustDomains::new(
             self.trust_domain.clone(),
             self.trust_domain_aliases.clone(),
         )
@@ -258,7 +258,7 @@ impl ServeArgs {
     /// Checks values that clap cannot; `in_cluster` says whether we run in a pod.
     pub fn validate(self, in_cluster: bool) -> Result<ServeConfig, ConfigError> {
         let err = |flag, problem: String| ConfigError { flag, problem };
-        let trust_domain = crate::identity::trust_domain(&self.trust_domain)
+        let trust_domain = signet_spiffe::trust_domain(&self.trust_domain)
             .map_err(|e| err("--trust-domain", e.to_string()))?;
         if self.default_ttl <= Duration::ZERO {
             return Err(err("--default-ttl", "must be positive".into()));
@@ -372,7 +372,7 @@ impl ServeArgs {
             .trust_domain_aliases
             .iter()
             .map(|td| {
-                crate::identity::trust_domain(td)
+                signet_spiffe::trust_domain(td)
                     .map_err(|e| err("--trust-domain-alias", e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;

@@ -7,7 +7,6 @@
 //! - [`reload`]: takes changed key material while serving, or refuses it.
 //! - [`csr`]: parses and verifies workload CSRs.
 //! - [`policy`]: decides identity, lifetime, impersonation and SANs of a request.
-//! - [`identity`]: service accounts and SPIFFE IDs.
 //! - [`keys`]: private keys in PKCS#1, SEC1 or PKCS#8, and public key classification.
 //! - [`pki`]: `signet-ca pki`, roots and per-cluster intermediates for operators.
 #![forbid(unsafe_code)]
@@ -16,7 +15,6 @@ pub mod authn;
 pub mod cacerts;
 pub mod config;
 pub mod csr;
-pub mod identity;
 pub mod keys;
 pub mod metrics;
 pub mod pki;

@@ -280,7 +280,7 @@ fn intermediate(a: &IntermediateArgs, now: OffsetDateTime) -> Result<String, Pki
         return Err(file_err(&root_key_path, "does not match root-cert.pem"));
     }
     let root_not_after = parsed.validity().not_after.to_datetime();
-    let root_pem = crate::signer::pem_cert(&root_der);
+    let root_pem = signet_spiffe::pem_cert(&root_der);
     let issuer = Issuer::from_ca_cert_der(&root_der, root_key.pair)
         .map_err(|e| file_err(&root_cert_path, e))?;
 
@@ -334,7 +334,7 @@ fn bundle(a: &BundleArgs) -> Result<String, PkiError> {
             }
         }
     }
-    let pem: String = all.iter().map(|c| crate::signer::pem_cert(c)).collect();
+    let pem: String = all.iter().map(|c| signet_spiffe::pem_cert(c)).collect();
     write(&a.out, &pem, 0o644)?;
     Ok(format!(
         "wrote {} root(s) to {}\n",

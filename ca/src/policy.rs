@@ -6,11 +6,9 @@
 use spiffe::SpiffeId;
 use time::Duration;
 
-use crate::{
-    authn::Caller,
-    csr::ParsedCsr,
-    identity::{IdentityError, TrustDomains},
-};
+use signet_spiffe::{IdentityError, TrustDomains};
+
+use crate::{authn::Caller, csr::ParsedCsr};
 
 /// Why policy refused a request.
 #[derive(Debug, thiserror::Error)]
@@ -127,10 +125,11 @@ pub fn lifetime(requested_secs: i64, default: Duration, max: Duration) -> Durati
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::{authn::Method, identity::ServiceAccount};
+    use crate::authn::Method;
+    use signet_spiffe::ServiceAccount;
 
     fn policy() -> Policy {
-        let td = |n: &str| crate::identity::trust_domain(n).unwrap();
+        let td = |n: &str| signet_spiffe::trust_domain(n).unwrap();
         Policy::new(
             TrustDomains::new(td("cluster.local"), vec![td("old.example")]),
             Duration::hours(24),

@@ -155,7 +155,7 @@ impl Signer {
                 format!("cannot sign with this certificate: {e}"),
             )
         })?;
-        let to_pem = |c: &CertificateDer<'_>| pem_cert(c);
+        let to_pem = |c: &CertificateDer<'_>| signet_spiffe::pem_cert(c);
         let signing_subject = signing.subject().as_raw().to_vec();
         let signing_key_id = signing
             .extensions()
@@ -427,14 +427,6 @@ impl Signer {
     pub fn leaf_not_after_limit(&self) -> OffsetDateTime {
         self.leaf_not_after_limit
     }
-}
-
-/// PEM of one certificate, LF line endings.
-pub fn pem_cert(der: &[u8]) -> String {
-    pem::encode_config(
-        &pem::Pem::new("CERTIFICATE", der),
-        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
-    )
 }
 
 /// NotBefore and NotAfter: backdated by at most 10 % of the lifetime (and two minutes),

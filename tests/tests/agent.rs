@@ -287,7 +287,7 @@ impl SpiffePeer {
             None,
         )
         .map_err(|e| rustls::Error::General(format!("chain: {e:?}")))?;
-        let pem = signet_agent::svid::pem_cert(end_entity);
+        let pem = signet_spiffe::pem_cert(end_entity);
         let ids = uri_sans(&pem);
         if ids != vec![self.expected.clone()] {
             return Err(rustls::Error::General(format!(

@@ -21,7 +21,7 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use super::{ReviewError, Reviewed, Token};
-use crate::identity::ServiceAccount;
+use signet_spiffe::ServiceAccount;
 
 /// Clock skew tolerated on `exp` and `nbf`.
 const LEEWAY_SECS: i64 = 30;

@@ -13,7 +13,7 @@ use spiffe::SpiffeId;
 use time::OffsetDateTime;
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
 
-use crate::identity::{ServiceAccount, TrustDomains};
+use signet_spiffe::{ServiceAccount, TrustDomains};
 
 pub use jwt::{Jwks, JwksSource, JwtAuthenticator, JwtConfig};
 pub use token::Token;

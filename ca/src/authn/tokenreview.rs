@@ -14,7 +14,7 @@ use kube::{Api, api::PostParams};
 use tokio::time::Instant;
 
 use super::Token;
-use crate::identity::ServiceAccount;
+use signet_spiffe::ServiceAccount;
 
 /// The longest a positive TokenReview answer is reused.
 pub(crate) const CACHE_TTL: Duration = Duration::from_secs(60);

@@ -1,4 +1,8 @@
-//! Workload identities: Kubernetes service accounts and their SPIFFE IDs.
+//! Identities shared by Signet's CA and agent: Kubernetes service accounts, their
+//! SPIFFE IDs (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`), trust domains, and the PEM
+//! form certificates travel in. Neither program depends on the other; both depend
+//! on this.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 
@@ -159,7 +163,17 @@ pub fn trust_domain(name: &str) -> Result<TrustDomain, IdentityError> {
     })
 }
 
+/// PEM of one certificate, LF line endings (what Istio's answers and Envoy's secrets
+/// carry).
+pub fn pem_cert(der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new("CERTIFICATE", der),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
