@@ -9,20 +9,19 @@ use std::{
     time::Duration as StdDuration,
 };
 
-use sha2::{Digest, Sha256};
 use signet_proto::{IstioCertificateRequest, IstioCertificateServiceClient};
 use time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
-use crate::config::{CaTrust, RunConfig};
+use crate::config::RunConfig;
 
 /// Why no answer came back.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CaError {
     #[error("service account token {path}: {problem}")]
     Token { path: String, problem: String },
-    #[error("CA trust {path}: {problem}")]
-    Trust { path: String, problem: String },
+    #[error(transparent)]
+    Trust(#[from] crate::catrust::TrustError),
     #[error("cannot reach the CA at {addr}: {problem}")]
     Connect { addr: String, problem: String },
     #[error("the CA refused: {code:?}: {message}")]
@@ -57,25 +56,12 @@ impl GrpcCaClient {
     }
 
     fn channel(&self) -> Result<Channel, CaError> {
-        let (tls, digest) = match &self.config.ca_trust {
-            CaTrust::File(path) => {
-                let pem = std::fs::read(path).map_err(|e| CaError::Trust {
-                    path: path.display().to_string(),
-                    problem: e.to_string(),
-                })?;
-                if !pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") {
-                    return Err(CaError::Trust {
-                        path: path.display().to_string(),
-                        problem: "holds no PEM certificate".into(),
-                    });
-                }
-                let digest: [u8; 32] = Sha256::digest(&pem).into();
-                (
-                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
-                    digest,
-                )
-            }
-            CaTrust::System => (ClientTlsConfig::new().with_native_roots(), [0; 32]),
+        let (tls, digest) = match self.config.ca_trust.read()? {
+            Some(bundle) => (
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(bundle.pem)),
+                bundle.digest,
+            ),
+            None => (ClientTlsConfig::new().with_native_roots(), [0; 32]),
         };
         let mut cached = self.channel.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((channel, d)) = cached.as_ref()

@@ -189,14 +189,7 @@ pub struct ConfigError {
     problem: String,
 }
 
-/// How the agent verifies the CA.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CaTrust {
-    /// A PEM bundle file (re-read when it changes).
-    File(PathBuf),
-    /// The system's roots.
-    System,
-}
+pub use crate::catrust::CaTrust;
 
 /// Validated settings of `run`.
 #[derive(Debug, Clone)]

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod caclient;
+pub mod catrust;
 pub mod config;
 pub mod federation;
 pub mod filesecret;

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::{
     caclient::{CaClient, CaError},
+    catrust::CaTrust,
     keys::{KeyError, KeyType, WorkloadKey},
     metrics::Metrics,
     store::SecretStore,
@@ -152,10 +153,10 @@ pub struct Rotation {
     pub grace_ratio: f64,
     /// Counters.
     pub metrics: Metrics,
-    /// The file the CA is trusted with (`--ca-root-cert`): when it changes, the CA's
-    /// trust has changed (a root rotation), so a new certificate and bundle are
+    /// What the CA is trusted with (`--ca-root-cert`): when that file changes, the
+    /// CA's trust has changed (a root rotation), so a new certificate and bundle are
     /// fetched at once instead of at the next refresh.
-    pub trust_file: Option<std::path::PathBuf>,
+    pub ca_trust: CaTrust,
 }
 
 impl Rotation {
@@ -181,9 +182,9 @@ impl Rotation {
                     self.store.set_svid(Arc::new(svid));
                     backoff.reset();
                     retries = 0;
-                    let trusted = self.trust_file.as_deref().map(file_digest);
+                    let trusted = self.ca_trust.digest();
                     let mut trust_changed = || {
-                        let now = self.trust_file.as_deref().map(file_digest);
+                        let now = self.ca_trust.digest();
                         let changed = now != trusted;
                         if changed {
                             tracing::info!(
@@ -241,14 +242,6 @@ impl Rotation {
             self.clock.now(),
         )?)
     }
-}
-
-/// SHA-256 of a file's content (`None` when unreadable).
-fn file_digest(path: &std::path::Path) -> Option<[u8; 32]> {
-    use sha2::Digest;
-    std::fs::read(path)
-        .ok()
-        .map(|b| sha2::Sha256::digest(b).into())
 }
 
 impl std::fmt::Debug for Rotation {

@@ -66,10 +66,7 @@ pub async fn run_with(
         ttl: config.secret_ttl,
         grace_ratio: config.grace_ratio,
         metrics: metrics.clone(),
-        trust_file: match &config.ca_trust {
-            crate::config::CaTrust::File(path) => Some(path.clone()),
-            crate::config::CaTrust::System => None,
-        },
+        ca_trust: config.ca_trust.clone(),
     };
     tokio::spawn(rotation.run(stop_rx.clone()));
 

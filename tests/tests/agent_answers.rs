@@ -116,7 +116,7 @@ fn rotation(ca: Arc<FakeCa>, ttl: Duration) -> Rotation {
         ttl,
         grace_ratio: 0.5,
         metrics: Metrics::new().unwrap(),
-        trust_file: None,
+        ca_trust: signet_agent::catrust::CaTrust::System,
     }
 }
 
