@@ -14,6 +14,10 @@ use std::{
     time::Duration,
 };
 
+pub mod agent;
+pub mod mtls;
+pub mod sds;
+
 use base64::Engine;
 use rcgen::{CertificateParams, KeyPair, SanType};
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _};
