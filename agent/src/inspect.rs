@@ -42,6 +42,11 @@ pub struct CertInfo {
     pub issuer: String,
     pub spiffe_id: Option<String>,
     pub serial: String,
+    /// Subject key identifier (`AB:CD:...`, as openssl prints it).
+    pub key_id: Option<String>,
+    /// Authority key identifier: which CA key signed it. Two intermediates of the
+    /// same name (a rotation) differ here.
+    pub issuer_key_id: Option<String>,
     pub not_before: String,
     pub not_after: String,
     pub seconds_left: i64,
@@ -55,7 +60,7 @@ pub enum SecretInfo {
     TlsCertificate {
         name: String,
         chain_length: usize,
-        leaf: Option<CertInfo>,
+        leaf: Option<Box<CertInfo>>,
         /// Seconds until the agent rotates it, at the given grace ratio.
         seconds_to_rotation: Option<i64>,
         has_private_key: bool,
@@ -182,11 +187,14 @@ fn certs(pem: &[u8], now: OffsetDateTime) -> Vec<CertInfo> {
                 })
             });
             let not_after = c.validity().not_after.to_datetime();
+            let (key_id, issuer_key_id) = signet_spiffe::key_ids(&der);
             Some(CertInfo {
                 subject: c.subject().to_string(),
                 issuer: c.issuer().to_string(),
                 spiffe_id,
                 serial: hex::encode(c.raw_serial()),
+                key_id,
+                issuer_key_id,
                 not_before: c.validity().not_before.to_string(),
                 not_after: c.validity().not_after.to_string(),
                 seconds_left: (not_after - now).whole_seconds(),
@@ -205,7 +213,7 @@ fn describe(secret: &Secret, now: OffsetDateTime, grace_ratio: f64) -> SecretInf
             let leaf = if infos.is_empty() {
                 None
             } else {
-                Some(infos.remove(0))
+                Some(Box::new(infos.remove(0)))
             };
             let seconds_to_rotation = ::pem::parse_many(&chain)
                 .ok()
@@ -272,8 +280,10 @@ pub fn render_text(secrets: &[SecretInfo]) -> String {
                         c.spiffe_id.as_deref().unwrap_or("(none)")
                     ));
                     out.push_str(&format!(
-                        "  serial      {}\n  issuer      {}\n",
-                        c.serial, c.issuer
+                        "  serial      {}\n  issuer      {}\n  issuer key  {}\n",
+                        c.serial,
+                        c.issuer,
+                        c.issuer_key_id.as_deref().unwrap_or("(none)")
                     ));
                     out.push_str(&format!(
                         "  not before  {}\n  not after   {}\n",
@@ -292,9 +302,10 @@ pub fn render_text(secrets: &[SecretInfo]) -> String {
                 ));
                 for r in roots {
                     out.push_str(&format!(
-                        "  {}\n    sha256 {}\n    expires {} ({} left)\n",
+                        "  {}\n    sha256 {}\n    key id {}\n    expires {} ({} left)\n",
                         r.subject,
                         r.sha256_fingerprint,
+                        r.key_id.as_deref().unwrap_or("(none)"),
                         r.not_after,
                         human(r.seconds_left)
                     ));

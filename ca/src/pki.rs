@@ -349,11 +349,14 @@ fn describe(der: &[u8], now: OffsetDateTime) -> String {
             let kind =
                 KeyKind::of_spki(c.public_key()).map_or_else(|e| e.to_string(), |k| k.to_string());
             let left = c.validity().not_after.to_datetime() - now;
+            let (key_id, issuer_key_id) = signet_spiffe::key_ids(der);
             format!(
-                "{}\n    issuer {}\n    key {kind}, sha256 {}\n    expires {} ({} days left)",
+                "{}\n    issuer {}\n    key {kind}, sha256 {}\n    key id {}\n    issuer key id {}\n    expires {} ({} days left)",
                 c.subject(),
                 c.issuer(),
                 hex::encode(Sha256::digest(der)),
+                key_id.as_deref().unwrap_or("(none)"),
+                issuer_key_id.as_deref().unwrap_or("(none)"),
                 c.validity().not_after,
                 left.whole_days()
             )

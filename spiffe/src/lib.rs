@@ -172,6 +172,35 @@ pub fn pem_cert(der: &[u8]) -> String {
     )
 }
 
+/// The key identifiers of a DER certificate, written as `openssl x509 -text` writes
+/// them (`AB:CD:...`): its own (subject key identifier) and its issuer's (authority
+/// key identifier). Operators compare them to tell two CAs of the same name apart.
+pub fn key_ids(der: &[u8]) -> (Option<String>, Option<String>) {
+    use x509_parser::{extensions::ParsedExtension, prelude::FromDer};
+    let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(der) else {
+        return (None, None);
+    };
+    let (mut own, mut issuer) = (None, None);
+    for ext in cert.extensions() {
+        match ext.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(ski) => own = Some(colon_hex(ski.0)),
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                issuer = aki.key_identifier.as_ref().map(|k| colon_hex(k.0));
+            }
+            _ => {}
+        }
+    }
+    (own, issuer)
+}
+
+fn colon_hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -216,5 +245,35 @@ mod tests {
             trust_domain("Cluster.Local").unwrap().as_str(),
             "cluster.local"
         );
+    }
+
+    #[test]
+    fn key_ids_tell_two_cas_of_the_same_name_apart() {
+        let ca = |key: &rcgen::KeyPair| {
+            let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            p.distinguished_name
+                .push(rcgen::DnType::CommonName, "Intermediate CA");
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let cert = p.self_signed(key).unwrap();
+            (p, cert)
+        };
+        let (k1, k2) = (
+            rcgen::KeyPair::generate().unwrap(),
+            rcgen::KeyPair::generate().unwrap(),
+        );
+        let ((p1, c1), (_, c2)) = (ca(&k1), ca(&k2));
+        let (id1, _) = key_ids(c1.der());
+        let (id2, _) = key_ids(c2.der());
+        assert!(id1.is_some() && id1 != id2, "{id1:?} {id2:?}");
+        assert_eq!(id1.as_deref().unwrap().len(), 20 * 3 - 1, "AB:CD:... form");
+        let mut leaf = rcgen::CertificateParams::new(vec!["w.example".into()]).unwrap();
+        leaf.use_authority_key_identifier_extension = true;
+        let issuer = rcgen::Issuer::from_params(&p1, &k1);
+        let leaf = leaf
+            .signed_by(&rcgen::KeyPair::generate().unwrap(), &issuer)
+            .unwrap();
+        assert_eq!(key_ids(leaf.der()).1, id1);
+        assert_eq!(key_ids(b"garbage"), (None, None));
     }
 }
