@@ -4,7 +4,7 @@
 //! CA client builds its TLS trust from it, and rotation watches its digest to notice
 //! a root rotation.
 
-use std::path::PathBuf;
+use std::{collections::BTreeSet, path::PathBuf};
 
 use sha2::{Digest, Sha256};
 
@@ -64,6 +64,43 @@ impl CaTrust {
     }
 }
 
+/// The certificates of a PEM bundle, DER, as a set (order and duplicates do not
+/// matter to trust).
+pub type Roots = BTreeSet<Vec<u8>>;
+
+/// The certificates of `pem`.
+pub fn roots_of(pem: &[u8]) -> Roots {
+    ::pem::parse_many(pem)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| p.into_contents())
+        .collect()
+}
+
+/// What the CA's bundle must show once it has caught up with a change of the trust
+/// file: the roots the change added are in it, the roots it dropped are gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    added: Roots,
+    removed: Roots,
+}
+
+impl Expected {
+    /// The expectation set by a trust file going from `before` to `after`.
+    pub fn between(before: &Roots, after: &Roots) -> Self {
+        Self {
+            added: after.difference(before).cloned().collect(),
+            removed: before.difference(after).cloned().collect(),
+        }
+    }
+
+    /// Whether the CA's bundle `ca` reflects the change.
+    pub fn met_by(&self, ca: &Roots) -> bool {
+        self.added.is_subset(ca) && self.removed.is_disjoint(ca)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -86,5 +123,25 @@ mod tests {
         assert_ne!(trust.digest(), Some(first.digest));
         assert_eq!(CaTrust::System.read().unwrap(), None);
         assert_eq!(CaTrust::System.digest(), None);
+    }
+
+    #[test]
+    fn expectations_of_a_root_rotation() {
+        let set = |roots: &[&[u8]]| -> Roots { roots.iter().map(|r| r.to_vec()).collect() };
+        let (old, new) = (b"old".as_slice(), b"new".as_slice());
+        // Step 2: NEW added to the trust file.
+        let added = Expected::between(&set(&[old]), &set(&[old, new]));
+        assert!(!added.met_by(&set(&[old])), "the CA has not reloaded yet");
+        assert!(added.met_by(&set(&[old, new])));
+        assert!(added.met_by(&set(&[new, old])));
+        // Step 4: OLD dropped.
+        let dropped = Expected::between(&set(&[old, new]), &set(&[new]));
+        assert!(!dropped.met_by(&set(&[old, new])));
+        assert!(dropped.met_by(&set(&[new])));
+        // Nothing changed in substance (same roots, reordered).
+        assert!(Expected::between(&set(&[old, new]), &set(&[new, old])).met_by(&set(&[])));
+        let pem = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n";
+        assert_eq!(roots_of(pem.repeat(2).as_bytes()).len(), 1);
+        assert!(roots_of(b"garbage").is_empty());
     }
 }

@@ -98,6 +98,12 @@ pub struct RunArgs {
     #[arg(long, env = "SECRET_GRACE_PERIOD_RATIO", default_value_t = 0.5)]
     pub grace_ratio: f64,
 
+    /// After the CA trust file changes (a root rotation), keep asking the CA (with
+    /// backoff from 1 s to 30 s) until its bundle reflects the change, for at most
+    /// this long; then warn, count it, and return to the normal schedule.
+    #[arg(long, env = "TRUST_SYNC_TIMEOUT", default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
+    pub trust_sync_timeout: Duration,
+
     /// Type of the private key generated for each certificate.
     #[arg(long, value_enum, default_value_t = KeyTypeArg::EcP256)]
     pub key_type: KeyTypeArg,
@@ -204,6 +210,7 @@ pub struct RunConfig {
     pub socket: PathBuf,
     pub secret_ttl: Duration,
     pub grace_ratio: f64,
+    pub trust_sync_timeout: Duration,
     pub key_type: KeyType,
     pub output_certs: Option<PathBuf>,
     pub http_addr: SocketAddr,
@@ -315,6 +322,7 @@ impl RunArgs {
             socket: self.socket,
             secret_ttl: self.secret_ttl,
             grace_ratio: self.grace_ratio,
+            trust_sync_timeout: self.trust_sync_timeout,
             key_type: self.key_type.into(),
             output_certs: self.output_certs,
             http_addr: self.http_addr,

@@ -16,6 +16,9 @@ pub struct Metrics {
     pub retries: IntCounter,
     /// CA round-trip time, seconds.
     pub outgoing_latency: Histogram,
+    /// Trust-file changes the CA's bundle did not reflect within
+    /// `--trust-sync-timeout`.
+    pub trust_sync_timeouts: IntCounter,
 }
 
 impl Metrics {
@@ -52,6 +55,10 @@ impl Metrics {
             retries: counter(
                 "istio_agent_num_outgoing_retries",
                 "Retries of failed CSR requests.",
+            )?,
+            trust_sync_timeouts: counter(
+                "signet_agent_trust_sync_timeouts",
+                "Changes of the CA trust file that the CA's bundle still did not reflect after --trust-sync-timeout.",
             )?,
             cert_expiry_seconds,
             outgoing_latency,

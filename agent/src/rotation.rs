@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::{
     caclient::{CaClient, CaError},
-    catrust::CaTrust,
+    catrust::{Bundle, CaTrust, Expected, roots_of},
     keys::{KeyError, KeyType, WorkloadKey},
     metrics::Metrics,
     store::SecretStore,
@@ -41,6 +41,10 @@ pub const JITTER: f64 = 0.01;
 pub const BACKOFF_MIN: StdDuration = StdDuration::from_millis(500);
 /// Longest retry delay.
 pub const BACKOFF_MAX: StdDuration = StdDuration::from_secs(60);
+/// First delay when asking again for a bundle that reflects a trust-file change.
+pub const TRUST_SYNC_MIN: StdDuration = StdDuration::from_secs(1);
+/// Longest such delay.
+pub const TRUST_SYNC_MAX: StdDuration = StdDuration::from_secs(30);
 /// Longest single sleep: the wall clock is re-read at least this often, so a
 /// suspended machine or a clock jump cannot leave an expired certificate in place.
 pub const MAX_SLEEP: StdDuration = StdDuration::from_secs(5);
@@ -80,25 +84,36 @@ pub fn refresh_at(
 #[derive(Debug, Clone)]
 pub struct Backoff {
     step: StdDuration,
+    min: StdDuration,
+    max: StdDuration,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self { step: BACKOFF_MIN }
+        Self::between(BACKOFF_MIN, BACKOFF_MAX)
     }
 }
 
 impl Backoff {
+    /// Steps from `min` doubling to `max`.
+    pub fn between(min: StdDuration, max: StdDuration) -> Self {
+        Self {
+            step: min,
+            min,
+            max,
+        }
+    }
+
     /// The next delay; `unit` in [0, 1) picks where in the jitter range it falls.
     pub fn next_delay(&mut self, unit: f64) -> StdDuration {
         let delay = self.step.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0));
-        self.step = (self.step * 2).min(BACKOFF_MAX);
-        delay.max(BACKOFF_MIN / 2)
+        self.step = (self.step * 2).min(self.max);
+        delay.max(self.min / 2)
     }
 
     /// Back to the first step after a success.
     pub fn reset(&mut self) {
-        self.step = BACKOFF_MIN;
+        self.step = self.min;
     }
 }
 
@@ -157,6 +172,8 @@ pub struct Rotation {
     /// CA's trust has changed (a root rotation), so a new certificate and bundle are
     /// fetched at once instead of at the next refresh.
     pub ca_trust: CaTrust,
+    /// How long to keep asking for a bundle that reflects a trust-file change.
+    pub trust_sync_timeout: Duration,
 }
 
 impl Rotation {
@@ -166,6 +183,9 @@ impl Rotation {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut backoff = Backoff::default();
         let mut retries = 0u64;
+        // Set when the trust file changed: what the CA's bundle must show, since when,
+        // and how long to wait before asking again.
+        let mut sync: Option<(Expected, OffsetDateTime, Backoff)> = None;
         loop {
             match self.fetch().await {
                 Ok(svid) => {
@@ -179,23 +199,55 @@ impl Rotation {
                         id = %svid.id, serial = %svid.serial, not_after = %svid.not_after,
                         refresh_at = %at, "certificate obtained"
                     );
+                    let ca_roots = roots_of(svid.roots_pem.as_bytes());
                     self.store.set_svid(Arc::new(svid));
                     backoff.reset();
                     retries = 0;
-                    let trusted = self.ca_trust.digest();
-                    let mut trust_changed = || {
-                        let now = self.ca_trust.digest();
-                        let changed = now != trusted;
-                        if changed {
-                            tracing::info!(
-                                "the CA trust file changed; fetching a new certificate and bundle now"
+                    if let Some((want, since, sync_backoff)) = &mut sync {
+                        if want.met_by(&ca_roots) {
+                            tracing::info!("the CA's bundle now reflects the trust file");
+                            sync = None;
+                        } else if self.clock.now() - *since > self.trust_sync_timeout {
+                            tracing::warn!(
+                                waited = %(self.clock.now() - *since),
+                                "the CA's bundle still does not reflect the change of the CA trust file; back to the normal schedule (is the CA's cacerts updated?)"
                             );
+                            self.metrics.trust_sync_timeouts.inc();
+                            sync = None;
+                        } else {
+                            let delay = sync_backoff.next_delay(rand::rng().random::<f64>());
+                            tracing::info!(
+                                retry_in = ?delay,
+                                "the CA's bundle does not reflect the changed CA trust file yet; asking again"
+                            );
+                            let deadline = self.clock.now()
+                                + Duration::try_from(delay).unwrap_or(Duration::seconds(30));
+                            if !sleep_until(self.clock.as_ref(), deadline, &mut stop).await {
+                                return;
+                            }
+                            continue;
                         }
-                        changed
-                    };
+                    }
+                    let before = self.ca_trust.read().ok().flatten();
+                    let trusted = before.as_ref().map(|b| b.digest);
+                    let mut trust_changed = || self.ca_trust.digest() != trusted;
                     if !sleep_until_or(self.clock.as_ref(), at, &mut stop, &mut trust_changed).await
                     {
                         return;
+                    }
+                    let after = self.ca_trust.read().ok().flatten();
+                    if after.as_ref().map(|b| b.digest) != trusted {
+                        tracing::info!(
+                            "the CA trust file changed; fetching a new certificate and bundle now"
+                        );
+                        let roots = |b: &Option<Bundle>| {
+                            b.as_ref().map(|b| roots_of(&b.pem)).unwrap_or_default()
+                        };
+                        sync = Some((
+                            Expected::between(&roots(&before), &roots(&after)),
+                            self.clock.now(),
+                            Backoff::between(TRUST_SYNC_MIN, TRUST_SYNC_MAX),
+                        ));
                     }
                 }
                 Err(e) => {

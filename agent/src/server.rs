@@ -67,6 +67,7 @@ pub async fn run_with(
         grace_ratio: config.grace_ratio,
         metrics: metrics.clone(),
         ca_trust: config.ca_trust.clone(),
+        trust_sync_timeout: config.trust_sync_timeout,
     };
     tokio::spawn(rotation.run(stop_rx.clone()));
 

@@ -107,8 +107,10 @@ pub struct BundleArgs {
 pub struct InspectArgs {
     /// The cacerts directory.
     pub dir: PathBuf,
-    /// The longest workload certificate lifetime the CA will issue (its --max-ttl):
-    /// warns when the intermediate has less than this left.
+    /// The longest lifetime workload certificates hold: what the agents ask for
+    /// (SECRET_TTL) or the CA's --default-ttl, 24h by default; the CA's --max-ttl when
+    /// clients ask for long lifetimes. Warns when the intermediate has less than this
+    /// left, and is the wait before dropping a root.
     #[arg(long, default_value = "24h", value_parser = crate::config::parse_duration)]
     pub leaf_ttl: Duration,
     /// The set in use now (a cacerts directory): warns when DIR's bundle drops a root
@@ -425,6 +427,12 @@ pub fn inspect(
         let old_roots = old.roots.clone();
         let old_signer =
             Signer::new(old, now).map_err(|e| PkiError::Invalid(format!("--previous: {e}")))?;
+        let (a, b) = (old_signer.anchor(), signer.anchor());
+        if a.subject != b.subject || a.subject_public_key_info != b.subject_public_key_info {
+            out.push_str(&format!(
+                "this set signs under a different root than the set in use: once every cluster serves it, wait {leaf_ttl} (--leaf-ttl) before dropping the old root from any bundle\n"
+            ));
+        }
         for root in old_roots.iter().filter(|r| !roots.contains(r)) {
             let name = X509Certificate::from_der(root)
                 .map(|(_, c)| c.subject().to_string())

@@ -121,6 +121,18 @@ impl TestAgent {
         ready_status(self.http).await.unwrap_or(0)
     }
 
+    /// The agent's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.http).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned()
+    }
+
     /// Stops the agent and waits for it to finish.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {

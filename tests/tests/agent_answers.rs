@@ -117,6 +117,7 @@ fn rotation(ca: Arc<FakeCa>, ttl: Duration) -> Rotation {
         grace_ratio: 0.5,
         metrics: Metrics::new().unwrap(),
         ca_trust: signet_agent::catrust::CaTrust::System,
+        trust_sync_timeout: Duration::minutes(10),
     }
 }
 

@@ -13,6 +13,7 @@ use prost::Message;
 use signet_e2e::{
     TestCa,
     agent::{AgentSetup, TestAgent},
+    metric,
     sds::{SECRET_TYPE, fetch, roots, serial, subscribe, tls},
     uri_sans, with_cert,
 };
@@ -153,6 +154,205 @@ async fn a_new_root_in_the_ca_trust_reaches_rootca_without_waiting_for_rotation(
         .unwrap();
     let bundle = roots(&Secret::decode(pushed.resources[0].value.as_slice()).unwrap());
     assert_eq!(::pem::parse_many(&bundle).unwrap().len(), 2, "{bundle}");
+    agent.stop().await;
+    ca.stop().await;
+}
+
+/// The roots an agent serves as `ROOTCA`, DER.
+async fn served_roots(socket: &std::path::Path) -> std::collections::BTreeSet<Vec<u8>> {
+    signet_agent::catrust::roots_of(roots(&fetch(socket, &["ROOTCA"]).await[0]).as_bytes())
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    ::pem::parse(pem).unwrap().into_contents()
+}
+
+/// Waits (`secs` at most) until the agent serves exactly `want` as `ROOTCA`.
+async fn until_rootca(socket: &std::path::Path, want: &[&str], secs: u64, what: &str) {
+    let want: std::collections::BTreeSet<Vec<u8>> = want.iter().map(|p| der(p)).collect();
+    let started = std::time::Instant::now();
+    let mut got = Default::default();
+    while started.elapsed() < Duration::from_secs(secs) {
+        got = served_roots(socket).await;
+        if got == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "{what}: ROOTCA still has {} root(s), want {} after {secs}s",
+        got.len(),
+        want.len()
+    );
+}
+
+/// Waits (10 s at most) until `read` returns more than `before`.
+async fn until_more<F, Fut>(before: f64, mut read: F, what: &str)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = f64>,
+{
+    for _ in 0..100 {
+        if read().await > before {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{what} never happened");
+}
+
+/// One step of a root rotation: the CA's key material `set` and the pods' trust file
+/// `bundle`, in the chosen order. The second update waits until the first has had its
+/// effect: the agent has asked the CA about the changed trust file (and got the old
+/// bundle, since the CA has not reloaded), or the CA has reloaded.
+async fn step(
+    ca: &TestCa,
+    agent: &TestAgent,
+    mount: &mut signet_e2e::SecretMount,
+    set: &std::path::Path,
+    trust: &std::path::Path,
+    bundle: &str,
+    trust_file_first: bool,
+) {
+    let requests = || async {
+        metric(&agent.metrics().await, "istio_agent_num_outgoing_requests").unwrap_or(0.0)
+    };
+    let reloads = || async {
+        let (_, m) = ca.http_get("/metrics").await.unwrap();
+        metric(&m, r#"signet_ca_cacerts_reload_count{result="success"}"#).unwrap_or(0.0)
+    };
+    if trust_file_first {
+        let before = requests().await;
+        std::fs::write(trust, bundle).unwrap();
+        until_more(
+            before,
+            requests,
+            "the agent's request after the trust change",
+        )
+        .await;
+        let before = reloads().await;
+        mount.publish(set);
+        until_more(before, reloads, "the CA's reload").await;
+    } else {
+        let before = reloads().await;
+        mount.publish(set);
+        until_more(before, reloads, "the CA's reload").await;
+        std::fs::write(trust, bundle).unwrap();
+    }
+}
+
+/// Adding a root (step 2 of a rotation) and dropping one (step 4) reach the agent's
+/// `ROOTCA` within seconds with hour-long certificates (no renewal comes to the
+/// rescue), whether the CA's `cacerts` or the agent's trust file (in Kubernetes: the
+/// Secret and the ConfigMap, which reach pods independently) is updated first.
+async fn bundle_converges(trust_file_first: bool) {
+    use signet_e2e::{SecretMount, TestRoot};
+    let s = AgentSetup::new();
+    let (old, new) = (TestRoot::p256("Old Root"), TestRoot::p256("New Root"));
+    let key = || rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let (key_a, key_b) = (key(), key());
+    let staged = s.dir.path().join("staged");
+    let both = [old.pem.as_str(), new.pem.as_str()];
+    old.write_cacerts(&staged.join("1"), "Intermediate", &key_a, Some(0), &[]);
+    old.write_cacerts(&staged.join("2"), "Intermediate", &key_a, Some(0), &both);
+    new.write_cacerts(&staged.join("3"), "Intermediate", &key_b, Some(0), &both);
+    new.write_cacerts(&staged.join("4"), "Intermediate", &key_b, Some(0), &[]);
+    let mut mount = SecretMount::new(&s.dir.path().join("cacerts"));
+    mount.publish(&staged.join("1"));
+    let ca = TestCa::start(&s.ca_args_with_cacerts(&mount.dir)).await;
+    let trust = s.dir.path().join("istio-ca-root-cert.pem");
+    std::fs::write(&trust, &old.pem).unwrap();
+    let agent = TestAgent::start(&s.agent_args_trusting(
+        &ca,
+        "shop",
+        "cart",
+        &trust,
+        &["--secret-ttl", "1h"],
+    ))
+    .await;
+    agent.wait_ready().await;
+    let socket = s.socket("cart");
+    until_rootca(&socket, &[&old.pem], 5, "step 1").await;
+
+    step(
+        &ca,
+        &agent,
+        &mut mount,
+        &staged.join("2"),
+        &trust,
+        &(old.pem.clone() + &new.pem),
+        trust_file_first,
+    )
+    .await;
+    until_rootca(&socket, &both, 10, "step 2 (new root added)").await;
+    // Step 3: the CA alone switches to an intermediate under the new root.
+    let (_, m) = ca.http_get("/metrics").await.unwrap();
+    let reloads = metric(&m, r#"signet_ca_cacerts_reload_count{result="success"}"#).unwrap_or(0.0);
+    mount.publish(&staged.join("3"));
+    until_more(
+        reloads,
+        || async {
+            let (_, m) = ca.http_get("/metrics").await.unwrap();
+            metric(&m, r#"signet_ca_cacerts_reload_count{result="success"}"#).unwrap_or(0.0)
+        },
+        "the CA's reload of step 3",
+    )
+    .await;
+    step(
+        &ca,
+        &agent,
+        &mut mount,
+        &staged.join("4"),
+        &trust,
+        &new.pem,
+        trust_file_first,
+    )
+    .await;
+    until_rootca(&socket, &[&new.pem], 10, "step 4 (old root dropped)").await;
+    agent.stop().await;
+    ca.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundle_converges_when_the_trust_file_changes_first() {
+    bundle_converges(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundle_converges_when_the_cacerts_change_first() {
+    bundle_converges(false).await;
+}
+
+/// A trust-file change the CA never reflects (a root nobody loaded into cacerts): the
+/// agent asks for a while, then gives up, counts it and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trust_change_the_ca_never_reflects_is_given_up_on_and_counted() {
+    let s = AgentSetup::new();
+    let ca = TestCa::start(&s.ca_args()).await;
+    let ca_root = std::fs::read_to_string(s.dir.path().join("state/root-cert.pem")).unwrap();
+    let trust = s.dir.path().join("istio-ca-root-cert.pem");
+    std::fs::write(&trust, &ca_root).unwrap();
+    let agent = TestAgent::start(&s.agent_args_trusting(
+        &ca,
+        "shop",
+        "cart",
+        &trust,
+        &["--secret-ttl", "1h", "--trust-sync-timeout", "2s"],
+    ))
+    .await;
+    agent.wait_ready().await;
+    let stranger = signet_e2e::TestRoot::p256("Nobody's Root");
+    std::fs::write(&trust, ca_root.clone() + &stranger.pem).unwrap();
+    until_more(
+        0.0,
+        || async {
+            metric(&agent.metrics().await, "signet_agent_trust_sync_timeouts").unwrap_or(0.0)
+        },
+        "giving up on the trust change",
+    )
+    .await;
+    assert_eq!(agent.ready_status().await, 200);
+    until_rootca(&s.socket("cart"), &[&ca_root], 1, "after giving up").await;
     agent.stop().await;
     ca.stop().await;
 }

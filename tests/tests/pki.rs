@@ -255,8 +255,28 @@ fn inspect_warns_before_the_old_root_is_dropped_too_early() {
     let both = fs::read_to_string(old_root.join("root-cert.pem")).unwrap()
         + &fs::read_to_string(new_root.join("root-cert.pem")).unwrap();
     fs::write(&bundle, both).unwrap();
-    let report = pki_run(&["inspect", p(&next), "--previous", p(&in_use)]).unwrap();
+    let report = pki_run(&[
+        "inspect",
+        p(&next),
+        "--previous",
+        p(&in_use),
+        "--leaf-ttl",
+        "12h",
+    ])
+    .unwrap();
     assert!(!report.contains("drops"), "{report}");
+    // Step 3 switches roots: the report says how long to wait before step 4, from the
+    // lifetime the operator says workloads hold.
+    assert!(report.contains("wait 12h"), "{report}");
+    // The two intermediates share a name; their key identifiers tell them apart.
+    let key_id = |r: &str| {
+        r.lines()
+            .find_map(|l| l.trim().strip_prefix("key id "))
+            .unwrap()
+            .to_owned()
+    };
+    let old_report = pki_run(&["inspect", p(&in_use)]).unwrap();
+    assert_ne!(key_id(&report), key_id(&old_report));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
