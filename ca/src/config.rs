@@ -196,6 +196,9 @@ pub struct ServeArgs {
     pub jwks_refresh_interval: Duration,
 }
 
+/// The largest value a limit flag takes.
+const MAX_LIMIT: usize = 1_000_000;
+
 /// A flag value that cannot work.
 #[derive(Debug, thiserror::Error)]
 #[error("{flag}: {problem}")]
@@ -404,9 +407,13 @@ impl ServeArgs {
         if max_pending_per_caller == 0 {
             return Err(err("--max-pending-per-caller", "must be at least 1".into()));
         }
+        // Bounded above as well: each becomes a semaphore or a queue allocated up
+        // front, and a typo of a few extra digits must be an error, not a panic.
         for (flag, value) in [
             ("--max-connections", self.max_connections),
             ("--max-token-reviews", self.max_token_reviews),
+            ("--max-pending", self.max_pending),
+            ("--max-pending-per-caller", max_pending_per_caller),
             (
                 "--max-streams-per-connection",
                 self.max_streams_per_connection as usize,
@@ -415,6 +422,15 @@ impl ServeArgs {
             if value == 0 {
                 return Err(err(flag, "must be at least 1".into()));
             }
+            if value > MAX_LIMIT {
+                return Err(err(flag, format!("{value} is over {MAX_LIMIT}")));
+            }
+        }
+        if signing_threads > 4096 {
+            return Err(err(
+                "--signing-threads",
+                format!("{signing_threads} is over 4096"),
+            ));
         }
         if self.max_connection_age < Duration::seconds(1) {
             return Err(err("--max-connection-age", "must be at least 1s".into()));
@@ -535,6 +551,18 @@ mod tests {
                 .unwrap_err()
                 .contains("--grpc-addr")
         );
+        for flag in [
+            "--max-connections",
+            "--max-pending",
+            "--max-token-reviews",
+            "--max-pending-per-caller",
+        ] {
+            assert!(
+                parse(&[flag, "99999999999999"]).unwrap_err().contains(flag),
+                "{flag}"
+            );
+            assert!(parse(&[flag, "0"]).unwrap_err().contains(flag), "{flag}");
+        }
     }
 
     #[test]
