@@ -186,6 +186,10 @@ impl Rotation {
         // Set when the trust file changed: what the CA's bundle must show, since when,
         // and how long to wait before asking again.
         let mut sync: Option<(Expected, OffsetDateTime, Backoff)> = None;
+        // The trust file as last seen; a change against it sets `sync`.
+        let mut known = self.ca_trust.read().ok().flatten();
+        let digest = |b: &Option<Bundle>| b.as_ref().map(|b| b.digest);
+        let roots = |b: &Option<Bundle>| b.as_ref().map(|b| roots_of(&b.pem)).unwrap_or_default();
         loop {
             match self.fetch().await {
                 Ok(svid) => {
@@ -203,6 +207,18 @@ impl Rotation {
                     self.store.set_svid(Arc::new(svid));
                     backoff.reset();
                     retries = 0;
+                    // A change of the trust file since it was last seen (also one made
+                    // while retrying for an earlier change) sets what the CA's bundle
+                    // must show now.
+                    let current = self.ca_trust.read().ok().flatten();
+                    if digest(&current) != digest(&known) {
+                        sync = Some((
+                            Expected::between(&roots(&known), &roots(&current)),
+                            self.clock.now(),
+                            Backoff::between(TRUST_SYNC_MIN, TRUST_SYNC_MAX),
+                        ));
+                        known = current;
+                    }
                     if let Some((want, since, sync_backoff)) = &mut sync {
                         if want.met_by(&ca_roots) {
                             tracing::info!("the CA's bundle now reflects the trust file");
@@ -228,26 +244,16 @@ impl Rotation {
                             continue;
                         }
                     }
-                    let before = self.ca_trust.read().ok().flatten();
-                    let trusted = before.as_ref().map(|b| b.digest);
+                    let trusted = digest(&known);
                     let mut trust_changed = || self.ca_trust.digest() != trusted;
                     if !sleep_until_or(self.clock.as_ref(), at, &mut stop, &mut trust_changed).await
                     {
                         return;
                     }
-                    let after = self.ca_trust.read().ok().flatten();
-                    if after.as_ref().map(|b| b.digest) != trusted {
+                    if self.ca_trust.digest() != trusted {
                         tracing::info!(
                             "the CA trust file changed; fetching a new certificate and bundle now"
                         );
-                        let roots = |b: &Option<Bundle>| {
-                            b.as_ref().map(|b| roots_of(&b.pem)).unwrap_or_default()
-                        };
-                        sync = Some((
-                            Expected::between(&roots(&before), &roots(&after)),
-                            self.clock.now(),
-                            Backoff::between(TRUST_SYNC_MIN, TRUST_SYNC_MAX),
-                        ));
                     }
                 }
                 Err(e) => {
