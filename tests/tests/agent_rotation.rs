@@ -186,13 +186,15 @@ async fn until_rootca(socket: &std::path::Path, want: &[&str], secs: u64, what: 
     );
 }
 
-/// Waits (10 s at most) until `read` returns more than `before`.
+/// Waits (30 s at most) until `read` returns more than `before`. Generous: the agent
+/// notices a trust-file change at its next look (every 5 s) and then asks the CA with
+/// backoff, so a loaded machine can take well over 10 s.
 async fn until_more<F, Fut>(before: f64, mut read: F, what: &str)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = f64>,
 {
-    for _ in 0..100 {
+    for _ in 0..300 {
         if read().await > before {
             return;
         }
