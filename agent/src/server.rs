@@ -8,7 +8,7 @@ use tokio::{
     net::{TcpListener, UnixListener},
     sync::watch,
 };
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::{StreamExt, wrappers::UnixListenerStream};
 
 use crate::{
     caclient::{CaClient, GrpcCaClient},
@@ -17,7 +17,7 @@ use crate::{
     metrics::Metrics,
     output,
     rotation::{Clock, Rotation, SystemClock},
-    sds::Sds,
+    sds::{Sds, authority::Normalized},
     store::SecretStore,
 };
 
@@ -54,6 +54,12 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let metrics = Metrics::new()?;
+    if config.key_type == crate::keys::KeyType::EcP384 {
+        // Seen with Envoy 1.40 (tests/python/test_envoy_mesh.py): the handshake fails.
+        tracing::warn!(
+            "--key-type ec-p384: Envoy's default client curves (X25519, P-256) refuse a P-384 server certificate; peers must list P-384 in ecdh_curves of their UpstreamTlsContext (docs/agent.md, \"Key types and Envoy\"), or use ec-p256 or an RSA key"
+        );
+    }
     let store = SecretStore::with_file_policy(FilePolicy::new(config.file_secret_dirs.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
 
@@ -120,9 +126,12 @@ pub async fn run_with(
     let mut sds_stop = stop_rx.clone();
     let sds = tonic::transport::Server::builder()
         .add_service(Sds::new(store, stop_rx.clone()).into_service())
-        .serve_with_incoming_shutdown(UnixListenerStream::new(socket), async move {
-            let _ = sds_stop.wait_for(|s| *s).await;
-        });
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(socket).map(|conn| conn.map(Normalized::new)),
+            async move {
+                let _ = sds_stop.wait_for(|s| *s).await;
+            },
+        );
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down");

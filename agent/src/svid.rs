@@ -6,7 +6,7 @@ use std::fmt;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use spiffe::SpiffeId;
 use time::{Duration, OffsetDateTime};
-use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
+use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
 /// How far in the future a NotBefore may be (clock skew between CA and agent).
 const MAX_FUTURE_NOT_BEFORE: Duration = Duration::minutes(10);
@@ -123,21 +123,7 @@ pub fn check_answer(
     if cert.public_key().raw != spki {
         return Err(AnswerError::WrongKey);
     }
-    let uris: Vec<String> = cert
-        .subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| match n {
-                    GeneralName::URI(u) => Some((*u).to_owned()),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let (uris, _) = signet_spiffe::san_names(&cert);
     if uris.len() != 1 || uris[0] != id.to_string() {
         return Err(AnswerError::WrongIdentity {
             got: uris,

@@ -6,7 +6,10 @@ use clap::{Args, Parser, Subcommand};
 use spiffe::TrustDomain;
 use time::Duration;
 
-use crate::authn::{JwksSource, JwtConfig};
+use crate::{
+    authn::{JwksSource, JwtConfig},
+    writers::{IstiodSecret, LeaseConfig, RootConfigMap, WriterConfig},
+};
 
 /// Signet's certificate authority: Istio's CreateCertificate API, served over TLS.
 #[derive(Debug, Parser)]
@@ -194,6 +197,107 @@ pub struct ServeArgs {
     /// on with the keys in hand meanwhile).
     #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
     pub jwks_refresh_interval: Duration,
+
+    /// Service accounts (`<namespace>/<name>`, comma separated) that may ask for the
+    /// identities of the pods on their own node, as ztunnel does in Istio's ambient
+    /// mode (Istio's default: istio-system/ztunnel). Needs API access to watch pods.
+    #[arg(
+        long,
+        env = "CA_TRUSTED_NODE_ACCOUNTS",
+        value_delimiter = ',',
+        value_name = "NS/SA"
+    )]
+    pub trusted_node_accounts: Vec<String>,
+
+    /// Check tokens only offline against --jwks, even where the API server is
+    /// reachable (no TokenReview, so no `system:auth-delegator` binding needed).
+    #[arg(long, requires = "jwks")]
+    pub no_token_review: bool,
+
+    /// Publish the trust bundle as a ConfigMap of this name (key `root-cert.pem`) in
+    /// every namespace, as istiod does with `istio-ca-root-cert`; recreated when
+    /// deleted, restored when edited. Written by the elected replica only.
+    #[arg(long, env = "ROOT_CONFIGMAP", value_name = "NAME")]
+    pub root_configmap: Option<String>,
+
+    /// Only namespaces matching this label selector get the root ConfigMap
+    /// (Kubernetes selector syntax, e.g. `istio-injection=enabled`).
+    #[arg(
+        long,
+        env = "ROOT_CONFIGMAP_NAMESPACE_SELECTOR",
+        value_name = "SELECTOR"
+    )]
+    pub root_configmap_namespace_selector: Option<String>,
+
+    /// Publish the trust bundle as a ClusterTrustBundle for this signer name
+    /// (`<domain>/<path>`), so pods can project it with a `clusterTrustBundle` volume.
+    #[arg(long, env = "CLUSTER_TRUST_BUNDLE_SIGNER", value_name = "SIGNER")]
+    pub cluster_trust_bundle_signer: Option<String>,
+
+    /// Answer Kubernetes PodCertificateRequests for this signer name
+    /// (`<domain>/<path>`, e.g. `signet.example.com/spiffe`) with the pod's SPIFFE
+    /// identity; its root is published as a ClusterTrustBundle of the same name.
+    #[arg(long, env = "POD_CERTIFICATE_SIGNER", value_name = "SIGNER")]
+    pub pod_certificate_signer: Option<String>,
+
+    /// Issue pod certificates only to this namespace or `<namespace>/<service
+    /// account>` (repeatable; default: all).
+    #[arg(long = "pod-certificate-allow", value_name = "NS[/SA]")]
+    pub pod_certificate_allow: Vec<String>,
+
+    /// Deny pod certificates to this namespace or `<namespace>/<service account>`
+    /// (repeatable; wins over --pod-certificate-allow).
+    #[arg(long = "pod-certificate-deny", value_name = "NS[/SA]")]
+    pub pod_certificate_deny: Vec<String>,
+
+    /// Keep a `kubernetes.io/tls` Secret (tls.crt, tls.key, ca.crt) for istiod's
+    /// serving certificate, issued here and renewed at half-life, for istiod with
+    /// ENABLE_CA_SERVER=false.
+    #[arg(long, env = "ISTIOD_CERT_SECRET", value_name = "NAMESPACE/NAME")]
+    pub istiod_cert_secret: Option<String>,
+
+    /// DNS names in istiod's certificate besides `istiod.<namespace>.svc`
+    /// (comma separated).
+    #[arg(
+        long,
+        env = "ISTIOD_CERT_DNS_NAMES",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub istiod_cert_dns_names: Vec<String>,
+
+    /// Lifetime of istiod's certificate.
+    #[arg(long, default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
+    pub istiod_cert_ttl: Duration,
+
+    /// Namespace of the Lease that elects the one replica that writes.
+    #[arg(
+        long,
+        env = "POD_NAMESPACE",
+        default_value = "istio-system",
+        value_name = "NAMESPACE"
+    )]
+    pub leader_election_namespace: String,
+
+    /// Name of that Lease.
+    #[arg(long, default_value = "signet-ca-writer", value_name = "NAME")]
+    pub leader_election_lease: String,
+
+    /// This replica's name in the Lease (default: the host name and a random suffix).
+    #[arg(long, env = "POD_NAME", value_name = "ID")]
+    pub leader_election_identity: Option<String>,
+
+    /// How long a Lease holds without renewal before another replica may take it.
+    #[arg(long, default_value = "15s", value_parser = parse_duration, value_name = "DURATION")]
+    pub lease_duration: Duration,
+
+    /// The leader stops writing when it could not renew for this long.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub lease_renew_deadline: Duration,
+
+    /// How often the Lease is renewed or tried.
+    #[arg(long, default_value = "2s", value_parser = parse_duration, value_name = "DURATION")]
+    pub lease_retry_period: Duration,
 }
 
 /// The largest value a limit flag takes.
@@ -245,6 +349,12 @@ pub struct ServeConfig {
     pub max_streams_per_connection: u32,
     pub max_connection_age: Duration,
     pub max_token_reviews: usize,
+    /// What the elected replica keeps in the API server; `None` when nothing.
+    pub writers: Option<WriterConfig>,
+    /// Who may impersonate the pods on their node (empty: nobody).
+    pub trusted_node_accounts: Vec<signet_spiffe::ServiceAccount>,
+    /// Access to the local API server: `Some(None)` in-cluster, `None` without.
+    pub api_access: Option<Option<PathBuf>>,
 }
 
 impl ServeConfig {
@@ -261,8 +371,14 @@ impl ServeArgs {
     /// Checks values that clap cannot; `in_cluster` says whether we run in a pod.
     pub fn validate(self, in_cluster: bool) -> Result<ServeConfig, ConfigError> {
         let err = |flag, problem: String| ConfigError { flag, problem };
+        let api_access = match &self.kubeconfig {
+            Some(path) if !path.as_os_str().is_empty() => Some(Some(path.clone())),
+            _ if in_cluster => Some(None),
+            _ => None,
+        };
         let trust_domain = signet_spiffe::trust_domain(&self.trust_domain)
             .map_err(|e| err("--trust-domain", e.to_string()))?;
+        let writers = writer_config(&self, api_access.as_ref(), &trust_domain)?;
         if self.default_ttl <= Duration::ZERO {
             return Err(err("--default-ttl", "must be positive".into()));
         }
@@ -325,7 +441,7 @@ impl ServeArgs {
                 Ok(JwksSource::File(jwks.into()))
             }
         };
-        let jwt = match (self.jwt_issuer, self.jwks) {
+        let mut jwt = match (self.jwt_issuer.clone(), self.jwks.clone()) {
             (Some(issuer), Some(jwks)) => Some(JwtConfig {
                 issuer,
                 audiences: token_audiences.clone(),
@@ -379,10 +495,46 @@ impl ServeArgs {
                     .map_err(|e| err("--trust-domain-alias", e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let kubeconfig = match self.kubeconfig {
-            Some(path) if !path.as_os_str().is_empty() => Some(Some(path)),
-            _ if in_cluster => Some(None),
-            _ => None,
+        if let Some(jwt) = &mut jwt
+            && let JwksSource::Url { url, .. } = &jwt.source
+            && let Some(path) = api_server_path(url)
+        {
+            let Some(kubeconfig) = api_access.clone() else {
+                return Err(err(
+                    "--jwks",
+                    format!("{url} is the API server's; give --kubeconfig or run in a pod"),
+                ));
+            };
+            jwt.source = JwksSource::ApiServer { path, kubeconfig };
+        }
+        let mut trusted_node_accounts = Vec::new();
+        for spec in self
+            .trusted_node_accounts
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+        {
+            let account = spec
+                .split_once('/')
+                .and_then(|(ns, sa)| signet_spiffe::ServiceAccount::new(ns, sa).ok())
+                .ok_or_else(|| {
+                    err(
+                        "--trusted-node-accounts",
+                        format!("{spec:?}: want <namespace>/<service account>"),
+                    )
+                })?;
+            trusted_node_accounts.push(account);
+        }
+        if !trusted_node_accounts.is_empty() && api_access.is_none() {
+            return Err(err(
+                "--trusted-node-accounts",
+                "node impersonation watches pods: give --kubeconfig or run in a pod".into(),
+            ));
+        }
+        let kubeconfig = if self.no_token_review {
+            None
+        } else {
+            api_access.clone()
         };
         if kubeconfig.is_none() && jwt.is_none() {
             return Err(err(
@@ -459,6 +611,9 @@ impl ServeArgs {
             cluster_id: self.cluster_id,
             kubeconfig,
             jwt,
+            writers,
+            trusted_node_accounts,
+            api_access,
             cluster_aliases,
             trust_domain_aliases,
             remotes,
@@ -483,6 +638,263 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from(d).map_err(|e| format!("{s:?}: {e}"))
 }
 
+/// The host names under which a pod reaches its own API server.
+const API_SERVER_HOSTS: [&str; 4] = [
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local",
+    "kubernetes.default",
+    "kubernetes",
+];
+
+/// The path of an https URL that names the in-cluster API server (fetched with the
+/// service account's credentials and the cluster's CA, not anonymously).
+fn api_server_path(url: &str) -> Option<String> {
+    let rest = url.strip_prefix("https://")?;
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let host = host.strip_suffix(":443").unwrap_or(host);
+    API_SERVER_HOSTS
+        .contains(&host.to_ascii_lowercase().as_str())
+        .then(|| format!("/{path}"))
+}
+
+/// Whether `name` is a Kubernetes object name (a DNS-1123 subdomain).
+fn is_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// Reads the writer flags: `None` when no writer is configured.
+fn writer_config(
+    args: &ServeArgs,
+    api_access: Option<&Option<PathBuf>>,
+    trust_domain: &TrustDomain,
+) -> Result<Option<WriterConfig>, ConfigError> {
+    let err = |flag, problem: String| ConfigError { flag, problem };
+    fn set(v: &Option<String>) -> Option<&str> {
+        v.as_deref().map(str::trim).filter(|v| !v.is_empty())
+    }
+    let root_configmap = match set(&args.root_configmap) {
+        Some(name) if !is_object_name(name) => {
+            return Err(err(
+                "--root-configmap",
+                format!("{name:?} is not a Kubernetes object name"),
+            ));
+        }
+        Some(name) => {
+            let namespace_selector =
+                set(&args.root_configmap_namespace_selector).map(str::to_owned);
+            if namespace_selector
+                .as_deref()
+                .is_some_and(|s| s.len() > 1024 || s.chars().any(char::is_control))
+            {
+                return Err(err(
+                    "--root-configmap-namespace-selector",
+                    "not a label selector".into(),
+                ));
+            }
+            Some(RootConfigMap {
+                name: name.to_owned(),
+                namespace_selector,
+            })
+        }
+        None if set(&args.root_configmap_namespace_selector).is_some() => {
+            return Err(err(
+                "--root-configmap-namespace-selector",
+                "needs --root-configmap".into(),
+            ));
+        }
+        None => None,
+    };
+    let mut trust_bundle_signers = Vec::new();
+    if let Some(signer) = set(&args.cluster_trust_bundle_signer) {
+        trust_bundle_signers.push(
+            crate::writers::check_signer_name(signer)
+                .map_err(|e| err("--cluster-trust-bundle-signer", e))?,
+        );
+    }
+    let pod_certificates = match set(&args.pod_certificate_signer) {
+        Some(signer) => {
+            let signer = crate::writers::check_signer_name(signer)
+                .map_err(|e| err("--pod-certificate-signer", e))?;
+            if args.max_ttl < Duration::hours(1) {
+                return Err(err(
+                    "--max-ttl",
+                    format!(
+                        "{} is under an hour, the shortest pod certificate Kubernetes accepts",
+                        args.max_ttl
+                    ),
+                ));
+            }
+            // Pods project the root from the ClusterTrustBundle of the same name.
+            if !trust_bundle_signers.contains(&signer) {
+                trust_bundle_signers.push(signer.clone());
+            }
+            let scopes = |flag: &'static str, specs: &[String]| {
+                specs
+                    .iter()
+                    .map(|spec| {
+                        let (ns, sa) = match spec.split_once('/') {
+                            Some((ns, sa)) => (ns, Some(sa)),
+                            None => (spec.as_str(), None),
+                        };
+                        let ok = is_object_name(ns)
+                            && !ns.contains('.')
+                            && sa.is_none_or(|sa| {
+                                signet_spiffe::ServiceAccount::new(ns, sa).is_ok()
+                            });
+                        ok.then(|| crate::writers::Scope {
+                            namespace: ns.to_owned(),
+                            service_account: sa.map(str::to_owned),
+                        })
+                        .ok_or_else(|| {
+                            err(flag, format!("{spec:?}: want NAMESPACE or NAMESPACE/SA"))
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            Some(crate::writers::PodCertificates {
+                signer,
+                trust_domain: trust_domain.clone(),
+                max_ttl: args.max_ttl,
+                allow: scopes("--pod-certificate-allow", &args.pod_certificate_allow)?,
+                deny: scopes("--pod-certificate-deny", &args.pod_certificate_deny)?,
+            })
+        }
+        None if !args.pod_certificate_allow.is_empty() || !args.pod_certificate_deny.is_empty() => {
+            return Err(err(
+                "--pod-certificate-allow/--pod-certificate-deny",
+                "need --pod-certificate-signer".into(),
+            ));
+        }
+        None => None,
+    };
+    let istiod_secret = match set(&args.istiod_cert_secret) {
+        Some(spec) => {
+            let (namespace, name) = spec
+                .split_once('/')
+                .filter(|(ns, name)| is_object_name(ns) && is_object_name(name))
+                .ok_or_else(|| {
+                    err(
+                        "--istiod-cert-secret",
+                        format!("{spec:?}: want NAMESPACE/NAME"),
+                    )
+                })?;
+            let mut dns_names = vec![format!("istiod.{namespace}.svc")];
+            for n in &args.istiod_cert_dns_names {
+                let n = n.trim();
+                if n.is_empty() || dns_names.iter().any(|d| d == n) {
+                    continue;
+                }
+                if rustls::pki_types::DnsName::try_from(n).is_err() {
+                    return Err(err(
+                        "--istiod-cert-dns-names",
+                        format!("{n:?} is not a DNS name"),
+                    ));
+                }
+                dns_names.push(n.to_owned());
+            }
+            if args.istiod_cert_ttl < Duration::seconds(10) {
+                return Err(err("--istiod-cert-ttl", "must be at least 10s".into()));
+            }
+            Some(IstiodSecret {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                dns_names,
+                ttl: args.istiod_cert_ttl,
+            })
+        }
+        None => None,
+    };
+    if root_configmap.is_none()
+        && trust_bundle_signers.is_empty()
+        && istiod_secret.is_none()
+        && pod_certificates.is_none()
+    {
+        return Ok(None);
+    }
+    let Some(kubeconfig) = api_access.cloned() else {
+        return Err(err(
+            "--kubeconfig",
+            "writing to the API server (--root-configmap, --cluster-trust-bundle-signer, --istiod-cert-secret, --pod-certificate-signer) needs --kubeconfig or running in a pod".into(),
+        ));
+    };
+    let lease = LeaseConfig {
+        namespace: args.leader_election_namespace.trim().to_owned(),
+        name: args.leader_election_lease.trim().to_owned(),
+        identity: match set(&args.leader_election_identity) {
+            Some(id) => id.to_owned(),
+            None => crate::writers::default_identity(),
+        },
+        duration: args.lease_duration,
+        renew_deadline: args.lease_renew_deadline,
+        retry_period: args.lease_retry_period,
+    };
+    if !is_object_name(&lease.namespace) {
+        return Err(err(
+            "--leader-election-namespace",
+            format!("{:?} is not a namespace name", lease.namespace),
+        ));
+    }
+    if !is_object_name(&lease.name) {
+        return Err(err(
+            "--leader-election-lease",
+            format!("{:?} is not a Kubernetes object name", lease.name),
+        ));
+    }
+    if lease.identity.len() > 253 || lease.identity.chars().any(char::is_control) {
+        return Err(err(
+            "--leader-election-identity",
+            "at most 253 printable characters".into(),
+        ));
+    }
+    // client-go's rules: the lease outlives the renew deadline, which leaves room
+    // for more than one retry.
+    if lease.retry_period < Duration::milliseconds(100) {
+        return Err(err("--lease-retry-period", "must be at least 100ms".into()));
+    }
+    if lease.renew_deadline <= lease.retry_period * 1.2 {
+        return Err(err(
+            "--lease-renew-deadline",
+            format!(
+                "{} must be over 1.2 x --lease-retry-period {}",
+                lease.renew_deadline, lease.retry_period
+            ),
+        ));
+    }
+    if lease.duration.subsec_nanoseconds() != 0 || lease.duration < Duration::seconds(1) {
+        return Err(err(
+            "--lease-duration",
+            "whole seconds, at least 1s (a Lease records seconds)".into(),
+        ));
+    }
+    if lease.duration <= lease.renew_deadline {
+        return Err(err(
+            "--lease-duration",
+            format!(
+                "{} must be longer than --lease-renew-deadline {}",
+                lease.duration, lease.renew_deadline
+            ),
+        ));
+    }
+    Ok(Some(WriterConfig {
+        kubeconfig,
+        root_configmap,
+        trust_bundle_signers,
+        pod_certificates,
+        istiod_secret,
+        lease,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,6 +914,114 @@ mod tests {
             unreachable!()
         };
         args.validate(false).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn writer_flags_need_api_access_and_valid_names() {
+        assert!(parse(&[]).unwrap().writers.is_none());
+        let e = parse(&["--root-configmap", "istio-ca-root-cert"]).unwrap_err();
+        assert!(e.contains("--kubeconfig"), "{e}");
+        let with = |extra: &[&str]| {
+            let mut args = vec!["--kubeconfig", "/kc", "--no-token-review"];
+            args.extend_from_slice(extra);
+            parse(&args)
+        };
+        let c = with(&[
+            "--root-configmap",
+            "istio-ca-root-cert",
+            "--istiod-cert-secret",
+            "istio-system/istiod-tls",
+            "--istiod-cert-dns-names",
+            "istiod.istio-system.svc.cluster.local,istiod.istio-system.svc",
+            "--cluster-trust-bundle-signer",
+            "signet.dev/spiffe",
+        ])
+        .unwrap();
+        assert!(c.kubeconfig.is_none(), "--no-token-review");
+        let w = c.writers.unwrap();
+        assert_eq!(w.kubeconfig.as_deref(), Some(std::path::Path::new("/kc")));
+        let istiod = w.istiod_secret.unwrap();
+        assert_eq!(
+            istiod.dns_names,
+            [
+                "istiod.istio-system.svc",
+                "istiod.istio-system.svc.cluster.local"
+            ]
+        );
+        assert_eq!(w.lease.duration, Duration::seconds(15));
+        assert!(!w.lease.identity.is_empty());
+        for (args, flag) in [
+            (&["--root-configmap", "Bad_Name"][..], "--root-configmap"),
+            (
+                &["--istiod-cert-secret", "istiod-tls"][..],
+                "--istiod-cert-secret",
+            ),
+            (
+                &["--cluster-trust-bundle-signer", "kubernetes.io/mine"][..],
+                "--cluster-trust-bundle-signer",
+            ),
+            (
+                &["--cluster-trust-bundle-signer", "nodomain"][..],
+                "--cluster-trust-bundle-signer",
+            ),
+            (
+                &["--root-configmap-namespace-selector", "a=b"][..],
+                "--root-configmap-namespace-selector",
+            ),
+            (
+                &["--root-configmap", "x", "--lease-duration", "5s"][..],
+                "--lease-duration",
+            ),
+        ] {
+            let e = with(args).unwrap_err();
+            assert!(e.contains(flag), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn trusted_node_accounts_are_namespace_slash_name_and_need_api_access() {
+        assert!(parse(&[]).unwrap().trusted_node_accounts.is_empty());
+        let e = parse(&["--trusted-node-accounts", "istio-system/ztunnel"]).unwrap_err();
+        assert!(e.contains("--kubeconfig"), "{e}");
+        let c = parse(&[
+            "--kubeconfig",
+            "/kc",
+            "--trusted-node-accounts",
+            "istio-system/ztunnel, kube-system/ztunnel",
+        ])
+        .unwrap();
+        let names: Vec<String> = c
+            .trusted_node_accounts
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(names, ["istio-system/ztunnel", "kube-system/ztunnel"]);
+        for bad in ["ztunnel", "a/b/c", "/x", "Bad NS/x"] {
+            let e = parse(&["--kubeconfig", "/kc", "--trusted-node-accounts", bad]).unwrap_err();
+            assert!(e.contains("--trusted-node-accounts"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_api_servers_jwks_url_is_fetched_with_api_credentials() {
+        let url = "https://kubernetes.default.svc/openid/v1/jwks";
+        assert_eq!(api_server_path(url).as_deref(), Some("/openid/v1/jwks"));
+        assert_eq!(api_server_path("https://example.com/jwks"), None);
+        let parse = |extra: &[&str]| {
+            let mut full = vec!["signet-ca", "serve", "--jwt-issuer", "iss", "--jwks", url];
+            full.extend_from_slice(extra);
+            let Command::Serve(args) = Cli::try_parse_from(full).unwrap().command else {
+                unreachable!()
+            };
+            args.validate(false).map_err(|e| e.to_string())
+        };
+        let e = parse(&[]).unwrap_err();
+        assert!(e.contains("--kubeconfig"), "{e}");
+        let c = parse(&["--kubeconfig", "/kc"]).unwrap();
+        assert!(matches!(
+            c.jwt.unwrap().source,
+            JwksSource::ApiServer { ref path, .. } if path == "/openid/v1/jwks"
+        ));
     }
 
     #[test]

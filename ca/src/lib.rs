@@ -9,6 +9,8 @@
 //! - [`policy`]: decides identity, lifetime, impersonation and SANs of a request.
 //! - [`keys`]: private keys in PKCS#1, SEC1 or PKCS#8, and public key classification.
 //! - [`pki`]: `signet-ca pki`, roots and per-cluster intermediates for operators.
+//! - [`writers`]: what the elected replica keeps in the Kubernetes API server (root
+//!   ConfigMaps, ClusterTrustBundle, istiod's Secret) and the Lease that elects it.
 #![forbid(unsafe_code)]
 
 pub mod authn;
@@ -16,8 +18,10 @@ pub mod cacerts;
 pub mod config;
 pub mod csr;
 pub mod keys;
+pub mod kubeapi;
 pub mod metrics;
 pub mod pki;
+pub mod pods;
 pub mod policy;
 pub mod queue;
 pub mod reload;
@@ -25,3 +29,4 @@ pub mod server;
 pub mod service;
 pub mod signer;
 pub mod tls;
+pub mod writers;

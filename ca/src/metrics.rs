@@ -1,6 +1,8 @@
 //! Prometheus metrics under the names Istio dashboards already query (contract §6).
 
-use prometheus::{Gauge, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{
+    Gauge, GaugeVec, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 /// The CA's metrics.
 #[derive(Debug, Clone)]
@@ -31,6 +33,18 @@ pub struct Metrics {
     /// Connections and requests turned away by a limit, by limit (`connections`,
     /// `token_reviews`, `caller_share`).
     pub limit_rejections: IntCounterVec,
+    /// 1 while this replica holds the writer Lease, else 0.
+    pub leader: IntGauge,
+    /// Objects created or updated in the API server, by writer.
+    pub writer_writes: IntCounterVec,
+    /// Writes refused with 409 Conflict (and retried), by writer.
+    pub writer_conflicts: IntCounterVec,
+    /// Failed syncs (retried with backoff), by writer.
+    pub writer_errors: IntCounterVec,
+    /// Unix time of the last sync that left every object as desired, by writer.
+    pub writer_last_sync: GaugeVec,
+    /// PodCertificateRequests answered, by result (`issued`, `denied`, `failed`).
+    pub pod_certificates: IntCounterVec,
 }
 
 impl Metrics {
@@ -82,6 +96,44 @@ impl Metrics {
             &["limit"],
         )?;
         registry.register(Box::new(limit_rejections.clone()))?;
+        let by_writer = |name: &str, help: &str| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), &["writer"])?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let writer_writes = by_writer(
+            "signet_ca_writer_writes_total",
+            "Objects created or updated in the Kubernetes API server, by writer.",
+        )?;
+        let writer_conflicts = by_writer(
+            "signet_ca_writer_conflicts_total",
+            "Writes refused with 409 Conflict and retried, by writer.",
+        )?;
+        let writer_errors = by_writer(
+            "signet_ca_writer_errors_total",
+            "Syncs that failed and are retried with backoff, by writer.",
+        )?;
+        let pod_certificates = IntCounterVec::new(
+            Opts::new(
+                "signet_ca_pod_certificates_total",
+                "PodCertificateRequests answered, by result (issued, denied, failed).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(pod_certificates.clone()))?;
+        let writer_last_sync = GaugeVec::new(
+            Opts::new(
+                "signet_ca_writer_last_sync_timestamp_seconds",
+                "Unix time of the last sync that left every object as desired, by writer.",
+            ),
+            &["writer"],
+        )?;
+        registry.register(Box::new(writer_last_sync.clone()))?;
+        let leader = IntGauge::new(
+            "signet_ca_leader",
+            "1 while this replica holds the writer Lease (it alone writes to the API server).",
+        )?;
+        registry.register(Box::new(leader.clone()))?;
         Ok(Self {
             csr_count: counter(
                 "citadel_server_csr_count",
@@ -119,6 +171,12 @@ impl Metrics {
             request_latency,
             cacerts_reloads,
             limit_rejections,
+            leader,
+            writer_writes,
+            writer_conflicts,
+            writer_errors,
+            writer_last_sync,
+            pod_certificates,
             registry,
         })
     }

@@ -25,7 +25,8 @@ use crate::{
     cacerts::{self, CaCertsError},
     config::ServeConfig,
     metrics::Metrics,
-    policy::Policy,
+    pods::PodCache,
+    policy::{NodeImpersonation, Policy},
     queue::SigningQueue,
     reload,
     service::{CaService, MAX_REQUEST_BYTES},
@@ -50,6 +51,8 @@ pub enum ServeError {
     Tls(#[from] TlsError),
     #[error("token authentication: {0}")]
     Authn(String),
+    #[error("Kubernetes API access for the writers: {0}")]
+    Writers(String),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("gRPC server: {0}")]
@@ -105,6 +108,54 @@ pub async fn authenticator(config: &ServeConfig) -> Result<Authenticator, ServeE
     Ok(authn)
 }
 
+/// With `--trusted-node-accounts`: a pod cache per cluster (the local one under its
+/// id and aliases; remote clusters with a kubeconfig), each filled by a watch task.
+async fn node_impersonation(
+    config: &ServeConfig,
+    stop: &watch::Receiver<bool>,
+) -> Result<Option<NodeImpersonation>, ServeError> {
+    if config.trusted_node_accounts.is_empty() {
+        return Ok(None);
+    }
+    let mut imp = NodeImpersonation {
+        trusted: config.trusted_node_accounts.clone(),
+        pods: Default::default(),
+    };
+    let watch = |id: &str, kubeconfig: Option<&std::path::Path>, cache: PodCache| {
+        let kubeconfig = kubeconfig.map(std::path::Path::to_path_buf);
+        let id = id.to_owned();
+        let mut stop = stop.clone();
+        async move {
+            let client = crate::kubeapi::client(kubeconfig.as_deref())
+                .await
+                .map_err(|e| ServeError::Authn(format!("pod watch of cluster {id}: {e}")))?;
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = cache.watch(client, id) => {}
+                    _ = stop.wait_for(|s| *s) => {}
+                }
+            });
+            Ok::<_, ServeError>(())
+        }
+    };
+    let local = PodCache::default();
+    if let Some(access) = &config.api_access {
+        watch(&config.cluster_id, access.as_deref(), local.clone()).await?;
+    }
+    for id in std::iter::once(&config.cluster_id).chain(&config.cluster_aliases) {
+        imp.pods.insert(id.clone(), local.clone());
+    }
+    for (id, remote) in &config.remotes {
+        if let Some(kubeconfig) = &remote.kubeconfig {
+            let cache = PodCache::default();
+            watch(id, Some(kubeconfig), cache.clone()).await?;
+            imp.pods.insert(id.clone(), cache);
+        }
+    }
+    tracing::info!(trusted = ?config.trusted_node_accounts.iter().map(ToString::to_string).collect::<Vec<_>>(), "node impersonation enabled");
+    Ok(Some(imp))
+}
+
 /// Runs the CA until `shutdown` completes. The listeners are bound by the caller, so
 /// tests can use port 0.
 pub async fn run(
@@ -130,6 +181,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(false);
 
+    let impersonation = node_impersonation(&config, &stop_rx).await?;
     let service = CaService::new(
         signer_rx.clone(),
         tls.clone(),
@@ -140,7 +192,11 @@ pub async fn run(
             config.max_pending_per_caller,
         )?,
         metrics.clone(),
-        Policy::new(config.trust_domains(), config.default_ttl, config.max_ttl),
+        match &impersonation {
+            Some(imp) => Policy::new(config.trust_domains(), config.default_ttl, config.max_ttl)
+                .with_impersonation(imp.clone()),
+            None => Policy::new(config.trust_domains(), config.default_ttl, config.max_ttl),
+        },
     );
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -166,6 +222,21 @@ pub async fn run(
         metrics.clone(),
         stop_rx.clone(),
     ));
+    let writers = match config.writers.clone() {
+        Some(writers) => {
+            let client = crate::kubeapi::client(writers.kubeconfig.as_deref())
+                .await
+                .map_err(ServeError::Writers)?;
+            Some(tokio::spawn(crate::writers::run(
+                writers,
+                client,
+                signer_rx.clone(),
+                metrics.clone(),
+                stop_rx.clone(),
+            )))
+        }
+        None => None,
+    };
     tokio::spawn(renew_serving_cert(
         signer_rx,
         tls,
@@ -173,7 +244,28 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
-    let http_server = tokio::spawn(serve_http(http, metrics, ready_rx, stop_rx.clone()));
+    // Aliases of the local cluster share its cache; each cache is reported once.
+    let pod_caches: Vec<(String, PodCache)> = impersonation
+        .as_ref()
+        .map(|imp| {
+            imp.pods
+                .iter()
+                .filter(|(c, _)| !config.cluster_aliases.contains(c))
+                .map(|(c, p)| (c.clone(), p.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let http_server = tokio::spawn(serve_http(
+        http,
+        metrics,
+        ready_rx,
+        PodReadiness {
+            caches: pod_caches,
+            local: config.cluster_id.clone(),
+            started: std::time::Instant::now(),
+        },
+        stop_rx.clone(),
+    ));
 
     let mut grpc_stop = stop_rx.clone();
     let grpc_server = tonic::transport::Server::builder()
@@ -199,6 +291,10 @@ pub async fn run(
     let _ = ready_tx.send(true);
     tracing::info!(grpc = %config.grpc_addr, http = %config.http_addr, "signet-ca serving");
     grpc_server.await?;
+    if let Some(writers) = writers {
+        // Gives the writer Lease up, so another replica takes over at once.
+        let _ = tokio::time::timeout(StdDuration::from_secs(5), writers).await;
+    }
     match http_server.await {
         Ok(result) => result?,
         Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
@@ -451,10 +547,56 @@ async fn renew_serving_cert(
     }
 }
 
+/// How long a replica stays unready waiting for its local pod cache: long enough
+/// for a first list, short enough that an API server outage at start does not keep
+/// it from signing workload certificates.
+const POD_SYNC_GRACE: StdDuration = StdDuration::from_secs(60);
+
+/// What `/readyz` says of the pod caches behind node impersonation.
+#[derive(Debug, Clone)]
+struct PodReadiness {
+    caches: Vec<(String, PodCache)>,
+    local: String,
+    started: std::time::Instant,
+}
+
+impl PodReadiness {
+    /// Not ready while the local cluster's cache has not synced (for at most
+    /// [`POD_SYNC_GRACE`]); ready otherwise, naming any cluster whose impersonation
+    /// requests are still answered UNAVAILABLE.
+    fn readiness(&self) -> (StatusCode, String) {
+        let unsynced: Vec<&str> = self
+            .caches
+            .iter()
+            .filter(|(_, pods)| !pods.synced())
+            .map(|(cluster, _)| cluster.as_str())
+            .collect();
+        if unsynced.is_empty() {
+            return (StatusCode::OK, "ready\n".to_owned());
+        }
+        let why = format!(
+            "the pod cache for node impersonation is not synced (cluster {})",
+            unsynced.join(", ")
+        );
+        if unsynced.contains(&self.local.as_str()) && self.started.elapsed() < POD_SYNC_GRACE {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            )
+        } else {
+            (
+                StatusCode::OK,
+                format!("ready; {why}: impersonation requests get UNAVAILABLE\n"),
+            )
+        }
+    }
+}
+
 async fn serve_http(
     listener: TcpListener,
     metrics: Metrics,
     ready: watch::Receiver<bool>,
+    pods: PodReadiness,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), std::io::Error> {
     let app = Router::new()
@@ -469,14 +611,12 @@ async fn serve_http(
         .route(
             "/readyz",
             get(move || {
-                let ready = *ready.borrow();
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready\n")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                    }
-                }
+                let answer = if *ready.borrow() {
+                    pods.readiness()
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
+                };
+                async move { answer }
             }),
         );
     axum::serve(listener, app)

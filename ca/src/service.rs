@@ -6,7 +6,6 @@ use std::{sync::Arc, time::Instant};
 
 use rustls::pki_types::UnixTime;
 use signet_proto::{IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService};
-use spiffe::SpiffeId;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tonic::{Code, Request, Response, Status};
@@ -15,7 +14,7 @@ use crate::{
     authn::{Authenticator, AuthnError, Caller, ClientCert, Token},
     csr::{self, CsrError},
     metrics::Metrics,
-    policy::{Policy, PolicyError},
+    policy::{Decision, Policy, PolicyError},
     queue::{QueueError, SigningQueue},
     signer::{Issued, SignError, Signer},
     tls::TlsState,
@@ -58,9 +57,13 @@ impl RequestError {
                 Status::unavailable(message)
             }
             Self::Csr(_) | Self::Sign(SignError::PublicKey(_)) => Status::invalid_argument(message),
-            Self::Policy(PolicyError::ForeignSan { .. } | PolicyError::Impersonation { .. }) => {
-                Status::permission_denied(message)
-            }
+            Self::Policy(
+                PolicyError::ForeignSan { .. }
+                | PolicyError::Impersonation { .. }
+                | PolicyError::ImpersonationRefused { .. },
+            ) => Status::permission_denied(message),
+            Self::Policy(PolicyError::BadTarget { .. }) => Status::invalid_argument(message),
+            Self::Policy(PolicyError::PodsNotSynced(_)) => Status::unavailable(message),
             Self::Policy(PolicyError::Identity(_)) => Status::failed_precondition(message),
             Self::Sign(_) => Status::internal(message),
             Self::Queue(QueueError::Full(_) | QueueError::Share(_)) => {
@@ -73,7 +76,13 @@ impl RequestError {
     /// Istio's `error` label values for `citadel_server_csr_sign_err_count`.
     fn sign_error_label(&self) -> Option<&'static str> {
         match self {
-            Self::Authn(_) | Self::Policy(PolicyError::Impersonation { .. }) => None,
+            Self::Authn(_)
+            | Self::Policy(
+                PolicyError::Impersonation { .. }
+                | PolicyError::ImpersonationRefused { .. }
+                | PolicyError::BadTarget { .. }
+                | PolicyError::PodsNotSynced(_),
+            ) => None,
             Self::Csr(_)
             | Self::Policy(PolicyError::ForeignSan { .. } | PolicyError::Identity(_))
             | Self::Sign(SignError::PublicKey(_)) => Some("CSR_ERROR"),
@@ -107,7 +116,7 @@ impl CaService {
     async fn handle(
         &self,
         request: Request<IstioCertificateRequest>,
-    ) -> Result<(Caller, SpiffeId, Issued), RequestError> {
+    ) -> Result<(Caller, Decision, Issued), RequestError> {
         let metadata = request.metadata();
         let token = metadata
             .get("authorization")
@@ -145,8 +154,13 @@ impl CaService {
             &csr,
         )?;
         let signer = self.signer.borrow().clone();
-        let share = caller.account.to_string();
-        let id = decision.id.clone();
+        // Fair shares per caller; a node agent acting for its node's pods gets one
+        // share per node, not one for the whole mesh.
+        let share = match &decision.node {
+            Some(node) => format!("{}@{node}", caller.account),
+            None => caller.account.to_string(),
+        };
+        let decided = decision.clone();
         let issued = self
             .queue
             .run_as(&share, move || -> Result<Issued, RequestError> {
@@ -159,7 +173,7 @@ impl CaService {
                 )?)
             })
             .await??;
-        Ok((caller, id, issued))
+        Ok((caller, decided, issued))
     }
 }
 
@@ -185,12 +199,12 @@ impl IstioCertificateService for CaService {
             .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         let result = self.handle(request).await;
         let code = match &result {
-            Ok((caller, id, issued)) => {
+            Ok((caller, decision, issued)) => {
                 self.metrics.success_cert_issuance_count.inc();
                 tracing::info!(
                     target: "signet_ca::audit",
                     serial = %issued.serial,
-                    spiffe_id = %id,
+                    spiffe_id = %decision.id,
                     public_key_sha256 = %issued.public_key_sha256,
                     not_after = %issued
                         .not_after
@@ -199,7 +213,9 @@ impl IstioCertificateService for CaService {
                     peer = %peer,
                     method = %caller.method,
                     cluster = %caller.cluster,
-                    pod = caller.pod.as_deref().unwrap_or(""),
+                    pod = caller.pod.as_ref().map_or("", |p| p.name.as_str()),
+                    caller = %caller.account,
+                    node = decision.node.as_deref().unwrap_or(""),
                     "certificate issued"
                 );
                 Code::Ok

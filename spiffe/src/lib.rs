@@ -120,7 +120,8 @@ impl fmt::Display for ServiceAccount {
 }
 
 /// Our trust domain and the aliases accepted for it (in CSR SANs and client
-/// certificates); issued certificates always name the primary one.
+/// certificates); a caller's own certificate names the primary one (a node agent's
+/// impersonated identity is issued as asked, alias included).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrustDomains {
     primary: TrustDomain,
@@ -170,6 +171,25 @@ pub fn pem_cert(der: &[u8]) -> String {
         &pem::Pem::new("CERTIFICATE", der),
         pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
     )
+}
+
+/// The URI and DNS names in a certificate's subject alternative names, in order; both
+/// empty when it has none (or an extension that does not parse).
+pub fn san_names(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> (Vec<String>, Vec<String>) {
+    use x509_parser::extensions::GeneralName;
+    let (mut uris, mut dns) = (Vec::new(), Vec::new());
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::URI(u) => uris.push((*u).to_owned()),
+                GeneralName::DNSName(d) => dns.push((*d).to_owned()),
+                _ => {}
+            }
+        }
+    }
+    (uris, dns)
 }
 
 /// The key identifiers of a DER certificate, written as `openssl x509 -text` writes

@@ -199,10 +199,11 @@ def spki(key_or_cert):
                             serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def channel_for(agent):
-    # grpcio would send the socket path as :authority, which is not a valid authority
-    # (hyper resets such a stream); Envoy sends the cluster name.
-    return grpc.insecure_channel(agent.target, options=[("grpc.default_authority", "sds-grpc")])
+def channel_for(agent, authority=None):
+    """A stock grpcio channel: on a `unix:` target it sends the socket path,
+    percent-encoded, as :authority (h2 alone would refuse it; the agent mends it)."""
+    options = [] if authority is None else [("grpc.default_authority", authority)]
+    return grpc.insecure_channel(agent.target, options=options)
 
 
 def expect_rpc_error(code, fn, *contains):
@@ -264,6 +265,25 @@ def open_stream(streams, channel, delta=False):
         s = Stream(channel)
     streams.append(s)
     return s
+
+
+# --- any :authority ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("authority", [
+    None,                                            # grpcio's own: the percent-encoded path
+    "/var/run/secrets/workload-spiffe-uds/socket",   # grpc-java: the raw path
+    "unix:/tmp/sds sock",                            # spaces and a scheme
+    "localhost",
+    "sds-grpc",                                      # Envoy's envoy_grpc: the cluster name
+])
+def test_every_authority_a_client_sends_is_served(agent, authority):
+    with channel_for(agent, authority) as ch:
+        rpc = ch.unary_unary(f"/{SERVICE}/FetchSecrets", request_serializer=bytes,
+                             response_deserializer=DiscoveryResponse.parse)
+        resp = rpc(DiscoveryRequest(node=NODE, resource_names=["default"], type_url=SECRET_TYPE),
+                   timeout=10)
+    assert len(resp.resources) == 1
 
 
 # --- state of the world: names, content -------------------------------------------

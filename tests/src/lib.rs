@@ -15,6 +15,8 @@ use std::{
 };
 
 pub mod agent;
+pub mod cluster;
+pub mod kube;
 pub mod mtls;
 pub mod sds;
 
@@ -117,6 +119,21 @@ impl JwtIssuer {
         self.token_with(ns, sa, ISSUER, &["istio-ca"], 3600)
     }
 
+    /// A token for `ns/sa` bound to pod `pod` with UID `uid`, as the kubelet
+    /// projects them.
+    pub fn pod_token(&self, ns: &str, sa: &str, pod: &str, uid: &str) -> String {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let claims = serde_json::json!({
+            "iss": ISSUER, "aud": ["istio-ca"], "sub": format!("system:serviceaccount:{ns}:{sa}"),
+            "iat": now, "nbf": now, "exp": now + 3600,
+            "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "u"},
+                              "pod": {"name": pod, "uid": uid}},
+        });
+        let mut header = jsonwebtoken::Header::new(self.alg);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &self.key).unwrap()
+    }
+
     /// A token with every knob.
     pub fn token_with(&self, ns: &str, sa: &str, iss: &str, aud: &[&str], exp_in: i64) -> String {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -169,8 +186,9 @@ impl TestCa {
         Self::start_at(args, "127.0.0.1:0".parse().unwrap()).await
     }
 
-    /// Starts a CA whose gRPC listener is at `grpc` (to restart one where it was).
-    pub async fn start_at(args: &[String], grpc: SocketAddr) -> Self {
+    /// Starts a CA whose gRPC listener is at `grpc` (to restart one where it was),
+    /// without waiting for it to be ready.
+    pub async fn start_unready(args: &[String], grpc: SocketAddr) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let grpc_listener = TcpListener::bind(grpc).await.unwrap();
         let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -195,12 +213,17 @@ impl TestCa {
                 let _ = stopped.await;
             },
         ));
-        let ca = Self {
+        Self {
             grpc,
             http,
             stop: Some(stop),
             handle: Some(handle),
-        };
+        }
+    }
+
+    /// Starts a CA and waits until `/readyz` says ready.
+    pub async fn start_at(args: &[String], grpc: SocketAddr) -> Self {
+        let ca = Self::start_unready(args, grpc).await;
         ca.wait_ready().await;
         ca
     }

@@ -7,11 +7,13 @@
 //! and ignored; empty `resource_names` unsubscribes; a changed name set is answered
 //! for the new names; a secret that changes is pushed to every stream holding it.
 //!
-//! Modules: [`socket`] prepares the Unix socket; `service` is the
+//! Modules: [`socket`] prepares the Unix socket; [`authority`] lets h2 accept any
+//! `:authority` a client sends on it; `service` is the
 //! `SecretDiscoveryService` (subscriptions, fetch); `protocol` runs one stream of
 //! either protocol under the rules above; `transport` routes gRPC requests to it with
 //! small buffers.
 
+pub mod authority;
 mod protocol;
 mod service;
 mod socket;

@@ -20,7 +20,7 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use super::{ReviewError, Reviewed, Token};
+use super::{PodRef, ReviewError, Reviewed, Token};
 use signet_spiffe::ServiceAccount;
 
 /// Clock skew tolerated on `exp` and `nbf`.
@@ -46,6 +46,21 @@ pub enum JwksSource {
         /// PEM bundle to verify the server with, instead of the system roots.
         ca: Option<PathBuf>,
     },
+    /// A path on the Kubernetes API server (`/openid/v1/jwks`), fetched with the
+    /// credentials of a kubeconfig or, when `None`, of the pod's service account.
+    ApiServer {
+        /// The path.
+        path: String,
+        /// The kubeconfig; `None` for the in-cluster configuration.
+        kubeconfig: Option<PathBuf>,
+    },
+}
+
+/// What fetches the JWKS.
+enum Fetcher {
+    File,
+    Http(reqwest::Client),
+    Kube(kube::Client),
 }
 
 /// Offline JWT settings for one cluster.
@@ -94,7 +109,13 @@ struct Claims {
 struct KubernetesClaims {
     namespace: Option<String>,
     serviceaccount: Option<Named>,
-    pod: Option<Named>,
+    pod: Option<NamedUid>,
+}
+
+#[derive(Deserialize)]
+struct NamedUid {
+    name: String,
+    uid: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -114,7 +135,7 @@ pub struct JwtAuthenticator(Arc<Inner>);
 
 struct Inner {
     config: JwtConfig,
-    http: Option<reqwest::Client>,
+    fetcher: Fetcher,
     /// The keys and when they were last fetched successfully.
     keys: RwLock<(Arc<Jwks>, Instant)>,
     /// When a refresh was last started (rate limit).
@@ -136,19 +157,22 @@ impl std::fmt::Debug for JwtAuthenticator {
 impl JwtAuthenticator {
     /// Loads the JWKS once; start-up fails when it cannot be had.
     pub async fn new(config: JwtConfig) -> Result<Self, String> {
-        let http = match &config.source {
-            JwksSource::File(_) => None,
+        let fetcher = match &config.source {
+            JwksSource::File(_) => Fetcher::File,
             JwksSource::Url { url, ca } => {
                 if !url.starts_with("https://") {
                     return Err(format!("JWKS URL {url:?} must be https"));
                 }
-                Some(http_client(ca.as_deref())?)
+                Fetcher::Http(http_client(ca.as_deref())?)
+            }
+            JwksSource::ApiServer { kubeconfig, .. } => {
+                Fetcher::Kube(crate::kubeapi::client(kubeconfig.as_deref()).await?)
             }
         };
-        let jwks = fetch(&config.source, http.as_ref()).await?;
+        let jwks = fetch(&config.source, &fetcher).await?;
         Ok(Self(Arc::new(Inner {
             config,
-            http,
+            fetcher,
             keys: RwLock::new((Arc::new(jwks), Instant::now())),
             last_attempt: Mutex::new(None),
             refreshing: AtomicBool::new(false),
@@ -233,7 +257,7 @@ impl JwtAuthenticator {
         }
         let inner = self.0.clone();
         tokio::spawn(async move {
-            match fetch(&inner.config.source, inner.http.as_ref()).await {
+            match fetch(&inner.config.source, &inner.fetcher).await {
                 Ok(jwks) => {
                     *inner.keys.write().unwrap_or_else(|p| p.into_inner()) =
                         (Arc::new(jwks), Instant::now());
@@ -344,7 +368,10 @@ impl Inner {
                     "the token's kubernetes.io claim disagrees with its subject".into(),
                 ));
             }
-            pod = k.pod.map(|p| p.name);
+            pod = k.pod.map(|p| PodRef {
+                name: p.name,
+                uid: p.uid,
+            });
         }
         Ok(Reviewed { account, pod })
     }
@@ -371,9 +398,9 @@ enum VerifyFailure {
     Bad(String),
 }
 
-async fn fetch(source: &JwksSource, http: Option<&reqwest::Client>) -> Result<Jwks, String> {
+async fn fetch(source: &JwksSource, fetcher: &Fetcher) -> Result<Jwks, String> {
     let too_big = |url: &str| format!("JWKS {url}: over the {MAX_JWKS_BYTES}-byte limit");
-    let bytes = match (source, http) {
+    let bytes = match (source, fetcher) {
         (JwksSource::File(path), _) => {
             let path = path.clone();
             tokio::task::spawn_blocking(move || {
@@ -383,7 +410,7 @@ async fn fetch(source: &JwksSource, http: Option<&reqwest::Client>) -> Result<Jw
             .await
             .map_err(|e| format!("JWKS file: {e}"))??
         }
-        (JwksSource::Url { url, .. }, Some(client)) => {
+        (JwksSource::Url { url, .. }, Fetcher::Http(client)) => {
             let fetch = async {
                 let mut response = client
                     .get(url)
@@ -418,7 +445,20 @@ async fn fetch(source: &JwksSource, http: Option<&reqwest::Client>) -> Result<Jw
                 .await
                 .map_err(|_| format!("JWKS {url}: no complete answer within 10s"))??
         }
-        (JwksSource::Url { url, .. }, None) => return Err(format!("JWKS {url}: no HTTP client")),
+        (JwksSource::ApiServer { path, .. }, Fetcher::Kube(client)) => {
+            let request = http::Request::get(path.as_str())
+                .body(Vec::new())
+                .map_err(|e| format!("JWKS {path}: {e}"))?;
+            let body = tokio::time::timeout(Duration::from_secs(10), client.request_text(request))
+                .await
+                .map_err(|_| format!("JWKS {path} (API server): no complete answer within 10s"))?
+                .map_err(|e| format!("JWKS {path} (API server): {e}"))?;
+            if body.len() > MAX_JWKS_BYTES {
+                return Err(too_big(path));
+            }
+            body.into_bytes()
+        }
+        (source, _) => return Err(format!("JWKS {source:?}: no client for this source")),
     };
     Jwks::parse(&bytes)
 }

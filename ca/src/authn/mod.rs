@@ -51,8 +51,17 @@ pub struct Caller {
     pub method: Method,
     /// The cluster whose authenticator accepted it.
     pub cluster: String,
-    /// The pod name, when the credential carries it.
-    pub pod: Option<String>,
+    /// The pod the credential is bound to, when it says.
+    pub pod: Option<PodRef>,
+}
+
+/// A pod a token is bound to (projected service-account tokens name it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRef {
+    /// The pod's name (in the caller's namespace).
+    pub name: String,
+    /// Its UID, when the credential carries it.
+    pub uid: Option<String>,
 }
 
 /// Why authentication did not produce a caller.

@@ -13,7 +13,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenRe
 use kube::{Api, api::PostParams};
 use tokio::time::Instant;
 
-use super::Token;
+use super::{PodRef, Token};
 use signet_spiffe::ServiceAccount;
 
 /// The longest a positive TokenReview answer is reused.
@@ -25,6 +25,8 @@ pub(crate) const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(10);
 const CACHE_MAX_ENTRIES: usize = 50_000;
 const SA_GROUP: &str = "system:serviceaccounts";
 const POD_NAME_KEY: &str = "authentication.kubernetes.io/pod-name";
+/// The extra key the API server puts the bound pod's UID under.
+const POD_UID_KEY: &str = "authentication.kubernetes.io/pod-uid";
 
 /// A token that passed review.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,7 +34,7 @@ pub struct Reviewed {
     /// Its service account.
     pub account: ServiceAccount,
     /// The pod it was bound to, when the token says.
-    pub pod: Option<String>,
+    pub pod: Option<PodRef>,
 }
 
 /// A failed review.
@@ -79,19 +81,7 @@ impl KubeTokenReviewer {
         kubeconfig: Option<&Path>,
         audiences: Vec<String>,
     ) -> Result<Self, String> {
-        let config = match kubeconfig {
-            Some(path) => {
-                let file = kube::config::Kubeconfig::read_from(path)
-                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
-                kube::Config::from_custom_kubeconfig(file, &Default::default())
-                    .await
-                    .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
-            }
-            None => kube::Config::incluster()
-                .map_err(|e| format!("in-cluster Kubernetes configuration: {e}"))?,
-        };
-        let client =
-            kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))?;
+        let client = crate::kubeapi::client(kubeconfig).await?;
         Ok(Self { client, audiences })
     }
 }
@@ -173,10 +163,12 @@ pub(crate) fn interpret(
     }
     let account = ServiceAccount::from_username(&username)
         .map_err(|e| ReviewError::Rejected(e.to_string()))?;
-    let pod = user
-        .extra
-        .and_then(|mut extra| extra.remove(POD_NAME_KEY))
-        .and_then(|v| v.into_iter().next());
+    let mut extra = user.extra.unwrap_or_default();
+    let mut first = |key: &str| extra.remove(key).and_then(|v| v.into_iter().next());
+    let pod = first(POD_NAME_KEY).map(|name| PodRef {
+        name,
+        uid: first(POD_UID_KEY),
+    });
     Ok(Reviewed { account, pod })
 }
 
@@ -270,9 +262,12 @@ mod tests {
                 username: Some(user.into()),
                 groups: Some(groups.iter().map(|g| g.to_string()).collect()),
                 extra: Some(
-                    [(POD_NAME_KEY.to_string(), vec!["pod-1".to_string()])]
-                        .into_iter()
-                        .collect(),
+                    [
+                        (POD_NAME_KEY.to_string(), vec!["pod-1".to_string()]),
+                        (POD_UID_KEY.to_string(), vec!["uid-1".to_string()]),
+                    ]
+                    .into_iter()
+                    .collect(),
                 ),
                 ..Default::default()
             }),
@@ -289,7 +284,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.account, ServiceAccount::new("ns1", "sa1").unwrap());
-        assert_eq!(ok.pod.as_deref(), Some("pod-1"));
+        assert_eq!(
+            ok.pod,
+            Some(PodRef {
+                name: "pod-1".into(),
+                uid: Some("uid-1".into())
+            })
+        );
         assert!(interpret(Some(status("system:serviceaccount:ns1:sa1", &["x"])), &aud).is_err());
         assert!(interpret(Some(status("alice", &[SA_GROUP])), &aud).is_err());
         assert!(interpret(Some(status("system:serviceaccount::sa", &[SA_GROUP])), &aud).is_err());

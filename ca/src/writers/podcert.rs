@@ -1,0 +1,510 @@
+//! signet-ca as a signer of Kubernetes pod certificates: it answers each
+//! PodCertificateRequest for its signer name (`certificates.k8s.io/v1` from 1.37,
+//! `v1beta1` on 1.35-1.36) exactly once, through the `/status` subresource: issued
+//! with the pod's SPIFFE identity, denied (unsupported key type, unknown
+//! annotations, excluded by policy), or failed (signing failed, or it could not be
+//! answered after several attempts). The kubelet made the key and put the pod's key
+//! and chain on disk; the root reaches pods through the ClusterTrustBundle of the
+//! same signer name.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration as StdDuration, Instant},
+};
+
+use futures::StreamExt;
+use kube::{
+    Api,
+    api::{ApiResource, DynamicObject, PostParams},
+    runtime::{reflector, watcher},
+};
+use rand::Rng;
+use serde_json::{Value, json};
+use time::{Duration, OffsetDateTime, format_description::well_known::Rfc3339};
+use tokio::{
+    sync::{Notify, watch},
+    task::JoinSet,
+};
+
+use signet_spiffe::ServiceAccount;
+
+use super::{
+    Driver,
+    apply::{WriteError, status},
+    discover, watch_into,
+};
+use crate::{keys::KeyKind, signer::Signer};
+
+/// The API's floor for an issued lifetime.
+const MIN_LIFETIME: Duration = Duration::hours(1);
+/// Answers written at once.
+const IN_FLIGHT: usize = 32;
+/// Attempts to answer one request before it is failed.
+const MAX_ATTEMPTS: u32 = 5;
+/// The key types Signet signs, in the API's names.
+pub const SUPPORTED_KEY_TYPES: &str = "RSA3072, RSA4096, ECDSAP256, ECDSAP384";
+
+/// A namespace, or a namespace and service account, in an allow or deny list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// The namespace.
+    pub namespace: String,
+    /// The service account; `None` for all of the namespace.
+    pub service_account: Option<String>,
+}
+
+impl Scope {
+    fn covers(&self, namespace: &str, sa: &str) -> bool {
+        self.namespace == namespace && self.service_account.as_deref().is_none_or(|s| s == sa)
+    }
+}
+
+/// The pod certificate signer's settings.
+#[derive(Debug, Clone)]
+pub struct PodCertificates {
+    /// The signer name requests name.
+    pub signer: String,
+    /// Issued identities are in this trust domain.
+    pub trust_domain: spiffe::TrustDomain,
+    /// Longest lifetime issued (`--max-ttl`).
+    pub max_ttl: Duration,
+    /// When not empty, only these namespaces or service accounts are served.
+    pub allow: Vec<Scope>,
+    /// These are denied.
+    pub deny: Vec<Scope>,
+}
+
+/// What one request gets.
+#[derive(Debug, Clone, PartialEq)]
+enum Answer {
+    /// The status to write: chain, times, condition.
+    Issued(Value),
+    Denied {
+        reason: &'static str,
+        message: String,
+    },
+    Failed {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+fn condition(kind: &str, reason: &str, message: &str, now: OffsetDateTime) -> Value {
+    json!({
+        "type": kind, "status": "True", "reason": reason, "message": message,
+        "lastTransitionTime": rfc3339(now),
+    })
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.replace_nanosecond(0)
+        .unwrap_or(t)
+        .format(&Rfc3339)
+        .unwrap_or_default()
+}
+
+/// Whether the request has been answered (by anyone).
+fn answered(pcr: &DynamicObject) -> bool {
+    let status = &pcr.data["status"];
+    status["certificateChain"]
+        .as_str()
+        .is_some_and(|c| !c.is_empty())
+        || status["conditions"].as_array().is_some_and(|cs| {
+            cs.iter().any(|c| {
+                matches!(c["type"].as_str(), Some("Issued" | "Denied" | "Failed"))
+                    && c["status"] == "True"
+            })
+        })
+}
+
+/// Decides a request and, when it is to be issued, signs it.
+fn decide(
+    pcr: &DynamicObject,
+    config: &PodCertificates,
+    signer: &Signer,
+    now: OffsetDateTime,
+) -> Answer {
+    let spec = &pcr.data["spec"];
+    let namespace = pcr.metadata.namespace.as_deref().unwrap_or("");
+    let sa = spec["serviceAccountName"].as_str().unwrap_or("");
+    if let Some(keys) = spec["unverifiedUserAnnotations"].as_object()
+        && !keys.is_empty()
+    {
+        let mut names: Vec<&str> = keys.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        // Bounded: the API refuses long condition messages.
+        let mut listed = names
+            .iter()
+            .take(10)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        listed.truncate(1000);
+        let more = names.len().saturating_sub(10);
+        return Answer::Denied {
+            reason: "UnknownAnnotations",
+            message: format!(
+                "Signet recognises no userAnnotations; unknown: {listed}{}",
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            ),
+        };
+    }
+    let excluded = config.deny.iter().any(|s| s.covers(namespace, sa))
+        || (!config.allow.is_empty() && !config.allow.iter().any(|s| s.covers(namespace, sa)));
+    if excluded {
+        return Answer::Denied {
+            reason: "NotAllowed",
+            message: format!("pod certificates are not issued to {namespace}/{sa} by policy"),
+        };
+    }
+    let account = match ServiceAccount::new(namespace, sa) {
+        Ok(a) => a,
+        Err(e) => {
+            return Answer::Denied {
+                reason: "InvalidIdentity",
+                message: e.to_string(),
+            };
+        }
+    };
+    let (spki, key) = match public_key(spec) {
+        Ok(k) => k,
+        Err(denied) => return denied,
+    };
+    if matches!(key, KeyKind::Rsa(bits) if bits != 3072 && bits != 4096) {
+        return Answer::Denied {
+            reason: "UnsupportedKeyType",
+            message: format!("{key}; Signet signs {SUPPORTED_KEY_TYPES}"),
+        };
+    }
+    let id = match account.spiffe_id(&config.trust_domain) {
+        Ok(id) => id,
+        Err(e) => {
+            return Answer::Denied {
+                reason: "InvalidIdentity",
+                message: e.to_string(),
+            };
+        }
+    };
+    // Total validity (NotAfter - NotBefore) = min(maxExpirationSeconds, --max-ttl,
+    // what the signing certificate leaves), at least an hour; the signer backdates
+    // NotBefore by two minutes, which is taken from the lifetime so the total stays
+    // within maxExpirationSeconds.
+    let max = spec["maxExpirationSeconds"]
+        .as_i64()
+        .map_or(Duration::hours(24), Duration::seconds);
+    let left = signer.leaf_not_after_limit() - now;
+    let total = max.min(config.max_ttl).min(left);
+    if total < MIN_LIFETIME {
+        return Answer::Failed {
+            reason: "SignerExpiring",
+            message: format!(
+                "the signing certificate leaves {left} and requests allow {max}: under the one-hour minimum"
+            ),
+        };
+    }
+    let backdate = (total / 10_i32).min(Duration::minutes(2));
+    let issued = match signer.sign(&spki, &id, total - backdate, now) {
+        Ok(i) => i,
+        Err(e) => {
+            return Answer::Failed {
+                reason: "SigningFailed",
+                message: e.to_string(),
+            };
+        }
+    };
+    let roots = signer.roots();
+    let mut chain = issued.cert_chain.first().cloned().unwrap_or_default();
+    for cert in signer.chain_certs().iter().filter(|c| !roots.contains(c)) {
+        chain.push_str(&signet_spiffe::pem_cert(cert));
+    }
+    let lifetime = issued.not_after - issued.not_before;
+    let jitter = lifetime.as_seconds_f64() * rand::rng().random_range(-0.01..0.01);
+    let refresh = issued.not_before + lifetime / 2 + Duration::seconds_f64(jitter);
+    Answer::Issued(json!({
+        "certificateChain": chain,
+        "notBefore": rfc3339(issued.not_before),
+        "notAfter": rfc3339(issued.not_after),
+        "beginRefreshAt": rfc3339(refresh),
+        "conditions": [condition("Issued", "Issued", &format!("issued {id}, serial {}", issued.serial), now)],
+    }))
+}
+
+/// The pod's public key: from `stubPKCS10Request` (1.36 and later), or from
+/// `pkixPublicKey` (1.35's v1beta1). The API server has already checked the proof of
+/// possession; here the key must parse and be of a type Signet signs.
+fn public_key(spec: &Value) -> Result<(Vec<u8>, KeyKind), Answer> {
+    let invalid = |message: String| Answer::Denied {
+        reason: "InvalidRequest",
+        message,
+    };
+    let unsupported = |why: String| Answer::Denied {
+        reason: "UnsupportedKeyType",
+        message: format!("{why}; Signet signs {SUPPORTED_KEY_TYPES}"),
+    };
+    if let Some(stub) = spec["stubPKCS10Request"].as_str() {
+        let der = base64_decode(stub)
+            .filter(|d| !d.is_empty())
+            .ok_or_else(|| invalid("spec.stubPKCS10Request is not base64 DER".into()))?;
+        let pem = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der));
+        return match crate::csr::parse(&pem) {
+            Ok(csr) => Ok((csr.spki, csr.key)),
+            Err(crate::csr::CsrError::Key(why)) => Err(unsupported(why)),
+            Err(e) => Err(invalid(format!("spec.stubPKCS10Request: {e}"))),
+        };
+    }
+    let der = spec["pkixPublicKey"]
+        .as_str()
+        .and_then(base64_decode)
+        .filter(|d| !d.is_empty())
+        .ok_or_else(|| invalid("neither spec.stubPKCS10Request nor spec.pkixPublicKey".into()))?;
+    use x509_parser::prelude::FromDer;
+    let (rest, parsed) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&der)
+        .map_err(|e| invalid(format!("spec.pkixPublicKey: {e}")))?;
+    if !rest.is_empty() {
+        return Err(invalid("spec.pkixPublicKey: trailing data".into()));
+    }
+    let key = KeyKind::of_spki(&parsed).map_err(|e| unsupported(e.to_string()))?;
+    Ok((der.clone(), key))
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).ok()
+}
+
+/// The status a request gets for `answer`.
+fn status_of(answer: &Answer, now: OffsetDateTime) -> Value {
+    match answer {
+        Answer::Issued(status) => status.clone(),
+        Answer::Denied { reason, message } => {
+            json!({"conditions": [condition("Denied", reason, message, now)]})
+        }
+        Answer::Failed { reason, message } => {
+            json!({"conditions": [condition("Failed", reason, message, now)]})
+        }
+    }
+}
+
+/// Writes `answer` as the request's status, unless someone answered it first.
+/// `Ok(true)` when written.
+async fn write(
+    client: &kube::Client,
+    resource: &ApiResource,
+    mut pcr: DynamicObject,
+    answer: &Answer,
+    sync: &Driver,
+) -> Result<bool, WriteError> {
+    let namespace = pcr.metadata.namespace.clone().unwrap_or_default();
+    let name = pcr.metadata.name.clone().unwrap_or_default();
+    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &namespace, resource);
+    let what = || format!("PodCertificateRequest {namespace}/{name}");
+    for _ in 0..3 {
+        pcr.data["status"] = status_of(answer, OffsetDateTime::now_utc());
+        match api
+            .replace_status(&name, &PostParams::default(), &pcr)
+            .await
+        {
+            Ok(_) => {
+                sync.wrote();
+                return Ok(true);
+            }
+            Err(e) if status(&e) == Some(409) => {
+                sync.conflict();
+                match api
+                    .get_opt(&name)
+                    .await
+                    .map_err(|e| WriteError::api(what(), e))?
+                {
+                    Some(fresh) if !answered(&fresh) => pcr = fresh,
+                    // Answered meanwhile, or gone.
+                    _ => return Ok(false),
+                }
+            }
+            Err(e) if status(&e) == Some(404) => return Ok(false),
+            Err(e) => return Err(WriteError::api(what(), e)),
+        }
+    }
+    Err(WriteError::Conflicts(what()))
+}
+
+/// Runs the signer until aborted.
+pub(super) async fn run(
+    client: kube::Client,
+    config: PodCertificates,
+    signer: watch::Receiver<Arc<Signer>>,
+    sync: Driver,
+) {
+    let Some(resource) = discover(&client, "PodCertificateRequest", "podcertificaterequests").await
+    else {
+        return;
+    };
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+    let changed = Arc::new(Notify::new());
+    let writer = reflector::store::Writer::new(resource.clone());
+    let store = writer.as_reader();
+    let mut watches = JoinSet::new();
+    watches.spawn(watch_into(
+        api,
+        watcher::Config::default().fields(&format!("spec.signerName={}", config.signer)),
+        writer,
+        changed.clone(),
+        "pod certificate requests",
+    ));
+    if store.wait_until_ready().await.is_err() {
+        return;
+    }
+    tracing::info!(version = %resource.api_version, signer = %config.signer, "signing pod certificates");
+    // Failed attempts per request UID (in memory: a new leader starts afresh).
+    let attempts: Mutex<HashMap<String, (u32, Instant)>> = Mutex::default();
+    let (client, config, resource, sync_ref, attempts) =
+        (&client, &config, &resource, &sync, &attempts);
+    sync.drive(changed, signer, |current| {
+        let pending: Vec<DynamicObject> = store
+            .state()
+            .iter()
+            .filter(|p| p.data["spec"]["signerName"] == config.signer.as_str() && !answered(p))
+            .map(|p| (**p).clone())
+            .collect();
+        async move {
+            let now = Instant::now();
+            let due: Vec<DynamicObject> = {
+                let mut attempts = attempts.lock().unwrap_or_else(|p| p.into_inner());
+                // Requests no longer pending (answered or deleted) are forgotten.
+                attempts.retain(|uid, _| {
+                    pending.iter().any(|p| p.metadata.uid.as_deref() == Some(uid.as_str()))
+                });
+                pending
+                    .into_iter()
+                    .filter(|p| {
+                        let uid = p.metadata.uid.clone().unwrap_or_default();
+                        attempts.get(&uid).is_none_or(|(_, next)| *next <= now)
+                    })
+                    .collect()
+            };
+            let results: Vec<(String, Result<bool, WriteError>)> = futures::stream::iter(due)
+                .map(|pcr| {
+                    let current = current.clone();
+                    async move {
+                        let uid = pcr.metadata.uid.clone().unwrap_or_default();
+                        let tries = attempts
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get(&uid)
+                            .map_or(0, |(n, _)| *n);
+                        let answer = if tries + 1 >= MAX_ATTEMPTS {
+                            Answer::Failed {
+                                reason: "Unanswerable",
+                                message: format!("no answer could be written after {tries} attempts"),
+                            }
+                        } else {
+                            let decided = pcr.clone();
+                            let config = config.clone();
+                            tokio::task::spawn_blocking(move || {
+                                decide(&decided, &config, &current, OffsetDateTime::now_utc())
+                            })
+                            .await
+                            .unwrap_or_else(|e| Answer::Failed {
+                                reason: "SigningFailed",
+                                message: format!("signing task: {e}"),
+                            })
+                        };
+                        let result = write(client, resource, pcr, &answer, sync_ref).await;
+                        if let Ok(true) = result {
+                            let (label, what) = match &answer {
+                                Answer::Issued(_) => ("issued", String::new()),
+                                Answer::Denied { reason, .. } => ("denied", (*reason).to_owned()),
+                                Answer::Failed { reason, .. } => ("failed", (*reason).to_owned()),
+                            };
+                            sync_ref.metrics.pod_certificates.with_label_values(&[label]).inc();
+                            if !what.is_empty() {
+                                tracing::info!(request = %uid, result = label, reason = %what, "pod certificate request answered");
+                            }
+                        }
+                        (uid, result)
+                    }
+                })
+                .buffer_unordered(IN_FLIGHT)
+                .collect()
+                .await;
+            let mut first_error = None;
+            {
+                let mut attempts = attempts.lock().unwrap_or_else(|p| p.into_inner());
+                for (uid, result) in results {
+                    match result {
+                        Ok(_) => {
+                            attempts.remove(&uid);
+                        }
+                        Err(e) => {
+                            // Only a refusal counts toward failing the request; while the
+                            // API server is away (5xx, 429, timeouts) it waits, unanswered.
+                            let refused = matches!(&e, WriteError::Api { source, .. }
+                                if matches!(status(source), Some(400 | 403 | 422)));
+                            let entry = attempts.entry(uid).or_insert((0, now));
+                            if refused {
+                                entry.0 += 1;
+                            }
+                            let wait = StdDuration::from_secs(1 << entry.0.clamp(1, 6));
+                            entry.1 = Instant::now() + wait;
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            match first_error {
+                // Counted and retried with the driver's backoff.
+                Some(e) => Err(e),
+                // Wake when the next request waiting for a retry is due.
+                None => Ok(attempts
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .map(|(_, at)| at.saturating_duration_since(Instant::now()))
+                    .min()),
+            }
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answered_means_a_terminal_condition_or_a_chain() {
+        let resource = ApiResource {
+            group: "certificates.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "certificates.k8s.io/v1".into(),
+            kind: "PodCertificateRequest".into(),
+            plural: "podcertificaterequests".into(),
+        };
+        let mut pcr = DynamicObject::new("p", &resource);
+        assert!(!answered(&pcr));
+        pcr.data["status"] = json!({"conditions": [{"type": "Denied", "status": "True"}]});
+        assert!(answered(&pcr));
+        pcr.data["status"] = json!({"conditions": [{"type": "Issued", "status": "False"}]});
+        assert!(!answered(&pcr));
+        pcr.data["status"] = json!({"certificateChain": "PEM"});
+        assert!(answered(&pcr));
+    }
+
+    #[test]
+    fn scopes_cover_a_namespace_or_one_account() {
+        let ns = Scope {
+            namespace: "apps".into(),
+            service_account: None,
+        };
+        let one = Scope {
+            namespace: "apps".into(),
+            service_account: Some("web".into()),
+        };
+        assert!(ns.covers("apps", "db") && one.covers("apps", "web"));
+        assert!(!one.covers("apps", "db") && !ns.covers("other", "web"));
+    }
+}

@@ -1,0 +1,145 @@
+{{/* Chart name (app.kubernetes.io/name). */}}
+{{- define "signet.name" -}}
+{{- .Values.nameOverride | default "signet-ca" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Object names: <release>-ca, or the release name when it already ends in -ca. */}}
+{{- define "signet.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if hasSuffix "-ca" .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-ca" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Cluster-scoped objects are shared by every namespace: qualify their names. */}}
+{{- define "signet.clusterName" -}}
+{{- printf "%s-%s" .Release.Namespace (include "signet.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "signet.serviceAccountName" -}}
+{{- .Values.serviceAccount.name | default (include "signet.fullname" .) -}}
+{{- end -}}
+
+{{- define "signet.leaseName" -}}
+{{- .Values.leaderElection.leaseName | default (printf "%s-writer" (include "signet.fullname" .)) -}}
+{{- end -}}
+
+{{- define "signet.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "signet.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "signet.labels" -}}
+{{ include "signet.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: certificate-authority
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 }}
+{{- end -}}
+
+{{/* Whether any writer (and so leader election) is on: "true" or "". */}}
+{{- define "signet.writes" -}}
+{{- if or .Values.rootConfigMap.enabled .Values.clusterTrustBundle.enabled .Values.istiodCert.enabled .Values.podCertificates.enabled -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* Refuses combinations that cannot work, with a message saying what to do. */}}
+{{- define "signet.validate" -}}
+{{- if and .Values.cacerts.selfSigned (gt (int .Values.replicaCount) 1) -}}
+{{- fail (printf "cacerts.selfSigned=true with replicaCount=%d: each replica would create its own self-signed root and workloads signed by different replicas would not trust each other. Create the cacerts Secret (docs/kubernetes.md) or set replicaCount=1." (int .Values.replicaCount)) -}}
+{{- end -}}
+{{- if and (not .Values.cacerts.selfSigned) (not .Values.cacerts.secretName) -}}
+{{- fail "cacerts.secretName is empty: name the Secret holding the CA key material, or set cacerts.selfSigned=true (replicaCount=1 only)" -}}
+{{- end -}}
+{{- if not (has .Values.tokenAuth.mode (list "tokenReview" "jwks")) -}}
+{{- fail (printf "tokenAuth.mode=%q: want tokenReview or jwks" .Values.tokenAuth.mode) -}}
+{{- end -}}
+{{- range .Values.ambient.trustedNodeAccounts -}}
+{{- if not (regexMatch "^[^/,[:space:]]+/[^/,[:space:]]+$" (toString .)) -}}
+{{- fail (printf "ambient.trustedNodeAccounts: %q: want <namespace>/<service account>, e.g. istio-system/ztunnel" (toString .)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.clusterTrustBundle.enabled (not (contains "/" .Values.clusterTrustBundle.signerName)) -}}
+{{- fail (printf "clusterTrustBundle.signerName=%q: want <domain>/<path>" .Values.clusterTrustBundle.signerName) -}}
+{{- end -}}
+{{- if .Values.podCertificates.enabled -}}
+{{- $signer := toString .Values.podCertificates.signerName -}}
+{{- if not (contains "/" $signer) -}}
+{{- fail (printf "podCertificates.signerName=%q: want <domain>/<path>, on a domain you own" $signer) -}}
+{{- end -}}
+{{- $domain := first (splitList "/" $signer) -}}
+{{- if or (eq $domain "kubernetes.io") (hasSuffix ".kubernetes.io" $domain) -}}
+{{- fail (printf "podCertificates.signerName=%q: signer names under kubernetes.io are reserved" $signer) -}}
+{{- end -}}
+{{- end -}}
+{{- range $list := list "allow" "deny" -}}
+{{- range (get $.Values.podCertificates $list) -}}
+{{- if not (regexMatch "^[^/,[:space:]]+(/[^/,[:space:]]+)?$" (toString .)) -}}
+{{- fail (printf "podCertificates.%s: %q: want <namespace> or <namespace>/<service account>" $list (toString .)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The arguments of `signet-ca serve`, one per line as YAML list items. */}}
+{{- define "signet.args" -}}
+{{- $fullname := include "signet.fullname" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- $dns := concat (list (printf "%s.%s.svc" $fullname $ns) (printf "%s.%s.svc.cluster.local" $fullname $ns)) .Values.extraServingDnsNames -}}
+- serve
+- --cacerts-dir=/etc/cacerts
+- --state-dir=/var/lib/signet-ca
+- --grpc-addr=0.0.0.0:15012
+- --http-addr=0.0.0.0:15014
+- {{ printf "--trust-domain=%v" (.Values.trustDomain) | quote }}
+- {{ printf "--cluster-id=%v" (.Values.clusterId) | quote }}
+- {{ printf "--token-audiences=%v" (join "," .Values.tokenAuth.audiences) | quote }}
+- {{ printf "--serving-dns-names=%v" (join "," $dns) | quote }}
+- {{ printf "--default-ttl=%v" (.Values.defaultTtl) | quote }}
+- {{ printf "--max-ttl=%v" (.Values.maxTtl) | quote }}
+{{- if eq .Values.tokenAuth.mode "jwks" }}
+- {{ printf "--jwt-issuer=%v" (.Values.tokenAuth.jwks.issuer) | quote }}
+- {{ printf "--jwks=%v" (.Values.tokenAuth.jwks.url) | quote }}
+- --no-token-review
+{{- end }}
+{{- if .Values.ambient.trustedNodeAccounts }}
+- {{ printf "--trusted-node-accounts=%v" (join "," .Values.ambient.trustedNodeAccounts) | quote }}
+{{- end }}
+{{- if .Values.rootConfigMap.enabled }}
+- {{ printf "--root-configmap=%v" (.Values.rootConfigMap.name) | quote }}
+{{- if .Values.rootConfigMap.namespaceSelector }}
+- {{ printf "--root-configmap-namespace-selector=%v" (.Values.rootConfigMap.namespaceSelector) | quote }}
+{{- end }}
+{{- end }}
+{{- if .Values.clusterTrustBundle.enabled }}
+- {{ printf "--cluster-trust-bundle-signer=%v" (.Values.clusterTrustBundle.signerName) | quote }}
+{{- end }}
+{{- if .Values.podCertificates.enabled }}
+- {{ printf "--pod-certificate-signer=%v" (.Values.podCertificates.signerName) | quote }}
+{{- range .Values.podCertificates.allow }}
+- {{ printf "--pod-certificate-allow=%v" . | quote }}
+{{- end }}
+{{- range .Values.podCertificates.deny }}
+- {{ printf "--pod-certificate-deny=%v" . | quote }}
+{{- end }}
+{{- end }}
+{{- if .Values.istiodCert.enabled }}
+- {{ printf "--istiod-cert-secret=%v/%s" (.Values.istiodCert.secretNamespace) (.Values.istiodCert.secretName) | quote }}
+{{- if .Values.istiodCert.dnsNames }}
+- {{ printf "--istiod-cert-dns-names=%v" (join "," .Values.istiodCert.dnsNames) | quote }}
+{{- end }}
+- {{ printf "--istiod-cert-ttl=%v" (.Values.istiodCert.ttl) | quote }}
+{{- end }}
+{{- if include "signet.writes" . }}
+- {{ printf "--leader-election-namespace=%v" ($ns) | quote }}
+- {{ printf "--leader-election-lease=%v" (include "signet.leaseName" .) | quote }}
+- --leader-election-identity=$(POD_NAME)
+- {{ printf "--lease-duration=%v" (.Values.leaderElection.leaseDuration) | quote }}
+- {{ printf "--lease-renew-deadline=%v" (.Values.leaderElection.renewDeadline) | quote }}
+- {{ printf "--lease-retry-period=%v" (.Values.leaderElection.retryPeriod) | quote }}
+{{- end }}
+{{- end -}}

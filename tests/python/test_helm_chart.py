@@ -1,0 +1,378 @@
+"""The Helm chart deploy/helm/signet, offline: `helm lint` and rendering through Helm's own
+Go SDK (helm-python-sdk, no helm binary, no cluster), for the default values and for each
+documented mode. Every rendered object, and the examples under deploy/examples, must
+validate against the Kubernetes 1.33 and 1.37 OpenAPI schemas (kubernetes-validate 1.37.0
+ships 1.25 to 1.37; strict: unknown fields are errors). The RBAC must be exactly what
+signet-ca calls in that mode, and every flag passed to the container must be one that
+`signet-ca serve --help` lists."""
+
+import itertools
+import os
+import re
+import subprocess
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate import utils as kv_utils
+
+from conftest import ROOT, binary
+
+CHART = ROOT / "deploy" / "helm" / "signet"
+EXAMPLES = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
+RELEASE, NS = "signet", "signet-system"
+FULLNAME = "signet-ca"
+SA = ("ServiceAccount", FULLNAME, NS)
+KUBE_VERSIONS = ("1.33", "1.37")
+
+MODES = {
+    "default": {},
+    "tokenreview": {"tokenAuth": {"mode": "tokenReview"}},
+    "jwks": {"tokenAuth": {"mode": "jwks"}},
+    "root-configmap-off": {"rootConfigMap": {"enabled": False}},
+    "istiod-secret": {"istiodCert": {"enabled": True, "dnsNames": ["istiod.istio-system.svc.cluster.local"]}},
+    "cluster-trust-bundle": {"clusterTrustBundle": {"enabled": True}},
+    "self-signed": {"cacerts": {"selfSigned": True}, "replicaCount": 1},
+    "ambient": {"ambient": {"trustedNodeAccounts": ["istio-system/ztunnel"]}},
+    "pod-certificates": {"podCertificates": {"enabled": True, "allow": ["apps", "payments/api"],
+                                             "deny": ["apps/legacy"]}},
+    "everything": {
+        "tokenAuth": {"mode": "jwks"},
+        "rootConfigMap": {"namespaceSelector": "istio-injection in (enabled)"},
+        "clusterTrustBundle": {"enabled": True},
+        "istiodCert": {"enabled": True},
+        "extraServingDnsNames": ["ca.example.internal"],
+        "ambient": {"trustedNodeAccounts": ["istio-system/ztunnel", "kube-system/ztunnel"]},
+        "podCertificates": {"enabled": True, "deny": ["kube-system"]},
+    },
+}
+
+# The rules each mode needs: (kind, namespace, apiGroup or URL marker, resource or URL,
+# verb, resourceNames). "" is the core API group; None marks a non-resource URL.
+LEASE = {("Role", NS, "coordination.k8s.io", "leases", "create", ()),
+         ("Role", NS, "coordination.k8s.io", "leases", "get", ("signet-ca-writer",)),
+         ("Role", NS, "coordination.k8s.io", "leases", "update", ("signet-ca-writer",))}
+ROOT_CONFIGMAPS = {("ClusterRole", None, "", "namespaces", v, ()) for v in ("get", "list", "watch")} | {
+    ("ClusterRole", None, "", "configmaps", "create", ())} | {
+    ("ClusterRole", None, "", "configmaps", v, ("istio-ca-root-cert",)) for v in ("get", "list", "watch", "update")}
+JWKS = {("ClusterRole", None, None, url, "get", ())
+        for url in ("/openid/v1/jwks", "/.well-known/openid-configuration")}
+TRUST_BUNDLE = {("ClusterRole", None, "certificates.k8s.io", "clustertrustbundles", v, ())
+                for v in ("get", "list", "watch", "create", "update")} | {
+    ("ClusterRole", None, "certificates.k8s.io", "signers", "attest", ("signet.dev/spiffe",))}
+# Node impersonation: one cluster-wide pod list/watch, no get, no resourceNames.
+PODS = {("ClusterRole", None, "", "pods", v, ()) for v in ("list", "watch")}
+# Pod certificates: every request cluster-wide (field selector spec.signerName), answered
+# through /status, as this signer only; plus the ClusterTrustBundle of the same name.
+POD_CERTS = {("ClusterRole", None, "certificates.k8s.io", "podcertificaterequests", v, ())
+             for v in ("get", "list", "watch")} | {
+    ("ClusterRole", None, "certificates.k8s.io", "podcertificaterequests/status", "update", ()),
+    ("ClusterRole", None, "certificates.k8s.io", "signers", "sign", ("signet.dev/spiffe",))}
+ISTIOD_SECRET = {("Role", "istio-system", "", "secrets", "create", ())} | {
+    ("Role", "istio-system", "", "secrets", v, ("istiod-tls",)) for v in ("get", "list", "watch", "update")}
+
+EXPECTED_RULES = {
+    "default": ROOT_CONFIGMAPS | LEASE,
+    "tokenreview": ROOT_CONFIGMAPS | LEASE,
+    "jwks": JWKS | ROOT_CONFIGMAPS | LEASE,
+    "root-configmap-off": set(),
+    "istiod-secret": ROOT_CONFIGMAPS | ISTIOD_SECRET | LEASE,
+    "cluster-trust-bundle": ROOT_CONFIGMAPS | TRUST_BUNDLE | LEASE,
+    "self-signed": ROOT_CONFIGMAPS | LEASE,
+    "ambient": ROOT_CONFIGMAPS | PODS | LEASE,
+    "pod-certificates": ROOT_CONFIGMAPS | POD_CERTS | TRUST_BUNDLE | LEASE,
+    "everything": JWKS | ROOT_CONFIGMAPS | PODS | TRUST_BUNDLE | POD_CERTS | ISTIOD_SECRET | LEASE,
+}
+# The modes whose RBAC may name pods at all.
+PODS_MODES = {"ambient", "everything"}
+
+COMMON_ARGS = [
+    "serve", "--cacerts-dir=/etc/cacerts", "--state-dir=/var/lib/signet-ca",
+    "--grpc-addr=0.0.0.0:15012", "--http-addr=0.0.0.0:15014",
+    "--trust-domain=cluster.local", "--cluster-id=Kubernetes", "--token-audiences=istio-ca",
+]
+SERVING = "--serving-dns-names=signet-ca.signet-system.svc,signet-ca.signet-system.svc.cluster.local"
+TTLS = ["--default-ttl=24h", "--max-ttl=2160h"]
+JWKS_ARGS = ["--jwt-issuer=https://kubernetes.default.svc.cluster.local",
+             "--jwks=https://kubernetes.default.svc/openid/v1/jwks", "--no-token-review"]
+LEASE_ARGS = ["--leader-election-namespace=signet-system", "--leader-election-lease=signet-ca-writer",
+              "--leader-election-identity=$(POD_NAME)", "--lease-duration=15s",
+              "--lease-renew-deadline=10s", "--lease-retry-period=2s"]
+ROOT_CM_ARGS = ["--root-configmap=istio-ca-root-cert"]
+ISTIOD_ARGS = ["--istiod-cert-secret=istio-system/istiod-tls", "--istiod-cert-ttl=24h"]
+CTB_ARGS = ["--cluster-trust-bundle-signer=signet.dev/spiffe"]
+AMBIENT_ARGS = ["--trusted-node-accounts=istio-system/ztunnel"]
+POD_CERT_ARGS = ["--pod-certificate-signer=signet.dev/spiffe"]
+
+# The exact argument list per mode: what the chart documents (docs/kubernetes.md).
+EXPECTED_ARGS = {
+    "default": COMMON_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + LEASE_ARGS,
+    "tokenreview": COMMON_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + LEASE_ARGS,
+    "jwks": COMMON_ARGS + [SERVING] + TTLS + JWKS_ARGS + ROOT_CM_ARGS + LEASE_ARGS,
+    "root-configmap-off": COMMON_ARGS + [SERVING] + TTLS,
+    "istiod-secret": COMMON_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + [
+        ISTIOD_ARGS[0], "--istiod-cert-dns-names=istiod.istio-system.svc.cluster.local", ISTIOD_ARGS[1],
+    ] + LEASE_ARGS,
+    "cluster-trust-bundle": COMMON_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + CTB_ARGS + LEASE_ARGS,
+    "self-signed": COMMON_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + LEASE_ARGS,
+    "ambient": COMMON_ARGS + [SERVING] + TTLS + AMBIENT_ARGS + ROOT_CM_ARGS + LEASE_ARGS,
+    "pod-certificates": COMMON_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + POD_CERT_ARGS + [
+        "--pod-certificate-allow=apps", "--pod-certificate-allow=payments/api",
+        "--pod-certificate-deny=apps/legacy",
+    ] + LEASE_ARGS,
+    "everything": COMMON_ARGS + [SERVING + ",ca.example.internal"] + TTLS + JWKS_ARGS + [
+        "--trusted-node-accounts=istio-system/ztunnel,kube-system/ztunnel",
+    ] + ROOT_CM_ARGS + [
+        "--root-configmap-namespace-selector=istio-injection in (enabled)",
+    ] + CTB_ARGS + POD_CERT_ARGS + ["--pod-certificate-deny=kube-system"] + ISTIOD_ARGS + LEASE_ARGS,
+}
+
+
+@pytest.fixture(scope="module")
+def chart():
+    with helm_python.Chart.load(CHART) as c:
+        yield c
+
+
+def render(chart, values):
+    manifests = chart.render(values, name=RELEASE, namespace=NS, is_install=True)
+    return [doc for path, text in sorted(manifests.items()) if not path.endswith("NOTES.txt")
+            for doc in yaml.safe_load_all(text) if doc]
+
+
+def one(objs, kind):
+    found = [o for o in objs if o["kind"] == kind]
+    assert len(found) == 1, f"{len(found)} {kind}"
+    return found[0]
+
+
+def container(objs):
+    return one(objs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+
+
+def rbac_rules(objs):
+    out = set()
+    for o in objs:
+        if o["kind"] not in ("Role", "ClusterRole"):
+            continue
+        ns = o["metadata"].get("namespace")
+        for r in o["rules"]:
+            names = tuple(r.get("resourceNames", ()))
+            if "nonResourceURLs" in r:
+                targets = [(None, url) for url in r["nonResourceURLs"]]
+            else:
+                targets = itertools.product(r["apiGroups"], r["resources"])
+            out |= {(o["kind"], ns, g, res, v, names) for (g, res) in targets for v in r["verbs"]}
+    return out
+
+
+def test_lint_has_no_errors():
+    for values in MODES.values():
+        report = helm_python.lint(CHART, values, strict=True, namespace=NS)
+        assert report["errors"] == [], report
+        assert not [m for m in report["messages"] if m["severity"] >= 2], report
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_renders_and_validates_against_kubernetes_schemas(chart, mode):
+    objs = render(chart, MODES[mode])
+    kinds = {o["kind"] for o in objs}
+    assert {"Deployment", "Service", "ServiceAccount"} <= kinds
+    for o in objs:
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(o, version, strict=True)
+            except kubernetes_validate.ValidationError as e:
+                pytest.fail(f"{mode}: {o['kind']}/{o['metadata']['name']} on {version}: {e.message} at {list(e.path)}")
+
+
+def test_schema_versions_are_shipped():
+    shipped = {v.rsplit(".", 1)[0] for v in kv_utils.all_versions()}
+    assert set(KUBE_VERSIONS) <= shipped, shipped
+
+
+# The podCertificate projected volume source exists from Kubernetes 1.34 on (alpha; beta
+# 1.35, GA 1.37): the 1.33 schema rejects it as an unknown field, so that example is checked
+# against 1.37 only. Every other example is checked against every version.
+EXAMPLE_VERSIONS = {"pod-certificate-pod.yaml": ("1.37",)}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_validate(path):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert docs
+    for d in docs:
+        for version in EXAMPLE_VERSIONS.get(path.name, KUBE_VERSIONS):
+            kubernetes_validate.validate(d, version, strict=True)
+
+
+def test_self_signed_with_two_replicas_refuses_to_render(chart):
+    with pytest.raises(helm_python.HelmRenderError) as e:
+        render(chart, {"cacerts": {"selfSigned": True}, "replicaCount": 2})
+    assert "cacerts.selfSigned=true with replicaCount=2" in str(e.value)
+    assert "own self-signed root" in str(e.value)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_container_args_per_mode(chart, mode):
+    c = container(render(chart, MODES[mode]))
+    assert c["args"] == EXPECTED_ARGS[mode]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rbac_is_exactly_what_the_mode_needs(chart, mode):
+    objs = render(chart, MODES[mode])
+    assert rbac_rules(objs) == EXPECTED_RULES[mode]
+    for o in objs:
+        for r in o.get("rules", ()):
+            for field in ("verbs", "resources", "apiGroups", "resourceNames", "nonResourceURLs"):
+                assert not any("*" in x for x in r.get(field, ())), (o["metadata"]["name"], r)
+            if "pods" in r.get("resources", ()):
+                assert mode in PODS_MODES, (mode, r)
+                assert o["kind"] == "ClusterRole" and set(r["verbs"]) == {"list", "watch"}, r
+                assert r["apiGroups"] == [""] and "resourceNames" not in r, r
+            if "secrets" in r.get("resources", ()):
+                assert o["kind"] == "Role" and o["metadata"]["namespace"] == "istio-system", o
+    roles = {(o["kind"], o["metadata"]["name"], o["metadata"].get("namespace"))
+             for o in objs if o["kind"] in ("Role", "ClusterRole")}
+    bound = set()
+    for b in (o for o in objs if o["kind"] in ("RoleBinding", "ClusterRoleBinding")):
+        assert [(s["kind"], s["name"], s["namespace"]) for s in b["subjects"]] == [SA], b
+        ref = b["roleRef"]
+        bound.add((ref["kind"], ref["name"], b["metadata"].get("namespace")))
+    assert roles <= bound, roles - bound  # every rule reaches the service account
+    auth_delegator = ("ClusterRole", "system:auth-delegator", None) in bound
+    assert auth_delegator == (MODES[mode].get("tokenAuth", {}).get("mode", "tokenReview") == "tokenReview")
+
+
+def test_pod_hardening_probes_and_mounts(chart):
+    objs = render(chart, {})
+    deploy = one(objs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert deploy["spec"]["replicas"] == 2
+    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                      "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["runAsUser"] == 65532
+    assert c["resources"]["requests"] and c["resources"]["limits"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http-metrics"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"grpc-ca": 15012, "http-metrics": 15014}
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["cacerts"]["mountPath"] == "/etc/cacerts" and mounts["cacerts"]["readOnly"]
+    assert mounts["state"]["mountPath"] == "/var/lib/signet-ca"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["cacerts"]["secret"]["secretName"] == "cacerts"
+    assert volumes["cacerts"]["secret"]["optional"] is False
+    assert "emptyDir" in volumes["state"]
+    svc = one(objs, "Service")
+    assert [(p["name"], p["port"], p.get("appProtocol")) for p in svc["spec"]["ports"]] == [
+        ("grpc-ca", 15012, "grpc"), ("http-metrics", 15014, "http")]
+    assert one(objs, "PodDisruptionBudget")["spec"]["minAvailable"] == 1
+    labels = deploy["metadata"]["labels"]
+    for key in ("name", "instance", "version", "managed-by"):
+        assert f"app.kubernetes.io/{key}" in labels
+    assert deploy["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+
+
+def test_self_signed_has_no_cacerts_secret_and_no_pdb(chart):
+    objs = render(chart, MODES["self-signed"])
+    pod = one(objs, "Deployment")["spec"]["template"]["spec"]
+    assert "cacerts" not in {v["name"] for v in pod["volumes"]}
+    assert not [o for o in objs if o["kind"] == "PodDisruptionBudget"]
+
+
+def test_every_rendered_flag_is_accepted_by_the_binary(chart):
+    """Needs target/debug/signet-ca (or SIGNET_SIGNET_CA_BIN); fails, never skips, without it."""
+    exe = binary("signet-ca")
+    assert os.path.exists(exe), f"{exe} is missing: cargo build -p signet-ca first"
+    proc = subprocess.run([exe, "serve", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    help_text = proc.stdout
+    flags = {re.match(r"--[a-z0-9-]+", a).group(0)
+             for values in MODES.values() for a in container(render(chart, values))["args"]
+             if a.startswith("--")}
+    missing = sorted(f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", help_text))
+    assert not missing, f"flags the chart passes but `signet-ca serve --help` does not list: {missing}"
+
+
+def test_ambient_alone_renders_the_cluster_role(chart):
+    """With TokenReview and every writer off, the pods rule is the ClusterRole's only rule,
+    and the ClusterRole and its binding are still rendered."""
+    values = {"rootConfigMap": {"enabled": False},
+              "ambient": {"trustedNodeAccounts": ["istio-system/ztunnel"]}}
+    objs = render(chart, values)
+    assert rbac_rules(objs) == PODS
+    role = one(objs, "ClusterRole")
+    assert role["metadata"]["name"] == "signet-system-signet-ca"
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]}]
+    bindings = {b["roleRef"]["name"] for b in objs if b["kind"] == "ClusterRoleBinding"}
+    assert bindings == {"signet-system-signet-ca", "system:auth-delegator"}
+    assert not [o for o in objs if o["kind"] in ("Role", "RoleBinding")]
+    args = container(objs)["args"]
+    assert "--trusted-node-accounts=istio-system/ztunnel" in args
+    assert not [a for a in args if a.startswith("--leader-election")]
+
+
+@pytest.mark.parametrize("bad", ["ztunnel", "istio-system/", "/ztunnel", "a/b/c", "a/b,c/d", "istio-system/ zt"])
+def test_malformed_trusted_node_account_refuses_to_render(chart, bad):
+    with pytest.raises(helm_python.HelmRenderError) as e:
+        render(chart, {"ambient": {"trustedNodeAccounts": [bad]}})
+    assert "ambient.trustedNodeAccounts" in str(e.value)
+    assert "want <namespace>/<service account>" in str(e.value)
+
+
+def cluster_role(objs):
+    return next(o for o in objs if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "signet-system-signet-ca")
+
+
+@pytest.mark.parametrize("ctb_signer, attest", [
+    ("signet.dev/spiffe", ["signet.dev/spiffe"]),
+    ("signet.dev/mesh-roots", ["signet.dev/mesh-roots", "signet.dev/spiffe"]),
+])
+def test_pod_certificates_share_the_cluster_trust_bundle_rules(chart, ctb_signer, attest):
+    """The pod certificate signer's ClusterTrustBundle needs the same rules as the
+    clusterTrustBundle writer: rendered once, with each signer name once."""
+    objs = render(chart, {"clusterTrustBundle": {"enabled": True, "signerName": ctb_signer},
+                          "podCertificates": {"enabled": True}})
+    rules = cluster_role(objs)["rules"]
+    ctb = [r for r in rules if "clustertrustbundles" in r.get("resources", ())]
+    assert len(ctb) == 1, rules
+    attests = [r for r in rules if "attest" in r.get("verbs", ())]
+    assert len(attests) == 1 and attests[0]["resourceNames"] == attest, rules
+    signs = [r for r in rules if "sign" in r.get("verbs", ())]
+    assert signs == [{"apiGroups": ["certificates.k8s.io"], "resources": ["signers"], "verbs": ["sign"],
+                      "resourceNames": ["signet.dev/spiffe"]}], rules
+    args = container(objs)["args"]
+    assert f"--cluster-trust-bundle-signer={ctb_signer}" in args
+    assert "--pod-certificate-signer=signet.dev/spiffe" in args
+
+
+def test_pod_certificates_alone_are_a_writer(chart):
+    """With every other writer off, pod certificates still elect a writer: the Lease Role
+    and the leader election flags are rendered."""
+    objs = render(chart, {"rootConfigMap": {"enabled": False}, "podCertificates": {"enabled": True}})
+    assert rbac_rules(objs) == POD_CERTS | TRUST_BUNDLE | LEASE
+    assert "--leader-election-lease=signet-ca-writer" in container(objs)["args"]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"signerName": "spiffe"}, "want <domain>/<path>"),
+    ({"signerName": "kubernetes.io/spiffe"}, "reserved"),
+    ({"signerName": "pods.kubernetes.io/spiffe"}, "reserved"),
+    ({"allow": ["apps/web/extra"]}, "podCertificates.allow"),
+    ({"deny": ["apps/"]}, "podCertificates.deny"),
+    ({"deny": ["apps,db"]}, "podCertificates.deny"),
+])
+def test_malformed_pod_certificate_values_refuse_to_render(chart, values, message):
+    with pytest.raises(helm_python.HelmRenderError) as e:
+        render(chart, {"podCertificates": {"enabled": True, **values}})
+    assert message in str(e.value)

@@ -1,0 +1,249 @@
+//! Node impersonation (Istio ambient: ztunnel asks for the identities of the pods on
+//! its node) against the stateful Kubernetes-shaped API server: pods on two nodes,
+//! watched by the CA through the real `kube` client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use axum::http::Method;
+use signet_e2e::{
+    JwtIssuer, TestCa, TestRoot, csr, jwt_ca_args, kube::KubeApi, openssl_verify, uri_sans,
+};
+use signet_proto::{IstioCertificateRequest, IstioCertificateServiceClient};
+use tonic::{Code, transport::Channel};
+
+const ZTUNNEL_A: (&str, &str) = ("ztunnel-a", "uid-za");
+
+/// A request as ztunnel sends it: its own token, the `clusterid` header, and the
+/// target in the `ImpersonatedIdentity` field of the metadata Struct.
+fn ztunnel_request(
+    token: &str,
+    target: &str,
+    csr_pem: &str,
+) -> tonic::Request<IstioCertificateRequest> {
+    let mut fields = std::collections::BTreeMap::new();
+    fields.insert(
+        "ImpersonatedIdentity".to_owned(),
+        prost_types::Value {
+            kind: Some(prost_types::value::Kind::StringValue(target.to_owned())),
+        },
+    );
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr: csr_pem.to_owned(),
+        validity_duration: 3600,
+        metadata: Some(prost_types::Struct { fields }),
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req.metadata_mut()
+        .insert("clusterid", "Kubernetes".parse().unwrap());
+    req
+}
+
+struct Mesh {
+    _dir: tempfile::TempDir,
+    api: KubeApi,
+    issuer: JwtIssuer,
+    root: TestRoot,
+    args: Vec<String>,
+}
+
+/// Two nodes: ztunnel and `apps/web` on node-a, ztunnel and `apps/db` on node-b.
+async fn mesh() -> Mesh {
+    let dir = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    api.namespaces(&["istio-system", "apps"]);
+    api.pod(
+        "istio-system",
+        ZTUNNEL_A.0,
+        ZTUNNEL_A.1,
+        "ztunnel",
+        "node-a",
+    );
+    api.pod("istio-system", "ztunnel-b", "uid-zb", "ztunnel", "node-b");
+    api.pod("apps", "web-1", "uid-w1", "web", "node-a");
+    api.pod("apps", "db-1", "uid-d1", "db", "node-b");
+    let issuer = JwtIssuer::new("k1");
+    let root = TestRoot::p256("Ambient Root");
+    let cacerts = dir.path().join("cacerts");
+    root.write_cacerts(
+        &cacerts,
+        "Ambient Intermediate",
+        &rcgen::KeyPair::generate().unwrap(),
+        None,
+        &[],
+    );
+    let mut args = jwt_ca_args(dir.path(), &issuer, &cacerts);
+    args.extend(
+        [
+            "--no-token-review",
+            "--kubeconfig",
+            api.kubeconfig(dir.path()).to_str().unwrap(),
+            "--trusted-node-accounts",
+            "istio-system/ztunnel",
+        ]
+        .map(str::to_owned),
+    );
+    Mesh {
+        _dir: dir,
+        api,
+        issuer,
+        root,
+        args,
+    }
+}
+
+impl Mesh {
+    fn ztunnel_token(&self) -> String {
+        self.issuer
+            .pod_token("istio-system", "ztunnel", ZTUNNEL_A.0, ZTUNNEL_A.1)
+    }
+}
+
+async fn ask(
+    client: &mut IstioCertificateServiceClient<Channel>,
+    token: &str,
+    target: &str,
+) -> Result<Vec<String>, tonic::Status> {
+    let (_, csr_pem) = csr(Some(target));
+    client
+        .create_certificate(ztunnel_request(token, target, &csr_pem))
+        .await
+        .map(|r| r.into_inner().cert_chain)
+}
+
+fn refused(result: Result<Vec<String>, tonic::Status>, code: Code, words: &[&str]) {
+    let status = result.expect_err("refused");
+    assert_eq!(status.code(), code, "{status:?}");
+    for w in words {
+        assert!(
+            status.message().contains(w),
+            "{w:?} in {:?}",
+            status.message()
+        );
+    }
+}
+
+#[tokio::test]
+async fn ztunnel_gets_the_identities_of_its_nodes_pods_and_nothing_else() {
+    let mesh = mesh().await;
+    let ca = TestCa::start(&mesh.args).await;
+    let mut client = ca.client(&mesh.root.pem).await;
+    let token = mesh.ztunnel_token();
+    let web = "spiffe://cluster.local/ns/apps/sa/web";
+    let db = "spiffe://cluster.local/ns/apps/sa/db";
+
+    // A pod on ztunnel's node: the certificate names the pod's identity only.
+    let chain = ask(&mut client, &token, web).await.unwrap();
+    assert_eq!(uri_sans(&chain[0]), [web]);
+    openssl_verify(&chain).unwrap();
+
+    // A pod on the other node.
+    refused(
+        ask(&mut client, &token, db).await,
+        Code::PermissionDenied,
+        &["not allowed to impersonate", "apps/db", "node-a"],
+    );
+    // An untrusted caller, even one bound to a pod on the node.
+    let web_token = mesh.issuer.pod_token("apps", "web", "web-1", "uid-w1");
+    refused(
+        ask(&mut client, &web_token, db).await,
+        Code::PermissionDenied,
+        &["apps/web", "--trusted-node-accounts"],
+    );
+    // A token whose pod UID is not the pod's (a pod deleted and recreated).
+    let stale = mesh
+        .issuer
+        .pod_token("istio-system", "ztunnel", ZTUNNEL_A.0, "uid-old");
+    refused(
+        ask(&mut client, &stale, web).await,
+        Code::PermissionDenied,
+        &["UID"],
+    );
+    // Bad targets.
+    for bad in [
+        "spiffe://other.domain/ns/apps/sa/web",
+        "spiffe://cluster.local/apps/web",
+        "not a uri",
+    ] {
+        refused(
+            ask(&mut client, &token, bad).await,
+            Code::InvalidArgument,
+            &["ImpersonatedIdentity"],
+        );
+    }
+
+    // Pods come and go: within seconds the answer follows.
+    mesh.api.remove("pods", "apps", "web-1");
+    mesh.api.pod("apps", "db-2", "uid-d2", "db", "node-a");
+    let start = Instant::now();
+    loop {
+        let web_now = ask(&mut client, &token, web).await;
+        let db_now = ask(&mut client, &token, db).await;
+        if let (Err(refusal), Ok(_)) = (&web_now, &db_now) {
+            assert_eq!(refusal.code(), Code::PermissionDenied);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "pod changes not seen"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ca.stop().await;
+}
+
+#[tokio::test]
+async fn until_the_pods_are_listed_impersonation_is_unavailable_and_readyz_says_why() {
+    let mesh = mesh().await;
+    mesh.api.inject(Method::GET, "pods", 500, 1_000_000);
+    let ca = TestCa::start_unready(&mesh.args, "127.0.0.1:0".parse().unwrap()).await;
+    let start = Instant::now();
+    let body = loop {
+        if let Ok((503, body)) = ca.http_get("/readyz").await
+            && body.contains("pod cache")
+        {
+            break body;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no readiness answer"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(body.contains("Kubernetes"), "{body}");
+    let mut client = ca.client(&mesh.root.pem).await;
+    refused(
+        ask(
+            &mut client,
+            &mesh.ztunnel_token(),
+            "spiffe://cluster.local/ns/apps/sa/web",
+        )
+        .await,
+        Code::Unavailable,
+        &["not synced"],
+    );
+    // Requests for the caller's own identity do not wait for the pods.
+    let (_, csr_pem) = csr(None);
+    let own = mesh.issuer.token("apps", "web");
+    client
+        .create_certificate(signet_e2e::request(&csr_pem, Some(&own), 3600))
+        .await
+        .unwrap();
+
+    mesh.api.clear_injected();
+    let start = Instant::now();
+    while ca.http_get("/readyz").await.map(|(c, _)| c).unwrap_or(0) != 200 {
+        assert!(start.elapsed() < Duration::from_secs(15), "never synced");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ask(
+        &mut client,
+        &mesh.ztunnel_token(),
+        "spiffe://cluster.local/ns/apps/sa/web",
+    )
+    .await
+    .unwrap();
+    ca.stop().await;
+}

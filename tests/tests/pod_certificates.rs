@@ -1,0 +1,345 @@
+//! signet-ca as the signer of Kubernetes pod certificates, against the stateful
+//! test API server: what a kubelet would find in the status of its
+//! PodCertificateRequests, checked with openssl against the ClusterTrustBundle root.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{Value, json};
+use signet_e2e::{
+    cluster::{CaProcess, Setup, eventually, free_port},
+    metric, sh, uri_sans,
+};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+const SIGNER: &str = "signet.dev/pods";
+const BUNDLE_OBJECT: &str = "signet.dev:pods:bundle";
+const PLURAL: &str = "podcertificaterequests";
+
+/// A request as the kubelet makes it for a pod of `ns/sa`.
+fn pcr(
+    ns: &str,
+    name: &str,
+    sa: &str,
+    signer: &str,
+    stub: &[u8],
+    max_secs: i64,
+    annotations: Value,
+) -> Value {
+    json!({
+        "metadata": {"namespace": ns, "name": name},
+        "spec": {
+            "signerName": signer, "podName": format!("{name}-pod"), "podUID": "pod-uid",
+            "serviceAccountName": sa, "serviceAccountUID": "sa-uid",
+            "nodeName": "node-a", "nodeUID": "node-uid",
+            "maxExpirationSeconds": max_secs,
+            "stubPKCS10Request": base64::engine::general_purpose::STANDARD.encode(stub),
+            "unverifiedUserAnnotations": annotations,
+        },
+    })
+}
+
+fn stub(alg: &'static rcgen::SignatureAlgorithm) -> Vec<u8> {
+    let key = rcgen::KeyPair::generate_for(alg).unwrap();
+    rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec()
+}
+
+fn rsa_stub(bits: u32, dir: &std::path::Path) -> Vec<u8> {
+    sh(
+        &format!(
+            "openssl req -new -newkey rsa:{bits} -nodes -keyout k.pem -subj /CN=pod -outform DER -out r.der 2>/dev/null"
+        ),
+        dir,
+    );
+    std::fs::read(dir.join("r.der")).unwrap()
+}
+
+fn time(v: &Value) -> OffsetDateTime {
+    OffsetDateTime::parse(v.as_str().unwrap(), &Rfc3339).unwrap()
+}
+
+fn condition(pcr: &Value) -> Option<(String, String, String)> {
+    let c = pcr["status"]["conditions"].as_array()?.first()?;
+    Some((
+        c["type"].as_str()?.to_owned(),
+        c["reason"].as_str()?.to_owned(),
+        c["message"].as_str()?.to_owned(),
+    ))
+}
+
+#[tokio::test]
+async fn requests_are_issued_or_denied_once_and_chain_to_the_trust_bundle() {
+    let setup = Setup::new(&["apps"]).await;
+    let api = &setup.api;
+    let work = setup.dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let none = json!({});
+    // Created while no CA runs.
+    api.put(
+        PLURAL,
+        pcr(
+            "apps",
+            "p256",
+            "web",
+            SIGNER,
+            &stub(&rcgen::PKCS_ECDSA_P256_SHA256),
+            7200,
+            none.clone(),
+        ),
+    );
+    api.put(
+        PLURAL,
+        pcr(
+            "apps",
+            "rsa3072",
+            "web",
+            SIGNER,
+            &rsa_stub(3072, &work),
+            86400,
+            none.clone(),
+        ),
+    );
+    api.put(
+        PLURAL,
+        pcr(
+            "apps",
+            "ed25519",
+            "web",
+            SIGNER,
+            &stub(&rcgen::PKCS_ED25519),
+            86400,
+            none.clone(),
+        ),
+    );
+    api.put(
+        PLURAL,
+        pcr(
+            "apps",
+            "annotated",
+            "web",
+            SIGNER,
+            &stub(&rcgen::PKCS_ECDSA_P256_SHA256),
+            86400,
+            json!({"example.com/wish": "x"}),
+        ),
+    );
+    api.put(
+        PLURAL,
+        pcr(
+            "apps",
+            "elsewhere",
+            "web",
+            "other.example/signer",
+            &stub(&rcgen::PKCS_ECDSA_P256_SHA256),
+            86400,
+            none.clone(),
+        ),
+    );
+    // As Kubernetes 1.35 sends it: the public key, no PKCS#10 stub.
+    let mut old_style = pcr("apps", "pkix", "web", SIGNER, b"", 7200, json!({}));
+    let spec = old_style["spec"].as_object_mut().unwrap();
+    spec.remove("stubPKCS10Request");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+    spec.insert(
+        "pkixPublicKey".into(),
+        json!(base64::engine::general_purpose::STANDARD.encode(spki)),
+    );
+    spec.insert("proofOfPossession".into(), json!("c2lnbmF0dXJl"));
+    api.put(PLURAL, old_style);
+    let ca = setup.ca(&["--pod-certificate-signer", SIGNER]).await;
+    // And one while it runs.
+    api.put(
+        PLURAL,
+        pcr(
+            "apps",
+            "later",
+            "db",
+            SIGNER,
+            &stub(&rcgen::PKCS_ECDSA_P384_SHA384),
+            3600,
+            none,
+        ),
+    );
+
+    let answered = |name: &str| {
+        api.get(PLURAL, "apps", name)
+            .filter(|p| condition(p).is_some())
+    };
+    for name in ["p256", "rsa3072", "ed25519", "annotated", "later", "pkix"] {
+        eventually(Duration::from_secs(15), name, || answered(name)).await;
+    }
+    let bundle = eventually(Duration::from_secs(5), "trust bundle", || {
+        api.get("clustertrustbundles", "", BUNDLE_OBJECT)
+    })
+    .await;
+    let root = bundle["spec"]["trustBundle"].as_str().unwrap();
+    assert_eq!(root, setup.root.pem);
+
+    for (name, sa, max) in [
+        ("p256", "web", 7200),
+        ("rsa3072", "web", 86400),
+        ("later", "db", 3600),
+        ("pkix", "web", 7200),
+    ] {
+        let p = api.get(PLURAL, "apps", name).unwrap();
+        let (kind, reason, _) = condition(&p).unwrap();
+        assert_eq!(
+            (kind.as_str(), reason.as_str()),
+            ("Issued", "Issued"),
+            "{name}: {p}"
+        );
+        let chain = p["status"]["certificateChain"].as_str().unwrap();
+        assert_eq!(
+            chain.matches("BEGIN CERTIFICATE").count(),
+            2,
+            "leaf and intermediate, no root"
+        );
+        std::fs::write(work.join("chain.pem"), chain).unwrap();
+        std::fs::write(work.join("root.pem"), root).unwrap();
+        let verified = sh(
+            "openssl verify -CAfile root.pem -untrusted chain.pem chain.pem",
+            &work,
+        );
+        assert!(verified.contains("chain.pem: OK"), "{name}: {verified}");
+        let leaf = chain
+            .split_inclusive("-----END CERTIFICATE-----\n")
+            .next()
+            .unwrap();
+        assert_eq!(
+            uri_sans(leaf),
+            [format!("spiffe://cluster.local/ns/apps/sa/{sa}")]
+        );
+        let (nb, na) = (
+            time(&p["status"]["notBefore"]),
+            time(&p["status"]["notAfter"]),
+        );
+        assert_eq!(
+            (na - nb).whole_seconds(),
+            max,
+            "{name}: lifetime is maxExpirationSeconds"
+        );
+        let refresh = time(&p["status"]["beginRefreshAt"]);
+        let half = nb + (na - nb) / 2_i32;
+        assert!(
+            (refresh - half).abs() <= (na - nb) / 50_i32,
+            "{name}: refresh {refresh} vs half-life {half}"
+        );
+    }
+    let (kind, reason, message) = condition(&api.get(PLURAL, "apps", "ed25519").unwrap()).unwrap();
+    assert_eq!(
+        (kind.as_str(), reason.as_str()),
+        ("Denied", "UnsupportedKeyType")
+    );
+    assert!(message.contains("ECDSAP256"), "{message}");
+    let (kind, reason, message) =
+        condition(&api.get(PLURAL, "apps", "annotated").unwrap()).unwrap();
+    assert_eq!(
+        (kind.as_str(), reason.as_str()),
+        ("Denied", "UnknownAnnotations")
+    );
+    assert!(message.contains("example.com/wish"), "{message}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        api.get(PLURAL, "apps", "elsewhere").unwrap()["status"].is_null(),
+        "another signer's request"
+    );
+
+    let (_, metrics) = ca.http_get("/metrics").await.unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "signet_ca_pod_certificates_total{result=\"issued\"}"
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "signet_ca_pod_certificates_total{result=\"denied\"}"
+        ),
+        Some(2.0)
+    );
+    ca.stop().await;
+}
+
+#[tokio::test]
+async fn policy_excludes_namespaces_and_service_accounts() {
+    let setup = Setup::new(&["apps", "secret"]).await;
+    let api = &setup.api;
+    let key = stub(&rcgen::PKCS_ECDSA_P256_SHA256);
+    for (ns, name, sa) in [
+        ("apps", "web", "web"),
+        ("apps", "admin", "admin"),
+        ("secret", "x", "x"),
+    ] {
+        api.put(PLURAL, pcr(ns, name, sa, SIGNER, &key, 3600, json!({})));
+    }
+    let ca = setup
+        .ca(&[
+            "--pod-certificate-signer",
+            SIGNER,
+            "--pod-certificate-allow",
+            "apps",
+            "--pod-certificate-deny",
+            "apps/admin",
+        ])
+        .await;
+    for (ns, name, want) in [
+        ("apps", "web", "Issued"),
+        ("apps", "admin", "Denied"),
+        ("secret", "x", "Denied"),
+    ] {
+        let p = eventually(Duration::from_secs(10), name, || {
+            api.get(PLURAL, ns, name).filter(|p| condition(p).is_some())
+        })
+        .await;
+        assert_eq!(condition(&p).unwrap().0, want, "{ns}/{name}");
+    }
+    ca.stop().await;
+}
+
+// Several threads: the test waits on child processes while the API server, in this
+// runtime, must keep answering them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_answer_each_request_exactly_once() {
+    let setup = Setup::new(&["apps"]).await;
+    let api = &setup.api;
+    let key = stub(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let n = 20;
+    for i in 0..n {
+        api.put(
+            PLURAL,
+            pcr(
+                "apps",
+                &format!("p{i}"),
+                "web",
+                SIGNER,
+                &key,
+                3600,
+                json!({}),
+            ),
+        );
+    }
+    let args = setup.args(&["--pod-certificate-signer", SIGNER]);
+    let _a = CaProcess::start(&args, free_port(), "replica-a");
+    let _b = CaProcess::start(&args, free_port(), "replica-b");
+    eventually(Duration::from_secs(30), "all answered", || {
+        (0..n)
+            .all(|i| {
+                api.get(PLURAL, "apps", &format!("p{i}"))
+                    .is_some_and(|p| condition(&p).is_some())
+            })
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // One status write each: no second answer was even tried.
+    assert_eq!(api.calls(&format!("PUT {PLURAL}")), n);
+}
