@@ -8,7 +8,7 @@
 //! same signer name.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::{Duration as StdDuration, Instant},
 };
@@ -40,6 +40,8 @@ use crate::{keys::KeyKind, signer::Signer};
 const MIN_LIFETIME: Duration = Duration::hours(1);
 /// Answers written at once.
 const IN_FLIGHT: usize = 32;
+/// Requests decided (and signed) in one go off the reactor.
+const DECIDE_CHUNK: usize = 16;
 /// Attempts to answer one request before it is failed.
 const MAX_ATTEMPTS: u32 = 5;
 /// The key types Signet signs, in the API's names.
@@ -361,72 +363,112 @@ pub(super) async fn run(
     tracing::info!(version = %resource.api_version, signer = %config.signer, "signing pod certificates");
     // Failed attempts per request UID (in memory: a new leader starts afresh).
     let attempts: Mutex<HashMap<String, (u32, Instant)>> = Mutex::default();
-    let (client, config, resource, sync_ref, attempts) =
-        (&client, &config, &resource, &sync, &attempts);
+    // Requests this writer answered (or found answered) whose answer the watch has not
+    // shown yet: skipped, so a pass that starts before the watch catches up neither
+    // signs them again nor spends a write on a conflict.
+    let settled: Mutex<HashSet<String>> = Mutex::default();
+    let (client, config, resource, sync_ref, attempts, settled) =
+        (&client, &config, &resource, &sync, &attempts, &settled);
     sync.drive(changed, signer, |current| {
-        let pending: Vec<DynamicObject> = store
+        let pending: Vec<Arc<DynamicObject>> = store
             .state()
-            .iter()
+            .into_iter()
             .filter(|p| p.data["spec"]["signerName"] == config.signer.as_str() && !answered(p))
-            .map(|p| (**p).clone())
             .collect();
         async move {
             let now = Instant::now();
-            let due: Vec<DynamicObject> = {
+            let due: Vec<Arc<DynamicObject>> = {
+                let pending_uids: HashSet<&str> =
+                    pending.iter().filter_map(|p| p.metadata.uid.as_deref()).collect();
                 let mut attempts = attempts.lock().unwrap_or_else(|p| p.into_inner());
+                let mut settled = settled.lock().unwrap_or_else(|p| p.into_inner());
                 // Requests no longer pending (answered or deleted) are forgotten.
-                attempts.retain(|uid, _| {
-                    pending.iter().any(|p| p.metadata.uid.as_deref() == Some(uid.as_str()))
-                });
+                attempts.retain(|uid, _| pending_uids.contains(uid.as_str()));
+                settled.retain(|uid| pending_uids.contains(uid.as_str()));
                 pending
-                    .into_iter()
+                    .iter()
                     .filter(|p| {
-                        let uid = p.metadata.uid.clone().unwrap_or_default();
-                        attempts.get(&uid).is_none_or(|(_, next)| *next <= now)
+                        let uid = p.metadata.uid.as_deref().unwrap_or_default();
+                        !settled.contains(uid)
+                            && attempts.get(uid).is_none_or(|(_, next)| *next <= now)
                     })
+                    .cloned()
                     .collect()
             };
-            let results: Vec<(String, Result<bool, WriteError>)> = futures::stream::iter(due)
-                .map(|pcr| {
+            // Decided (and signed) a chunk at a time off the reactor, the next chunk while
+            // the answers of the last are written.
+            let chunks: Vec<Vec<Arc<DynamicObject>>> =
+                due.chunks(DECIDE_CHUNK).map(<[_]>::to_vec).collect();
+            let results: Vec<(String, Result<bool, WriteError>)> = futures::stream::iter(chunks)
+                .map(|chunk| {
                     let current = current.clone();
+                    let config = config.clone();
+                    let tries: Vec<u32> = {
+                        let attempts = attempts.lock().unwrap_or_else(|p| p.into_inner());
+                        chunk
+                            .iter()
+                            .map(|p| {
+                                let uid = p.metadata.uid.as_deref().unwrap_or_default();
+                                attempts.get(uid).map_or(0, |(n, _)| *n)
+                            })
+                            .collect()
+                    };
                     async move {
-                        let uid = pcr.metadata.uid.clone().unwrap_or_default();
-                        let tries = attempts
+                        let decided = chunk.clone();
+                        let answers = tokio::task::spawn_blocking(move || {
+                            decided
+                                .iter()
+                                .zip(tries)
+                                .map(|(pcr, tries)| {
+                                    if tries + 1 >= MAX_ATTEMPTS {
+                                        Answer::Failed {
+                                            reason: "Unanswerable",
+                                            message: format!(
+                                                "no answer could be written after {tries} attempts"
+                                            ),
+                                        }
+                                    } else {
+                                        decide(pcr, &config, &current, OffsetDateTime::now_utc())
+                                    }
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                        .await
+                        .unwrap_or_else(|e| {
+                            vec![
+                                Answer::Failed {
+                                    reason: "SigningFailed",
+                                    message: format!("signing task: {e}"),
+                                };
+                                chunk.len()
+                            ]
+                        });
+                        futures::stream::iter(chunk.into_iter().zip(answers))
+                    }
+                })
+                .buffered(2)
+                .flatten()
+                .map(|(pcr, answer)| async move {
+                    let uid = pcr.metadata.uid.clone().unwrap_or_default();
+                    let result = write(client, resource, (*pcr).clone(), &answer, sync_ref).await;
+                    if result.is_ok() {
+                        settled
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .get(&uid)
-                            .map_or(0, |(n, _)| *n);
-                        let answer = if tries + 1 >= MAX_ATTEMPTS {
-                            Answer::Failed {
-                                reason: "Unanswerable",
-                                message: format!("no answer could be written after {tries} attempts"),
-                            }
-                        } else {
-                            let decided = pcr.clone();
-                            let config = config.clone();
-                            tokio::task::spawn_blocking(move || {
-                                decide(&decided, &config, &current, OffsetDateTime::now_utc())
-                            })
-                            .await
-                            .unwrap_or_else(|e| Answer::Failed {
-                                reason: "SigningFailed",
-                                message: format!("signing task: {e}"),
-                            })
-                        };
-                        let result = write(client, resource, pcr, &answer, sync_ref).await;
-                        if let Ok(true) = result {
-                            let (label, what) = match &answer {
-                                Answer::Issued(_) => ("issued", String::new()),
-                                Answer::Denied { reason, .. } => ("denied", (*reason).to_owned()),
-                                Answer::Failed { reason, .. } => ("failed", (*reason).to_owned()),
-                            };
-                            sync_ref.metrics.pod_certificates.with_label_values(&[label]).inc();
-                            if !what.is_empty() {
-                                tracing::info!(request = %uid, result = label, reason = %what, "pod certificate request answered");
-                            }
-                        }
-                        (uid, result)
+                            .insert(uid.clone());
                     }
+                    if let Ok(true) = result {
+                        let (label, what) = match &answer {
+                            Answer::Issued(_) => ("issued", String::new()),
+                            Answer::Denied { reason, .. } => ("denied", (*reason).to_owned()),
+                            Answer::Failed { reason, .. } => ("failed", (*reason).to_owned()),
+                        };
+                        sync_ref.metrics.pod_certificates.with_label_values(&[label]).inc();
+                        if !what.is_empty() {
+                            tracing::info!(request = %uid, result = label, reason = %what, "pod certificate request answered");
+                        }
+                    }
+                    (uid, result)
                 })
                 .buffer_unordered(IN_FLIGHT)
                 .collect()
