@@ -89,7 +89,8 @@ class CA:
         return ca_pb2_grpc.IstioCertificateServiceStub(self.channel())
 
     def http(self, path):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
+        # Generous: a loaded machine can be slow to answer, and it costs nothing.
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as r:
             return r.status, r.read().decode()
 
 
@@ -108,13 +109,14 @@ def start_ca(workdir, cluster, extra_args=(), cacerts=None, env=None):
     full_env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
     full_env.update(env or {})
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env)
-    deadline = time.time() + 30
+    # 60 s at most: generous for a loaded machine, free when it is fast.
+    deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:
             log.seek(0)
             raise RuntimeError(f"signet-ca exited with {proc.returncode}: {log.read()}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=1) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=5) as r:
                 if r.status == 200:
                     break
         except OSError:
@@ -166,7 +168,7 @@ def request(stub, csr, token, ttl=0, cluster_id="Kubernetes", metadata=None):
         md.append(("clusterid", cluster_id))
     return stub.CreateCertificate(
         ca_pb2.IstioCertificateRequest(csr=csr, validity_duration=ttl, metadata=metadata),
-        metadata=md, timeout=10)
+        metadata=md, timeout=30)
 
 
 def openssl_verify(root_pem, chain, workdir):
@@ -200,7 +202,8 @@ class Agent:
         return "unix:" + str(self.socket)
 
     def http(self, path):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=5) as r:
+        # Generous: a loaded machine can be slow to answer, and it costs nothing.
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=30) as r:
             return r.status, r.read().decode()
 
     def log_text(self):
@@ -225,7 +228,9 @@ def start_agent(ca, cluster, ns="default", sa="bookinfo", extra_args=(), workdir
     env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     agent = Agent(proc, sock, http_port, workdir, log, ns, sa)
-    deadline = time.time() + 30
+    # 60 s at most: generous for a loaded machine (the first certificate may need a
+    # retry with backoff), free when it is fast.
+    deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"signet-agent exited with {proc.returncode}: {agent.log_text()}")

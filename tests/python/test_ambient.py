@@ -47,7 +47,7 @@ def ambient(cluster):
         finally:
             stop_ca(ca)
             api.stdin.close()
-            api.wait(timeout=10)
+            api.wait(timeout=30)
 
 
 def impersonating(target):

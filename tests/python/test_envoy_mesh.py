@@ -47,7 +47,8 @@ def client(tmp_path, agent, port, backend_port, name, expect="backend", per_conn
 
 def get(port):
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+        # Generous: a loaded machine can be slow to answer, and it costs nothing.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -106,17 +107,26 @@ def test_rotation_under_load_fails_no_request(ca, cluster, tmp_path, started, sd
     _, b, _, fport, bport = pair(ca, cluster, tmp_path, started, ("--secret-ttl", "4s"),
                                  per_connection=True, sds_client=sds_client)
     first = b.get("/certs")
+
+    def updates():
+        return int(b.stats(r"^sds\.default\.update_success")["sds.default.update_success"])
+
     failures, count = [], 0
-    deadline = time.time() + 7
-    while time.time() < deadline:
+    # At least 7 s, 25 requests and two rotations taken by Envoy: a loaded machine
+    # makes the run longer (120 s at most), not the counts smaller.
+    began = time.time()
+    while True:
         status, body = get(fport)
         count += 1
         if status != 200:
             failures.append((status, body))
+        elapsed = time.time() - began
+        if (elapsed >= 7 and count >= 25 and updates() >= 3) or elapsed > 120:
+            break
         time.sleep(0.2)
     assert count >= 25
     assert not failures, f"{len(failures)} of {count} requests failed: {failures[:3]}"
-    assert int(b.stats(r"^sds\.default\.update_success")["sds.default.update_success"]) >= 3
+    assert updates() >= 3
     assert b.get("/certs") != first, "Envoy holds a rotated certificate"
     # Every request was a new handshake on both sides.
     handshakes = int(b.stats("ssl.handshake")["listener.127.0.0.1_%d.ssl.handshake" % bport])
@@ -140,8 +150,9 @@ def test_envoy_keeps_serving_while_its_agent_restarts(ca, cluster, tmp_path, sta
         assert get(fport) == (200, "hello from backend")
     again = start_agent(ca, cluster, ns=NS, sa="backend", workdir=ba.workdir)
     started.append(again)
-    # Envoy reconnects by itself and takes the new agent's certificate (a new key).
-    deadline = time.time() + 30
+    # Envoy reconnects by itself and takes the new agent's certificate (a new key). Its
+    # retries back off (up to 30 s apart), so 90 s at most, for a loaded machine.
+    deadline = time.time() + 90
     while int(b.stats(r"^sds\.default\.update_success")["sds.default.update_success"]) < 2:
         assert time.time() < deadline, "Envoy did not take the restarted agent's certificate"
         time.sleep(0.2)

@@ -163,13 +163,16 @@ async fn ready_status(http: SocketAddr) -> Option<u16> {
     out.split(' ').nth(1)?.parse().ok()
 }
 
-/// Waits (10 s at most) until the agent at `http` is ready.
+/// Waits (60 s at most) until the agent at `http` is ready. Generous: an agent
+/// that failed its first requests (no token yet, the CA not up) retries with
+/// backoff (0.5 s doubling), and a loaded machine is slow to start.
 pub async fn wait_ready(http: SocketAddr) {
-    for _ in 0..200 {
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
         if ready_status(http).await == Some(200) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("agent never became ready");
+    panic!("agent never became ready (60s)");
 }

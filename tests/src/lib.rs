@@ -228,8 +228,12 @@ impl TestCa {
         ca
     }
 
+    /// Waits (60 s at most: generous for a loaded machine, and free when fast)
+    /// until `/readyz` says 200. With node impersonation that includes the first
+    /// list of the pods.
     async fn wait_ready(&self) {
-        for _ in 0..200 {
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
             if self
                 .http_get("/readyz")
                 .await
@@ -239,7 +243,7 @@ impl TestCa {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("CA not ready");
+        panic!("CA not ready after 60s");
     }
 
     /// GET a path of the HTTP listener: (status, body).

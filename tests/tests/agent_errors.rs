@@ -34,11 +34,10 @@ async fn missing_token_is_a_clear_error_and_the_agent_recovers() {
     use std::os::unix::fs::PermissionsExt;
     for f in ["key.pem", "cert-chain.pem", "root-cert.pem"] {
         let path = s.dir.path().join("out").join(f);
-        // Written by its own task just after the certificate is published.
-        for _ in 0..100 {
-            if path.exists() {
-                break;
-            }
+        // Written by its own task just after the certificate is published (30 s at
+        // most: generous for a loaded machine).
+        let start = std::time::Instant::now();
+        while !path.exists() && start.elapsed() < Duration::from_secs(30) {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let meta = std::fs::metadata(&path).unwrap();

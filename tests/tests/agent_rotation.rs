@@ -50,9 +50,10 @@ async fn rotates_on_time_and_pushes_to_the_open_stream() {
     .await
     .unwrap();
 
-    // Half-life is 2 s (±1 %): the next certificate arrives on the same stream.
+    // Half-life is 2 s (±1 %): the next certificate arrives on the same stream. (The
+    // timeout is only a backstop; the assertion on the elapsed time below is the check.)
     let started = std::time::Instant::now();
-    let second = tokio::time::timeout(Duration::from_secs(6), stream.message())
+    let second = tokio::time::timeout(Duration::from_secs(30), stream.message())
         .await
         .unwrap()
         .unwrap()
@@ -77,18 +78,35 @@ async fn keeps_serving_while_the_ca_is_down_then_recovers() {
     let addr = ca.grpc;
     let agent = TestAgent::start(&s.agent_args(&ca, "shop", "cart", &["--secret-ttl", "6s"])).await;
     agent.wait_ready().await;
-    let before = tls(&fetch(&s.socket("cart"), &["default"]).await[0]).0;
     ca.stop().await;
+    // Read once the CA is down (on a slow machine a renewal may come before the stop).
+    let before = tls(&fetch(&s.socket("cart"), &["default"]).await[0]).0;
+    let failed = || async {
+        metric(
+            &agent.metrics().await,
+            "istio_agent_num_failed_outgoing_requests",
+        )
+        .unwrap_or(0.0)
+    };
+    let failed_before = failed().await;
 
-    // Past the refresh point (3 s) the CA is still down: the valid certificate stays.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Past the refresh point (3 s) the CA is still down: the renewal fails (waited
+    // for rather than slept for), and the valid certificate stays.
+    until_more(
+        failed_before,
+        failed,
+        "a failed renewal while the CA is down",
+    )
+    .await;
     let during = tls(&fetch(&s.socket("cart"), &["default"]).await[0]).0;
     assert_eq!(serial(&before), serial(&during));
 
-    // The CA comes back (same root, same address): the agent renews by itself.
+    // The CA comes back (same root, same address): the agent renews by itself, at
+    // its next retry (backoff from 0.5 s doubling: 60 s at most for a loaded machine).
     let ca = TestCa::start_at(&s.ca_args(), addr).await;
     let mut renewed = None;
-    for _ in 0..80 {
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
         let now = tls(&fetch(&s.socket("cart"), &["default"]).await[0]).0;
         if serial(&now) != serial(&before) {
             renewed = Some(now);
@@ -144,10 +162,18 @@ async fn a_new_root_in_the_ca_trust_reaches_rootca_without_waiting_for_rotation(
 
     // Step 2 of a root rotation: the CA bundles both roots, and the trust file that
     // pods mount is updated. The 24-hour certificate is nowhere near its refresh.
+    let reloads = || async {
+        let (_, m) = ca.http_get("/metrics").await.unwrap();
+        metric(&m, r#"signet_ca_cacerts_reload_count{result="success"}"#).unwrap_or(0.0)
+    };
+    let before = reloads().await;
     mount.publish(&staged.join("b"));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The CA first (waited for, not slept for), then the trust file.
+    until_more(before, reloads, "the CA's reload").await;
     std::fs::write(&trust, root1.pem.clone() + &root2.pem).unwrap();
-    let pushed = tokio::time::timeout(Duration::from_secs(10), stream.message())
+    // The agent looks at the trust file every 5 s, then asks the CA (with backoff
+    // while its bundle lags): 60 s at most, generous for a loaded machine.
+    let pushed = tokio::time::timeout(Duration::from_secs(60), stream.message())
         .await
         .unwrap()
         .unwrap()
@@ -186,7 +212,7 @@ async fn until_rootca(socket: &std::path::Path, want: &[&str], secs: u64, what: 
     );
 }
 
-/// Waits (30 s at most) until `read` returns more than `before`. Generous: the agent
+/// Waits (60 s at most) until `read` returns more than `before`. Generous: the agent
 /// notices a trust-file change at its next look (every 5 s) and then asks the CA with
 /// backoff, so a loaded machine can take well over 10 s.
 async fn until_more<F, Fut>(before: f64, mut read: F, what: &str)
@@ -194,13 +220,14 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = f64>,
 {
-    for _ in 0..300 {
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
         if read().await > before {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("{what} never happened");
+    panic!("{what} never happened (60s)");
 }
 
 /// One step of a root rotation: the CA's key material `set` and the pods' trust file
@@ -274,7 +301,7 @@ async fn bundle_converges(trust_file_first: bool) {
     .await;
     agent.wait_ready().await;
     let socket = s.socket("cart");
-    until_rootca(&socket, &[&old.pem], 5, "step 1").await;
+    until_rootca(&socket, &[&old.pem], 30, "step 1").await;
 
     step(
         &ca,
@@ -286,7 +313,9 @@ async fn bundle_converges(trust_file_first: bool) {
         trust_file_first,
     )
     .await;
-    until_rootca(&socket, &both, 10, "step 2 (new root added)").await;
+    // The agent's next look at the trust file (every 5 s) or its next retry while
+    // the CA's bundle lags (backoff from 1 s doubling): generous for a loaded machine.
+    until_rootca(&socket, &both, 60, "step 2 (new root added)").await;
     // Step 3: the CA alone switches to an intermediate under the new root.
     let (_, m) = ca.http_get("/metrics").await.unwrap();
     let reloads = metric(&m, r#"signet_ca_cacerts_reload_count{result="success"}"#).unwrap_or(0.0);
@@ -310,7 +339,7 @@ async fn bundle_converges(trust_file_first: bool) {
         trust_file_first,
     )
     .await;
-    until_rootca(&socket, &[&new.pem], 10, "step 4 (old root dropped)").await;
+    until_rootca(&socket, &[&new.pem], 60, "step 4 (old root dropped)").await;
     agent.stop().await;
     ca.stop().await;
 }

@@ -160,9 +160,12 @@ async fn overload_is_refused_promptly_with_resource_exhausted() {
     ca.stop().await;
 }
 
+/// Waits (60 s at most, generous for a loaded machine) until a new certificate is
+/// issued by `want`.
 async fn wait_for_issuer(ca: &TestCa, root: &str, jwt: &JwtIssuer, want: &str) -> String {
     let mut last = String::new();
-    for _ in 0..100 {
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
         let mut c = ca.client(root).await;
         let (_, pem) = csr(None);
         let chain = c
@@ -179,6 +182,29 @@ async fn wait_for_issuer(ca: &TestCa, root: &str, jwt: &JwtIssuer, want: &str) -
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("issuer never became {want}; still {last}");
+}
+
+/// The number of refused reloads the CA has counted.
+async fn reload_failures(ca: &TestCa) -> f64 {
+    let (_, metrics) = ca.http_get("/metrics").await.unwrap();
+    metric(
+        &metrics,
+        r#"signet_ca_cacerts_reload_count{result="failure"}"#,
+    )
+    .unwrap_or(0.0)
+}
+
+/// Waits (60 s at most, generous for a loaded machine) until the CA has counted
+/// `more` refused reloads beyond `before`.
+async fn until_reload_failures(ca: &TestCa, before: f64, more: f64) {
+    let start = std::time::Instant::now();
+    while reload_failures(ca).await < before + more {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the CA did not look at the new set"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,8 +237,10 @@ async fn reload_swaps_valid_sets_and_refuses_bad_ones() {
     ] {
         std::fs::write(garbage.join(f), "not a pem file").unwrap();
     }
+    let failures = reload_failures(&ca).await;
     mount.publish(&garbage);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Refused at the next look (waited for rather than slept for).
+    until_reload_failures(&ca, failures, 1.0).await;
     assert!(
         wait_for_issuer(&ca, &root.pem, &jwt, "Intermediate B")
             .await
@@ -237,8 +265,11 @@ async fn reload_swaps_valid_sets_and_refuses_bad_ones() {
     // A set under an unrelated root would strand every current certificate: refused.
     let other_root = TestRoot::p256("Root Two");
     other_root.write_cacerts(&staged.join("c"), "Intermediate C", &key(), Some(0), &[]);
+    let failures = reload_failures(&ca).await;
     mount.publish(&staged.join("c"));
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The garbage is refused at every look: two more refusals mean at least one
+    // look read the new set (a look under way at the swap may have read the old).
+    until_reload_failures(&ca, failures, 2.0).await;
     wait_for_issuer(&ca, &root.pem, &jwt, "Intermediate B").await;
 
     // The same set with both roots bundled is accepted, and answers carry both roots.

@@ -137,8 +137,11 @@ async fn root_rotation_in_four_steps_without_a_failed_handshake() {
     // what their agents serve at that moment, for the whole procedure.
     let (sockets, ids) = ((east.socket(), west.socket()), (fe.clone(), be.clone()));
     let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // Handshakes tried so far, for the end to wait for enough of them.
+    let tried = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let traffic = {
         let running = running.clone();
+        let tried = tried.clone();
         tokio::spawn(async move {
             let (mut ok, mut failed) = (0u32, Vec::new());
             while running.load(std::sync::atomic::Ordering::Relaxed) {
@@ -155,6 +158,7 @@ async fn root_rotation_in_four_steps_without_a_failed_handshake() {
                             issuer_of(&cli.0)
                         )),
                     }
+                    tried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -162,8 +166,10 @@ async fn root_rotation_in_four_steps_without_a_failed_handshake() {
         })
     };
 
+    // 60 s at most: generous for a loaded machine, free when it is fast.
     let wait_for = |socket: std::path::PathBuf, what: &'static str, want: Check| async move {
-        for _ in 0..200 {
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
             if want(&served(&socket).await) {
                 return;
             }
@@ -207,6 +213,16 @@ async fn root_rotation_in_four_steps_without_a_failed_handshake() {
     )
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // Enough traffic for the counts below however slow the machine: it goes on (in
+    // the final state) until over 20 handshakes were tried, 60 s at most.
+    let start = std::time::Instant::now();
+    while tried.load(std::sync::atomic::Ordering::Relaxed) <= 20 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the traffic stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     running.store(false, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = traffic.await.unwrap();
