@@ -8,32 +8,14 @@ use spiffe::SpiffeId;
 /// What went wrong making a key or CSR.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("key generation failed: {0}")]
-    Generate(String),
+    #[error(transparent)]
+    Generate(#[from] signet_spiffe::KeyGenError),
     #[error("CSR creation failed: {0}")]
     Csr(String),
 }
 
-/// Key types the agent generates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyType {
-    /// ECDSA P-256 (default; microseconds to generate).
-    EcP256,
-    /// ECDSA P-384.
-    EcP384,
-    /// RSA with this many bits (2048, 3072 or 4096; about 0.1–2 s to generate).
-    Rsa(usize),
-}
-
-impl fmt::Display for KeyType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::EcP256 => f.write_str("ECDSA P-256"),
-            Self::EcP384 => f.write_str("ECDSA P-384"),
-            Self::Rsa(bits) => write!(f, "RSA-{bits}"),
-        }
-    }
-}
+/// Key types the agent generates (shared with the CA's `pki` commands).
+pub use signet_spiffe::KeyType;
 
 /// A private key held in memory. `Debug` never shows it.
 pub struct WorkloadKey {
@@ -48,29 +30,12 @@ impl fmt::Debug for WorkloadKey {
 }
 
 impl WorkloadKey {
-    /// Generates a key. ring signs everything, but cannot generate RSA keys: those
-    /// come from the RustCrypto `rsa` crate and are handed to ring as PKCS#8.
+    /// Generates a key (RSA keys take 0.1–2 s: keep them off the reactor).
     pub fn generate(kind: KeyType) -> Result<Self, KeyError> {
-        let gen_err = |e: &dyn fmt::Display| KeyError::Generate(e.to_string());
-        let pair =
-            match kind {
-                KeyType::EcP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-                    .map_err(|e| gen_err(&e))?,
-                KeyType::EcP384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384)
-                    .map_err(|e| gen_err(&e))?,
-                KeyType::Rsa(bits) => {
-                    use rsa::pkcs8::EncodePrivateKey;
-                    let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, bits)
-                        .map_err(|e| gen_err(&e))?;
-                    let der = key.to_pkcs8_der().map_err(|e| gen_err(&e))?;
-                    KeyPair::from_pkcs8_der_and_sign_algo(
-                        &der.as_bytes().into(),
-                        &rcgen::PKCS_RSA_SHA256,
-                    )
-                    .map_err(|e| gen_err(&e))?
-                }
-            };
-        Ok(Self { pair, kind })
+        Ok(Self {
+            pair: signet_spiffe::generate_key(kind)?,
+            kind,
+        })
     }
 
     /// The key type.

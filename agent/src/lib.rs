@@ -18,7 +18,7 @@ pub mod filesecret;
 pub mod inspect;
 pub mod keys;
 pub mod metrics;
-pub mod output;
+pub(crate) mod output;
 pub mod rotation;
 pub mod sds;
 pub mod server;

@@ -9,7 +9,7 @@ use crate::svid::Svid;
 const MAX_COMPARE: u64 = 1024 * 1024;
 
 /// Writes the three files for `svid` into `dir`, skipping unchanged ones.
-pub fn write_certs(dir: &Path, svid: &Svid) -> std::io::Result<()> {
+pub(crate) fn write_certs(dir: &Path, svid: &Svid) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     // Key first: a reader that sees the new chain always finds its key already there.
     for (name, content) in [

@@ -8,6 +8,7 @@ use time::Duration;
 
 use crate::{
     authn::{JwksSource, JwtConfig},
+    duration::parse_duration,
     writers::{IstiodSecret, LeaseConfig, RootConfigMap, WriterConfig},
 };
 
@@ -629,13 +630,6 @@ impl ServeArgs {
             max_token_reviews: self.max_token_reviews,
         })
     }
-}
-
-/// Parses `24h`, `90m`, `8s`, `1h30m` into a duration.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?} is not a duration like 24h, 90m or 8s ({e})"))?;
-    Duration::try_from(d).map_err(|e| format!("{s:?}: {e}"))
 }
 
 /// The host names under which a pod reaches its own API server.

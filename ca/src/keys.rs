@@ -173,8 +173,8 @@ pub fn load_signing_key(pem: &[u8]) -> Result<SigningKey, KeyError> {
 
 /// Generates a fresh ECDSA P-256 key (for self-signed roots and serving certificates).
 pub fn generate_p256() -> Result<SigningKey, KeyError> {
-    let pair = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| KeyError::Unsupported(format!("key generation failed: {e}")))?;
+    let pair = signet_spiffe::generate_key(signet_spiffe::KeyType::EcP256)
+        .map_err(|e| KeyError::Unsupported(e.to_string()))?;
     Ok(SigningKey {
         pair,
         kind: KeyKind::P256,

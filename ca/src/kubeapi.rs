@@ -4,7 +4,7 @@
 use std::path::Path;
 
 /// A client from `kubeconfig`, or the in-cluster configuration when `None`.
-pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, String> {
+pub(crate) async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, String> {
     let config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)

@@ -111,7 +111,7 @@ pub struct InspectArgs {
     /// (SECRET_TTL) or the CA's --default-ttl, 24h by default; the CA's --max-ttl when
     /// clients ask for long lifetimes. Warns when the intermediate has less than this
     /// left, and is the wait before dropping a root.
-    #[arg(long, default_value = "24h", value_parser = crate::config::parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = crate::duration::parse_duration)]
     pub leaf_ttl: Duration,
     /// The set in use now (a cacerts directory): warns when DIR's bundle drops a root
     /// that certificates issued under the current set still chain to.
@@ -146,25 +146,12 @@ pub fn run(command: PkiCommand, now: OffsetDateTime) -> Result<String, PkiError>
 }
 
 fn generate(kind: KeyTypeArg) -> Result<KeyPair, PkiError> {
-    let gen_err =
-        |e: &dyn std::fmt::Display| PkiError::Invalid(format!("key generation failed: {e}"));
-    match kind {
-        KeyTypeArg::EcP256 => {
-            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| gen_err(&e))
-        }
-        KeyTypeArg::EcP384 => {
-            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).map_err(|e| gen_err(&e))
-        }
-        KeyTypeArg::Rsa4096 => {
-            // ring cannot generate RSA keys; the `rsa` crate does, ring signs.
-            use rsa::pkcs8::EncodePrivateKey;
-            let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 4096)
-                .map_err(|e| gen_err(&e))?;
-            let der = key.to_pkcs8_der().map_err(|e| gen_err(&e))?;
-            KeyPair::from_pkcs8_der_and_sign_algo(&der.as_bytes().into(), &rcgen::PKCS_RSA_SHA256)
-                .map_err(|e| gen_err(&e))
-        }
-    }
+    let kind = match kind {
+        KeyTypeArg::EcP256 => signet_spiffe::KeyType::EcP256,
+        KeyTypeArg::EcP384 => signet_spiffe::KeyType::EcP384,
+        KeyTypeArg::Rsa4096 => signet_spiffe::KeyType::Rsa(4096),
+    };
+    signet_spiffe::generate_key(kind).map_err(|e| PkiError::Invalid(e.to_string()))
 }
 
 /// Refuses to replace a key file unless forced.

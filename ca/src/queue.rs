@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 /// Why a job did not run.
 #[derive(Debug, thiserror::Error)]
-pub enum QueueError {
+pub(crate) enum QueueError {
     /// Too many jobs are waiting already.
     #[error("the CA is overloaded: {0} signing requests are already queued; retry with backoff")]
     Full(usize),
@@ -36,7 +36,7 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// A bounded queue in front of a fixed number of signing threads.
 #[derive(Debug, Clone)]
-pub struct SigningQueue {
+pub(crate) struct SigningQueue {
     jobs: SyncSender<Job>,
     capacity: usize,
     shares: Arc<Shares>,
@@ -86,7 +86,11 @@ impl SigningQueue {
     /// Starts `workers` threads; up to `capacity` jobs wait for them, at most
     /// `per_caller` of them for any one caller. The threads end when the last clone
     /// of the queue is dropped.
-    pub fn new(workers: usize, capacity: usize, per_caller: usize) -> Result<Self, std::io::Error> {
+    pub(crate) fn new(
+        workers: usize,
+        capacity: usize,
+        per_caller: usize,
+    ) -> Result<Self, std::io::Error> {
         let capacity = capacity.max(1);
         let (jobs, queue) = mpsc::sync_channel::<Job>(capacity);
         let queue = Arc::new(Mutex::new(queue));
@@ -109,7 +113,7 @@ impl SigningQueue {
     /// Runs `job` for `caller` on a signing thread, or refuses at once when the queue
     /// is full or the caller already holds its share. The share is held until the
     /// job has run (or the request is cancelled).
-    pub async fn run_as<T, F>(&self, caller: &str, job: F) -> Result<T, QueueError>
+    pub(crate) async fn run_as<T, F>(&self, caller: &str, job: F) -> Result<T, QueueError>
     where
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
@@ -121,7 +125,7 @@ impl SigningQueue {
     }
 
     /// Runs `job` on a signing thread, or refuses at once when the queue is full.
-    pub async fn run<T, F>(&self, job: F) -> Result<T, QueueError>
+    pub(crate) async fn run<T, F>(&self, job: F) -> Result<T, QueueError>
     where
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,

@@ -1,14 +1,23 @@
-//! Reloading key material while the CA serves: when the cacerts directory changes,
-//! the new set takes over only if it is whole, proven (`Signer::new` signs and
-//! verifies a probe leaf) and keeps trusting what was issued before.
+//! The CA's key material over its life: loaded at start (the cacerts directory, or the
+//! self-signed root in the state directory), then watched while the CA serves. When
+//! the cacerts directory changes, the new set takes over only if it is whole, proven
+//! (`Signer::new` signs and verifies a probe leaf) and keeps trusting what was issued
+//! before; otherwise it is refused (logged and counted) and the old set keeps serving.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use time::OffsetDateTime;
+use tokio::sync::watch;
 
 use crate::{
     cacerts::{self, CaCertsError},
+    metrics::Metrics,
     signer::{SignError, Signer},
+    tls::TlsState,
 };
 
 /// How long to wait between the two reads that must agree.
@@ -23,6 +32,8 @@ pub enum ReloadError {
     Vanished,
     #[error(transparent)]
     Signer(#[from] SignError),
+    #[error(transparent)]
+    Serving(#[from] crate::tls::TlsError),
     #[error(
         "the new root bundle ({source_of_set}) does not include the root the current chain ends at; workloads holding current certificates would stop being trusted. Bundle old and new roots first, or pass --allow-root-change"
     )]
@@ -32,7 +43,7 @@ pub enum ReloadError {
 /// The signer for the key material now in `dir`, when it differs from `current`'s:
 /// `Ok(None)` when nothing changed, the directory is empty (a deleted Secret must not
 /// stop the CA) or mid-update (two reads `SETTLE` apart disagree).
-pub async fn changed(
+pub(crate) async fn changed(
     dir: &Path,
     current: &Signer,
     allow_root_change: bool,
@@ -58,4 +69,102 @@ pub async fn changed(
         });
     }
     Ok(Some(new))
+}
+
+/// The key material to start with: the cacerts directory, or the self-signed root in
+/// `state_dir` (created on first use) when that directory holds none.
+pub(crate) fn initial(
+    cacerts_dir: &Path,
+    state_dir: &Path,
+    trust_domain: &str,
+    now: OffsetDateTime,
+) -> Result<Signer, ReloadError> {
+    let material = match cacerts::load_dir(cacerts_dir)? {
+        Some(m) => m,
+        None => {
+            tracing::info!(
+                cacerts = %cacerts_dir.display(),
+                state = %state_dir.display(),
+                "no CA key material in the cacerts directory; using a self-signed root"
+            );
+            cacerts::load_or_create_self_signed(state_dir, trust_domain, now)?
+        }
+    };
+    Ok(Signer::new(material, now)?)
+}
+
+/// What [`watch`] looks at.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// The cacerts directory.
+    pub cacerts_dir: PathBuf,
+    /// How often it is read.
+    pub interval: Duration,
+    /// `--allow-root-change`.
+    pub allow_root_change: bool,
+}
+
+/// Reads the cacerts directory every `interval`; a changed, valid set takes over for
+/// new requests and the serving certificate, an invalid one is refused (counted every
+/// time, logged once per distinct problem) while the old set keeps serving.
+pub(crate) async fn watch(
+    settings: Settings,
+    signer_tx: watch::Sender<Arc<Signer>>,
+    tls: Arc<TlsState>,
+    metrics: Metrics,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last_failure: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(settings.interval) => {}
+        }
+        let current = signer_tx.borrow().clone();
+        let outcome = match changed(
+            &settings.cacerts_dir,
+            &current,
+            settings.allow_root_change,
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        {
+            Ok(None) => continue,
+            Ok(Some(new)) => match tls.refresh(&new, OffsetDateTime::now_utc()) {
+                Err(e) => Err(ReloadError::from(e)),
+                Ok(()) => {
+                    tracing::info!(
+                        source = %new.source(),
+                        key = %new.key_kind(),
+                        signing_cert_expires = %new.signing_not_after(),
+                        "new CA key material loaded; it signs every request from now on"
+                    );
+                    metrics.set_expiries(new.root_not_after(), new.signing_not_after());
+                    signer_tx.send_replace(Arc::new(new));
+                    Ok(())
+                }
+            },
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                metrics
+                    .cacerts_reloads
+                    .with_label_values(&["success"])
+                    .inc();
+                last_failure = None;
+            }
+            Err(e) => {
+                metrics
+                    .cacerts_reloads
+                    .with_label_values(&["failure"])
+                    .inc();
+                let e = e.to_string();
+                if last_failure.as_deref() != Some(e.as_str()) {
+                    tracing::error!(error = %e, "refusing new CA key material; the previous set keeps serving");
+                    last_failure = Some(e);
+                }
+            }
+        }
+    }
 }

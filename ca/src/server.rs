@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
     authn::{Authenticator, ClusterAuth},
-    cacerts::{self, CaCertsError},
+    cacerts::CaCertsError,
     config::ServeConfig,
     metrics::Metrics,
     pods::PodCache,
@@ -49,6 +49,8 @@ pub enum ServeError {
     Signer(#[from] SignError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    KeyMaterial(#[from] reload::ReloadError),
     #[error("token authentication: {0}")]
     Authn(String),
     #[error("Kubernetes API access for the writers: {0}")]
@@ -59,27 +61,6 @@ pub enum ServeError {
     Grpc(#[from] tonic::transport::Error),
     #[error("HTTP server: {0}")]
     Http(#[from] std::io::Error),
-}
-
-/// Loads the key material the configuration points at: the cacerts directory, or
-/// the self-signed root in the state directory when that directory holds none.
-pub fn load_signer(config: &ServeConfig, now: OffsetDateTime) -> Result<Signer, ServeError> {
-    let material = match cacerts::load_dir(&config.cacerts_dir)? {
-        Some(m) => m,
-        None => {
-            tracing::info!(
-                cacerts = %config.cacerts_dir.display(),
-                state = %config.state_dir.display(),
-                "no CA key material in the cacerts directory; using a self-signed root"
-            );
-            cacerts::load_or_create_self_signed(
-                &config.state_dir,
-                config.trust_domain.as_str(),
-                now,
-            )?
-        }
-    };
-    Ok(Signer::new(material, now)?)
 }
 
 /// Builds the authenticator: the local cluster, its aliases, and remote clusters.
@@ -166,7 +147,12 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let metrics = Metrics::new()?;
     let now = OffsetDateTime::now_utc();
-    let signer = load_signer(&config, now)?;
+    let signer = reload::initial(
+        &config.cacerts_dir,
+        &config.state_dir,
+        config.trust_domain.as_str(),
+        now,
+    )?;
     tracing::info!(
         source = %signer.source(),
         key = %signer.key_kind(),
@@ -215,8 +201,13 @@ pub async fn run(
         conn_tx,
         stop_rx.clone(),
     ));
-    tokio::spawn(reload_loop(
-        config.clone(),
+    tokio::spawn(reload::watch(
+        reload::Settings {
+            cacerts_dir: config.cacerts_dir.clone(),
+            interval: StdDuration::try_from(config.reload_interval)
+                .unwrap_or(StdDuration::from_secs(2)),
+            allow_root_change: config.allow_root_change,
+        },
         signer_tx,
         tls.clone(),
         metrics.clone(),
@@ -452,73 +443,6 @@ impl AsyncWrite for Conn {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.tls).poll_shutdown(cx)
-    }
-}
-
-/// Polls the cacerts directory; a changed, valid set takes over for new requests,
-/// an invalid one is refused (logged and counted) while the old set keeps serving.
-async fn reload_loop(
-    config: ServeConfig,
-    signer_tx: watch::Sender<Arc<Signer>>,
-    tls: Arc<TlsState>,
-    metrics: Metrics,
-    mut stop: watch::Receiver<bool>,
-) {
-    let interval =
-        StdDuration::try_from(config.reload_interval).unwrap_or(StdDuration::from_secs(2));
-    let mut last_failure: Option<String> = None;
-    loop {
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        let current = signer_tx.borrow().clone();
-        let outcome = match reload::changed(
-            &config.cacerts_dir,
-            &current,
-            config.allow_root_change,
-            OffsetDateTime::now_utc(),
-        )
-        .await
-        {
-            Ok(None) => continue,
-            Ok(Some(new)) => {
-                if let Err(e) = tls.refresh(&new, OffsetDateTime::now_utc()) {
-                    Err(e.to_string())
-                } else {
-                    tracing::info!(
-                        source = %new.source(),
-                        key = %new.key_kind(),
-                        signing_cert_expires = %new.signing_not_after(),
-                        "new CA key material loaded; it signs every request from now on"
-                    );
-                    metrics.set_expiries(new.root_not_after(), new.signing_not_after());
-                    signer_tx.send_replace(Arc::new(new));
-                    Ok(())
-                }
-            }
-            Err(e) => Err(e.to_string()),
-        };
-        match outcome {
-            Ok(()) => {
-                metrics
-                    .cacerts_reloads
-                    .with_label_values(&["success"])
-                    .inc();
-                last_failure = None;
-            }
-            Err(e) => {
-                // Count every refused attempt, but log a given problem once.
-                metrics
-                    .cacerts_reloads
-                    .with_label_values(&["failure"])
-                    .inc();
-                if last_failure.as_deref() != Some(e.as_str()) {
-                    tracing::error!(error = %e, "refusing new CA key material; the previous set keeps serving");
-                    last_failure = Some(e);
-                }
-            }
-        }
     }
 }
 

@@ -21,11 +21,11 @@ use crate::{
 };
 
 /// Largest request message accepted (a CSR is about 1 KiB).
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// The CreateCertificate service.
 #[derive(Debug, Clone)]
-pub struct CaService {
+pub(crate) struct CaService {
     signer: watch::Receiver<Arc<Signer>>,
     tls: Arc<TlsState>,
     authn: Arc<Authenticator>,
@@ -95,7 +95,7 @@ impl RequestError {
 
 impl CaService {
     /// A service signing with whatever signer `signer` holds at each request.
-    pub fn new(
+    pub(crate) fn new(
         signer: watch::Receiver<Arc<Signer>>,
         tls: Arc<TlsState>,
         authn: Arc<Authenticator>,

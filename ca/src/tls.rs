@@ -20,7 +20,7 @@ use time::{Duration, OffsetDateTime};
 use crate::signer::{SignError, Signer};
 
 /// Lifetime of the CA's own serving certificate; renewed at half of it.
-pub const SERVING_CERT_LIFETIME: Duration = Duration::hours(24);
+pub(crate) const SERVING_CERT_LIFETIME: Duration = Duration::hours(24);
 
 /// What went wrong setting up TLS.
 #[derive(Debug, thiserror::Error)]
@@ -32,13 +32,13 @@ pub enum TlsError {
 }
 
 /// The ring provider: Signet's only crypto stack.
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// Serving certificate and client trust, both swappable while the server runs.
 #[derive(Debug)]
-pub struct TlsState {
+pub(crate) struct TlsState {
     cert: RwLock<Arc<CertifiedKey>>,
     not_after: RwLock<OffsetDateTime>,
     clients: RwLock<Arc<dyn ClientCertVerifier>>,
@@ -47,7 +47,7 @@ pub struct TlsState {
 
 impl TlsState {
     /// Issues a first serving certificate from `signer`.
-    pub fn new(
+    pub(crate) fn new(
         signer: &Signer,
         dns_names: Vec<String>,
         now: OffsetDateTime,
@@ -62,7 +62,7 @@ impl TlsState {
     }
 
     /// Re-issues the serving certificate and trusts `signer`'s roots from now on.
-    pub fn refresh(&self, signer: &Signer, now: OffsetDateTime) -> Result<(), TlsError> {
+    pub(crate) fn refresh(&self, signer: &Signer, now: OffsetDateTime) -> Result<(), TlsError> {
         let verifier = client_verifier(signer)?;
         let (cert, not_after) = issue_serving(signer, &self.dns_names, now)?;
         *self.cert.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cert);
@@ -72,7 +72,7 @@ impl TlsState {
     }
 
     /// When the serving certificate should be renewed: half-way through its life.
-    pub fn renew_at(&self) -> OffsetDateTime {
+    pub(crate) fn renew_at(&self) -> OffsetDateTime {
         let not_after = *self.not_after.read().unwrap_or_else(|p| p.into_inner());
         not_after - SERVING_CERT_LIFETIME / 2
     }
@@ -83,7 +83,7 @@ impl TlsState {
     /// from the ticket without running the verifier, which would let a client
     /// certificate authenticate after it expired. gRPC clients keep one connection
     /// open, so a full handshake per connection costs nothing that matters.
-    pub fn server_config(self: &Arc<Self>) -> Result<ServerConfig, TlsError> {
+    pub(crate) fn server_config(self: &Arc<Self>) -> Result<ServerConfig, TlsError> {
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Rustls(e.to_string()))?
@@ -102,7 +102,7 @@ impl TlsState {
     /// connection outlives both the certificate and a key-material reload, so a
     /// request that authenticates by certificate is judged by this, not by the
     /// handshake.
-    pub fn reverify_client(
+    pub(crate) fn reverify_client(
         &self,
         chain: &[CertificateDer<'_>],
         now: UnixTime,

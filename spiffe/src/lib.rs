@@ -1,10 +1,13 @@
 //! Identities shared by Signet's CA and agent: Kubernetes service accounts, their
 //! SPIFFE IDs (`spiffe://<trust-domain>/ns/<ns>/sa/<sa>`), trust domains, and the PEM
-//! form certificates travel in. Neither program depends on the other; both depend
-//! on this.
+//! form certificates travel in, and fresh keys ([`generate_key`]). Neither program
+//! depends on the other; both depend on this.
 #![forbid(unsafe_code)]
 
 use std::fmt;
+
+mod keygen;
+pub use keygen::{KeyGenError, KeyType, generate_key};
 
 use spiffe::{SpiffeId, TrustDomain};
 

@@ -55,7 +55,7 @@ struct Block {
 
 /// A client connection whose request headers h2 will accept. Writes go straight
 /// to the connection.
-pub struct Normalized<S> {
+pub(crate) struct Normalized<S> {
     inner: S,
     state: State,
     input: BytesMut,
@@ -81,7 +81,7 @@ fn protocol(why: &str) -> io::Error {
 
 impl<S> Normalized<S> {
     /// Wraps a freshly accepted connection.
-    pub fn new(inner: S) -> Self {
+    pub(crate) fn new(inner: S) -> Self {
         let mut decoder = Decoder::new();
         decoder.set_max_allowed_table_size(TABLE_SIZE);
         Self {
@@ -94,11 +94,6 @@ impl<S> Normalized<S> {
             encoder: Encoder::new(),
             eof: false,
         }
-    }
-
-    /// The connection inside.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
     }
 
     /// Moves whatever complete pieces `input` holds to `output`.

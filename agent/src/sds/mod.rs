@@ -13,7 +13,7 @@
 //! either protocol under the rules above; `transport` routes gRPC requests to it with
 //! small buffers.
 
-pub mod authority;
+pub(crate) mod authority;
 mod protocol;
 mod service;
 mod socket;

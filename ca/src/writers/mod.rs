@@ -12,7 +12,7 @@
 
 mod apply;
 mod istiod;
-pub mod lease;
+pub(crate) mod lease;
 mod podcert;
 mod rootcm;
 mod trustbundle;
@@ -28,7 +28,7 @@ use tokio::{
 
 use crate::{metrics::Metrics, signer::Signer};
 
-pub use podcert::{PodCertificates, SUPPORTED_KEY_TYPES, Scope};
+pub use podcert::{PodCertificates, Scope};
 
 /// The root ConfigMap writer's settings.
 #[derive(Debug, Clone)]

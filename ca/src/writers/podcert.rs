@@ -45,7 +45,7 @@ const DECIDE_CHUNK: usize = 16;
 /// Attempts to answer one request before it is failed.
 const MAX_ATTEMPTS: u32 = 5;
 /// The key types Signet signs, in the API's names.
-pub const SUPPORTED_KEY_TYPES: &str = "RSA3072, RSA4096, ECDSAP256, ECDSAP384";
+pub(super) const SUPPORTED_KEY_TYPES: &str = "RSA3072, RSA4096, ECDSAP256, ECDSAP384";
 
 /// A namespace, or a namespace and service account, in an allow or deny list.
 #[derive(Debug, Clone, PartialEq, Eq)]
