@@ -20,7 +20,10 @@ use std::{
 
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 
-use crate::store::{SecretName, digest, roots_secret, tls_secret};
+use crate::{
+    names::SecretName,
+    resources::{digest, roots_secret, tls_secret},
+};
 
 /// Largest file read for a file secret.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;

@@ -4,104 +4,17 @@
 //! `file-cert:<cert>~<key>` and `file-root:<path>` names are read from files and
 //! re-read while subscribed ([`crate::filesecret`]).
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, Mutex},
-};
+use std::sync::{Arc, Mutex};
 
-use envoy_types::pb::envoy::{
-    config::core::v3::{DataSource, data_source::Specifier},
-    extensions::transport_sockets::tls::v3::{
-        CertificateValidationContext, Secret, TlsCertificate, secret,
-    },
-};
-use sha2::{Digest, Sha256};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use tokio::sync::watch;
 
 use crate::{
     filesecret::{FileLease, FilePolicy, FileSecretError, FileSecrets},
+    names::SecretName,
+    resources::{Resolved, digest, roots_secret, spiffe_secret, tls_secret},
     svid::Svid,
 };
-
-/// The name Envoy asks for the workload certificate by.
-pub const DEFAULT: &str = "default";
-/// The name Envoy asks for the trust bundle by.
-pub const ROOTCA: &str = "ROOTCA";
-/// SPIRE's name for every trust domain's bundle in one SPIFFE validator.
-pub const ALL: &str = "ALL";
-/// Envoy's SPIFFE certificate validator extension.
-const SPIFFE_VALIDATOR: &str = "envoy.tls.cert_validator.spiffe";
-const SPIFFE_VALIDATOR_TYPE: &str =
-    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.SPIFFECertValidatorConfig";
-
-/// A secret name the agent knows how to serve.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum SecretName {
-    /// `default`.
-    Default,
-    /// `ROOTCA`.
-    RootCa,
-    /// `file-cert:<cert>~<key>`.
-    FileCert { cert: PathBuf, key: PathBuf },
-    /// `file-root:<path>`.
-    FileRoot(PathBuf),
-    /// `ALL`: Envoy's SPIFFE validator with every trust domain's bundle.
-    All,
-    /// `spiffe://<trust-domain>`: the SPIFFE validator with that one bundle.
-    TrustDomain(String),
-}
-
-impl SecretName {
-    /// Parses a name from an SDS request.
-    pub fn parse(name: &str) -> Result<Self, String> {
-        let unknown = || {
-            format!(
-                "unknown secret {name:?}: this agent serves \"default\", \"ROOTCA\", \"ALL\", \"spiffe://<trust-domain>\", \"file-cert:<cert-path>~<key-path>\" and \"file-root:<path>\""
-            )
-        };
-        match name {
-            DEFAULT => Ok(Self::Default),
-            ROOTCA => Ok(Self::RootCa),
-            ALL => Ok(Self::All),
-            _ => {
-                if let Some(rest) = name.strip_prefix("file-cert:") {
-                    let (cert, key) = rest.split_once('~').ok_or_else(unknown)?;
-                    if cert.is_empty() || key.is_empty() {
-                        return Err(unknown());
-                    }
-                    Ok(Self::FileCert {
-                        cert: cert.into(),
-                        key: key.into(),
-                    })
-                } else if let Some(td) = name.strip_prefix("spiffe://") {
-                    // Exactly as written: the name is echoed back in the answer.
-                    let valid = signet_spiffe::trust_domain(td)
-                        .ok()
-                        .filter(|t| t.as_str() == td);
-                    valid
-                        .map(|t| Self::TrustDomain(t.as_str().to_owned()))
-                        .ok_or_else(unknown)
-                } else if let Some(path) = name.strip_prefix("file-root:") {
-                    if path.is_empty() {
-                        return Err(unknown());
-                    }
-                    Ok(Self::FileRoot(path.into()))
-                } else {
-                    Err(unknown())
-                }
-            }
-        }
-    }
-}
-
-/// A secret ready to send: its version and the Envoy message.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Resolved {
-    /// Changes whenever the content changes.
-    pub version: String,
-    /// The `Secret`, named as requested.
-    pub secret: Secret,
-}
 
 /// Everything the SDS server serves.
 #[derive(Debug)]
@@ -243,129 +156,5 @@ impl SecretStore {
                 }),
             )
             .await
-    }
-}
-
-fn inline(bytes: &[u8]) -> Option<DataSource> {
-    Some(DataSource {
-        specifier: Some(Specifier::InlineBytes(bytes.to_vec())),
-        ..Default::default()
-    })
-}
-
-/// `Secret{tls_certificate{certificate_chain, private_key}}`, inline bytes.
-pub(crate) fn tls_secret(name: &str, chain: &[u8], key: &[u8]) -> Secret {
-    Secret {
-        name: name.to_owned(),
-        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-            certificate_chain: inline(chain),
-            private_key: inline(key),
-            ..Default::default()
-        })),
-    }
-}
-
-/// `Secret{validation_context{trusted_ca}}`, inline bytes.
-pub(crate) fn roots_secret(name: &str, roots: &[u8]) -> Secret {
-    Secret {
-        name: name.to_owned(),
-        r#type: Some(secret::Type::ValidationContext(
-            CertificateValidationContext {
-                trusted_ca: inline(roots),
-                ..Default::default()
-            },
-        )),
-    }
-}
-
-/// `validation_context{custom_validator_config}`: Envoy's SPIFFE validator, one
-/// trust bundle per trust domain, so a peer is verified only against its own domain's
-/// roots.
-fn spiffe_secret(name: &str, bundles: &crate::federation::Bundles) -> Resolved {
-    use envoy_types::pb::{
-        envoy::{
-            config::core::v3::TypedExtensionConfig,
-            extensions::transport_sockets::tls::v3::{
-                SpiffeCertValidatorConfig, spiffe_cert_validator_config,
-            },
-        },
-        google::protobuf::Any,
-    };
-    use prost::Message;
-    let config = SpiffeCertValidatorConfig {
-        trust_domains: bundles
-            .iter()
-            .map(|(td, pem)| spiffe_cert_validator_config::TrustDomain {
-                name: td.clone(),
-                trust_bundle: inline(pem.as_bytes()),
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    };
-    let value = config.encode_to_vec();
-    Resolved {
-        version: digest(&value),
-        secret: Secret {
-            name: name.to_owned(),
-            r#type: Some(secret::Type::ValidationContext(
-                CertificateValidationContext {
-                    custom_validator_config: Some(TypedExtensionConfig {
-                        name: SPIFFE_VALIDATOR.to_owned(),
-                        typed_config: Some(Any {
-                            type_url: SPIFFE_VALIDATOR_TYPE.to_owned(),
-                            value,
-                        }),
-                    }),
-                    ..Default::default()
-                },
-            )),
-        },
-    }
-}
-
-/// A short content digest, used as a secret's version.
-pub(crate) fn digest(bytes: &[u8]) -> String {
-    hex::encode(&Sha256::digest(bytes)[..8])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names() {
-        assert_eq!(SecretName::parse("default").unwrap(), SecretName::Default);
-        assert_eq!(SecretName::parse("ROOTCA").unwrap(), SecretName::RootCa);
-        assert_eq!(
-            SecretName::parse("file-cert:/a/c.pem~/a/k.pem").unwrap(),
-            SecretName::FileCert {
-                cert: "/a/c.pem".into(),
-                key: "/a/k.pem".into()
-            }
-        );
-        assert_eq!(
-            SecretName::parse("file-root:/r.pem").unwrap(),
-            SecretName::FileRoot("/r.pem".into())
-        );
-        assert_eq!(SecretName::parse("ALL").unwrap(), SecretName::All);
-        assert_eq!(
-            SecretName::parse("spiffe://b.example").unwrap(),
-            SecretName::TrustDomain("b.example".into())
-        );
-        for bad in [
-            "",
-            "Default",
-            "rootca",
-            "file-cert:/a",
-            "file-cert:~/k",
-            "file-root:",
-            "spiffe://x/ns/a",
-            "spiffe://",
-            "spiffe://A b",
-        ] {
-            let e = SecretName::parse(bad).unwrap_err();
-            assert!(e.contains("unknown secret"), "{bad}: {e}");
-        }
     }
 }

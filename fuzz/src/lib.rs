@@ -14,7 +14,7 @@ use std::{
     sync::OnceLock,
 };
 
-use signet_agent::{filesecret::FilePolicy, store::SecretName, svid::check_answer};
+use signet_agent::{filesecret::FilePolicy, names::SecretName, svid::check_answer};
 use signet_ca::authn::{JwksSource, JwtAuthenticator, JwtConfig, Token};
 use spiffe::SpiffeId;
 use time::OffsetDateTime;

@@ -23,10 +23,7 @@ use super::{
     service::{Sds, Subscribed},
     transport::Outbound,
 };
-use crate::{
-    filesecret::FileLease,
-    store::{Resolved, SecretName},
-};
+use crate::{filesecret::FileLease, names::SecretName, resources::Resolved};
 
 /// A request answering an older response than the last one sent is stale. Before
 /// this stream has sent anything, no nonce can be stale (a client may carry one over

@@ -27,7 +27,8 @@ use super::{
 };
 use crate::{
     filesecret::{FileLease, FileSecretError},
-    store::{SecretName, SecretStore},
+    names::SecretName,
+    store::SecretStore,
 };
 
 /// The SDS service.
@@ -66,7 +67,8 @@ impl Sds {
             if out.iter().any(|s| s.raw == *raw) {
                 continue;
             }
-            let name = SecretName::parse(raw).map_err(Status::invalid_argument)?;
+            let name =
+                SecretName::parse(raw).map_err(|e| Status::invalid_argument(e.to_string()))?;
             let lease = self
                 .store
                 .lease_file(&name)
