@@ -86,13 +86,19 @@ def upstream_cluster(name, port, ctx, one_request_per_connection=False):
 
 
 class Envoy:
-    def __init__(self, tmp_path, name, listeners, clusters):
-        self.admin = free_port()
-        self.path = tmp_path / f"{name}.json"
-        self.path.write_text(json.dumps({
-            "node": {"id": name, "cluster": name},
-            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.admin}}},
-            "static_resources": {"listeners": listeners, "clusters": clusters}}))
+    def __init__(self, tmp_path, name, listeners, clusters, bootstrap=None, admin=None):
+        """A bootstrap built from `listeners` and `clusters`, or `bootstrap` as given
+        (YAML text) with its admin port `admin`."""
+        self.admin = admin or free_port()
+        if bootstrap is None:
+            self.path = tmp_path / f"{name}.json"
+            self.path.write_text(json.dumps({
+                "node": {"id": name, "cluster": name},
+                "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": self.admin}}},
+                "static_resources": {"listeners": listeners, "clusters": clusters}}))
+        else:
+            self.path = tmp_path / f"{name}.yaml"
+            self.path.write_text(bootstrap)
         self.log_path = tmp_path / f"{name}.log"
         self.log = open(self.log_path, "w+")
         self.proc = subprocess.Popen([ENVOY, "-c", str(self.path), "--base-id", str(self.admin),

@@ -28,10 +28,18 @@ const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
-/// The frame size every HTTP/2 peer accepts (h2's default SETTINGS_MAX_FRAME_SIZE).
+/// The frame size the server advertises (h2's default SETTINGS_MAX_FRAME_SIZE, which
+/// the SDS server keeps). A larger header frame is a FRAME_SIZE_ERROR, as h2 would say.
 const MAX_FRAME: usize = 16_384;
-/// The largest header block collected (h2 refuses far smaller header lists).
-const MAX_BLOCK: usize = 256 * 1024;
+/// The largest header block collected, compressed. hyper lets h2 accept header lists
+/// of 16 KiB; this leaves room for that and no more than four frames.
+const MAX_BLOCK: usize = 64 * 1024;
+/// The largest header list decoded, counted as HTTP/2 does (name + value + 32 per
+/// field). HPACK can expand a small block into a huge list (a 1-byte reference to a
+/// 4 KiB table entry, repeated); past this the connection is closed before anything
+/// is kept. Lists between hyper's 16 KiB and this pass to h2, which refuses them as
+/// before.
+const MAX_LIST: usize = 64 * 1024;
 /// The HPACK table size h2 advertises (SETTINGS_HEADER_TABLE_SIZE default).
 const TABLE_SIZE: usize = 4096;
 /// What replaces an `:authority` h2 would refuse.
@@ -129,8 +137,8 @@ impl<S> Normalized<S> {
                         self.state = State::Payload(len);
                         continue;
                     }
-                    if len > MAX_BLOCK {
-                        return Err(protocol("header frame too large"));
+                    if len > MAX_FRAME {
+                        return Err(protocol("header frame larger than SETTINGS_MAX_FRAME_SIZE"));
                     }
                     if self.input.len() < FRAME_HEADER_LEN + len {
                         return Ok(());
@@ -192,16 +200,25 @@ impl<S> Normalized<S> {
     /// Decodes a complete header block, mends `:authority`, and writes it out again.
     fn rewrite(&mut self, block: Block) -> io::Result<()> {
         let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut size = 0usize;
         let decoder = &mut self.decoder;
+        // The decoder must see the whole block to keep its table in step with the
+        // client's, so past the limit fields are only counted, not kept.
         let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             decoder.decode_with_cb(&block.fragment, |name, value| {
-                headers.push((name.into_owned(), value.into_owned()));
+                size = size.saturating_add(name.len() + value.len() + 32);
+                if size <= MAX_LIST {
+                    headers.push((name.into_owned(), value.into_owned()));
+                }
             })
         }));
         match decoded {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(protocol(&format!("HPACK: {e:?}"))),
             Err(_) => return Err(protocol("HPACK: undecodable header block")),
+        }
+        if size > MAX_LIST {
+            return Err(protocol("header list larger than 64 KiB once decoded"));
         }
         for (name, value) in &mut headers {
             if name == b":authority" && http::uri::Authority::try_from(value.as_slice()).is_err() {
@@ -480,5 +497,58 @@ mod tests {
             input.extend(bad);
             assert!(through(input).await.is_err());
         }
+    }
+
+    #[tokio::test]
+    async fn a_header_frame_over_the_frame_size_is_refused() {
+        let mut client = Encoder::new();
+        let mut block = request(&mut client, b"x");
+        // A legal block padded with distinct literal headers to just over 16 KiB.
+        let mut i = 0;
+        while block.len() <= MAX_FRAME {
+            let value = format!("{i:01000}");
+            block.extend(client.encode([(&b"x-filler"[..], value.as_bytes())]));
+            i += 1;
+        }
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &block));
+        let err = through(input).await.unwrap_err();
+        assert!(err.to_string().contains("SETTINGS_MAX_FRAME_SIZE"), "{err}");
+        // The same block in two frames is accepted (and left to h2's list limit).
+        let (a, b) = block.split_at(MAX_FRAME / 2);
+        let (b, c) = b.split_at(MAX_FRAME / 2);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, 0, 1, a));
+        input.extend(frame(CONTINUATION, 0, 1, b));
+        input.extend(frame(CONTINUATION, END_HEADERS, 1, c));
+        assert!(through(input).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_header_block_that_expands_past_the_limit_is_refused() {
+        // One 4 KiB entry in the dynamic table, then a single frame of 1-byte
+        // references to it: 16 KiB on the wire, 70 MiB once decoded.
+        let mut wire = Vec::new();
+        let value = vec![b'v'; 4000];
+        // Literal with incremental indexing, new name.
+        wire.push(0x40);
+        wire.push(1);
+        wire.push(b'x');
+        wire.push(0x7f);
+        let mut n = value.len() - 127;
+        while n >= 128 {
+            wire.push((n % 128) as u8 | 0x80);
+            n /= 128;
+        }
+        wire.push(n as u8);
+        wire.extend(&value);
+        // Index 62 is the newest dynamic entry.
+        while wire.len() < MAX_FRAME {
+            wire.push(0x80 | 62);
+        }
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &wire));
+        let err = through(input).await.unwrap_err();
+        assert!(err.to_string().contains("64 KiB once decoded"), "{err}");
     }
 }
