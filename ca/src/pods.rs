@@ -225,56 +225,106 @@ impl PodCache {
     }
 
     /// Keeps the cache in step with the API server until the task is dropped;
-    /// relists (and so recovers from any missed event) as the watcher decides.
+    /// relists (and so recovers from any missed event) as the watcher decides, and
+    /// also after the watch has been failing for [`STALE_AFTER`].
     pub async fn watch(self, client: kube::Client, cluster: String) {
         use futures::StreamExt;
         use kube::runtime::{WatchStreamExt, watcher};
         let api: kube::Api<Pod> = kube::Api::all(client);
-        // Lists read from etcd (not a lagging cache), so a deleted pod cannot return.
-        let stream = watcher(api, watcher::Config::default()).default_backoff();
-        let mut stream = std::pin::pin!(stream);
-        let mut fresh: Option<Pods> = None;
-        let mut failing: Option<std::time::Instant> = None;
-        while let Some(event) = stream.next().await {
-            match event {
-                Ok(watcher::Event::Init) => fresh = Some(Pods::default()),
-                Ok(watcher::Event::InitApply(pod)) => {
-                    if let Some(fresh) = fresh.as_mut()
-                        && let Some((ns, name, uid, sa, node)) = fields(&pod)
-                    {
-                        fresh.upsert(ns, name, uid, sa, node);
+        loop {
+            // A new watcher starts with a list. Lists read from etcd (not a lagging
+            // cache), so a deleted pod cannot return.
+            let stream = watcher(api.clone(), watcher::Config::default()).default_backoff();
+            let mut stream = std::pin::pin!(stream);
+            let mut fresh: Option<Pods> = None;
+            let mut health = WatchHealth::default();
+            loop {
+                let Some(event) = stream.next().await else {
+                    return;
+                };
+                let event = match event {
+                    Ok(event) => {
+                        health.ok();
+                        event
                     }
-                }
-                Ok(watcher::Event::InitDone) => {
-                    if let Some(fresh) = fresh.take() {
-                        let was = self.synced();
-                        self.replace(fresh);
-                        if !was {
-                            tracing::info!(cluster = %cluster, pods = self.len(), "pod cache synced; node impersonation enabled");
+                    Err(e) => {
+                        let now = std::time::Instant::now();
+                        if health.error(now) {
+                            tracing::warn!(cluster = %cluster, error = %e, "pod watch failed; retrying (the cache keeps what it had)");
+                        }
+                        // Deleted pods go unseen while the watch is down: after a
+                        // while the cache is no longer trusted, and only a new list
+                        // (a new watcher) brings it back.
+                        if health.stale(now) && self.synced() {
+                            tracing::warn!(cluster = %cluster, "pod watch down for {STALE_AFTER:?}; node impersonation unavailable until a new list");
+                            self.synced.send_replace(false);
+                            break;
+                        }
+                        continue;
+                    }
+                };
+                match event {
+                    watcher::Event::Init => fresh = Some(Pods::default()),
+                    watcher::Event::InitApply(pod) => {
+                        if let Some(fresh) = fresh.as_mut()
+                            && let Some((ns, name, uid, sa, node)) = fields(&pod)
+                        {
+                            fresh.upsert(ns, name, uid, sa, node);
                         }
                     }
-                    failing = None;
-                }
-                Ok(watcher::Event::Apply(pod)) => {
-                    self.apply(&pod);
-                    failing = None;
-                }
-                Ok(watcher::Event::Delete(pod)) => self.delete(&pod),
-                Err(e) => {
-                    let first = failing.is_none();
-                    let since = *failing.get_or_insert_with(std::time::Instant::now);
-                    if first {
-                        tracing::warn!(cluster = %cluster, error = %e, "pod watch failed; retrying (the cache keeps what it had)");
+                    watcher::Event::InitDone => {
+                        if let Some(fresh) = fresh.take() {
+                            let was = self.synced();
+                            self.replace(fresh);
+                            if !was {
+                                tracing::info!(cluster = %cluster, pods = self.len(), "pod cache synced; node impersonation enabled");
+                            }
+                        }
                     }
-                    // Deleted pods go unseen while the watch is down: after a while
-                    // the cache is no longer trusted until a new list is in.
-                    if since.elapsed() >= STALE_AFTER && self.synced() {
-                        tracing::warn!(cluster = %cluster, "pod watch down for {STALE_AFTER:?}; node impersonation unavailable until a new list");
-                        self.synced.send_replace(false);
-                    }
+                    watcher::Event::Apply(pod) => self.apply(&pod),
+                    watcher::Event::Delete(pod) => self.delete(&pod),
                 }
             }
         }
+    }
+}
+
+/// Whether the pod watch has been failing without a break. The watcher retries with
+/// a backoff of at most 30 s and, after a failed watch that it resumes, sends nothing
+/// in a quiet cluster; so errors further apart than [`RECOVERED_AFTER`] are separate
+/// outages, not one long one.
+#[derive(Debug, Default)]
+struct WatchHealth {
+    failing_since: Option<std::time::Instant>,
+    last_error: Option<std::time::Instant>,
+}
+
+/// A gap between two watch errors that means the watch worked in between: well over
+/// the watcher's longest backoff (30 s) and a request's timeouts.
+const RECOVERED_AFTER: std::time::Duration = std::time::Duration::from_secs(120);
+
+impl WatchHealth {
+    /// An event arrived: the watch works.
+    fn ok(&mut self) {
+        *self = Self::default();
+    }
+
+    /// An error at `now`; true when it starts a new outage.
+    fn error(&mut self, now: std::time::Instant) -> bool {
+        let recovered = self
+            .last_error
+            .is_none_or(|last| now.saturating_duration_since(last) > RECOVERED_AFTER);
+        self.last_error = Some(now);
+        if recovered {
+            self.failing_since = Some(now);
+        }
+        recovered
+    }
+
+    /// Whether the current outage has lasted [`STALE_AFTER`].
+    fn stale(&self, now: std::time::Instant) -> bool {
+        self.failing_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= STALE_AFTER)
     }
 }
 
@@ -298,6 +348,32 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn only_an_unbroken_outage_makes_the_cache_stale() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut health = WatchHealth::default();
+        // One error, then the resumed watch is quiet for an hour: a later single
+        // error is a new outage, not the sixty-first minute of the first.
+        assert!(health.error(at(0)));
+        assert!(!health.stale(at(0)));
+        assert!(health.error(at(3600)));
+        assert!(!health.stale(at(3600)));
+        // Errors every 30 s (the watcher's longest backoff) for five minutes: stale.
+        let mut s = 3600;
+        while s < 3600 + 300 {
+            s += 30;
+            assert!(!health.error(at(s)), "one outage");
+        }
+        assert!(health.stale(at(s)));
+        // Any event resets it.
+        health.ok();
+        assert!(!health.stale(at(s)));
+        assert!(health.error(at(s + 1)));
+        assert!(!health.stale(at(s + 1)));
     }
 
     #[test]

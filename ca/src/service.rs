@@ -147,12 +147,10 @@ impl CaService {
 
         let body = request.into_inner();
         let csr = csr::parse(&body.csr)?;
-        let decision = self.policy.decide(
-            &caller,
-            body.validity_duration,
-            impersonation_target(&body).as_deref(),
-            &csr,
-        )?;
+        let target = impersonation_target(&body)?;
+        let decision =
+            self.policy
+                .decide(&caller, body.validity_duration, target.as_deref(), &csr)?;
         let signer = self.signer.borrow().clone();
         // Fair shares per caller; a node agent acting for its node's pods gets one
         // share per node, not one for the whole mesh.
@@ -177,12 +175,34 @@ impl CaService {
     }
 }
 
-/// The `ImpersonatedIdentity` metadata value, when a non-empty one was sent.
-fn impersonation_target(body: &IstioCertificateRequest) -> Option<String> {
-    let value = body.metadata.as_ref()?.fields.get("ImpersonatedIdentity")?;
+/// The `ImpersonatedIdentity` metadata value, when a non-empty one was sent. An empty
+/// string means none (as in Istio); any other kind of value is refused rather than
+/// ignored, so a malformed request is never decided as the caller's own.
+fn impersonation_target(body: &IstioCertificateRequest) -> Result<Option<String>, PolicyError> {
+    use prost_types::value::Kind;
+    let Some(value) = body
+        .metadata
+        .as_ref()
+        .and_then(|m| m.fields.get("ImpersonatedIdentity"))
+    else {
+        return Ok(None);
+    };
     match &value.kind {
-        Some(prost_types::value::Kind::StringValue(s)) if !s.is_empty() => Some(s.clone()),
-        _ => None,
+        Some(Kind::StringValue(s)) if s.is_empty() => Ok(None),
+        Some(Kind::StringValue(s)) => Ok(Some(s.clone())),
+        Some(Kind::NullValue(_)) | None => Ok(None),
+        Some(other) => {
+            let kind = match other {
+                Kind::NumberValue(_) => "a number",
+                Kind::BoolValue(_) => "a bool",
+                Kind::StructValue(_) => "a struct",
+                _ => "a list",
+            };
+            Err(PolicyError::BadTarget {
+                target: kind.into(),
+                reason: "must be a string holding a SPIFFE ID".into(),
+            })
+        }
     }
 }
 

@@ -61,11 +61,21 @@ def test_ztunnel_gets_a_pod_on_its_node_verified_by_openssl(ambient, cluster):
     _, csr = make_csr(uri=WEB)
     token = cluster.token(ns="istio-system", sa="ztunnel")
     chain = list(request(ca.stub(), csr, token, ttl=3600, metadata=impersonating(WEB)).cert_chain)
-    result = openssl_verify(chain[-1], chain, d)
+    # Against the root the CA wrote at start, not the one the answer carries.
+    result = openssl_verify(ca.root_pem, chain, d)
     assert result.returncode == 0, result.stdout + result.stderr
     leaf = x509.load_pem_x509_certificate(chain[0].encode())
     sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [WEB]
+    # The audit line names the identity issued, the caller who asked and its node.
+    serial = format(leaf.serial_number, "x")
+    ca.log.flush()
+    lines = [line for line in Path(ca.log.name).read_text().splitlines()
+             if "certificate issued" in line and serial in line.lower()]
+    assert len(lines) == 1, lines
+    for field in (f'spiffe_id={WEB}', 'caller=istio-system/ztunnel', 'node="node-a"',
+                  'pod="ztunnel-pod"'):
+        assert field in lines[0], (field, lines[0])
 
 
 def test_a_pod_on_another_node_and_an_untrusted_caller_are_refused(ambient, cluster):
@@ -83,3 +93,10 @@ def test_a_pod_on_another_node_and_an_untrusted_caller_are_refused(ambient, clus
     with pytest.raises(grpc.RpcError) as e:
         request(ca.stub(), csr, ztunnel, metadata=impersonating("spiffe://elsewhere/ns/apps/sa/db"))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A value that is not a string is refused, not taken as "no impersonation" (which
+    # would issue ztunnel's own identity).
+    _, own = make_csr()
+    with pytest.raises(grpc.RpcError) as e:
+        request(ca.stub(), own, ztunnel, metadata=impersonating(42))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "must be a string" in e.value.details()

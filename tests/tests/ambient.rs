@@ -21,6 +21,7 @@ fn ztunnel_request(
     token: &str,
     target: &str,
     csr_pem: &str,
+    cluster: &str,
 ) -> tonic::Request<IstioCertificateRequest> {
     let mut fields = std::collections::BTreeMap::new();
     fields.insert(
@@ -37,7 +38,7 @@ fn ztunnel_request(
     req.metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     req.metadata_mut()
-        .insert("clusterid", "Kubernetes".parse().unwrap());
+        .insert("clusterid", cluster.parse().unwrap());
     req
 }
 
@@ -106,9 +107,19 @@ async fn ask(
     token: &str,
     target: &str,
 ) -> Result<Vec<String>, tonic::Status> {
+    ask_in(client, token, target, "Kubernetes").await
+}
+
+/// As ztunnel of cluster `cluster` asks.
+async fn ask_in(
+    client: &mut IstioCertificateServiceClient<Channel>,
+    token: &str,
+    target: &str,
+    cluster: &str,
+) -> Result<Vec<String>, tonic::Status> {
     let (_, csr_pem) = csr(Some(target));
     client
-        .create_certificate(ztunnel_request(token, target, &csr_pem))
+        .create_certificate(ztunnel_request(token, target, &csr_pem, cluster))
         .await
         .map(|r| r.into_inner().cert_chain)
 }
@@ -254,5 +265,56 @@ async fn until_the_pods_are_listed_impersonation_is_unavailable_and_readyz_says_
     )
     .await
     .unwrap();
+    ca.stop().await;
+}
+
+#[tokio::test]
+async fn a_remote_clusters_ztunnel_is_judged_by_that_clusters_pods() {
+    let mut mesh = mesh().await;
+    // Cluster "west": its own API server (pods), its own token issuer.
+    let west = KubeApi::start().await;
+    west.namespaces(&["istio-system", "apps"]);
+    west.pod("istio-system", "ztunnel-w", "uid-zw", "ztunnel", "node-w");
+    west.pod("apps", "cart-1", "uid-c1", "cart", "node-w");
+    let west_issuer = JwtIssuer::new("west");
+    let west_dir = mesh._dir.path().join("west");
+    std::fs::create_dir_all(&west_dir).unwrap();
+    let jwks = west_issuer.write_jwks(&west_dir);
+    mesh.args.extend([
+        "--remote-cluster".to_owned(),
+        format!("west={}", west.kubeconfig(&west_dir).display()),
+        "--remote-jwks".to_owned(),
+        format!("west={},{}", signet_e2e::ISSUER, jwks.display()),
+    ]);
+    let ca = TestCa::start(&mesh.args).await;
+    let mut client = ca.client(&mesh.root.pem).await;
+    let token = west_issuer.pod_token("istio-system", "ztunnel", "ztunnel-w", "uid-zw");
+    let cart = "spiffe://cluster.local/ns/apps/sa/cart";
+    let web = "spiffe://cluster.local/ns/apps/sa/web";
+    // Wait for west's pod cache (the CA is ready once the local one is synced).
+    let start = Instant::now();
+    let chain = loop {
+        match ask_in(&mut client, &token, cart, "west").await {
+            Ok(chain) => break chain,
+            Err(s) if s.code() == Code::Unavailable => {
+                assert!(start.elapsed() < Duration::from_secs(60), "{s:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(s) => panic!("{s:?}"),
+        }
+    };
+    assert_eq!(uri_sans(&chain[0]), [cart]);
+    // The local cluster's pod on node-a is not west's to ask for, and west's node is
+    // not known to the local cluster.
+    refused(
+        ask_in(&mut client, &token, web, "west").await,
+        Code::PermissionDenied,
+        &["apps/web", "node-w"],
+    );
+    refused(
+        ask(&mut client, &mesh.ztunnel_token(), cart).await,
+        Code::PermissionDenied,
+        &["apps/cart", "node-a"],
+    );
     ca.stop().await;
 }
