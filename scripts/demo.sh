@@ -8,7 +8,12 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
-command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl; }
+need_apt=()
+command -v openssl >/dev/null || need_apt+=(openssl)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
 
 echo "==> building signet-ca and signet-agent (release)"
 cargo build --release --locked -p signet-ca -p signet-agent 2>&1 | tail -n 1

@@ -6,11 +6,13 @@ Envoy; each side's access log says whom it saw (peer SPIFFE ID and serial).
 usage: demo_envoy.py WEB_SOCKET API_SOCKET DIR
 """
 
-import json
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from cryptography import x509
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "python"))
 
@@ -32,7 +34,7 @@ def main(web_sock, api_sock, d):
         [sds_cluster(api_sock)])
     web = Envoy(d, "web", [http_listener(
         "outbound", web_port, {"match": {"prefix": "/"}, "route": {"cluster": "api"}},
-        access_log=(web_log, "web's Envoy called %UPSTREAM_PEER_URI_SAN% at %UPSTREAM_HOST%: %RESPONSE_CODE% over %UPSTREAM_TLS_VERSION%\n"))],
+        access_log=(web_log, "web's Envoy called %UPSTREAM_PEER_URI_SAN% at %UPSTREAM_HOST%: %RESPONSE_CODE% over %UPSTREAM_TLS_VERSION%, serial %UPSTREAM_PEER_CERT%\n"))],
         [sds_cluster(web_sock), upstream_cluster("api", api_port, tls_context(web_sock, peer=API))])
     try:
         api.wait_ready()
@@ -44,10 +46,14 @@ def main(web_sock, api_sock, d):
                 if log.exists() and log.read_text().strip():
                     break
                 time.sleep(0.1)
-            print("  " + log.read_text().strip())
-        held = json.loads(api.get("/certs"))["certificates"]
-        serial = next(c["cert_chain"][0]["serial_number"] for c in held if c.get("cert_chain"))
-        print(f"  api's own certificate, as its Envoy holds it: {API}, serial {serial}")
+            line = log.read_text().strip()
+            if log == web_log:
+                # Envoy logs the upstream peer's certificate (URL-encoded PEM), not
+                # its serial: show the serial read from it.
+                head, _, pem = line.rpartition(" ")
+                cert = x509.load_pem_x509_certificate(urllib.parse.unquote(pem).encode())
+                line = f"{head} {cert.serial_number:x}"
+            print("  " + line)
     finally:
         web.stop()
         api.stop()
