@@ -176,6 +176,14 @@ def test_envoy_keeps_serving_while_its_agent_restarts(ca, cluster, tmp_path, sta
     assert b.stats(r"^sds\.default\.update_rejected")["sds.default.update_rejected"] == "0"
 
 
+def test_rsa_workload_certificates_work_with_envoys_defaults(ca, cluster, tmp_path, started):
+    """docs/agent.md's key-type table: RSA keys on both sides, default TLS settings."""
+    _, b, f, fport, _ = pair(ca, cluster, tmp_path, started, ("--key-type", "rsa2048"))
+    assert get(fport) == (200, "hello from backend")
+    for e in (b, f):
+        assert e.stats(r"^sds\.default\.update_rejected")["sds.default.update_rejected"] == "0"
+
+
 def test_a_p384_server_certificate_needs_p384_in_the_clients_curves(ca, cluster, tmp_path, started):
     """As docs/agent.md says: with Envoy's default curves (X25519, P-256) a P-384
     server certificate fails the handshake; listing P-384 in the client's

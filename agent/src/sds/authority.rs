@@ -459,6 +459,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_empty_authority_becomes_localhost() {
+        let mut client = Encoder::new();
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &request(&mut client, b"")));
+        let out = through(input).await.unwrap();
+        let got = frames(&out[PREFACE.len()..]);
+        let headers = decoded(&mut Decoder::new(), &got[0].3);
+        assert!(headers.contains(&(":authority".into(), "localhost".into())));
+    }
+
+    #[tokio::test]
     async fn a_valid_authority_is_kept() {
         let mut client = Encoder::new();
         let mut input = PREFACE.to_vec();
