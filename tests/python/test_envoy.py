@@ -63,13 +63,13 @@ def client_cert(ca, cluster, tmp_path, sa):
     return paths
 
 
-@pytest.mark.parametrize("example", ["envoy-sds-envoy-grpc.yaml", "envoy-sds-google-grpc.yaml"])
+@pytest.mark.parametrize("example", ["sds-envoy-grpc.yaml", "sds-google-grpc.yaml"])
 def test_the_documented_bootstraps_work(ca, cluster, example, tmp_path):
     """deploy/examples' bootstraps, which docs/agent.md shows, as a user would run them
     (only the socket path and the ports changed): Envoy takes both secrets, lets in
     the caller its SAN matcher names and refuses another identity for that reason."""
     a = start_agent(ca, cluster, ns="default", sa="httpbin")
-    text = (ROOT / "deploy" / "examples" / example).read_text()
+    text = (ROOT / "deploy" / "envoy" / example).read_text()
     admin, port = free_port(), free_port()
     for old, new in [("./var/run/secrets/workload-spiffe-uds/socket", str(a.socket)),
                      ("port_value: 15000", f"port_value: {admin}"),
