@@ -45,6 +45,12 @@ pub enum Command {
 /// Flags of `signet-ca serve`. Durations are written like `24h`, `90m` or `8s`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// Check the flags (and their environment variables) and exit: 0 when `serve`
+    /// would accept them, 64 with the reason otherwise. Nothing is read, bound or
+    /// contacted, so key material and the API server need not be there.
+    #[arg(long)]
+    pub check_config: bool,
+
     /// Directory with the CA key material: Istio's layout (ca-cert.pem, ca-key.pem,
     /// cert-chain.pem, root-cert.pem) or cert-manager's (tls.crt, tls.key, ca.crt).
     /// Watched for changes. When it holds none of these files, a self-signed root is
@@ -761,6 +767,9 @@ fn writer_config(
                 max_ttl: args.max_ttl,
                 allow: scopes("--pod-certificate-allow", &args.pod_certificate_allow)?,
                 deny: scopes("--pod-certificate-deny", &args.pod_certificate_deny)?,
+                signing_threads: args
+                    .signing_threads
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
             })
         }
         None if !args.pod_certificate_allow.is_empty() || !args.pod_certificate_deny.is_empty() => {

@@ -43,6 +43,7 @@ fn main() -> ExitCode {
         }
         Command::Serve(args) => {
             let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+            let check_only = args.check_config;
             let config = match args.validate(in_cluster) {
                 Ok(c) => c,
                 Err(e) => {
@@ -50,6 +51,10 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_USAGE);
                 }
             };
+            if check_only {
+                println!("signet-ca serve: the configuration is valid");
+                return ExitCode::SUCCESS;
+            }
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()

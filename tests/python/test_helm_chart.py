@@ -304,6 +304,22 @@ def test_every_rendered_flag_is_accepted_by_the_binary(chart):
     assert not missing, f"flags the chart passes but `signet-ca serve --help` does not list: {missing}"
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_rendered_args_and_env_pass_the_binarys_own_checks(chart, mode):
+    """`signet-ca serve --check-config` with exactly the container's args and plain
+    env values, in a pod's environment: every value the chart renders (durations,
+    selectors, signer names, accounts) is one the binary accepts."""
+    exe = binary("signet-ca")
+    c = container(render(chart, MODES[mode]))
+    env = {e["name"]: e["value"] for e in c.get("env", ()) if "value" in e}
+    env.update({"PATH": os.environ.get("PATH", ""), "KUBERNETES_SERVICE_HOST": "10.0.0.1",
+                "KUBERNETES_SERVICE_PORT": "443"})
+    proc = subprocess.run([exe, *c.get("command", [])[1:], *c["args"], "--check-config"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, (mode, c["args"], proc.stderr)
+    assert "configuration is valid" in proc.stdout
+
+
 def test_ambient_alone_renders_the_cluster_role(chart):
     """With TokenReview and every writer off, the pods rule is the ClusterRole's only rule,
     and the ClusterRole and its binding are still rendered."""
@@ -366,6 +382,9 @@ def test_pod_certificates_alone_are_a_writer(chart):
 
 @pytest.mark.parametrize("values, message", [
     ({"signerName": "spiffe"}, "want <domain>/<path>"),
+    ({"signerName": "signet.dev/mesh/roots"}, "want <domain>/<path>"),
+    ({"signerName": "Signet.dev/spiffe"}, "want <domain>/<path>"),
+    ({"signerName": "signet.dev/spi_ffe"}, "want <domain>/<path>"),
     ({"signerName": "kubernetes.io/spiffe"}, "reserved"),
     ({"signerName": "pods.kubernetes.io/spiffe"}, "reserved"),
     ({"allow": ["apps/web/extra"]}, "podCertificates.allow"),

@@ -362,3 +362,108 @@ async fn two_replicas_answer_each_request_exactly_once() {
     // One status write each: no second answer was even tried.
     assert_eq!(api.calls(&format!("PUT {PLURAL}")), n);
 }
+
+#[tokio::test]
+async fn a_request_made_while_the_ca_was_down_is_answered_when_it_is_back() {
+    let setup = Setup::new(&["apps"]).await;
+    let api = &setup.api;
+    let key = stub(&rcgen::PKCS_ECDSA_P256_SHA256);
+    let answered = |name: &'static str| {
+        move || {
+            api.get(PLURAL, "apps", name)
+                .and_then(|p| condition(&p))
+                .map(|c| c.0)
+        }
+    };
+    let ca = setup.ca(&["--pod-certificate-signer", SIGNER]).await;
+    api.put(
+        PLURAL,
+        pcr("apps", "before", "web", SIGNER, &key, 3600, json!({})),
+    );
+    let got = eventually(Duration::from_secs(60), "answered", answered("before")).await;
+    assert_eq!(got, "Issued");
+    ca.stop().await;
+    // Made while no CA runs: nobody answers it.
+    api.put(
+        PLURAL,
+        pcr("apps", "while-down", "web", SIGNER, &key, 3600, json!({})),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(answered("while-down")().is_none());
+    let ca = setup.ca(&["--pod-certificate-signer", SIGNER]).await;
+    let got = eventually(Duration::from_secs(60), "answered", answered("while-down")).await;
+    assert_eq!(got, "Issued");
+    // The request answered before the restart was not answered again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(api.calls(&format!("PUT {PLURAL}")), 2);
+    ca.stop().await;
+}
+
+/// The test API server refuses what kube-apiserver refuses, so the tests above would
+/// catch an answer a real cluster rejects.
+#[test]
+fn the_test_api_server_checks_answers_as_kube_apiserver_does() {
+    use signet_e2e::kube::pod_certificate_status as check;
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let stub_der = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .der()
+        .to_vec();
+    let request = pcr("apps", "p", "web", SIGNER, &stub_der, 7200, json!({}));
+    let spec = &request["spec"];
+    let nb = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap() - time::Duration::minutes(2);
+    let leaf = |key: &rcgen::KeyPair, hours: i64| {
+        let mut params = rcgen::CertificateParams::default();
+        params.not_before = nb;
+        params.not_after = nb + time::Duration::hours(hours);
+        params.self_signed(key).unwrap().pem()
+    };
+    let rfc = |t: OffsetDateTime| t.format(&Rfc3339).unwrap();
+    let issued = |chain: String, hours: i64, refresh: OffsetDateTime| {
+        json!({
+            "certificateChain": chain,
+            "notBefore": rfc(nb), "notAfter": rfc(nb + time::Duration::hours(hours)),
+            "beginRefreshAt": rfc(refresh),
+            "conditions": [{"type": "Issued", "status": "True", "reason": "Issued",
+                            "message": "ok", "lastTransitionTime": rfc(nb)}],
+        })
+    };
+    let half = nb + time::Duration::hours(1);
+    check(spec, &issued(leaf(&key, 2), 2, half)).unwrap();
+    let denied = json!({"conditions": [{"type": "Denied", "status": "True",
+        "reason": "UnsupportedKeyType", "message": "no", "lastTransitionTime": rfc(nb)}]});
+    check(spec, &denied).unwrap();
+
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut bad: Vec<(&str, Value)> = vec![
+        ("another key", issued(leaf(&other, 2), 2, half)),
+        ("over maxExpirationSeconds", issued(leaf(&key, 3), 3, half)),
+        (
+            "refresh too early",
+            issued(leaf(&key, 2), 2, nb + time::Duration::minutes(5)),
+        ),
+        ("not a certificate", issued("garbage".into(), 2, half)),
+    ];
+    let mut times = issued(leaf(&key, 2), 2, half);
+    times["notAfter"] = json!(rfc(nb + time::Duration::minutes(90)));
+    bad.push(("times not the leaf's", times));
+    let mut two = issued(leaf(&key, 2), 2, half);
+    two["conditions"] = json!([denied["conditions"][0], two["conditions"][0]]);
+    bad.push(("two conditions", two));
+    let mut chained = denied.clone();
+    chained["certificateChain"] = json!(leaf(&key, 2));
+    bad.push(("a refusal with a chain", chained));
+    let mut reason = denied.clone();
+    reason["conditions"][0]["reason"] = json!("not a reason!");
+    bad.push(("bad reason", reason));
+    let mut no_time = denied;
+    no_time["conditions"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("lastTransitionTime");
+    bad.push(("no transition time", no_time));
+    for (what, status) in bad {
+        assert!(check(spec, &status).is_err(), "{what} accepted");
+    }
+}

@@ -89,35 +89,43 @@ pub struct WriterConfig {
 /// Label on every object Signet writes; pods select the ClusterTrustBundle by it.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "signet-ca");
 
-/// Checks a signer name: `<domain>/<path>`, not under Kubernetes' reserved domains.
+/// Checks a signer name as kube-apiserver does (`ValidateSignerName`): exactly one
+/// `/` between a fully qualified domain of DNS labels (at most 253 characters) and a
+/// path of dot-separated lowercase DNS labels; and not under Kubernetes' reserved
+/// `kubernetes.io`. A name the API server would refuse fails at start, not as a 422 on
+/// every write.
 pub fn check_signer_name(signer: &str) -> Result<String, String> {
-    let (domain, path) = signer.split_once('/').ok_or_else(|| {
-        format!("{signer:?}: want <domain>/<path>, e.g. signet.example.com/spiffe")
-    })?;
-    let domain_ok = !domain.is_empty()
-        && domain.len() <= 253
-        && domain.contains('.')
-        && domain.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        });
+    fn label(l: &str) -> bool {
+        let b = l.as_bytes();
+        !b.is_empty()
+            && b.len() <= 63
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+            && b[0] != b'-'
+            && b[b.len() - 1] != b'-'
+    }
+    let (domain, path) = signer
+        .split_once('/')
+        .filter(|(_, path)| !path.contains('/'))
+        .ok_or_else(|| {
+            format!("{signer:?}: want <domain>/<path> with one '/', e.g. signet.example.com/spiffe")
+        })?;
+    let domain_ok = domain.len() <= 253 && domain.contains('.') && domain.split('.').all(label);
     if !domain_ok {
-        return Err(format!("{signer:?}: {domain:?} is not a DNS domain"));
+        return Err(format!(
+            "{signer:?}: {domain:?} is not a fully qualified DNS domain (lowercase labels)"
+        ));
     }
     if domain == "kubernetes.io" || domain.ends_with(".kubernetes.io") {
         return Err(format!(
             "{signer:?}: signer names under kubernetes.io are reserved"
         ));
     }
-    let path_ok = !path.is_empty()
-        && path.len() <= 200
-        && path
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-._~/".contains(&b));
+    let path_ok = path.len() <= 253 + 63 + 1 && path.split('.').all(label);
     if !path_ok {
-        return Err(format!("{signer:?}: {path:?} is not a signer path"));
+        return Err(format!(
+            "{signer:?}: the path {path:?} must be lowercase DNS labels separated by '.'"
+        ));
     }
     Ok(signer.to_owned())
 }
@@ -364,6 +372,40 @@ async fn watch_into<K>(
                 }
                 failing = true;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod signer_name_tests {
+    use super::check_signer_name;
+
+    #[test]
+    fn signer_names_follow_the_api_servers_rules() {
+        for good in [
+            "signet.dev/spiffe",
+            "mesh.example.com/pods",
+            "a.b/x.y-z",
+            "a1.b2/3c",
+        ] {
+            assert_eq!(check_signer_name(good).unwrap(), good);
+        }
+        for bad in [
+            "signet/spiffe",
+            "signet.dev",
+            "signet.dev/",
+            "signet.dev/mesh/roots",
+            "Signet.dev/spiffe",
+            "signet.dev/Spiffe",
+            "signet.dev/spi_ffe",
+            "-signet.dev/spiffe",
+            "signet-.dev/spiffe",
+            "signet.dev/-x",
+            "signet.dev/x..y",
+            "kubernetes.io/spiffe",
+            "pods.kubernetes.io/spiffe",
+        ] {
+            assert!(check_signer_name(bad).is_err(), "{bad}");
         }
     }
 }

@@ -75,6 +75,8 @@ pub struct PodCertificates {
     pub allow: Vec<Scope>,
     /// These are denied.
     pub deny: Vec<Scope>,
+    /// Chunks of requests signed at once (`--signing-threads`, as for CreateCertificate).
+    pub signing_threads: usize,
 }
 
 /// What one request gets.
@@ -361,8 +363,9 @@ pub(super) async fn run(
         return;
     }
     tracing::info!(version = %resource.api_version, signer = %config.signer, "signing pod certificates");
-    // Failed attempts per request UID (in memory: a new leader starts afresh).
-    let attempts: Mutex<HashMap<String, (u32, Instant)>> = Mutex::default();
+    // Per request UID: answers the API server refused, failed attempts of any kind
+    // (for the backoff), and when to try next (in memory: a new leader starts afresh).
+    let attempts: Mutex<HashMap<String, (u32, u32, Instant)>> = Mutex::default();
     // Requests this writer answered (or found answered) whose answer the watch has not
     // shown yet: skipped, so a pass that starts before the watch catches up neither
     // signs them again nor spends a write on a conflict.
@@ -390,7 +393,7 @@ pub(super) async fn run(
                     .filter(|p| {
                         let uid = p.metadata.uid.as_deref().unwrap_or_default();
                         !settled.contains(uid)
-                            && attempts.get(uid).is_none_or(|(_, next)| *next <= now)
+                            && attempts.get(uid).is_none_or(|(_, _, next)| *next <= now)
                     })
                     .cloned()
                     .collect()
@@ -409,7 +412,7 @@ pub(super) async fn run(
                             .iter()
                             .map(|p| {
                                 let uid = p.metadata.uid.as_deref().unwrap_or_default();
-                                attempts.get(uid).map_or(0, |(n, _)| *n)
+                                attempts.get(uid).map_or(0, |(n, _, _)| *n)
                             })
                             .collect()
                     };
@@ -446,7 +449,7 @@ pub(super) async fn run(
                         futures::stream::iter(chunk.into_iter().zip(answers))
                     }
                 })
-                .buffered(2)
+                .buffered(config.signing_threads.clamp(1, 64))
                 .flatten()
                 .map(|(pcr, answer)| async move {
                     let uid = pcr.metadata.uid.clone().unwrap_or_default();
@@ -486,12 +489,14 @@ pub(super) async fn run(
                             // API server is away (5xx, 429, timeouts) it waits, unanswered.
                             let refused = matches!(&e, WriteError::Api { source, .. }
                                 if matches!(status(source), Some(400 | 403 | 422)));
-                            let entry = attempts.entry(uid).or_insert((0, now));
+                            let entry = attempts.entry(uid).or_insert((0, 0, now));
                             if refused {
                                 entry.0 += 1;
                             }
-                            let wait = StdDuration::from_secs(1 << entry.0.clamp(1, 6));
-                            entry.1 = Instant::now() + wait;
+                            // 2 s doubling to 64 s, whatever the failure.
+                            entry.1 = entry.1.saturating_add(1);
+                            let wait = StdDuration::from_secs(1 << entry.1.clamp(1, 6));
+                            entry.2 = Instant::now() + wait;
                             first_error.get_or_insert(e);
                         }
                     }
@@ -505,7 +510,7 @@ pub(super) async fn run(
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .values()
-                    .map(|(_, at)| at.saturating_duration_since(Instant::now()))
+                    .map(|(_, _, at)| at.saturating_duration_since(Instant::now()))
                     .min()),
             }
         }

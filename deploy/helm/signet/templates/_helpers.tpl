@@ -63,17 +63,23 @@ true
 {{- fail (printf "ambient.trustedNodeAccounts: %q: want <namespace>/<service account>, e.g. istio-system/ztunnel" (toString .)) -}}
 {{- end -}}
 {{- end -}}
-{{- if and .Values.clusterTrustBundle.enabled (not (contains "/" .Values.clusterTrustBundle.signerName)) -}}
-{{- fail (printf "clusterTrustBundle.signerName=%q: want <domain>/<path>" .Values.clusterTrustBundle.signerName) -}}
+{{- /* Signer names as kube-apiserver checks them (and signet-ca at start). */ -}}
+{{- $label := "[a-z0-9]([-a-z0-9]*[a-z0-9])?" -}}
+{{- $signerRe := printf "^%s(\\.%s)+/%s(\\.%s)*$" $label $label $label $label -}}
+{{- $signers := dict -}}
+{{- if .Values.clusterTrustBundle.enabled -}}
+{{- $_ := set $signers "clusterTrustBundle.signerName" (toString .Values.clusterTrustBundle.signerName) -}}
 {{- end -}}
 {{- if .Values.podCertificates.enabled -}}
-{{- $signer := toString .Values.podCertificates.signerName -}}
-{{- if not (contains "/" $signer) -}}
-{{- fail (printf "podCertificates.signerName=%q: want <domain>/<path>, on a domain you own" $signer) -}}
+{{- $_ := set $signers "podCertificates.signerName" (toString .Values.podCertificates.signerName) -}}
+{{- end -}}
+{{- range $value, $signer := $signers -}}
+{{- if not (regexMatch $signerRe $signer) -}}
+{{- fail (printf "%s=%q: want <domain>/<path> (lowercase DNS labels, one '/'), on a domain you own, e.g. signet.example.com/spiffe" $value $signer) -}}
 {{- end -}}
 {{- $domain := first (splitList "/" $signer) -}}
 {{- if or (eq $domain "kubernetes.io") (hasSuffix ".kubernetes.io" $domain) -}}
-{{- fail (printf "podCertificates.signerName=%q: signer names under kubernetes.io are reserved" $signer) -}}
+{{- fail (printf "%s=%q: signer names under kubernetes.io are reserved" $value $signer) -}}
 {{- end -}}
 {{- end -}}
 {{- range $list := list "allow" "deny" -}}
