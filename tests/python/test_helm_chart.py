@@ -58,8 +58,9 @@ ROOT_CONFIGMAPS = {("ClusterRole", None, "", "namespaces", v, ()) for v in ("get
     ("ClusterRole", None, "", "configmaps", v, ("istio-ca-root-cert",)) for v in ("get", "list", "watch", "update")}
 JWKS = {("ClusterRole", None, None, url, "get", ())
         for url in ("/openid/v1/jwks", "/.well-known/openid-configuration")}
-TRUST_BUNDLE = {("ClusterRole", None, "certificates.k8s.io", "clustertrustbundles", v, ())
-                for v in ("get", "list", "watch", "create", "update")} | {
+TRUST_BUNDLE = {("ClusterRole", None, "certificates.k8s.io", "clustertrustbundles", "create", ())} | {
+    ("ClusterRole", None, "certificates.k8s.io", "clustertrustbundles", v, ("signet.dev:spiffe:bundle",))
+    for v in ("get", "list", "watch", "update")} | {
     ("ClusterRole", None, "certificates.k8s.io", "signers", "attest", ("signet.dev/spiffe",))}
 # Node impersonation: one cluster-wide pod list/watch, no get, no resourceNames.
 PODS = {("ClusterRole", None, "", "pods", v, ()) for v in ("list", "watch")}
@@ -361,7 +362,9 @@ def test_pod_certificates_share_the_cluster_trust_bundle_rules(chart, ctb_signer
                           "podCertificates": {"enabled": True}})
     rules = cluster_role(objs)["rules"]
     ctb = [r for r in rules if "clustertrustbundles" in r.get("resources", ())]
-    assert len(ctb) == 1, rules
+    assert len(ctb) == 2, rules
+    named = [r["resourceNames"] for r in ctb if "update" in r["verbs"]]
+    assert named == [[s.replace("/", ":") + ":bundle" for s in attest]], rules
     attests = [r for r in rules if "attest" in r.get("verbs", ())]
     assert len(attests) == 1 and attests[0]["resourceNames"] == attest, rules
     signs = [r for r in rules if "sign" in r.get("verbs", ())]

@@ -271,7 +271,14 @@ impl KubeApi {
 
     /// Every call made so far.
     pub fn total_calls(&self) -> usize {
-        self.state.lock().unwrap().calls.values().sum()
+        let state = self.state.lock().unwrap();
+        // The per-namespace counts repeat the others.
+        state
+            .calls
+            .iter()
+            .filter(|(what, _)| !what.contains(" in "))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     /// Creates or replaces an object directly (the test as another writer).
@@ -715,6 +722,13 @@ impl Server {
                 .calls
                 .entry(format!("{verb} {}", target.kind.plural))
                 .or_default() += 1;
+            // Also by namespace, to tell that a write was not even tried there.
+            if let Some(ns) = &target.namespace {
+                *state
+                    .calls
+                    .entry(format!("{verb} {} in {ns}", target.kind.plural))
+                    .or_default() += 1;
+            }
             if let Some(i) = state
                 .injected
                 .iter_mut()
