@@ -19,6 +19,7 @@ use std::{
 };
 
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+use signet_fs::watch::{OffThreadError, Poll, read_off_thread};
 
 use crate::{
     names::SecretName,
@@ -245,11 +246,12 @@ impl FileSecrets {
     async fn load(&self, name: &SecretName) -> Result<Option<(String, Secret)>, FileSecretError> {
         let policy = self.policy.clone();
         let owned = name.clone();
-        let read = tokio::task::spawn_blocking(move || build(&policy, &owned));
-        match tokio::time::timeout(READ_TIMEOUT, read).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(e)) => Err(FileSecretError::Unreadable(format!("reading failed: {e}"))),
-            Err(_) => Err(FileSecretError::Unreadable(format!(
+        match read_off_thread(READ_TIMEOUT, move || build(&policy, &owned)).await {
+            Ok(result) => result,
+            Err(OffThreadError::Failed(e)) => {
+                Err(FileSecretError::Unreadable(format!("reading failed: {e}")))
+            }
+            Err(OffThreadError::TimedOut(_)) => Err(FileSecretError::Unreadable(format!(
                 "reading {} took longer than {}s",
                 file_paths(name)
                     .iter()
@@ -264,8 +266,9 @@ impl FileSecrets {
 
 /// Re-reads a watched name until its last lease is gone.
 async fn poll(owner: Weak<FileSecrets>, name: SecretName, changed: Arc<dyn Fn() + Send + Sync>) {
-    loop {
-        tokio::time::sleep(POLL).await;
+    // No stop signal: the loop ends when the owner or the last lease is gone.
+    let mut poll = Poll::new(POLL, None);
+    while poll.tick().await {
         let Some(files) = owner.upgrade() else { return };
         if !files.lock().contains_key(&name) {
             return;

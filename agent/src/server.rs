@@ -10,6 +10,9 @@ use tokio::{
 };
 use tokio_stream::{StreamExt, wrappers::UnixListenerStream};
 
+use signet_fs::watch::{Poll, Reported, read_off_thread};
+use std::time::Duration;
+
 use crate::{
     caclient::{CaClient, GrpcCaClient},
     config::RunConfig,
@@ -20,6 +23,11 @@ use crate::{
     sds::{Sds, authority::Normalized},
     store::SecretStore,
 };
+
+/// How often `--federated-bundles` is read again.
+const FEDERATION_POLL: Duration = Duration::from_secs(2);
+/// How long one read of it may take (a stuck mount must not hold the agent's thread).
+const FEDERATION_READ_LIMIT: Duration = Duration::from_secs(2);
 
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -93,24 +101,33 @@ pub async fn run_with(
 
     if let Some(path) = config.federated_bundles.clone() {
         let store = store.clone();
-        let mut stop = stop_rx.clone();
+        let mut poll = Poll::new(FEDERATION_POLL, Some(stop_rx.clone()));
         tokio::spawn(async move {
-            let mut last_error = None;
+            let mut reported = Reported::default();
             loop {
-                match crate::federation::load(&path) {
-                    Ok(bundles) => {
+                let file = path.clone();
+                let read = read_off_thread(FEDERATION_READ_LIMIT, move || {
+                    crate::federation::load(&file)
+                })
+                .await;
+                match read {
+                    Ok(Ok(bundles)) => {
                         store.set_federated(bundles);
-                        last_error = None;
+                        reported.clear();
                     }
-                    Err(e) if last_error.as_ref() != Some(&e) => {
-                        tracing::warn!(error = %e, "cannot read --federated-bundles; keeping the bundles already loaded");
-                        last_error = Some(e);
+                    Ok(Err(e)) => {
+                        if reported.is_new(&e) {
+                            tracing::warn!(error = %e, "cannot read --federated-bundles; keeping the bundles already loaded");
+                        }
                     }
-                    Err(_) => {}
+                    Err(e) => {
+                        if reported.is_new(&e) {
+                            tracing::warn!(error = %e, "reading --federated-bundles failed; keeping the bundles already loaded");
+                        }
+                    }
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
-                    _ = stop.wait_for(|s| *s) => return,
+                if !poll.tick().await {
+                    return;
                 }
             }
         });

@@ -10,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use signet_fs::watch::{Poll, Reported};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -112,14 +113,11 @@ pub(crate) async fn watch(
     signer_tx: watch::Sender<Arc<Signer>>,
     tls: Arc<TlsState>,
     metrics: Metrics,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut last_failure: Option<String> = None;
-    loop {
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            _ = tokio::time::sleep(settings.interval) => {}
-        }
+    let mut poll = Poll::new(settings.interval, Some(stop));
+    let mut reported = Reported::default();
+    while poll.tick().await {
         let current = signer_tx.borrow().clone();
         let outcome = match changed(
             &settings.cacerts_dir,
@@ -152,17 +150,15 @@ pub(crate) async fn watch(
                     .cacerts_reloads
                     .with_label_values(&["success"])
                     .inc();
-                last_failure = None;
+                reported.clear();
             }
             Err(e) => {
                 metrics
                     .cacerts_reloads
                     .with_label_values(&["failure"])
                     .inc();
-                let e = e.to_string();
-                if last_failure.as_deref() != Some(e.as_str()) {
+                if reported.is_new(&e) {
                     tracing::error!(error = %e, "refusing new CA key material; the previous set keeps serving");
-                    last_failure = Some(e);
                 }
             }
         }

@@ -3,7 +3,11 @@
 //! - [`write_atomic`]: the one way Signet writes a file (keys, certificates, bundles).
 //! - [`read_regular`]: the one way Signet reads a file an attacker may have planted
 //!   something at (a FIFO, a device, a symlink, a huge file).
+//! - [`watch`]: the one way Signet keeps looking at files ([`watch::Poll`],
+//!   [`watch::read_off_thread`], [`watch::Reported`]).
 #![forbid(unsafe_code)]
+
+pub mod watch;
 
 use std::{
     fs::{File, OpenOptions, Permissions},
