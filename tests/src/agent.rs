@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{sync::oneshot, task::JoinHandle};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 
 use crate::{JwtIssuer, TestCa};
 
@@ -103,7 +103,7 @@ pub struct TestAgent {
 impl TestAgent {
     /// Starts an agent with `args` (flags of `signet-agent run`).
     pub async fn start(args: &[String]) -> Self {
-        let (http, stop, handle) = crate::start_agent(args).await;
+        let (http, stop, handle) = start_agent(args).await;
         Self {
             http,
             stop: Some(stop),
@@ -175,4 +175,30 @@ pub async fn wait_ready(http: SocketAddr) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("agent never became ready (60s)");
+}
+
+/// Starts signet-agent in this process with `args` (flags of `signet-agent run`),
+/// its HTTP listener on port 0. Returns the HTTP address and a stop handle.
+async fn start_agent(args: &[String]) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<()>) {
+    use clap::Parser;
+    use signet_agent::config::{Cli, Command};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut full = vec!["signet-agent".to_string(), "run".to_string()];
+    full.extend_from_slice(args);
+    let Command::Run(run) = Cli::try_parse_from(full).unwrap().command else {
+        unreachable!()
+    };
+    let config = run.validate(Vec::new()).unwrap();
+    let socket = signet_agent::sds::bind(&config.socket).unwrap();
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = http.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        signet_agent::server::run(config, socket, http, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .unwrap();
+    });
+    (addr, stop, handle)
 }

@@ -163,7 +163,7 @@ async fn a_new_root_in_the_ca_trust_reaches_rootca_without_waiting_for_rotation(
     // Step 2 of a root rotation: the CA bundles both roots, and the trust file that
     // pods mount is updated. The 24-hour certificate is nowhere near its refresh.
     let reloads = || async {
-        let (_, m) = ca.http_get("/metrics").await.unwrap();
+        let m = ca.metrics().await;
         metric(&m, r#"signet_ca_cacerts_reload_count{result="success"}"#).unwrap_or(0.0)
     };
     let before = reloads().await;
@@ -247,7 +247,7 @@ async fn step(
         metric(&agent.metrics().await, "istio_agent_num_outgoing_requests").unwrap_or(0.0)
     };
     let reloads = || async {
-        let (_, m) = ca.http_get("/metrics").await.unwrap();
+        let m = ca.metrics().await;
         metric(&m, r#"signet_ca_cacerts_reload_count{result="success"}"#).unwrap_or(0.0)
     };
     if trust_file_first {
@@ -317,13 +317,13 @@ async fn bundle_converges(trust_file_first: bool) {
     // the CA's bundle lags (backoff from 1 s doubling): generous for a loaded machine.
     until_rootca(&socket, &both, 60, "step 2 (new root added)").await;
     // Step 3: the CA alone switches to an intermediate under the new root.
-    let (_, m) = ca.http_get("/metrics").await.unwrap();
+    let m = ca.metrics().await;
     let reloads = metric(&m, r#"signet_ca_cacerts_reload_count{result="success"}"#).unwrap_or(0.0);
     mount.publish(&staged.join("3"));
     until_more(
         reloads,
         || async {
-            let (_, m) = ca.http_get("/metrics").await.unwrap();
+            let m = ca.metrics().await;
             metric(&m, r#"signet_ca_cacerts_reload_count{result="success"}"#).unwrap_or(0.0)
         },
         "the CA's reload of step 3",

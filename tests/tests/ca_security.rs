@@ -5,12 +5,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use rcgen::KeyPair;
 use signet_e2e::{
-    JwtIssuer, RawTls, SecretMount, TestCa, TestRoot, csr, jwt_ca_args, metric, request, serial,
-    uri_sans, write_crl,
+    JwtIssuer, RawTls, SecretMount, SelfSignedCa, TestCa, TestRoot, csr, jwt_ca_args, metric,
+    request, serial, uri_sans, write_crl,
 };
 
 /// A certificate chain for `web/frontend` living `secs` seconds (leaf and
@@ -33,10 +33,6 @@ fn renewal() -> tonic::Request<signet_proto::IstioCertificateRequest> {
     request(&pem, None, 90 * 24 * 3600)
 }
 
-fn self_signed_root(dir: &Path) -> String {
-    std::fs::read_to_string(dir.join("state/root-cert.pem")).unwrap()
-}
-
 /// Sleeps until a second past the `notAfter` of the first certificate of `chain_pem`,
 /// by the wall clock the CA checks it with: however slow the machine, it has expired.
 async fn sleep_past_expiry(chain_pem: &str) {
@@ -49,10 +45,12 @@ async fn sleep_past_expiry(chain_pem: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_kept_open_past_not_after_cannot_renew() {
-    let dir = tempfile::tempdir().unwrap();
-    let jwt = JwtIssuer::new("k1");
-    let ca = TestCa::start(&jwt_ca_args(dir.path(), &jwt, &dir.path().join("none"))).await;
-    let root = self_signed_root(dir.path());
+    let SelfSignedCa {
+        dir: _dir,
+        jwt,
+        ca,
+        root,
+    } = SelfSignedCa::start(&[]).await;
     // 10 s: room for a connection and a renewal before it expires on a loaded machine.
     let (cert, key) = issue(&ca, &root, &jwt, 10).await;
 
@@ -70,7 +68,7 @@ async fn a_connection_kept_open_past_not_after_cannot_renew() {
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     assert!(e.message().contains("can no longer authenticate"), "{e:?}");
     assert_eq!(tls.connections(), 1, "one connection throughout");
-    let (_, metrics) = ca.http_get("/metrics").await.unwrap();
+    let metrics = ca.metrics().await;
     assert_eq!(
         metric(&metrics, "citadel_server_authentication_failure_count"),
         Some(1.0),
@@ -81,10 +79,12 @@ async fn a_connection_kept_open_past_not_after_cannot_renew() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_are_never_resumed_so_expiry_is_always_checked() {
-    let dir = tempfile::tempdir().unwrap();
-    let jwt = JwtIssuer::new("k1");
-    let ca = TestCa::start(&jwt_ca_args(dir.path(), &jwt, &dir.path().join("none"))).await;
-    let root = self_signed_root(dir.path());
+    let SelfSignedCa {
+        dir: _dir,
+        jwt,
+        ca,
+        root,
+    } = SelfSignedCa::start(&[]).await;
     // 10 s: room for two connections and renewals before it expires on a loaded machine.
     let (cert, key) = issue(&ca, &root, &jwt, 10).await;
 
@@ -200,7 +200,7 @@ async fn a_revoked_serial_cannot_renew() {
     c_revoked.create_certificate(renewal()).await.unwrap();
 
     // The same set, now with ca-crl.pem revoking the first certificate.
-    let (_, before) = ca.http_get("/metrics").await.unwrap();
+    let before = ca.metrics().await;
     write_crl(&staged.join("a"), &ca_key, &[serial(&revoked)]);
     mount.publish(&staged.join("a"));
     // Until the reload brings the list in (60 s at most, for a loaded machine).
@@ -218,7 +218,7 @@ async fn a_revoked_serial_cannot_renew() {
     let e = refused.expect("the revoked certificate kept renewing");
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     assert!(e.message().to_lowercase().contains("revoked"), "{e:?}");
-    let (_, after) = ca.http_get("/metrics").await.unwrap();
+    let after = ca.metrics().await;
     assert_ne!(
         reloads(&before, "success"),
         reloads(&after, "success"),
@@ -251,12 +251,12 @@ fn reloads(metrics: &str, result: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_closed_at_their_maximum_age() {
-    let dir = tempfile::tempdir().unwrap();
-    let jwt = JwtIssuer::new("k1");
-    let mut args = jwt_ca_args(dir.path(), &jwt, &dir.path().join("none"));
-    args.extend(["--max-connection-age".into(), "1s".into()]);
-    let ca = TestCa::start(&args).await;
-    let root = self_signed_root(dir.path());
+    let SelfSignedCa {
+        dir: _dir,
+        jwt,
+        ca,
+        root,
+    } = SelfSignedCa::start(&["--max-connection-age", "1s"]).await;
     let tls = RawTls::new(ca.grpc, &root, None);
     let mut c = tls.client().await.unwrap();
     let token = jwt.token("web", "frontend");
@@ -288,12 +288,12 @@ async fn connections_are_closed_at_their_maximum_age() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_cap_are_closed_at_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let jwt = JwtIssuer::new("k1");
-    let mut args = jwt_ca_args(dir.path(), &jwt, &dir.path().join("none"));
-    args.extend(["--max-connections".into(), "2".into()]);
-    let ca = TestCa::start(&args).await;
-    let root = self_signed_root(dir.path());
+    let SelfSignedCa {
+        dir: _dir,
+        jwt: _,
+        ca,
+        root,
+    } = SelfSignedCa::start(&["--max-connections", "2"]).await;
     let tls = RawTls::new(ca.grpc, &root, None);
     let _a = tls.client().await.unwrap();
     let _b = tls.client().await.unwrap();
@@ -301,7 +301,7 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
         tls.client().await.is_err(),
         "a third connection was accepted"
     );
-    let (_, metrics) = ca.http_get("/metrics").await.unwrap();
+    let metrics = ca.metrics().await;
     assert_eq!(
         metric(
             &metrics,

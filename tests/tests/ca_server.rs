@@ -73,7 +73,7 @@ async fn issues_renews_with_client_cert_and_reports_health() {
     );
 
     // The audit trail counts it.
-    let (_, metrics) = ca.http_get("/metrics").await.unwrap();
+    let metrics = ca.metrics().await;
     assert_eq!(
         metric(&metrics, "citadel_server_success_cert_issuance_count"),
         Some(2.0),
@@ -147,7 +147,7 @@ async fn overload_is_refused_promptly_with_resource_exhausted() {
         exhausted >= 1,
         "a one-slot queue must refuse some of 64 concurrent requests ({ok} succeeded)"
     );
-    let (_, metrics) = ca.http_get("/metrics").await.unwrap();
+    let metrics = ca.metrics().await;
     // Each refusal is counted once: as a full queue, or as the caller's share of it
     // (all 64 requests come from one service account).
     let full = metric(&metrics, "signet_ca_overload_rejections").unwrap_or(0.0);
@@ -186,12 +186,9 @@ async fn wait_for_issuer(ca: &TestCa, root: &str, jwt: &JwtIssuer, want: &str) -
 
 /// The number of refused reloads the CA has counted.
 async fn reload_failures(ca: &TestCa) -> f64 {
-    let (_, metrics) = ca.http_get("/metrics").await.unwrap();
-    metric(
-        &metrics,
-        r#"signet_ca_cacerts_reload_count{result="failure"}"#,
-    )
-    .unwrap_or(0.0)
+    ca.metric(r#"signet_ca_cacerts_reload_count{result="failure"}"#)
+        .await
+        .unwrap_or(0.0)
 }
 
 /// Waits (60 s at most, generous for a loaded machine) until the CA has counted
@@ -246,7 +243,7 @@ async fn reload_swaps_valid_sets_and_refuses_bad_ones() {
             .await
             .contains("B")
     );
-    let (_, metrics) = ca.http_get("/metrics").await.unwrap();
+    let metrics = ca.metrics().await;
     let failures = metric(
         &metrics,
         r#"signet_ca_cacerts_reload_count{result="failure"}"#,

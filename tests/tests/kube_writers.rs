@@ -137,7 +137,7 @@ async fn root_configmaps_follow_namespaces_edits_and_key_material() {
     // it takes the Lease back at its next try: polled, 30 s at most.)
     let start = Instant::now();
     let metrics = loop {
-        let (_, metrics) = ca.http_get("/metrics").await.unwrap();
+        let metrics = ca.metrics().await;
         if metric(&metrics, "signet_ca_leader") == Some(1.0) {
             break metrics;
         }
@@ -235,7 +235,7 @@ async fn conflicts_are_retried_with_fresh_reads() {
             .filter(|cm| root_of(cm).as_deref() == Some(root.pem.as_str()))
     })
     .await;
-    let (_, metrics) = ca.http_get("/metrics").await.unwrap();
+    let metrics = ca.metrics().await;
     assert!(
         metric(
             &metrics,
@@ -369,7 +369,7 @@ async fn istiod_secret_is_created_renewed_and_restored() {
         api.get("secrets", "istio-system", "istiod-tls")
     })
     .await;
-    let (_, metrics) = ca.http_get("/metrics").await.unwrap();
+    let metrics = ca.metrics().await;
     assert!(
         metric(
             &metrics,

@@ -263,7 +263,7 @@ async fn requests_are_issued_or_denied_once_and_chain_to_the_trust_bundle() {
     };
     let start = std::time::Instant::now();
     let metrics = loop {
-        let (_, metrics) = ca.http_get("/metrics").await.unwrap();
+        let metrics = ca.metrics().await;
         if count(&metrics, "issued") >= 4.0 && count(&metrics, "denied") >= 2.0 {
             break metrics;
         }
