@@ -20,7 +20,7 @@ pub mod keys;
 pub mod metrics;
 pub mod names;
 pub(crate) mod output;
-pub mod resources;
+pub(crate) mod resources;
 pub mod rotation;
 pub mod sds;
 pub mod server;

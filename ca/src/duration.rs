@@ -4,7 +4,7 @@
 use time::Duration;
 
 /// Parses `24h`, `90m`, `8s`, `1h30m` into a duration.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s.trim())
         .map_err(|e| format!("{s:?} is not a duration like 24h, 90m or 8s ({e})"))?;
     Duration::try_from(d).map_err(|e| format!("{s:?}: {e}"))

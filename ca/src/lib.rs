@@ -17,7 +17,7 @@ pub mod authn;
 pub mod cacerts;
 pub mod config;
 pub mod csr;
-pub mod duration;
+pub(crate) mod duration;
 pub mod keys;
 pub(crate) mod kubeapi;
 pub(crate) mod metrics;
