@@ -1,20 +1,40 @@
 //! Access to a Kubernetes API server: a `kube` client from a kubeconfig file, or the
 //! pod's in-cluster configuration (service-account token and cluster CA).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Why no client could be made.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeClientError {
+    /// The kubeconfig file is unreadable or not a kubeconfig.
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// Not in a pod, or the pod's service-account files are missing.
+    #[error("in-cluster Kubernetes configuration: {0}")]
+    InCluster(#[source] kube::config::InClusterError),
+    /// The configuration was read but no client could be built from it.
+    #[error("Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+}
 
 /// A client from `kubeconfig`, or the in-cluster configuration when `None`.
-pub(crate) async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, String> {
+pub(crate) async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, KubeClientError> {
+    let kubeconfig_error = |source| KubeClientError::Kubeconfig {
+        path: kubeconfig.map(Path::to_path_buf).unwrap_or_default(),
+        source,
+    };
     let config = match kubeconfig {
         Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+            let file = kube::config::Kubeconfig::read_from(path).map_err(kubeconfig_error)?;
             kube::Config::from_custom_kubeconfig(file, &Default::default())
                 .await
-                .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?
+                .map_err(kubeconfig_error)?
         }
-        None => kube::Config::incluster()
-            .map_err(|e| format!("in-cluster Kubernetes configuration: {e}"))?,
+        None => kube::Config::incluster().map_err(KubeClientError::InCluster)?,
     };
-    kube::Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
+    kube::Client::try_from(config).map_err(KubeClientError::Client)
 }

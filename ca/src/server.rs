@@ -51,10 +51,20 @@ pub enum ServeError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     KeyMaterial(#[from] reload::ReloadError),
-    #[error("token authentication: {0}")]
-    Authn(String),
+    #[error("token authentication for cluster {cluster}: {source}")]
+    Authn {
+        cluster: String,
+        #[source]
+        source: crate::authn::BuildError,
+    },
+    #[error("node impersonation: the pod watch of cluster {cluster}: {source}")]
+    PodWatch {
+        cluster: String,
+        #[source]
+        source: crate::authn::KubeClientError,
+    },
     #[error("Kubernetes API access for the writers: {0}")]
-    Writers(String),
+    Writers(#[source] crate::authn::KubeClientError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("gRPC server: {0}")]
@@ -72,7 +82,10 @@ pub async fn authenticator(config: &ServeConfig) -> Result<Authenticator, ServeE
         config.max_token_reviews,
     )
     .await
-    .map_err(ServeError::Authn)?;
+    .map_err(|source| ServeError::Authn {
+        cluster: config.cluster_id.clone(),
+        source,
+    })?;
     let mut authn = Authenticator::new(config.cluster_id.clone(), local, config.trust_domains())
         .with_aliases(config.cluster_aliases.clone());
     for (id, remote) in &config.remotes {
@@ -83,7 +96,10 @@ pub async fn authenticator(config: &ServeConfig) -> Result<Authenticator, ServeE
             config.max_token_reviews,
         )
         .await
-        .map_err(|e| ServeError::Authn(format!("cluster {id}: {e}")))?;
+        .map_err(|source| ServeError::Authn {
+            cluster: id.clone(),
+            source,
+        })?;
         authn = authn.with_cluster(id.clone(), auth);
     }
     Ok(authn)
@@ -109,7 +125,10 @@ async fn node_impersonation(
         async move {
             let client = crate::kubeapi::client(kubeconfig.as_deref())
                 .await
-                .map_err(|e| ServeError::Authn(format!("pod watch of cluster {id}: {e}")))?;
+                .map_err(|source| ServeError::PodWatch {
+                    cluster: id.clone(),
+                    source,
+                })?;
             tokio::spawn(async move {
                 tokio::select! {
                     _ = cache.watch(client, id) => {}

@@ -78,19 +78,63 @@ pub struct JwtConfig {
     pub max_age: time::Duration,
 }
 
+/// Why a JWKS could not be had: at start-up (which then fails) or on a refresh (the
+/// keys already loaded stay until `--jwks-max-age`).
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    /// The bytes are not a JWKS document.
+    #[error("not a JWKS document: {0}")]
+    Document(#[source] serde_json::Error),
+    /// Only symmetric keys, or none.
+    #[error("the JWKS holds no RSA or EC public key")]
+    NoKeys,
+    /// A URL that is not https.
+    #[error("JWKS URL {0:?} must be https")]
+    NotHttps(String),
+    /// The JWKS file could not be read.
+    #[error("JWKS file {0}")]
+    File(#[source] signet_fs::ReadError),
+    /// The blocking task reading it failed.
+    #[error("JWKS file: {0}")]
+    Task(#[source] tokio::task::JoinError),
+    /// The request failed (with the chain of causes).
+    #[error("JWKS {url}: {detail}")]
+    Request { url: String, detail: String },
+    /// The server answered with an error status.
+    #[error("JWKS {url}: HTTP {status}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+    },
+    /// Larger than [`MAX_JWKS_BYTES`].
+    #[error("JWKS {0}: over the {MAX_JWKS_BYTES}-byte limit")]
+    TooLarge(String),
+    /// No complete answer in time.
+    #[error("JWKS {0}: no complete answer within 10s")]
+    Timeout(String),
+    /// The API server's JWKS could not be fetched.
+    #[error("JWKS {path} (API server): {detail}")]
+    ApiServer { path: String, detail: String },
+    /// `--jwks-ca` is unusable.
+    #[error("JWKS CA file {path}: {detail}")]
+    CaFile { path: String, detail: String },
+    /// The HTTP client could not be built.
+    #[error("HTTP client: {0}")]
+    Client(String),
+}
+
 /// A parsed JWKS, with symmetric keys removed.
 #[derive(Debug, Clone)]
 pub struct Jwks(JwkSet);
 
 impl Jwks {
     /// Parses a JWKS document; fails when it holds no usable asymmetric key.
-    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
-        let mut set: JwkSet =
-            serde_json::from_slice(bytes).map_err(|e| format!("not a JWKS document: {e}"))?;
+    pub fn parse(bytes: &[u8]) -> Result<Self, JwksError> {
+        let mut set: JwkSet = serde_json::from_slice(bytes).map_err(JwksError::Document)?;
         set.keys
             .retain(|k| !matches!(k.algorithm, AlgorithmParameters::OctetKey(_)));
         if set.keys.is_empty() {
-            return Err("the JWKS holds no RSA or EC public key".into());
+            return Err(JwksError::NoKeys);
         }
         Ok(Self(set))
     }
@@ -156,18 +200,23 @@ impl std::fmt::Debug for JwtAuthenticator {
 
 impl JwtAuthenticator {
     /// Loads the JWKS once; start-up fails when it cannot be had.
-    pub async fn new(config: JwtConfig) -> Result<Self, String> {
+    pub async fn new(config: JwtConfig) -> Result<Self, JwksError> {
         let fetcher = match &config.source {
             JwksSource::File(_) => Fetcher::File,
             JwksSource::Url { url, ca } => {
                 if !url.starts_with("https://") {
-                    return Err(format!("JWKS URL {url:?} must be https"));
+                    return Err(JwksError::NotHttps(url.clone()));
                 }
                 Fetcher::Http(http_client(ca.as_deref())?)
             }
-            JwksSource::ApiServer { kubeconfig, .. } => {
-                Fetcher::Kube(crate::kubeapi::client(kubeconfig.as_deref()).await?)
-            }
+            JwksSource::ApiServer { kubeconfig, path } => Fetcher::Kube(
+                crate::kubeapi::client(kubeconfig.as_deref())
+                    .await
+                    .map_err(|e| JwksError::ApiServer {
+                        path: path.clone(),
+                        detail: e.to_string(),
+                    })?,
+            ),
         };
         let jwks = fetch(&config.source, &fetcher).await?;
         Ok(Self(Arc::new(Inner {
@@ -398,27 +447,33 @@ enum VerifyFailure {
     Bad(String),
 }
 
-async fn fetch(source: &JwksSource, fetcher: &Fetcher) -> Result<Jwks, String> {
-    let too_big = |url: &str| format!("JWKS {url}: over the {MAX_JWKS_BYTES}-byte limit");
+async fn fetch(source: &JwksSource, fetcher: &Fetcher) -> Result<Jwks, JwksError> {
+    let too_big = |url: &str| JwksError::TooLarge(url.to_owned());
     let bytes = match (source, fetcher) {
         (JwksSource::File(path), _) => {
             let path = path.clone();
             tokio::task::spawn_blocking(move || {
-                signet_fs::read_resolved(&path, MAX_JWKS_BYTES as u64)
-                    .map_err(|e| format!("JWKS file {e}"))
+                signet_fs::read_resolved(&path, MAX_JWKS_BYTES as u64).map_err(JwksError::File)
             })
             .await
-            .map_err(|e| format!("JWKS file: {e}"))??
+            .map_err(JwksError::Task)??
         }
         (JwksSource::Url { url, .. }, Fetcher::Http(client)) => {
             let fetch = async {
-                let mut response = client
-                    .get(url)
-                    .send()
-                    .await
-                    .map_err(|e| format!("JWKS {url}: {}", with_sources(&e)))?;
+                let mut response =
+                    client
+                        .get(url)
+                        .send()
+                        .await
+                        .map_err(|e| JwksError::Request {
+                            url: url.clone(),
+                            detail: with_sources(&e),
+                        })?;
                 if !response.status().is_success() {
-                    return Err(format!("JWKS {url}: HTTP {}", response.status()));
+                    return Err(JwksError::Status {
+                        url: url.clone(),
+                        status: response.status(),
+                    });
                 }
                 if response
                     .content_length()
@@ -429,11 +484,10 @@ async fn fetch(source: &JwksSource, fetcher: &Fetcher) -> Result<Jwks, String> {
                 // Read chunk by chunk: a server that lies about its length, or sends
                 // none, still cannot make us hold more than the limit.
                 let mut body = Vec::new();
-                while let Some(chunk) = response
-                    .chunk()
-                    .await
-                    .map_err(|e| format!("JWKS {url}: {e}"))?
-                {
+                while let Some(chunk) = response.chunk().await.map_err(|e| JwksError::Request {
+                    url: url.clone(),
+                    detail: with_sources(&e),
+                })? {
                     if body.len() + chunk.len() > MAX_JWKS_BYTES {
                         return Err(too_big(url));
                     }
@@ -443,39 +497,48 @@ async fn fetch(source: &JwksSource, fetcher: &Fetcher) -> Result<Jwks, String> {
             };
             tokio::time::timeout(Duration::from_secs(10), fetch)
                 .await
-                .map_err(|_| format!("JWKS {url}: no complete answer within 10s"))??
+                .map_err(|_| JwksError::Timeout(url.clone()))??
         }
         (JwksSource::ApiServer { path, .. }, Fetcher::Kube(client)) => {
+            let api_error = |detail: String| JwksError::ApiServer {
+                path: path.clone(),
+                detail,
+            };
             let request = http::Request::get(path.as_str())
                 .body(Vec::new())
-                .map_err(|e| format!("JWKS {path}: {e}"))?;
+                .map_err(|e| api_error(e.to_string()))?;
             let body = tokio::time::timeout(Duration::from_secs(10), client.request_text(request))
                 .await
-                .map_err(|_| format!("JWKS {path} (API server): no complete answer within 10s"))?
-                .map_err(|e| format!("JWKS {path} (API server): {e}"))?;
+                .map_err(|_| api_error("no complete answer within 10s".into()))?
+                .map_err(|e| api_error(e.to_string()))?;
             if body.len() > MAX_JWKS_BYTES {
                 return Err(too_big(path));
             }
             body.into_bytes()
         }
-        (source, _) => return Err(format!("JWKS {source:?}: no client for this source")),
+        (source, _) => {
+            return Err(JwksError::Client(format!(
+                "no client for the JWKS source {source:?}"
+            )));
+        }
     };
     Jwks::parse(&bytes)
 }
 
-fn http_client(ca: Option<&std::path::Path>) -> Result<reqwest::Client, String> {
+fn http_client(ca: Option<&std::path::Path>) -> Result<reqwest::Client, JwksError> {
+    let ca_error = |path: &std::path::Path, detail: String| JwksError::CaFile {
+        path: path.display().to_string(),
+        detail,
+    };
     let mut roots = rustls::RootCertStore::empty();
     match ca {
         Some(path) => {
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("JWKS CA file {}: {e}", path.display()))?;
+                .map_err(|e| ca_error(path, e.to_string()))?;
             let (added, _) = roots.add_parsable_certificates(certs);
             if added == 0 {
-                return Err(format!(
-                    "JWKS CA file {} holds no usable certificate",
-                    path.display()
-                ));
+                return Err(ca_error(path, "holds no usable certificate".into()));
             }
         }
         None => {
@@ -486,7 +549,7 @@ fn http_client(ca: Option<&std::path::Path>) -> Result<reqwest::Client, String> 
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
+    .map_err(|e| JwksError::Client(e.to_string()))?
     .with_root_certificates(roots)
     .with_no_client_auth();
     // Redirects stay on https (a JWKS must never come over plain HTTP), and few.
@@ -503,7 +566,7 @@ fn http_client(ca: Option<&std::path::Path>) -> Result<reqwest::Client, String> 
         .use_preconfigured_tls(tls)
         .redirect(redirects)
         .build()
-        .map_err(|e| format!("HTTP client: {e}"))
+        .map_err(|e| JwksError::Client(e.to_string()))
 }
 
 #[cfg(test)]

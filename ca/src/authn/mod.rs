@@ -15,7 +15,8 @@ use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude
 
 use signet_spiffe::{ServiceAccount, TrustDomains};
 
-pub use jwt::{Jwks, JwksSource, JwtAuthenticator, JwtConfig};
+pub use crate::kubeapi::KubeClientError;
+pub use jwt::{Jwks, JwksError, JwksSource, JwtAuthenticator, JwtConfig};
 pub use token::Token;
 pub use tokenreview::{
     CachedReviewer, KubeTokenReviewer, ReviewError, ReviewFuture, Reviewed, TokenReviewer,
@@ -126,7 +127,7 @@ impl ClusterAuth {
         jwt: Option<&JwtConfig>,
         audiences: &[String],
         max_token_reviews: usize,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, BuildError> {
         let mut auth = Self::default();
         if let Some(kubeconfig) = kubeconfig {
             let reviewer = KubeTokenReviewer::connect(kubeconfig, audiences.to_vec()).await?;
@@ -137,6 +138,17 @@ impl ClusterAuth {
         }
         Ok(auth)
     }
+}
+
+/// Why a cluster's authenticators could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// TokenReview: no client for the API server.
+    #[error("TokenReview: {0}")]
+    TokenReview(#[from] KubeClientError),
+    /// Offline JWT: no JWKS.
+    #[error(transparent)]
+    Jwks(#[from] JwksError),
 }
 
 /// What the TLS layer holds of a request's client certificate, judged at the time of

@@ -80,7 +80,7 @@ impl KubeTokenReviewer {
     pub async fn connect(
         kubeconfig: Option<&Path>,
         audiences: Vec<String>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, crate::kubeapi::KubeClientError> {
         let client = crate::kubeapi::client(kubeconfig).await?;
         Ok(Self { client, audiences })
     }
