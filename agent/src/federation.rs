@@ -24,50 +24,107 @@ struct BundleKey {
     x5c: Vec<String>,
 }
 
-fn trust_domain(name: &str) -> Result<String, String> {
-    signet_spiffe::trust_domain(name)
-        .map(|td| td.as_str().to_owned())
-        .map_err(|e| e.to_string())
+/// Why a bundle could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// A file name or map key that is not a trust domain.
+    #[error("{0}")]
+    TrustDomain(#[from] signet_spiffe::IdentityError),
+    /// Not SPIFFE bundle JSON.
+    #[error("not a SPIFFE bundle: {0}")]
+    NotBundle(#[source] serde_json::Error),
+    /// An `x509-svid` key without a certificate.
+    #[error("an x509-svid key without x5c")]
+    NoX5c,
+    /// `x5c` that is not base64.
+    #[error("x5c is not base64: {0}")]
+    Base64(#[from] base64::DecodeError),
+    /// A bundle with no X.509 root.
+    #[error("no x509-svid key in the bundle")]
+    NoX509Key,
+    /// PEM that does not parse.
+    #[error("{0}")]
+    Pem(#[from] ::pem::PemError),
+    /// PEM without a certificate.
+    #[error("no PEM certificate")]
+    NoCertificate,
+    /// The one-file form is not a map of trust domains to bundles.
+    #[error("want {{\"<trust domain>\": <SPIFFE bundle>}}: {0}")]
+    NotMap(#[source] serde_json::Error),
+    /// One entry of the map is bad.
+    #[error("{trust_domain}: {source}")]
+    Entry {
+        trust_domain: String,
+        #[source]
+        source: Box<BundleError>,
+    },
+}
+
+/// Why `--federated-bundles` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A file could not be read (missing, not regular, too large, ...).
+    #[error("{0}")]
+    Read(#[from] signet_fs::ReadError),
+    /// The directory could not be listed.
+    #[error("{path}: {source}")]
+    Dir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file's content is not a bundle.
+    #[error("{path}: {source}")]
+    Bundle {
+        path: std::path::PathBuf,
+        #[source]
+        source: BundleError,
+    },
+}
+
+fn trust_domain(name: &str) -> Result<String, BundleError> {
+    Ok(signet_spiffe::trust_domain(name)?.as_str().to_owned())
 }
 
 /// The X.509 roots of a SPIFFE bundle document, as PEM.
-fn bundle_pem(json: &[u8]) -> Result<String, String> {
-    let bundle: SpiffeBundle =
-        serde_json::from_slice(json).map_err(|e| format!("not a SPIFFE bundle: {e}"))?;
+fn bundle_pem(json: &[u8]) -> Result<String, BundleError> {
+    let bundle: SpiffeBundle = serde_json::from_slice(json).map_err(BundleError::NotBundle)?;
     let mut pem = String::new();
     for key in bundle
         .keys
         .iter()
         .filter(|k| k.usage.as_deref() == Some("x509-svid"))
     {
-        let der = key.x5c.first().ok_or("an x509-svid key without x5c")?;
-        let der = base64::engine::general_purpose::STANDARD
-            .decode(der)
-            .map_err(|e| format!("x5c is not base64: {e}"))?;
+        let der = key.x5c.first().ok_or(BundleError::NoX5c)?;
+        let der = base64::engine::general_purpose::STANDARD.decode(der)?;
         pem.push_str(&signet_spiffe::pem_cert(&der));
     }
     if pem.is_empty() {
-        return Err("no x509-svid key in the bundle".into());
+        return Err(BundleError::NoX509Key);
     }
     Ok(pem)
 }
 
-fn pem_roots(bytes: &[u8]) -> Result<String, String> {
-    let certs = ::pem::parse_many(bytes).map_err(|e| e.to_string())?;
+fn pem_roots(bytes: &[u8]) -> Result<String, BundleError> {
+    let certs = ::pem::parse_many(bytes)?;
     let pem: String = certs
         .iter()
         .filter(|p| p.tag() == "CERTIFICATE")
         .map(|p| signet_spiffe::pem_cert(p.contents()))
         .collect();
     if pem.is_empty() {
-        return Err("no PEM certificate".into());
+        return Err(BundleError::NoCertificate);
     }
     Ok(pem)
 }
 
 /// One file of a bundle directory: `<trust domain>.pem|.crt` (PEM roots) or
 /// `<trust domain>.json` (a SPIFFE bundle). `Ok(None)` for files that are not bundles.
-pub fn parse_file(stem: &str, ext: &str, bytes: &[u8]) -> Result<Option<(String, String)>, String> {
+pub fn parse_file(
+    stem: &str,
+    ext: &str,
+    bytes: &[u8],
+) -> Result<Option<(String, String)>, BundleError> {
     if stem.starts_with('.') {
         return Ok(None); // kubelet's ..data and friends
     }
@@ -80,13 +137,17 @@ pub fn parse_file(stem: &str, ext: &str, bytes: &[u8]) -> Result<Option<(String,
 }
 
 /// A JSON document mapping trust domains to SPIFFE bundles.
-pub fn parse_map(bytes: &[u8]) -> Result<Bundles, String> {
-    let map: BTreeMap<String, serde_json::Value> = serde_json::from_slice(bytes)
-        .map_err(|e| format!("want {{\"<trust domain>\": <SPIFFE bundle>}}: {e}"))?;
+pub fn parse_map(bytes: &[u8]) -> Result<Bundles, BundleError> {
+    let map: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(bytes).map_err(BundleError::NotMap)?;
     let mut out = Bundles::new();
     for (td, bundle) in map {
-        let pem = bundle_pem(bundle.to_string().as_bytes()).map_err(|e| format!("{td}: {e}"))?;
-        out.insert(trust_domain(&td)?, pem);
+        let entry = |source| BundleError::Entry {
+            trust_domain: td.clone(),
+            source: Box::new(source),
+        };
+        let pem = bundle_pem(bundle.to_string().as_bytes()).map_err(entry)?;
+        out.insert(trust_domain(&td).map_err(entry)?, pem);
     }
     Ok(out)
 }
@@ -95,14 +156,20 @@ pub fn parse_map(bytes: &[u8]) -> Result<Bundles, String> {
 const MAX_BUNDLE_BYTES: u64 = 1024 * 1024;
 
 /// Reads `path` (a directory or a JSON file).
-pub fn load(path: &Path) -> Result<Bundles, String> {
-    let err = |p: &Path, e: String| format!("{}: {e}", p.display());
-    let read = |p: &Path| signet_fs::read_resolved(p, MAX_BUNDLE_BYTES).map_err(|e| e.to_string());
+pub fn load(path: &Path) -> Result<Bundles, LoadError> {
+    let bad = |p: &Path| {
+        let path = p.to_path_buf();
+        move |source| LoadError::Bundle { path, source }
+    };
+    let read = |p: &Path| signet_fs::read_resolved(p, MAX_BUNDLE_BYTES);
     if !path.is_dir() {
-        return parse_map(&read(path)?).map_err(|e| err(path, e));
+        return parse_map(&read(path)?).map_err(bad(path));
     }
     let mut out = Bundles::new();
-    let entries = std::fs::read_dir(path).map_err(|e| err(path, e.to_string()))?;
+    let entries = std::fs::read_dir(path).map_err(|source| LoadError::Dir {
+        path: path.to_path_buf(),
+        source,
+    })?;
     for entry in entries.flatten() {
         let file = entry.path();
         let (Some(stem), Some(ext)) = (
@@ -114,7 +181,7 @@ pub fn load(path: &Path) -> Result<Bundles, String> {
         if stem.starts_with('.') || !matches!(ext, "pem" | "crt" | "json") {
             continue;
         }
-        if let Some((td, pem)) = parse_file(stem, ext, &read(&file)?).map_err(|e| err(&file, e))? {
+        if let Some((td, pem)) = parse_file(stem, ext, &read(&file)?).map_err(bad(&file))? {
             out.insert(td, pem);
         }
     }
@@ -152,6 +219,17 @@ mod tests {
         );
 
         std::fs::write(dir.path().join("bad domain.pem"), cert.pem()).unwrap();
-        assert!(load(dir.path()).unwrap_err().contains("bad domain"));
+        let e = load(dir.path()).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                LoadError::Bundle {
+                    source: BundleError::TrustDomain(_),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("bad domain"), "{e}");
     }
 }
