@@ -12,9 +12,10 @@ RUN rustup toolchain install
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p signet-ca -p signet-agent \
+    cargo build --release --locked -p signet-ca \
+    && cargo build --profile agent --locked -p signet-agent \
     && mkdir -p /out \
-    && cp target/release/signet-ca target/release/signet-agent /out/
+    && cp target/release/signet-ca target/agent/signet-agent /out/
 
 # glibc, libgcc, CA certificates and nothing else: no shell, no package manager.
 FROM gcr.io/distroless/cc-debian12:nonroot

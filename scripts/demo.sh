@@ -15,10 +15,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 
-echo "==> building signet-ca and signet-agent (release)"
-cargo build --release --locked -p signet-ca -p signet-agent 2>&1 | tail -n 1
+echo "==> building signet-ca and signet-agent (release; the agent with --profile agent)"
+cargo build --release --locked -p signet-ca 2>&1 | tail -n 1
+cargo build --profile agent --locked -p signet-agent 2>&1 | tail -n 1
 python="$("$root/scripts/python-env.sh")"
 bin="$root/target/release"
+agent_bin="$root/target/agent"
 
 work="$(mktemp -d /tmp/signet-demo.XXXXXX)"
 pids=()
@@ -53,7 +55,7 @@ pids+=($!)
 wait_http "http://127.0.0.1:$ca_http/readyz" "${pids[-1]}" "$work/ca.log"
 
 echo "==> signet-agent for demo/web, SDS on $work/sds/socket"
-SIGNET_LOG=info "$bin/signet-agent" run \
+SIGNET_LOG=info "$agent_bin/signet-agent" run \
     --ca-addr "localhost:$ca_grpc" --ca-root-cert "$work/state/root-cert.pem" \
     --token-file "$work/token" --namespace demo --service-account web \
     --socket "$work/sds/socket" --http-addr "127.0.0.1:$agent_http" \
@@ -62,14 +64,14 @@ pids+=($!)
 wait_http "http://127.0.0.1:$agent_http/healthz/ready" "${pids[-1]}" "$work/agent.log"
 
 echo "==> what Envoy gets over SDS (signet-agent inspect)"
-"$bin/signet-agent" inspect --socket "$work/sds/socket" | sed 's/^/  /'
+"$agent_bin/signet-agent" inspect --socket "$work/sds/socket" | sed 's/^/  /'
 
 echo "==> openssl verify of the workload certificate against the served trust bundle"
 printf '  '; openssl verify -CAfile "$work/certs/root-cert.pem" "$work/certs/cert-chain.pem"
 
 echo "==> a second workload, demo/api, with its own signet-agent"
 api_http="$(port)"
-SIGNET_LOG=info "$bin/signet-agent" run \
+SIGNET_LOG=info "$agent_bin/signet-agent" run \
     --ca-addr "localhost:$ca_grpc" --ca-root-cert "$work/state/root-cert.pem" \
     --token-file "$work/token-api" --namespace demo --service-account api \
     --socket "$work/sds-api/socket" --http-addr "127.0.0.1:$api_http" 2> "$work/agent-api.log" &

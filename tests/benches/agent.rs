@@ -1,10 +1,10 @@
 //! signet-agent figures: time from process start to the first `default` answer over
 //! SDS (with the CA round trip measured separately), resident memory while holding
 //! one identity with 100 open SDS streams, and how long a rotation takes to reach
-//! all 100 streams. The agent runs as the release binary in its own process; the CA
+//! all 100 streams. The agent runs as the shipped binary (`--profile agent`) in its own process; the CA
 //! runs in this process on 127.0.0.1.
 //!
-//! `cargo bench -p signet-e2e --bench agent` (builds the release agent first).
+//! `cargo bench -p signet-e2e --bench agent` (builds the shipped agent first).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -28,12 +28,19 @@ const STREAMS: usize = 100;
 fn agent_binary() -> PathBuf {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
-        .args(["build", "--release", "--locked", "-p", "signet-agent"])
+        .args([
+            "build",
+            "--profile",
+            "agent",
+            "--locked",
+            "-p",
+            "signet-agent",
+        ])
         .current_dir(workspace())
         .status()
         .unwrap();
     assert!(status.success());
-    workspace().join("target/release/signet-agent")
+    workspace().join("target/agent/signet-agent")
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -220,7 +227,9 @@ async fn main() {
     arrivals.sort();
     let spread = *arrivals.last().unwrap() - arrivals[0];
 
-    println!("signet-agent (release binary), one identity, P-256, local CA on 127.0.0.1");
+    println!(
+        "signet-agent (shipped binary, --profile agent), one identity, P-256, local CA on 127.0.0.1"
+    );
     println!(
         "  start to first `default` over SDS: median {:.1} ms of 10 starts (CA round trip, TLS handshake + signature: median {:.1} ms; agent's own share {:.1} ms; target < 20 ms + round trip)",
         first.as_secs_f64() * 1e3,
