@@ -1,7 +1,7 @@
 //! Runs the agent: the rotation loop, the SDS server on the Unix socket, the HTTP
 //! listener for readiness and metrics, and `--output-certs`.
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use axum::{Router, http::StatusCode, routing::get};
 use tokio::{
@@ -11,7 +11,6 @@ use tokio::{
 use tokio_stream::{StreamExt, wrappers::UnixListenerStream};
 
 use signet_fs::watch::{Poll, Reported, read_off_thread};
-use std::time::Duration;
 
 use crate::{
     caclient::{CaClient, GrpcCaClient},

@@ -23,12 +23,12 @@ pub enum KubeClientError {
 
 /// A client from `kubeconfig`, or the in-cluster configuration when `None`.
 pub(crate) async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, KubeClientError> {
-    let kubeconfig_error = |source| KubeClientError::Kubeconfig {
-        path: kubeconfig.map(Path::to_path_buf).unwrap_or_default(),
-        source,
-    };
     let config = match kubeconfig {
         Some(path) => {
+            let kubeconfig_error = |source| KubeClientError::Kubeconfig {
+                path: path.to_path_buf(),
+                source,
+            };
             let file = kube::config::Kubeconfig::read_from(path).map_err(kubeconfig_error)?;
             kube::Config::from_custom_kubeconfig(file, &Default::default())
                 .await

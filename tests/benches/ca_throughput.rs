@@ -60,7 +60,7 @@ fn main() {
 
         breakdown(name, &cacerts_dir, &jwks, &issuer);
         let limit = crypto_limit(&cacerts_dir, &jwks, &issuer, cores, phase);
-        let s = serve_rate(dir.path(), &cacerts_dir, &jwks, &root.pem, &issuer, phase);
+        let s = serve_rate(dir.path(), &cacerts_dir, &root.pem, &issuer, phase);
         let server_only = cores as f64 / s.server_cpu_per_cert.as_secs_f64();
         println!(
             "{name:<14} {:>9.0} {:>8.2} {:>8.2} {limit:>14.0} {:>6.2}   server CPU {:.0} us/cert, {:.2} of the limit with the load generator elsewhere",
@@ -245,31 +245,17 @@ struct Served {
 fn serve_rate(
     dir: &Path,
     cacerts_dir: &Path,
-    jwks: &Path,
     root_pem: &str,
     issuer: &JwtIssuer,
     phase: Duration,
 ) -> Served {
-    let ca_rt = tokio::runtime::Builder::new_multi_thread()
-        .thread_name("signet-ca")
-        .enable_all()
-        .build()
-        .unwrap();
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .thread_name("bench-client")
-        .enable_all()
-        .build()
-        .unwrap();
-    let ca = ca_rt.block_on(TestCa::start(&[
-        "--cacerts-dir".into(),
-        cacerts_dir.display().to_string(),
-        "--state-dir".into(),
-        dir.join("state").display().to_string(),
-        "--jwks".into(),
-        jwks.display().to_string(),
-        "--jwt-issuer".into(),
-        signet_e2e::ISSUER.into(),
-    ]));
+    let ca_rt = signet_e2e::named_runtime("signet-ca");
+    let client_rt = signet_e2e::named_runtime("bench-client");
+    let ca = ca_rt.block_on(TestCa::start(&signet_e2e::jwt_ca_args(
+        dir,
+        issuer,
+        cacerts_dir,
+    )));
     let served = client_rt.block_on(async {
         let csrs = Arc::new(csrs(256));
         let stop = Arc::new(AtomicBool::new(false));

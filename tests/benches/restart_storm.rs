@@ -47,7 +47,6 @@ fn main() {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     root.write_cacerts(&cacerts, "Storm Intermediate", &key, Some(0), &[]);
     let issuer = Arc::new(JwtIssuer::new("storm"));
-    let jwks = issuer.write_jwks(dir.path());
 
     let made = Instant::now();
     let identities = Arc::new(identities(&issuer, n, cores));
@@ -56,26 +55,13 @@ fn main() {
         made.elapsed().as_secs_f64()
     );
 
-    let ca_rt = tokio::runtime::Builder::new_multi_thread()
-        .thread_name("signet-ca")
-        .enable_all()
-        .build()
-        .unwrap();
-    let client_rt = tokio::runtime::Builder::new_multi_thread()
-        .thread_name("bench-client")
-        .enable_all()
-        .build()
-        .unwrap();
-    let ca = ca_rt.block_on(TestCa::start(&[
-        "--cacerts-dir".into(),
-        cacerts.display().to_string(),
-        "--state-dir".into(),
-        dir.path().join("state").display().to_string(),
-        "--jwks".into(),
-        jwks.display().to_string(),
-        "--jwt-issuer".into(),
-        signet_e2e::ISSUER.into(),
-    ]));
+    let ca_rt = signet_e2e::named_runtime("signet-ca");
+    let client_rt = signet_e2e::named_runtime("bench-client");
+    let ca = ca_rt.block_on(TestCa::start(&signet_e2e::jwt_ca_args(
+        dir.path(),
+        &issuer,
+        &cacerts,
+    )));
 
     client_rt.block_on(async {
         let mut channels = Vec::with_capacity(CONNECTIONS);

@@ -33,6 +33,16 @@ pub use pki::{SecretMount, TestRoot, write_crl};
 use rcgen::{CertificateParams, KeyPair};
 use tokio::net::TcpListener;
 
+/// A multi-threaded runtime whose threads are named `name` (the benches tell the CA's
+/// CPU from the load generator's by thread name).
+pub fn named_runtime(name: &str) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// The workspace root.
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

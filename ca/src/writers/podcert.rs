@@ -79,6 +79,17 @@ pub struct PodCertificates {
     pub signing_threads: usize,
 }
 
+/// One request's failed attempts to answer it.
+#[derive(Debug)]
+struct Attempts {
+    /// Answers the API server refused (400, 403, 422): at [`MAX_ATTEMPTS`], `Failed`.
+    refused: u32,
+    /// Failures of any kind, for the backoff.
+    failed: u32,
+    /// When to try again.
+    next: Instant,
+}
+
 /// What one request gets.
 #[derive(Debug, Clone, PartialEq)]
 enum Answer {
@@ -363,9 +374,8 @@ pub(super) async fn run(
         return;
     }
     tracing::info!(version = %resource.api_version, signer = %config.signer, "signing pod certificates");
-    // Per request UID: answers the API server refused, failed attempts of any kind
-    // (for the backoff), and when to try next (in memory: a new leader starts afresh).
-    let attempts: Mutex<HashMap<String, (u32, u32, Instant)>> = Mutex::default();
+    // Failed attempts per request UID (in memory: a new leader starts afresh).
+    let attempts: Mutex<HashMap<String, Attempts>> = Mutex::default();
     // Requests this writer answered (or found answered) whose answer the watch has not
     // shown yet: skipped, so a pass that starts before the watch catches up neither
     // signs them again nor spends a write on a conflict.
@@ -393,7 +403,7 @@ pub(super) async fn run(
                     .filter(|p| {
                         let uid = p.metadata.uid.as_deref().unwrap_or_default();
                         !settled.contains(uid)
-                            && attempts.get(uid).is_none_or(|(_, _, next)| *next <= now)
+                            && attempts.get(uid).is_none_or(|a| a.next <= now)
                     })
                     .cloned()
                     .collect()
@@ -412,7 +422,7 @@ pub(super) async fn run(
                             .iter()
                             .map(|p| {
                                 let uid = p.metadata.uid.as_deref().unwrap_or_default();
-                                attempts.get(uid).map_or(0, |(n, _, _)| *n)
+                                attempts.get(uid).map_or(0, |a| a.refused)
                             })
                             .collect()
                     };
@@ -489,14 +499,18 @@ pub(super) async fn run(
                             // API server is away (5xx, 429, timeouts) it waits, unanswered.
                             let refused = matches!(&e, WriteError::Api { source, .. }
                                 if matches!(status(source), Some(400 | 403 | 422)));
-                            let entry = attempts.entry(uid).or_insert((0, 0, now));
+                            let entry = attempts.entry(uid).or_insert(Attempts {
+                                refused: 0,
+                                failed: 0,
+                                next: now,
+                            });
                             if refused {
-                                entry.0 += 1;
+                                entry.refused += 1;
                             }
                             // 2 s doubling to 64 s, whatever the failure.
-                            entry.1 = entry.1.saturating_add(1);
-                            let wait = StdDuration::from_secs(1 << entry.1.clamp(1, 6));
-                            entry.2 = Instant::now() + wait;
+                            entry.failed = entry.failed.saturating_add(1);
+                            let wait = StdDuration::from_secs(1 << entry.failed.clamp(1, 6));
+                            entry.next = Instant::now() + wait;
                             first_error.get_or_insert(e);
                         }
                     }
@@ -510,7 +524,7 @@ pub(super) async fn run(
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .values()
-                    .map(|(_, _, at)| at.saturating_duration_since(Instant::now()))
+                    .map(|a| a.next.saturating_duration_since(Instant::now()))
                     .min()),
             }
         }
