@@ -21,9 +21,24 @@ pub enum KubeClientError {
     Client(#[source] kube::Error),
 }
 
+/// Whether the client retries 429, 503 and 504 answers by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Retries {
+    /// kube's default: up to 15 times, backing off from 5 ms (or as `Retry-After`
+    /// says). Right for watches and writes, which nobody waits on.
+    Kube,
+    /// Never: for calls a caller is waiting on (TokenReview). An overloaded API
+    /// server's 429 becomes UNAVAILABLE at once and the caller backs off, instead of
+    /// its request (and one of the bounded review slots) hanging in kube's backoff.
+    Never,
+}
+
 /// A client from `kubeconfig`, or the in-cluster configuration when `None`.
-pub(crate) async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, KubeClientError> {
-    let config = match kubeconfig {
+pub(crate) async fn client(
+    kubeconfig: Option<&Path>,
+    retries: Retries,
+) -> Result<kube::Client, KubeClientError> {
+    let mut config = match kubeconfig {
         Some(path) => {
             let kubeconfig_error = |source| KubeClientError::Kubeconfig {
                 path: path.to_path_buf(),
@@ -36,5 +51,6 @@ pub(crate) async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client, Ku
         }
         None => kube::Config::incluster().map_err(KubeClientError::InCluster)?,
     };
+    config.default_retry = retries == Retries::Kube;
     kube::Client::try_from(config).map_err(KubeClientError::Client)
 }

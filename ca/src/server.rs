@@ -123,12 +123,13 @@ async fn node_impersonation(
         let id = id.to_owned();
         let mut stop = stop.clone();
         async move {
-            let client = crate::kubeapi::client(kubeconfig.as_deref())
-                .await
-                .map_err(|source| ServeError::PodWatch {
-                    cluster: id.clone(),
-                    source,
-                })?;
+            let client =
+                crate::kubeapi::client(kubeconfig.as_deref(), crate::kubeapi::Retries::Kube)
+                    .await
+                    .map_err(|source| ServeError::PodWatch {
+                        cluster: id.clone(),
+                        source,
+                    })?;
             tokio::spawn(async move {
                 tokio::select! {
                     _ = cache.watch(client, id) => {}
@@ -234,9 +235,12 @@ pub async fn run(
     ));
     let writers = match config.writers.clone() {
         Some(writers) => {
-            let client = crate::kubeapi::client(writers.kubeconfig.as_deref())
-                .await
-                .map_err(ServeError::Writers)?;
+            let client = crate::kubeapi::client(
+                writers.kubeconfig.as_deref(),
+                crate::kubeapi::Retries::Kube,
+            )
+            .await
+            .map_err(ServeError::Writers)?;
             Some(tokio::spawn(crate::writers::run(
                 writers,
                 client,

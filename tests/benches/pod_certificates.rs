@@ -13,42 +13,20 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use base64::Engine;
 use serde_json::json;
-use signet_e2e::{cluster::Setup, metric, workspace};
+use signet_e2e::{
+    cluster::Setup,
+    metric,
+    process::{Killed, ca_binary, cpu_time, pin},
+};
 
 const SIGNER: &str = "signet.dev/pods";
 const PLURAL: &str = "podcertificaterequests";
-
-/// Pins every thread of process `pid` to `core`.
-fn pin(pid: u32, core: usize) {
-    let ok = Command::new("taskset")
-        .args(["-a", "-pc", &core.to_string(), &pid.to_string()])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "taskset could not pin pid {pid} to core {core}");
-}
-
-/// CPU time (user + system) process `pid` has used.
-fn cpu_time(pid: u32, tick: f64) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name, which is in parentheses: state is the first,
-    // utime the twelfth, stime the thirteenth.
-    let rest = &stat[stat.rfind(')').unwrap() + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    Duration::from_secs_f64(ticks / tick)
-}
-
-fn clock_ticks() -> f64 {
-    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-}
 
 async fn metrics(addr: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -63,33 +41,17 @@ async fn metrics(addr: &str) -> String {
     out
 }
 
-struct Ca(Child);
-
-impl Drop for Ca {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let n: usize = std::env::var("SIGNET_BENCH_PCRS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    let binary = workspace().join("target/release/signet-ca");
-    if !binary.exists() {
-        eprintln!(
-            "{} is missing: cargo build --release -p signet-ca first",
-            binary.display()
-        );
-        std::process::exit(2);
-    }
+    let binary = ca_binary("release");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pinned = cores >= 2;
     if pinned {
-        pin(std::process::id(), 1);
+        pin(std::process::id(), "1");
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
     let setup = Setup::new(&["apps"]).await;
@@ -113,9 +75,9 @@ async fn main() {
         .spawn()
         .unwrap();
     let pid = child.id();
-    let ca = Ca(child);
+    let ca = Killed(child);
     if pinned {
-        pin(pid, 0);
+        pin(pid, "0");
     }
     // Wait until the signer watches (its trust bundle is written first).
     while api
@@ -125,8 +87,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let tick = clock_ticks();
-    let cpu_before = cpu_time(pid, tick);
+    let cpu_before = cpu_time(pid);
     let calls_before = api.total_calls();
     let started = Instant::now();
     for i in 0..n {
@@ -148,7 +109,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let took = started.elapsed();
-    let ca_cpu = cpu_time(pid, tick) - cpu_before;
+    let ca_cpu = cpu_time(pid) - cpu_before;
     let calls = api.total_calls() - calls_before;
     let answered = api.count(PLURAL, |p| p["status"]["certificateChain"].is_string());
     assert_eq!(answered, n, "every request carries a chain");

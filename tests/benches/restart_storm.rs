@@ -1,12 +1,16 @@
-//! A restart storm in JWKS mode: every identity of a cluster asks for its certificate
-//! at once (a CA outage ends, a whole fleet restarts). Each identity has its own
+//! A restart storm: every identity of a cluster asks for its certificate at once (a
+//! CA outage ends, a whole fleet restarts), in JWKS mode and then in TokenReview mode
+//! against the test API server answering in 5 ms and at most 100 reviews a second
+//! (429 beyond). Each identity has its own
 //! token and key, made before the clock starts, so no cache helps; each retries
 //! `RESOURCE_EXHAUSTED` and `UNAVAILABLE` with the agent's own backoff (0.5 s doubling
 //! to 60 s, jittered). In the same run, the steady-state rate of the same CA (64
 //! clients looping), so the storm can be held against `identities / rate`.
 //!
 //! `cargo bench -p signet-e2e --bench restart_storm`; SIGNET_STORM_IDENTITIES sets the
-//! number of identities (default 100,000), SIGNET_BENCH_SECS the steady phase (5 s).
+//! number of identities (default 100,000), SIGNET_BENCH_SECS the steady phase (5 s),
+//! SIGNET_STORM_MODE the modes (`jwks,tokenreview`; TokenReview mode takes at least
+//! identities ÷ 100 seconds, 17 minutes for 100,000).
 //! Tokens are ES256 (signing 100,000 RS256 tokens would take minutes here); the CA's
 //! default limits apply (`--max-pending` 512, `--max-connections` 4096).
 
@@ -21,7 +25,12 @@ use std::{
 };
 
 use signet_agent::rotation::Backoff;
-use signet_e2e::{JwtIssuer, TestCa, TestRoot, request};
+use signet_e2e::{
+    JwtIssuer, TestCa, TestRoot,
+    kube::{KubeApi, TokenReviews},
+    request,
+};
+use signet_proto::IstioCertificateServiceClient;
 use tonic::Code;
 
 /// Connections the fleet shares (the CA allows 100 streams on each).
@@ -38,6 +47,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
+    let modes = std::env::var("SIGNET_STORM_MODE").unwrap_or_else(|_| "jwks,tokenreview".into());
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
 
@@ -50,123 +60,212 @@ fn main() {
 
     let made = Instant::now();
     let identities = Arc::new(identities(&issuer, n, cores));
-    println!(
-        "signet-ca restart storm, JWKS mode: {n} identities (each its own ES256 token and P-256 key, made in {:.1} s before the clock starts), {cores} cores, P-256 intermediate, {CONNECTIONS} connections",
-        made.elapsed().as_secs_f64()
-    );
-
+    let made = made.elapsed();
     let ca_rt = signet_e2e::named_runtime("signet-ca");
     let client_rt = signet_e2e::named_runtime("bench-client");
-    let ca = ca_rt.block_on(TestCa::start(&signet_e2e::jwt_ca_args(
-        dir.path(),
-        &issuer,
-        &cacerts,
-    )));
 
-    client_rt.block_on(async {
-        let mut channels = Vec::with_capacity(CONNECTIONS);
-        for _ in 0..CONNECTIONS {
-            channels.push(ca.client(&root.pem).await);
-        }
-
-        // Steady state: 64 clients, one request after another, for `secs`.
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicU64::new(0));
-        let mut steady = Vec::new();
-        for (i, client) in channels.iter().take(STEADY_CLIENTS).enumerate() {
-            let mut client = client.clone();
-            let (ids, stop, done) = (identities.clone(), stop.clone(), done.clone());
-            steady.push(tokio::spawn(async move {
-                let mut k = i;
-                while !stop.load(Ordering::Relaxed) {
-                    let (token, csr) = &ids[k % ids.len()];
-                    if client
-                        .create_certificate(request(csr, Some(token), 0))
-                        .await
-                        .is_ok()
-                    {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                    k += STEADY_CLIENTS;
-                }
-            }));
-        }
-        let started = Instant::now();
-        tokio::time::sleep(Duration::from_secs(secs)).await;
-        stop.store(true, Ordering::Relaxed);
-        for t in steady {
-            t.await.unwrap();
-        }
-        let rate = done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
-        let ideal = n as f64 / rate;
-        println!("  steady state: {rate:.0} certificates/s with {STEADY_CLIENTS} clients, so {n} ideally take {ideal:.1} s");
-
-        // The storm: every identity at once.
-        let exhausted = Arc::new(AtomicU64::new(0));
-        let unavailable = Arc::new(AtomicU64::new(0));
-        let started = Instant::now();
-        let mut fleet = Vec::with_capacity(n);
-        for i in 0..n {
-            let mut client = channels[i % CONNECTIONS].clone();
-            let (ids, exhausted, unavailable) =
-                (identities.clone(), exhausted.clone(), unavailable.clone());
-            fleet.push(tokio::spawn(async move {
-                let (token, csr) = &ids[i];
-                let mut backoff = Backoff::default();
-                let mut jitter = Jitter(i as u64 * 2 + 1);
-                loop {
-                    let t = Instant::now();
-                    match client
-                        .create_certificate(request(csr, Some(token), 0))
-                        .await
-                    {
-                        Ok(_) => return (t.elapsed(), started.elapsed()),
-                        Err(s) if s.code() == Code::ResourceExhausted => {
-                            exhausted.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(s) if s.code() == Code::Unavailable => {
-                            unavailable.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(s) => panic!("identity {i}: {s:?}"),
-                    }
-                    tokio::time::sleep(backoff.next_delay(jitter.unit())).await;
-                }
-            }));
-        }
-        let mut admitted = Vec::with_capacity(n);
-        let mut last = Duration::ZERO;
-        let mut at_half = Duration::ZERO;
-        let mut finish: Vec<Duration> = Vec::with_capacity(n);
-        for t in fleet {
-            let (latency, at) = t.await.unwrap();
-            admitted.push(latency);
-            finish.push(at);
-            last = last.max(at);
-        }
-        finish.sort();
-        if let Some(h) = finish.get(n / 2) {
-            at_half = *h;
-        }
-        admitted.sort();
-        let pct = |p: f64| admitted[((n as f64 * p) as usize).min(n - 1)];
-        let total = last.as_secs_f64();
+    if modes.contains("jwks") {
         println!(
-            "  storm: all {n} certified in {total:.1} s ({:.2} x the ideal; target <= 1.2), half by {:.1} s, {:.0} certificates/s overall",
-            total / ideal,
-            at_half.as_secs_f64(),
+            "signet-ca restart storm, JWKS mode: {n} identities (each its own ES256 token and P-256 key, made in {:.1} s before the clock starts), {cores} cores, P-256 intermediate, {CONNECTIONS} connections",
+            made.as_secs_f64()
+        );
+        let ca = ca_rt.block_on(TestCa::start(&signet_e2e::jwt_ca_args(
+            dir.path(),
+            &issuer,
+            &cacerts,
+        )));
+        client_rt.block_on(async {
+            let channels = connect(&ca, &root.pem).await;
+            let rate = steady_rate(&channels, &identities, secs).await;
+            let ideal = n as f64 / rate;
+            println!(
+                "  steady state: {rate:.0} certificates/s with {STEADY_CLIENTS} clients, so {n} ideally take {ideal:.1} s"
+            );
+            let s = storm(&channels, &identities).await;
+            s.print(n, ideal, "the ideal");
+        });
+        ca_rt.block_on(ca.stop());
+    }
+
+    if modes.contains("tokenreview") {
+        // The API server on a runtime of its own, as it would be on a machine of its own.
+        let api_rt = signet_e2e::named_runtime("kube-api");
+        let api = api_rt.block_on(KubeApi::start());
+        api.set_jwks(&issuer.jwks.to_string());
+        api.serve_token_reviews(TokenReviews {
+            latency: REVIEW_LATENCY,
+            per_second: REVIEWS_PER_SECOND,
+        });
+        println!(
+            "signet-ca restart storm, TokenReview mode: {n} identities, an API server answering each review in {} ms and {REVIEWS_PER_SECOND} reviews a second (429 beyond), the CA's defaults (--max-token-reviews 64)",
+            REVIEW_LATENCY.as_millis()
+        );
+        let state = dir.path().join("state-tokenreview");
+        let ca = ca_rt.block_on(TestCa::start(&[
+            "--cacerts-dir".into(),
+            cacerts.display().to_string(),
+            "--state-dir".into(),
+            state.display().to_string(),
+            "--kubeconfig".into(),
+            api.kubeconfig(dir.path()).display().to_string(),
+        ]));
+        client_rt.block_on(async {
+            let channels = connect(&ca, &root.pem).await;
+            let floor = n as f64 / f64::from(REVIEWS_PER_SECOND);
+            let s = storm(&channels, &identities).await;
+            s.print(n, floor, "the API server's limit");
+        });
+        println!(
+            "  TokenReviews: {} sent, {} answered 429; at most {} in flight at once",
+            api.calls("POST tokenreviews"),
+            api.calls("429 tokenreviews"),
+            api.most_reviews_in_flight()
+        );
+        ca_rt.block_on(ca.stop());
+        drop(api_rt);
+    }
+}
+
+/// TokenReview mode: how long the API server takes to answer, and how many it answers
+/// a second.
+const REVIEW_LATENCY: Duration = Duration::from_millis(5);
+const REVIEWS_PER_SECOND: u32 = 100;
+
+async fn connect(
+    ca: &TestCa,
+    root_pem: &str,
+) -> Vec<IstioCertificateServiceClient<tonic::transport::Channel>> {
+    let mut channels = Vec::with_capacity(CONNECTIONS);
+    for _ in 0..CONNECTIONS {
+        channels.push(ca.client(root_pem).await);
+    }
+    channels
+}
+
+/// Certificates per second with 64 clients, one request after another, for `secs`.
+async fn steady_rate(
+    channels: &[IstioCertificateServiceClient<tonic::transport::Channel>],
+    identities: &Arc<Vec<(String, String)>>,
+    secs: u64,
+) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut steady = Vec::new();
+    for (i, client) in channels.iter().take(STEADY_CLIENTS).enumerate() {
+        let mut client = client.clone();
+        let (ids, stop, done) = (identities.clone(), stop.clone(), done.clone());
+        steady.push(tokio::spawn(async move {
+            let mut k = i;
+            while !stop.load(Ordering::Relaxed) {
+                let (token, csr) = &ids[k % ids.len()];
+                if client
+                    .create_certificate(request(csr, Some(token), 0))
+                    .await
+                    .is_ok()
+                {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                k += STEADY_CLIENTS;
+            }
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in steady {
+        t.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// What a storm measured.
+struct Storm {
+    /// Until the last identity held its certificate.
+    total: Duration,
+    /// Until half of them did.
+    half: Duration,
+    /// Latency of the requests that were answered with a certificate, sorted.
+    admitted: Vec<Duration>,
+    exhausted: u64,
+    unavailable: u64,
+}
+
+impl Storm {
+    fn print(&self, n: usize, reference: f64, what: &str) {
+        let total = self.total.as_secs_f64();
+        println!(
+            "  storm: all {n} certified in {total:.1} s ({:.2} x {what}, {reference:.1} s), half by {:.1} s, {:.0} certificates/s overall",
+            total / reference,
+            self.half.as_secs_f64(),
             n as f64 / total
         );
+        let pct = |p: f64| self.admitted[((n as f64 * p) as usize).min(n - 1)];
         println!(
-            "  admitted requests: p50 {:.1} ms, p99 {:.1} ms; refusals: {} RESOURCE_EXHAUSTED, {} UNAVAILABLE ({:.2} per identity)",
+            "  admitted requests: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; refusals: {} RESOURCE_EXHAUSTED, {} UNAVAILABLE ({:.2} per identity)",
             pct(0.50).as_secs_f64() * 1e3,
             pct(0.99).as_secs_f64() * 1e3,
-            exhausted.load(Ordering::Relaxed),
-            unavailable.load(Ordering::Relaxed),
-            (exhausted.load(Ordering::Relaxed) + unavailable.load(Ordering::Relaxed)) as f64
-                / n as f64
+            self.admitted[n - 1].as_secs_f64() * 1e3,
+            self.exhausted,
+            self.unavailable,
+            (self.exhausted + self.unavailable) as f64 / n as f64
         );
-    });
-    ca_rt.block_on(ca.stop());
+    }
+}
+
+/// Every identity at once, each retrying with the agent's backoff until it holds a
+/// certificate.
+async fn storm(
+    channels: &[IstioCertificateServiceClient<tonic::transport::Channel>],
+    identities: &Arc<Vec<(String, String)>>,
+) -> Storm {
+    let n = identities.len();
+    let exhausted = Arc::new(AtomicU64::new(0));
+    let unavailable = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut fleet = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut client = channels[i % channels.len()].clone();
+        let (ids, exhausted, unavailable) =
+            (identities.clone(), exhausted.clone(), unavailable.clone());
+        fleet.push(tokio::spawn(async move {
+            let (token, csr) = &ids[i];
+            let mut backoff = Backoff::default();
+            let mut jitter = Jitter(i as u64 * 2 + 1);
+            loop {
+                let t = Instant::now();
+                match client
+                    .create_certificate(request(csr, Some(token), 0))
+                    .await
+                {
+                    Ok(_) => return (t.elapsed(), started.elapsed()),
+                    Err(s) if s.code() == Code::ResourceExhausted => {
+                        exhausted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(s) if s.code() == Code::Unavailable => {
+                        unavailable.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(s) => panic!("identity {i}: {s:?}"),
+                }
+                tokio::time::sleep(backoff.next_delay(jitter.unit())).await;
+            }
+        }));
+    }
+    let mut admitted = Vec::with_capacity(n);
+    let mut finish = Vec::with_capacity(n);
+    for t in fleet {
+        let (latency, at) = t.await.unwrap();
+        admitted.push(latency);
+        finish.push(at);
+    }
+    finish.sort();
+    admitted.sort();
+    Storm {
+        total: finish[n - 1],
+        half: finish[n / 2],
+        admitted,
+        exhausted: exhausted.load(Ordering::Relaxed),
+        unavailable: unavailable.load(Ordering::Relaxed),
+    }
 }
 
 /// `n` identities, `bench-<i>/sa`: an ES256 token each and a CSR for a fresh P-256 key,

@@ -102,21 +102,7 @@ impl TestCa {
 
     /// GET a path of the HTTP listener: (status, body).
     pub async fn http_get(&self, path: &str) -> std::io::Result<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(self.http).await?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await?;
-        let code = out
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-        Ok((code, body))
+        http_get(self.http, path).await
     }
 
     /// The Prometheus exposition from `/metrics`.
@@ -153,6 +139,23 @@ impl Drop for TestCa {
             let _ = stop.send(());
         }
     }
+}
+
+/// GET `path` from a plain HTTP listener at `addr`: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    let code = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    Ok((code, body))
 }
 
 /// Our own Rust client: tonic over rustls, verifying `SERVER_NAME` against `root_pem`,

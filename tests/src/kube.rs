@@ -6,7 +6,9 @@
 //! `resourceVersion` precondition: 409 Conflict when stale), merge patch, delete,
 //! and the `status` subresource; 404 NotFound, 409 AlreadyExists, 403 for writes
 //! into a terminating namespace, 422 for a changed immutable field. Objects of
-//! several versions of one group share storage, as in Kubernetes.
+//! several versions of one group share storage, as in Kubernetes. TokenReviews are
+//! answered against the JWKS the server publishes, with a latency and a rate limit
+//! of their own (429 beyond it, as API Priority and Fairness answers).
 //!
 //! It is served over HTTPS by [`crate::https_server`] and reached through a
 //! kubeconfig ([`KubeApi::kubeconfig`]), exactly as the CA reaches a real one.
@@ -135,6 +137,44 @@ struct State {
     calls: HashMap<String, usize>,
     /// The service-account issuer's keys at `/openid/v1/jwks`.
     jwks: Option<String>,
+    /// How TokenReviews are answered; none are until set.
+    reviews: Option<Reviews>,
+    /// TokenReviews being answered now, and the most there ever were at once.
+    reviews_in_flight: (usize, usize),
+}
+
+/// How the server answers TokenReviews.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenReviews {
+    /// How long each answer takes.
+    pub latency: Duration,
+    /// Reviews answered a second at most (a token bucket as deep as this); beyond,
+    /// 429 TooManyRequests.
+    pub per_second: u32,
+}
+
+/// TokenReview settings and the token bucket.
+#[derive(Debug)]
+struct Reviews {
+    config: TokenReviews,
+    tokens: f64,
+    refilled: std::time::Instant,
+}
+
+impl Reviews {
+    fn admit(&mut self) -> bool {
+        let rate = f64::from(self.config.per_second);
+        let now = std::time::Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.refilled).as_secs_f64() * rate).min(rate);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// The running server.
@@ -343,6 +383,22 @@ impl KubeApi {
         self.state.lock().unwrap().jwks = Some(jwks.to_owned());
     }
 
+    /// Answers TokenReviews (`POST /apis/authentication.k8s.io/v1/tokenreviews`) as
+    /// `config` says, for tokens signed by a key of the JWKS set with [`Self::set_jwks`]
+    /// and issued by [`crate::ISSUER`].
+    pub fn serve_token_reviews(&self, config: TokenReviews) {
+        self.state.lock().unwrap().reviews = Some(Reviews {
+            config,
+            tokens: f64::from(config.per_second),
+            refilled: std::time::Instant::now(),
+        });
+    }
+
+    /// The most TokenReviews that were ever being answered at once.
+    pub fn most_reviews_in_flight(&self) -> usize {
+        self.state.lock().unwrap().reviews_in_flight.1
+    }
+
     /// Creates namespaces directly.
     pub fn namespaces(&self, names: &[&str]) {
         for name in names {
@@ -488,6 +544,65 @@ pub fn pod_certificate_status(spec: &Value, status: &Value) -> Result<(), String
         );
     }
     Ok(())
+}
+
+/// One TokenReview being answered; counted down when its answer is done or dropped.
+struct InFlight(Arc<Mutex<State>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().reviews_in_flight.0 -= 1;
+    }
+}
+
+/// The answer to a TokenReview of `token` for `audiences`, checked against `jwks`.
+fn review_status(jwks: &str, token: &str, audiences: &[String]) -> Value {
+    let refuse = |why: String| json!({"authenticated": false, "error": why});
+    let Ok(set) = serde_json::from_str::<jsonwebtoken::jwk::JwkSet>(jwks) else {
+        return refuse("no signing keys".into());
+    };
+    let Ok(header) = jsonwebtoken::decode_header(token) else {
+        return refuse("[invalid bearer token, not a JWT]".into());
+    };
+    let Some(key) = header
+        .kid
+        .as_deref()
+        .and_then(|kid| set.find(kid))
+        .and_then(|jwk| jsonwebtoken::DecodingKey::from_jwk(jwk).ok())
+    else {
+        return refuse("[invalid bearer token, unknown key]".into());
+    };
+    let mut validation = jsonwebtoken::Validation::new(header.alg);
+    validation.set_audience(audiences);
+    validation.set_issuer(&[crate::ISSUER]);
+    match jsonwebtoken::decode::<Value>(token, &key, &validation) {
+        Ok(data) => {
+            let c = data.claims;
+            let k8s = &c["kubernetes.io"];
+            let ns = k8s["namespace"].as_str().unwrap_or_default();
+            let sa = k8s["serviceaccount"]["name"].as_str().unwrap_or_default();
+            let mut extra = json!({});
+            if let Some(pod) = k8s["pod"]["name"].as_str() {
+                extra["authentication.kubernetes.io/pod-name"] = json!([pod]);
+                extra["authentication.kubernetes.io/pod-uid"] = json!([k8s["pod"]["uid"]]);
+            }
+            let aud: Vec<Value> = match &c["aud"] {
+                Value::Array(a) => a.clone(),
+                other => vec![other.clone()],
+            };
+            json!({
+                "authenticated": true,
+                "audiences": aud.into_iter().filter(|a| audiences.iter().any(|w| a == w)).collect::<Vec<_>>(),
+                "user": {
+                    "username": format!("system:serviceaccount:{ns}:{sa}"),
+                    "uid": k8s["serviceaccount"]["uid"],
+                    "groups": ["system:serviceaccounts", format!("system:serviceaccounts:{ns}"), "system:authenticated"],
+                    "extra": extra,
+                },
+            })
+        }
+        Err(e) => refuse(format!("[invalid bearer token, {e}]")),
+    }
 }
 
 fn status_response(code: u16, reason: &str, message: &str) -> Response {
@@ -693,6 +808,62 @@ impl Server {
         )
     }
 
+    /// A TokenReview: rate-limited, answered after the configured latency.
+    async fn token_review(&self, body: &Bytes) -> Response {
+        let (latency, jwks) = {
+            let mut state = self.state.lock().unwrap();
+            *state.calls.entry("POST tokenreviews".into()).or_default() += 1;
+            let jwks = state.jwks.clone().unwrap_or_default();
+            let Some(reviews) = state.reviews.as_mut() else {
+                return status_response(404, "NotFound", "TokenReviews are not served");
+            };
+            if !reviews.admit() {
+                *state.calls.entry("429 tokenreviews".into()).or_default() += 1;
+                return status_response(
+                    429,
+                    "TooManyRequests",
+                    "the server has received too many requests and has asked us to try again later",
+                );
+            }
+            let latency = reviews.config.latency;
+            let (now, most) = &mut state.reviews_in_flight;
+            *now += 1;
+            *most = (*most).max(*now);
+            (latency, jwks)
+        };
+        let answering = InFlight(self.state.clone());
+        tokio::time::sleep(latency).await;
+        drop(answering);
+        let Ok(review) = serde_json::from_slice::<Value>(body) else {
+            return status_response(400, "BadRequest", "the body is not JSON");
+        };
+        if review["kind"] != "TokenReview" || review["apiVersion"] != "authentication.k8s.io/v1" {
+            return status_response(
+                400,
+                "BadRequest",
+                "not an authentication.k8s.io/v1 TokenReview",
+            );
+        }
+        let token = review["spec"]["token"].as_str().unwrap_or_default();
+        let audiences: Vec<String> = review["spec"]["audiences"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let status = review_status(&jwks, token, &audiences);
+        (
+            StatusCode::CREATED,
+            [("content-type", "application/json")],
+            json!({"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1", "metadata": {},
+                   "spec": review["spec"], "status": status})
+            .to_string(),
+        )
+            .into_response()
+    }
+
     async fn handle(self, method: Method, uri: Uri, body: Bytes) -> Response {
         let path = uri.path().to_owned();
         if path == "/openid/v1/jwks" && method == Method::GET {
@@ -702,6 +873,9 @@ impl Server {
                 Some(jwks) => ok(serde_json::from_str(jwks).unwrap_or(Value::Null)),
                 None => status_response(404, "NotFound", "no JWKS"),
             };
+        }
+        if path == "/apis/authentication.k8s.io/v1/tokenreviews" && method == Method::POST {
+            return self.token_review(&body).await;
         }
         let target = match self.parse(&path) {
             Ok(Some(t)) => t,

@@ -1,9 +1,10 @@
 //! Helpers for Signet's end-to-end tests, by subject: [`ca`] (signet-ca in the test
 //! process, clients, requests), [`jwt`] (token issuers), [`pki`] (roots, cacerts, CRLs,
 //! kubelet-style mounts), [`agent`] and [`sds`] (signet-agent and an SDS client),
-//! [`mtls`], [`kube`] (the stateful Kubernetes-shaped API server) and [`cluster`]
-//! (CA processes against it); here, what they share: an HTTPS test server, metrics
-//! parsing, and the openssl CLI as an independent verifier.
+//! [`mtls`], [`kube`] (the stateful Kubernetes-shaped API server), [`cluster`] (CA
+//! processes against it) and [`process`] (pinning and CPU time, for the benches);
+//! here, what they share: an HTTPS test server, metrics parsing, and the openssl CLI
+//! as an independent verifier.
 #![forbid(unsafe_code)]
 #![allow(
     clippy::unwrap_used,
@@ -24,9 +25,12 @@ pub mod jwt;
 pub mod kube;
 pub mod mtls;
 pub mod pki;
+pub mod process;
 pub mod sds;
 
-pub use ca::{RawTls, SERVER_NAME, SelfSignedCa, TestCa, client, csr, parse_serve, request};
+pub use ca::{
+    RawTls, SERVER_NAME, SelfSignedCa, TestCa, client, csr, http_get, parse_serve, request,
+};
 pub use jwt::{ISSUER, JwtIssuer, jwt_ca_args};
 pub use pki::{SecretMount, TestRoot, write_crl};
 

@@ -312,3 +312,48 @@ async fn api_server_trouble_is_unavailable_never_success() {
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     ca.stop().await;
 }
+
+/// An API server that rate-limits TokenReviews (429, as API Priority and Fairness
+/// answers) is not retried by the CA: the caller hears UNAVAILABLE at once and backs
+/// off itself, and for a second after a 429 no review is sent at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_api_server_is_unavailable_at_once_and_left_alone() {
+    use signet_e2e::{JwtIssuer, kube::KubeApi, kube::TokenReviews};
+    let dir = tempfile::tempdir().unwrap();
+    let api = KubeApi::start().await;
+    let issuer = JwtIssuer::new("k1");
+    api.set_jwks(&issuer.jwks.to_string());
+    // One review a second, a bucket one deep.
+    api.serve_token_reviews(TokenReviews {
+        latency: std::time::Duration::from_millis(5),
+        per_second: 1,
+    });
+    let (ca, root) = start_ca(dir.path(), &api.kubeconfig(dir.path())).await;
+    let mut client = ca.client(&root).await;
+    let (_, pem) = csr(None);
+    let mut ask = async |sa: &str| {
+        let token = issuer.token("shop", sa);
+        let started = std::time::Instant::now();
+        let result = client
+            .create_certificate(request(&pem, Some(&token), 0))
+            .await;
+        (result.map(|_| ()).map_err(|s| s.code()), started.elapsed())
+    };
+
+    assert_eq!(ask("a").await.0, Ok(()));
+    // The bucket is empty: 429, UNAVAILABLE without kube's own retries (which began
+    // at 5 ms and went on for 15 attempts).
+    let (second, took) = ask("b").await;
+    assert_eq!(second, Err(tonic::Code::Unavailable));
+    assert!(took < std::time::Duration::from_millis(500), "{took:?}");
+    assert_eq!(api.calls("POST tokenreviews"), 2);
+    assert_eq!(api.calls("429 tokenreviews"), 1);
+    // Within the pause: refused without asking.
+    assert_eq!(ask("c").await.0, Err(tonic::Code::Unavailable));
+    assert_eq!(api.calls("POST tokenreviews"), 2);
+    // After it, reviews resume.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(ask("d").await.0, Ok(()));
+    assert_eq!(api.calls("POST tokenreviews"), 3);
+    ca.stop().await;
+}

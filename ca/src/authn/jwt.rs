@@ -210,7 +210,7 @@ impl JwtAuthenticator {
                 Fetcher::Http(http_client(ca.as_deref())?)
             }
             JwksSource::ApiServer { kubeconfig, path } => Fetcher::Kube(
-                crate::kubeapi::client(kubeconfig.as_deref())
+                crate::kubeapi::client(kubeconfig.as_deref(), crate::kubeapi::Retries::Kube)
                     .await
                     .map_err(|e| JwksError::ApiServer {
                         path: path.clone(),

@@ -61,10 +61,16 @@ pub trait TokenReviewer: Send + Sync {
     fn review<'a>(&'a self, token: &'a Token) -> ReviewFuture<'a>;
 }
 
+/// How long no TokenReview is sent after the API server answered one with 429 Too
+/// Many Requests (API Priority and Fairness asks for a second).
+const THROTTLED_PAUSE: Duration = Duration::from_secs(1);
+
 /// TokenReview through a Kubernetes API server.
 pub struct KubeTokenReviewer {
     client: kube::Client,
     audiences: Vec<String>,
+    /// After a 429, no review is sent before this instant; callers hear UNAVAILABLE.
+    paused_until: Mutex<Option<Instant>>,
 }
 
 impl std::fmt::Debug for KubeTokenReviewer {
@@ -81,14 +87,31 @@ impl KubeTokenReviewer {
         kubeconfig: Option<&Path>,
         audiences: Vec<String>,
     ) -> Result<Self, crate::kubeapi::KubeClientError> {
-        let client = crate::kubeapi::client(kubeconfig).await?;
-        Ok(Self { client, audiences })
+        let client = crate::kubeapi::client(kubeconfig, crate::kubeapi::Retries::Never).await?;
+        Ok(Self {
+            client,
+            audiences,
+            paused_until: Mutex::new(None),
+        })
+    }
+
+    fn paused_until(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // A plain value: a panic elsewhere cannot leave it half-written.
+        self.paused_until.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl TokenReviewer for KubeTokenReviewer {
     fn review<'a>(&'a self, token: &'a Token) -> ReviewFuture<'a> {
         Box::pin(async move {
+            let unavailable = || {
+                ReviewError::Unavailable(
+                    "the Kubernetes API server could not review the token; retry later".into(),
+                )
+            };
+            if self.paused_until().is_some_and(|t| Instant::now() < t) {
+                return Err(unavailable());
+            }
             let review = TokenReview {
                 spec: TokenReviewSpec {
                     token: token.secret().to_owned(),
@@ -105,6 +128,17 @@ impl TokenReviewer for KubeTokenReviewer {
                 .await
                 .map_err(|e| {
                     match e {
+                        kube::Error::Api(status) if status.code == 429 => {
+                            // Said once per pause, not once per refused caller.
+                            let mut paused = self.paused_until();
+                            if paused.is_none_or(|t| Instant::now() >= t) {
+                                tracing::warn!(
+                                    pause_ms = THROTTLED_PAUSE.as_millis() as u64,
+                                    "the API server is rate-limiting TokenReviews (429); pausing them"
+                                );
+                            }
+                            *paused = Some(Instant::now() + THROTTLED_PAUSE);
+                        }
                         kube::Error::Api(status) => tracing::warn!(
                             code = status.code,
                             reason = %status.reason,
@@ -115,9 +149,7 @@ impl TokenReviewer for KubeTokenReviewer {
                             tracing::warn!(error = %other, "cannot reach the API server for a TokenReview")
                         }
                     }
-                    ReviewError::Unavailable(
-                        "the Kubernetes API server could not review the token; retry later".into(),
-                    )
+                    unavailable()
                 })?;
             interpret(answer.status, &self.audiences)
         })

@@ -1,0 +1,77 @@
+//! Other processes as the benches measure them: pinning to cores with `taskset`, CPU
+//! time from `/proc/<pid>/stat`, and the release `signet-ca` binary run on its own.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use crate::workspace;
+
+/// Pins every thread of process `pid` to the cores in `cores` (taskset's list form,
+/// "0" or "0,1").
+pub fn pin(pid: u32, cores: &str) {
+    let ok = Command::new("taskset")
+        .args(["-a", "-pc", cores, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "taskset could not pin pid {pid} to cores {cores}");
+}
+
+/// CPU time (user + system) process `pid` has used so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses: state is the first,
+    // utime the twelfth, stime the thirteenth.
+    let rest = &stat[stat.rfind(')').unwrap() + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    Duration::from_secs_f64(ticks / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    let out = Command::new("getconf").arg("CLK_TCK").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// The release `signet-ca` binary (`profile` "release", or "profiling" for perf), or
+/// exit 2 with what to build.
+pub fn ca_binary(profile: &str) -> PathBuf {
+    let binary = workspace().join("target").join(profile).join("signet-ca");
+    if !binary.exists() {
+        eprintln!(
+            "{} is missing: cargo build --profile {profile} -p signet-ca first",
+            binary.display()
+        );
+        std::process::exit(2);
+    }
+    binary
+}
+
+/// A child process killed when dropped.
+pub struct Killed(pub Child);
+
+impl Killed {
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Reads a child's output to the end on a thread of its own and drops it, as a
+/// container runtime reads a container's log pipe.
+pub fn drain(out: impl std::io::Read + Send + 'static) {
+    std::thread::spawn(move || {
+        let mut out = out;
+        let _ = std::io::copy(&mut out, &mut std::io::sink());
+    });
+}
