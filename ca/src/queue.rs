@@ -5,14 +5,18 @@
 //! request is refused at once: overload shows as `RESOURCE_EXHAUSTED` instead of every
 //! caller timing out. No one caller (a service account) may hold more than its share
 //! of the queue, so one noisy workload cannot lock every other out.
+//!
+//! Nothing here is one lock that every request takes: the queue is crossbeam's
+//! lock-free multi-consumer channel, and the per-caller counts are split over
+//! [`SHARDS`] locks by the caller's hash.
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc, Mutex,
-        mpsc::{self, Receiver, SyncSender, TrySendError},
-    },
+    hash::{BuildHasher, RandomState},
+    sync::{Arc, Mutex},
 };
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use tokio::sync::oneshot;
 
@@ -37,27 +41,47 @@ type Job = Box<dyn FnOnce() + Send>;
 /// A bounded queue in front of a fixed number of signing threads.
 #[derive(Debug, Clone)]
 pub(crate) struct SigningQueue {
-    jobs: SyncSender<Job>,
+    jobs: Sender<Job>,
     capacity: usize,
     shares: Arc<Shares>,
 }
+
+/// Locks the per-caller counts are split over.
+const SHARDS: usize = 16;
 
 /// Jobs in progress per caller.
 #[derive(Debug)]
 struct Shares {
     limit: usize,
-    held: Mutex<HashMap<String, usize>>,
+    hasher: RandomState,
+    held: [Mutex<HashMap<String, usize>>; SHARDS],
 }
 
 /// One job's place in its caller's share; given back on drop.
 struct ShareGuard {
     shares: Arc<Shares>,
     key: String,
+    shard: usize,
 }
 
 impl Shares {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            hasher: RandomState::new(),
+            held: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+        }
+    }
+
+    fn shard(&self, shard: usize) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        // Every update is a single insert, increment or remove: a panic elsewhere
+        // cannot leave a shard inconsistent, so a poisoned lock is still usable.
+        self.held[shard].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn take(self: &Arc<Self>, key: &str) -> Option<ShareGuard> {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let shard = (self.hasher.hash_one(key) % SHARDS as u64) as usize;
+        let mut held = self.shard(shard);
         let n = held.entry(key.to_owned()).or_insert(0);
         if *n >= self.limit {
             return None;
@@ -66,13 +90,19 @@ impl Shares {
         Some(ShareGuard {
             shares: self.clone(),
             key: key.to_owned(),
+            shard,
         })
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        (0..SHARDS).all(|s| self.shard(s).is_empty())
     }
 }
 
 impl Drop for ShareGuard {
     fn drop(&mut self) {
-        let mut held = self.shares.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = self.shares.shard(self.shard);
         if let Some(n) = held.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
@@ -92,8 +122,7 @@ impl SigningQueue {
         per_caller: usize,
     ) -> Result<Self, std::io::Error> {
         let capacity = capacity.max(1);
-        let (jobs, queue) = mpsc::sync_channel::<Job>(capacity);
-        let queue = Arc::new(Mutex::new(queue));
+        let (jobs, queue) = crossbeam_channel::bounded::<Job>(capacity);
         for n in 0..workers.max(1) {
             let queue = queue.clone();
             std::thread::Builder::new()
@@ -103,10 +132,7 @@ impl SigningQueue {
         Ok(Self {
             jobs,
             capacity,
-            shares: Arc::new(Shares {
-                limit: per_caller.max(1),
-                held: Mutex::new(HashMap::new()),
-            }),
+            shares: Arc::new(Shares::new(per_caller.max(1))),
         })
     }
 
@@ -148,17 +174,10 @@ impl SigningQueue {
     }
 }
 
-fn work(queue: &Mutex<Receiver<Job>>) {
-    loop {
-        // Only idle workers wait on this lock; a busy one holds it just for `recv`.
-        let job = match queue.lock() {
-            Ok(rx) => rx.recv(),
-            Err(poisoned) => poisoned.into_inner().recv(),
-        };
-        match job {
-            Ok(job) => job(),
-            Err(_) => return, // every sender dropped: shut down
-        }
+fn work(queue: &Receiver<Job>) {
+    // Ends when every sender is dropped.
+    while let Ok(job) = queue.recv() {
+        job();
     }
 }
 
@@ -169,8 +188,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn refuses_when_full_and_recovers() {
         let queue = SigningQueue::new(1, 1, 1).unwrap();
-        let (release_tx, release_rx) = mpsc::channel::<()>();
-        let (started_tx, started_rx) = mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         let q = queue.clone();
         // Occupies the one worker until released.
         let running = tokio::spawn(async move {
@@ -208,8 +227,8 @@ mod tests {
     async fn one_caller_cannot_take_the_whole_queue() {
         // Eight slots, two per caller; the only worker is held busy.
         let queue = SigningQueue::new(1, 8, 2).unwrap();
-        let (release_tx, release_rx) = mpsc::channel::<()>();
-        let (started_tx, started_rx) = mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         let q = queue.clone();
         let busy = tokio::spawn(async move {
             q.run_as("noisy", move || {
@@ -238,6 +257,6 @@ mod tests {
         assert_eq!(other.await.unwrap().unwrap(), 4);
         // Shares are given back once jobs finish.
         assert_eq!(queue.run_as("noisy", || 5).await.unwrap(), 5);
-        assert!(queue.shares.held.lock().unwrap().is_empty());
+        assert!(queue.shares.is_empty());
     }
 }

@@ -85,8 +85,8 @@ pub enum JwksError {
     /// The bytes are not a JWKS document.
     #[error("not a JWKS document: {0}")]
     Document(#[source] serde_json::Error),
-    /// Only symmetric keys, or none.
-    #[error("the JWKS holds no RSA or EC public key")]
+    /// Only symmetric keys, unusable ones, or none.
+    #[error("the JWKS holds no usable RSA or EC public key")]
     NoKeys,
     /// A URL that is not https.
     #[error("JWKS URL {0:?} must be https")]
@@ -123,20 +123,44 @@ pub enum JwksError {
     Client(String),
 }
 
-/// A parsed JWKS, with symmetric keys removed.
-#[derive(Debug, Clone)]
-pub struct Jwks(JwkSet);
+/// A parsed JWKS: its asymmetric keys, each decoded once (when the set loads, not at
+/// every token).
+#[derive(Clone)]
+pub struct Jwks(Vec<JwksKey>);
+
+#[derive(Clone)]
+struct JwksKey {
+    kid: Option<String>,
+    key: DecodingKey,
+}
+
+impl std::fmt::Debug for Jwks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|k| k.kid.as_deref().unwrap_or("")))
+            .finish()
+    }
+}
 
 impl Jwks {
     /// Parses a JWKS document; fails when it holds no usable asymmetric key.
     pub fn parse(bytes: &[u8]) -> Result<Self, JwksError> {
-        let mut set: JwkSet = serde_json::from_slice(bytes).map_err(JwksError::Document)?;
-        set.keys
-            .retain(|k| !matches!(k.algorithm, AlgorithmParameters::OctetKey(_)));
-        if set.keys.is_empty() {
+        let set: JwkSet = serde_json::from_slice(bytes).map_err(JwksError::Document)?;
+        let keys: Vec<JwksKey> = set
+            .keys
+            .iter()
+            .filter(|k| !matches!(k.algorithm, AlgorithmParameters::OctetKey(_)))
+            .filter_map(|jwk| {
+                Some(JwksKey {
+                    kid: jwk.common.key_id.clone(),
+                    key: DecodingKey::from_jwk(jwk).ok()?,
+                })
+            })
+            .collect();
+        if keys.is_empty() {
             return Err(JwksError::NoKeys);
         }
-        Ok(Self(set))
+        Ok(Self(keys))
     }
 }
 
@@ -335,9 +359,15 @@ impl Inner {
         header: &jsonwebtoken::Header,
         now: OffsetDateTime,
     ) -> Result<Reviewed, VerifyFailure> {
-        let candidates: Vec<_> = match &header.kid {
-            Some(kid) => jwks.0.find(kid).into_iter().collect(),
-            None => jwks.0.keys.iter().collect(),
+        let candidates: Vec<&DecodingKey> = match &header.kid {
+            Some(kid) => jwks
+                .0
+                .iter()
+                .find(|k| k.kid.as_deref() == Some(kid))
+                .map(|k| &k.key)
+                .into_iter()
+                .collect(),
+            None => jwks.0.iter().map(|k| &k.key).collect(),
         };
         let mut validation = Validation::new(header.alg);
         validation.set_audience(&self.config.audiences);
@@ -347,11 +377,8 @@ impl Inner {
         validation.validate_exp = false;
         validation.validate_nbf = false;
         let mut last = VerifyFailure::NoKey;
-        for jwk in candidates {
-            let Ok(key) = DecodingKey::from_jwk(jwk) else {
-                continue;
-            };
-            match jsonwebtoken::decode::<Claims>(token.secret(), &key, &validation) {
+        for key in candidates {
+            match jsonwebtoken::decode::<Claims>(token.secret(), key, &validation) {
                 Ok(data) => return self.check_claims(data.claims, now),
                 Err(e) => {
                     last = match e.kind() {
