@@ -26,6 +26,10 @@ const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_socket
 const STREAMS: usize = 100;
 
 fn agent_binary() -> PathBuf {
+    // Another build of the agent to compare with (a static one, say).
+    if let Some(path) = std::env::var_os("SIGNET_BENCH_AGENT") {
+        return PathBuf::from(path);
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .args([
@@ -50,6 +54,61 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap()
+}
+
+/// Resident KiB of process `pid` by what the pages hold: the agent binary's code,
+/// read-only data and writable data, the shared libraries, the heap, other anonymous
+/// memory (thread stacks, allocator arenas) and the main stack.
+fn pages(pid: u32) -> Vec<(&'static str, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut sums: Vec<(&'static str, u64)> = [
+        "binary code",
+        "binary read-only data",
+        "binary writable data",
+        "shared libraries",
+        "heap",
+        "anonymous",
+        "stack",
+        "other",
+    ]
+    .iter()
+    .map(|k| (*k, 0))
+    .collect();
+    let mut kind = "other";
+    for line in smaps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields
+            .first()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            let perms = fields.get(1).copied().unwrap_or("");
+            let path = fields.get(5).copied().unwrap_or("");
+            kind = if path.ends_with("/signet-agent") {
+                match perms {
+                    p if p.contains('x') => "binary code",
+                    p if p.contains('w') => "binary writable data",
+                    _ => "binary read-only data",
+                }
+            } else if path.starts_with('/') {
+                "shared libraries"
+            } else if path == "[heap]" {
+                "heap"
+            } else if path == "[stack]" {
+                "stack"
+            } else if path.is_empty() {
+                "anonymous"
+            } else {
+                "other"
+            };
+        } else if fields.first() == Some(&"Rss:") {
+            let kib: u64 = fields[1].parse().unwrap_or(0);
+            if let Some(entry) = sums.iter_mut().find(|(k, _)| *k == kind) {
+                entry.1 += kib;
+            }
+        }
+    }
+    sums.retain(|(_, kib)| *kib > 0);
+    sums
 }
 
 struct Agent {
@@ -105,7 +164,13 @@ async fn open_stream(
     mpsc::Sender<DiscoveryRequest>,
     tonic::Streaming<DiscoveryResponse>,
 ) {
-    let channel = signet_agent::inspect::connect(socket).await.unwrap();
+    // The socket's file appears at bind(2), a moment before listen(2).
+    let channel = loop {
+        match signet_agent::inspect::connect(socket).await {
+            Ok(channel) => break channel,
+            Err(_) => tokio::time::sleep(Duration::from_micros(100)).await,
+        }
+    };
     open_stream_on(channel).await
 }
 
@@ -201,6 +266,7 @@ async fn main() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_one_conn = rss_kib(agent.child.id());
+    let pages_one_conn = pages(agent.child.id());
     let mut separate = Vec::new();
     for _ in 0..STREAMS {
         let (tx, mut stream) = open_stream(&agent.socket).await;
@@ -242,6 +308,14 @@ async fn main() {
         mib(rss_idle),
         mib(rss_one_conn),
         mib(rss_both)
+    );
+    println!(
+        "  what the pages are with {STREAMS} streams on one connection (/proc/<pid>/smaps, KiB resident): {}",
+        pages_one_conn
+            .iter()
+            .map(|(what, kib)| format!("{what} {kib}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!(
         "  rotation reaching all {STREAMS} streams: {:.2} ms from the first stream to the last",

@@ -15,7 +15,9 @@
 //!
 //! `cargo build --release -p signet-ca && cargo bench -p signet-e2e --bench
 //! ca_throughput`; SIGNET_BENCH_SECS sets each phase's length (default 5),
-//! SIGNET_BENCH_PROFILE the binary's profile (`profiling` to run it under perf).
+//! SIGNET_BENCH_PROFILE the binary's profile (`profiling` to run it under perf),
+//! SIGNET_BENCH_INTERMEDIATES which intermediates (`P-256,RSA-2048,RSA-4096`),
+//! SIGNET_BENCH_CA another signet-ca binary to run instead.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -52,7 +54,9 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     let profile = std::env::var("SIGNET_BENCH_PROFILE").unwrap_or_else(|_| "release".into());
-    let binary = ca_binary(&profile);
+    // Another build to hold against this one (the commit before a change, say).
+    let binary = std::env::var_os("SIGNET_BENCH_CA")
+        .map_or_else(|| ca_binary(&profile), std::path::PathBuf::from);
     let phase = Duration::from_secs(secs);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -67,14 +71,16 @@ fn main() {
     let openssl = OpensslSpeed::measure();
     let issuer = JwtIssuer::rsa("bench");
     let csrs: Arc<Vec<String>> = Arc::new((0..256).map(|_| signet_e2e::csr(None).1).collect());
-    for (name, ca_key) in [
-        (
-            "P-256",
-            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
-        ),
-        ("RSA-2048", openssl_rsa(2048)),
-        ("RSA-4096", openssl_rsa(4096)),
-    ] {
+    let only = std::env::var("SIGNET_BENCH_INTERMEDIATES").unwrap_or_default();
+    for name in ["P-256", "RSA-2048", "RSA-4096"] {
+        if !only.is_empty() && !only.split(',').any(|n| n == name) {
+            continue;
+        }
+        let ca_key = match name {
+            "P-256" => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
+            "RSA-2048" => openssl_rsa(2048),
+            _ => openssl_rsa(4096),
+        };
         let dir = tempfile::tempdir().unwrap();
         let root = TestRoot::p256("Bench Root");
         let cacerts = dir.path().join("cacerts");
@@ -83,6 +89,7 @@ fn main() {
         pin(me, "0");
         let ring = RingCrypto::measure(&ca_key, &csrs[0], &issuer);
         let ossl = openssl.per_certificate(name);
+        let own = OwnSteps::measure(&cacerts, dir.path(), &issuer, &csrs[0]);
         println!("{name} intermediate");
         println!(
             "  crypto per certificate, one core: ring {:.0} us (CSR check {:.0} + signature {:.0} + token {:.0}); openssl speed {:.0} us (ring / openssl {:.2})",
@@ -92,6 +99,13 @@ fn main() {
             ring.token,
             ossl,
             ring.total() / ossl
+        );
+        println!(
+            "  Signet's own steps, one core: CSR parse and check {:.0} us, certificate {:.0} us, token {:.0} us (= {:.2} x ring's crypto)",
+            own.csr,
+            own.sign,
+            own.token,
+            (own.csr + own.sign + own.token) / ring.total()
         );
         let mut layouts = vec![("1 core", "0", if cores >= 2 { "1" } else { "0" })];
         if cores >= 2 {
@@ -225,6 +239,55 @@ impl RingCrypto {
             csr: csr_us,
             sign: sign_us,
             token: token_us,
+        }
+    }
+}
+
+/// The same three steps through Signet's own code (csr::check, Signer::sign,
+/// JwtAuthenticator::verify), in microseconds on one core.
+struct OwnSteps {
+    csr: f64,
+    sign: f64,
+    token: f64,
+}
+
+impl OwnSteps {
+    fn measure(cacerts: &Path, dir: &Path, issuer: &JwtIssuer, csr_pem: &str) -> Self {
+        use signet_ca::{
+            authn::{JwksSource, JwtAuthenticator, JwtConfig, Token},
+            cacerts, csr,
+            signer::Signer,
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let signer = Signer::new(cacerts::load_dir(cacerts).unwrap().unwrap(), now).unwrap();
+        let id = spiffe::SpiffeId::new("spiffe://cluster.local/ns/bench/sa/x").unwrap();
+        let token = Token::new(issuer.token("bench", "x"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let jwt = rt
+            .block_on(JwtAuthenticator::new(JwtConfig {
+                issuer: signet_e2e::ISSUER.into(),
+                audiences: vec!["istio-ca".into()],
+                source: JwksSource::File(issuer.write_jwks(dir)),
+                refresh_interval: time::Duration::minutes(5),
+                max_age: time::Duration::hours(24),
+            }))
+            .unwrap();
+        let checked = csr::check(csr_pem).unwrap();
+        Self {
+            csr: per_op(|| {
+                csr::check(csr_pem).unwrap();
+            }),
+            sign: per_op(|| {
+                signer
+                    .sign(&checked.spki, &id, time::Duration::hours(24), now)
+                    .unwrap();
+            }),
+            token: per_op(|| {
+                rt.block_on(jwt.verify(&token, now)).unwrap();
+            }),
         }
     }
 }
