@@ -635,6 +635,21 @@ mod tests {
         jsonwebtoken::encode(&header, &claims, key).unwrap()
     }
 
+    #[test]
+    fn a_set_without_a_usable_key_is_refused() {
+        let only_secret = r#"{"keys":[{"kty":"oct","k":"c2VjcmV0","kid":"a"}]}"#;
+        assert!(matches!(
+            Jwks::parse(only_secret.as_bytes()),
+            Err(JwksError::NoKeys)
+        ));
+        // A modulus that is not base64url: the key cannot be used, nor the set.
+        let broken = r#"{"keys":[{"kty":"RSA","n":"!!!","e":"AQAB","kid":"b"}]}"#;
+        assert!(matches!(
+            Jwks::parse(broken.as_bytes()),
+            Err(JwksError::NoKeys)
+        ));
+    }
+
     #[tokio::test]
     async fn symmetric_keys_are_dropped_and_mutations_never_pass() {
         let dir = tempfile::tempdir().unwrap();
