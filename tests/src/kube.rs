@@ -546,6 +546,18 @@ pub fn pod_certificate_status(spec: &Value, status: &Value) -> Result<(), String
     Ok(())
 }
 
+/// The audiences a TokenReview's `spec.audiences` asks for (none when absent).
+pub fn review_audiences(review: &Value) -> Vec<String> {
+    review["spec"]["audiences"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// One TokenReview being answered; counted down when its answer is done or dropped.
 struct InFlight(Arc<Mutex<State>>);
 
@@ -845,14 +857,7 @@ impl Server {
             );
         }
         let token = review["spec"]["token"].as_str().unwrap_or_default();
-        let audiences: Vec<String> = review["spec"]["audiences"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let audiences = review_audiences(&review);
         let status = review_status(&jwks, token, &audiences);
         (
             StatusCode::CREATED,

@@ -92,14 +92,7 @@ async fn token_review(
     assert_eq!(body["kind"], "TokenReview");
     assert_eq!(body["apiVersion"], "authentication.k8s.io/v1");
     let token = body["spec"]["token"].as_str().unwrap_or_default();
-    let wanted: Vec<String> = body["spec"]["audiences"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let wanted = signet_e2e::kube::review_audiences(&body);
     let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::RS256);
     validation.set_audience(&wanted);
     validation.set_issuer(&["https://kubernetes.default.svc"]);
