@@ -12,12 +12,12 @@ RUN rustup toolchain install
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p signet-ca \
-    && cargo build --profile agent --locked -p signet-agent \
+    ./scripts/build-release.sh \
     && mkdir -p /out \
-    && cp target/release/signet-ca target/agent/signet-agent /out/
+    && cp target/dist/signet-ca target/dist/signet-agent /out/
 
-# glibc, libgcc, CA certificates and nothing else: no shell, no package manager.
+# glibc and libgcc (for signet-ca; signet-agent is static), CA certificates and
+# nothing else: no shell, no package manager.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/signet-ca /out/signet-agent /usr/local/bin/
 USER 65532:65532

@@ -15,12 +15,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 
-echo "==> building signet-ca and signet-agent (release; the agent with --profile agent)"
-cargo build --release --locked -p signet-ca 2>&1 | tail -n 1
-cargo build --profile agent --locked -p signet-agent 2>&1 | tail -n 1
+echo "==> building signet-ca and signet-agent as they ship (scripts/build-release.sh)"
+"$root/scripts/build-release.sh" 2>&1 | tail -n 1
 python="$("$root/scripts/python-env.sh")"
-bin="$root/target/release"
-agent_bin="$root/target/agent"
+bin="$root/target/dist"
+agent_bin="$root/target/dist"
 
 work="$(mktemp -d /tmp/signet-demo.XXXXXX)"
 pids=()

@@ -1,17 +1,23 @@
 //! How SDS requests reach [`Sds`]: a router for the three methods with a prost codec
-//! whose buffers start small, and the response stream type.
+//! whose buffers start small, and the response stream type, framed without a buffer
+//! kept per stream.
 
-use std::sync::Arc;
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
+use http_body::Frame;
 
 use envoy_types::pb::envoy::service::{
-    discovery::v3::{
-        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-    },
+    discovery::v3::{DiscoveryRequest, DiscoveryResponse},
     secret::v3::secret_discovery_service_server::SecretDiscoveryService,
 };
 use prost::Message;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming, codec::Codec, metadata::MetadataMap};
 
 use super::service::Sds;
 
@@ -24,24 +30,133 @@ pub(super) type Outbound<T> = Result<Box<T>, Box<Status>>;
 #[derive(Debug)]
 pub struct Unboxed<T>(pub(super) ReceiverStream<Outbound<T>>);
 
-impl<T> tokio_stream::Stream for Unboxed<T> {
+impl<T> Stream for Unboxed<T> {
     type Item = Result<T, Status>;
 
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        std::pin::Pin::new(&mut self.0)
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.0)
             .poll_next(cx)
             .map(|item| item.map(|r| r.map(|b| *b).map_err(|s| *s)))
     }
 }
 
+/// A response stream's body: each message as one gRPC frame in a buffer of exactly
+/// its size, handed to HTTP/2 and freed once written; then the status as trailers.
+/// tonic's own body keeps, for the life of the stream, a buffer as large as the
+/// largest message it sent (a Secret with its chain: 4-8 KiB), and an open SDS
+/// stream sends one message every 12 hours.
+struct Framed<T> {
+    stream: Unboxed<T>,
+    done: bool,
+}
+
+/// `message` with the gRPC frame header (not compressed, 4-byte big-endian length).
+fn frame(message: &impl Message) -> Result<Bytes, Status> {
+    let len = message.encoded_len();
+    let header = u32::try_from(len)
+        .map_err(|_| Status::internal(format!("a response of {len} bytes is too large")))?;
+    let mut out = Vec::with_capacity(5 + len);
+    out.push(0);
+    out.extend_from_slice(&header.to_be_bytes());
+    message
+        .encode(&mut out)
+        .map_err(|e| Status::internal(format!("encoding a response: {e}")))?;
+    Ok(Bytes::from(out))
+}
+
+/// The trailers that end a stream with `status`.
+fn trailers(status: &Status) -> http::HeaderMap {
+    let mut map = http::HeaderMap::new();
+    if let Err(unencodable) = status.add_header(&mut map) {
+        map.clear();
+        let _ = unencodable.add_header(&mut map);
+    }
+    map
+}
+
+impl<T: Message> http_body::Body for Framed<T> {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let end = match ready!(Pin::new(&mut this.stream).poll_next(cx)) {
+            Some(Ok(message)) => match frame(&message) {
+                Ok(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Err(status) => status,
+            },
+            Some(Err(status)) => status,
+            None => Status::ok(""),
+        };
+        this.done = true;
+        Poll::Ready(Some(Ok(Frame::trailers(trailers(&end)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+/// A bidirectional streaming call: requests decoded by tonic (with [`SmallCodec`]),
+/// the response stream framed by [`Framed`].
+async fn streaming<B, Req, Resp, F, Fut>(
+    req: http::Request<B>,
+    call: F,
+) -> http::Response<tonic::body::Body>
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+    Req: Message + Default + Send + 'static,
+    Resp: Message + Send + 'static,
+    F: FnOnce(Request<Streaming<Req>>) -> Fut,
+    Fut: Future<Output = Result<Response<Unboxed<Resp>>, Status>>,
+{
+    // Envoy does not compress SDS; nothing here decompresses.
+    if let Some(encoding) = req.headers().get("grpc-encoding")
+        && encoding != "identity"
+    {
+        return Status::unimplemented(format!(
+            "request compression {encoding:?} is not supported (send uncompressed)"
+        ))
+        .into_http();
+    }
+    let (parts, body) = req.into_parts();
+    let decoder = SmallCodec::<Resp, Req>::default().decoder();
+    let requests = Streaming::new_request(decoder, body, None, Some(MAX_REQUEST_BYTES));
+    let request = Request::from_parts(
+        MetadataMap::from_headers(parts.headers),
+        parts.extensions,
+        requests,
+    );
+    match call(request).await {
+        Err(status) => status.into_http(),
+        Ok(response) => {
+            let (metadata, stream, _) = response.into_parts();
+            let mut http = http::Response::new(tonic::body::Body::new(Framed {
+                stream,
+                done: false,
+            }));
+            *http.headers_mut() = metadata.into_headers();
+            http.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            http
+        }
+    }
+}
+
 /// The gRPC service as registered on the server. It routes the three SDS methods
-/// to [`Sds`] like the generated `SecretDiscoveryServiceServer`, but with a codec
-/// whose buffers start at 1 KiB instead of 8 KiB: an SDS message is a few KiB at most
-/// and every open stream holds one buffer each way, so this is most of what a stream
-/// costs in memory.
+/// to [`Sds`] like the generated `SecretDiscoveryServiceServer`, but with a decoder
+/// whose buffer starts at 1 KiB instead of 8 KiB and a response body that keeps no
+/// buffer ([`Framed`]): an SDS message is a few KiB at most and an open stream is
+/// idle for hours, so buffers were most of what a stream cost in memory.
 #[derive(Debug, Clone)]
 pub struct SdsServer(pub(super) Arc<Sds>);
 
@@ -86,28 +201,6 @@ where
     }
 }
 
-struct StreamSvc(Arc<Sds>);
-impl tonic::server::StreamingService<DiscoveryRequest> for StreamSvc {
-    type Response = DiscoveryResponse;
-    type ResponseStream = Unboxed<DiscoveryResponse>;
-    type Future = tonic::codegen::BoxFuture<Response<Self::ResponseStream>, Status>;
-    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
-        let sds = self.0.clone();
-        Box::pin(async move { sds.stream_secrets(request).await })
-    }
-}
-
-struct DeltaSvc(Arc<Sds>);
-impl tonic::server::StreamingService<DeltaDiscoveryRequest> for DeltaSvc {
-    type Response = DeltaDiscoveryResponse;
-    type ResponseStream = Unboxed<DeltaDiscoveryResponse>;
-    type Future = tonic::codegen::BoxFuture<Response<Self::ResponseStream>, Status>;
-    fn call(&mut self, request: Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
-        let sds = self.0.clone();
-        Box::pin(async move { sds.delta_secrets(request).await })
-    }
-}
-
 struct FetchSvc(Arc<Sds>);
 impl tonic::server::UnaryService<DiscoveryRequest> for FetchSvc {
     type Response = DiscoveryResponse;
@@ -143,14 +236,10 @@ where
         Box::pin(async move {
             Ok(match method.as_deref() {
                 Some("StreamSecrets") => {
-                    let mut grpc = tonic::server::Grpc::new(SmallCodec::default())
-                        .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None);
-                    grpc.streaming(StreamSvc(sds), req).await
+                    streaming(req, |r| async move { sds.stream_secrets(r).await }).await
                 }
                 Some("DeltaSecrets") => {
-                    let mut grpc = tonic::server::Grpc::new(SmallCodec::default())
-                        .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None);
-                    grpc.streaming(DeltaSvc(sds), req).await
+                    streaming(req, |r| async move { sds.delta_secrets(r).await }).await
                 }
                 Some("FetchSecrets") => {
                     let mut grpc = tonic::server::Grpc::new(SmallCodec::default())

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Builds the binaries as they ship, into target/dist/:
+#   signet-ca     the release profile (fat LTO, stripped), linked against the system glibc;
+#   signet-agent  the agent profile (the same, optimised for size), linked statically
+#                 (glibc's static libc: only the parts it calls are loaded, which is
+#                 most of the agent's memory saving; docs/performance.md).
+# `scripts/build-release.sh agent` builds the agent only, `... ca` the CA only.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+what=("$@")
+[ ${#what[@]} -gt 0 ] || what=(ca agent)
+host="$(rustc -vV | sed -n 's/^host: //p')"
+mkdir -p target/dist
+for w in "${what[@]}"; do
+    case "$w" in
+    ca)
+        cargo build --release --locked -p signet-ca
+        cp target/release/signet-ca target/dist/
+        ;;
+    agent)
+        # --target keeps crt-static off build scripts and proc macros, which run on
+        # the host and cannot be static.
+        flags="${RUSTFLAGS:-}"
+        case "$host" in
+        *-linux-gnu) flags="$flags -C target-feature=+crt-static" ;;
+        esac
+        RUSTFLAGS="$flags" cargo build --profile agent --locked -p signet-agent --target "$host"
+        cp "target/$host/agent/signet-agent" target/dist/
+        ;;
+    *)
+        echo "usage: $0 [ca] [agent]" >&2
+        exit 2
+        ;;
+    esac
+done
