@@ -2,7 +2,13 @@
 //! CSR -> policy -> (queue) verify the CSR's signature and sign -> answer. Errors
 //! become gRPC statuses here and nowhere else.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use rustls::pki_types::UnixTime;
 use signet_proto::{IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService};
@@ -32,6 +38,52 @@ pub(crate) struct CaService {
     queue: SigningQueue,
     metrics: Metrics,
     policy: Arc<Policy>,
+    overload_log: Arc<OverloadLog>,
+}
+
+/// Refusals for overload (a full signing queue, a caller's share used up, token
+/// reviews throttled) come in storms, a million in a fleet's restart: at most one
+/// warning a second says how many there were, each of the others is a debug line.
+/// The counts are in the metrics either way. Every other refusal is a warning of its
+/// own.
+#[derive(Debug)]
+struct OverloadLog {
+    started: Instant,
+    /// Milliseconds after `started` of the last warning, `u64::MAX` before the first.
+    last_warning_ms: AtomicU64,
+    /// Overload refusals since the last warning.
+    since: AtomicU64,
+}
+
+impl OverloadLog {
+    const EVERY: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            last_warning_ms: AtomicU64::new(u64::MAX),
+            since: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one refusal; `Some(n)` when this one is to be a warning, `n` the
+    /// refusals since the last warning (this one included).
+    fn count(&self) -> Option<u64> {
+        self.since.fetch_add(1, Ordering::Relaxed);
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        let last = self.last_warning_ms.load(Ordering::Relaxed);
+        let due = last == u64::MAX || now.saturating_sub(last) >= Self::EVERY.as_millis() as u64;
+        if due
+            && self
+                .last_warning_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.since.swap(0, Ordering::Relaxed))
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +101,16 @@ enum RequestError {
 }
 
 impl RequestError {
+    /// A refusal because the CA or the API server is at a limit, not because of
+    /// anything wrong with the request.
+    fn is_overload(&self) -> bool {
+        matches!(
+            self,
+            Self::Queue(QueueError::Full(_) | QueueError::Share(_))
+                | Self::Authn(AuthnError::Throttled(_))
+        )
+    }
+
     fn status(&self) -> Status {
         let message = self.to_string();
         match self {
@@ -110,6 +172,7 @@ impl CaService {
             queue,
             metrics,
             policy: Arc::new(policy),
+            overload_log: Arc::new(OverloadLog::new()),
         }
     }
 
@@ -262,7 +325,13 @@ impl IstioCertificateService for CaService {
                     _ => {}
                 }
                 let status = e.status();
-                tracing::warn!(peer = %peer, code = ?status.code(), error = %e, "certificate request refused");
+                if !e.is_overload() {
+                    tracing::warn!(peer = %peer, code = ?status.code(), error = %e, "certificate request refused");
+                } else if let Some(refused) = self.overload_log.count() {
+                    tracing::warn!(peer = %peer, code = ?status.code(), error = %e, refused, "certificate requests refused for overload (one line a second at most; `refused` counts them since the last)");
+                } else {
+                    tracing::debug!(peer = %peer, code = ?status.code(), error = %e, "certificate request refused");
+                }
                 status.code()
             }
         };
@@ -277,5 +346,27 @@ impl IstioCertificateService for CaService {
                 })
             })
             .map_err(|e| e.status())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overload_refusals_warn_once_a_second_with_their_count() {
+        let log = OverloadLog::new();
+        assert_eq!(log.count(), Some(1), "the first refusal is a warning");
+        for _ in 0..999 {
+            assert_eq!(log.count(), None);
+        }
+        // A second later the next warning tells the 999 in between and itself.
+        log.last_warning_ms.store(0, Ordering::Relaxed);
+        let log = OverloadLog {
+            started: Instant::now() - Duration::from_millis(1500),
+            ..log
+        };
+        assert_eq!(log.count(), Some(1000));
+        assert_eq!(log.count(), None);
     }
 }

@@ -110,7 +110,11 @@ impl TokenReviewer for KubeTokenReviewer {
                 )
             };
             if self.paused_until().is_some_and(|t| Instant::now() < t) {
-                return Err(unavailable());
+                // Not asked at all: a limit of ours, counted and logged as one.
+                return Err(ReviewError::Throttled(
+                    "the Kubernetes API server is rate-limiting token reviews; retry with backoff"
+                        .into(),
+                ));
             }
             let review = TokenReview {
                 spec: TokenReviewSpec {
