@@ -22,7 +22,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    net::SocketAddr,
     path::Path,
     process::{Command, Stdio},
     sync::{
@@ -40,8 +39,7 @@ use ring::{
 };
 use signet_e2e::{
     JwtIssuer, TestRoot,
-    cluster::free_port,
-    process::{Killed, ca_binary, cpu_time, drain, pin},
+    process::{CaProcess, ca_binary, cpu_time, pin},
     request, sh,
 };
 use x509_parser::prelude::FromDer;
@@ -72,6 +70,7 @@ fn main() {
     let issuer = JwtIssuer::rsa("bench");
     let csrs: Arc<Vec<String>> = Arc::new((0..256).map(|_| signet_e2e::csr(None).1).collect());
     let only = std::env::var("SIGNET_BENCH_INTERMEDIATES").unwrap_or_default();
+    let mut floor_done = false;
     for name in ["P-256", "RSA-2048", "RSA-4096"] {
         if !only.is_empty() && !only.split(',').any(|n| n == name) {
             continue;
@@ -111,17 +110,21 @@ fn main() {
         if cores >= 2 {
             layouts.push(("2 cores", all_cores, all_cores));
         }
-        for (label, server, load) in layouts {
-            let s = serve(
+        let run = |cores: (&str, &str), load: Load| {
+            serve(
                 &binary,
                 dir.path(),
                 &cacerts,
                 &root.pem,
                 &issuer,
                 &csrs,
-                (server, load),
+                cores,
                 phase,
-            );
+                load,
+            )
+        };
+        for (label, server, load) in layouts {
+            let s = run((server, load), Load::Certificates);
             let k = server.split(',').count() as f64;
             let cpu_us = s.cpu_per_cert.as_secs_f64() * 1e6;
             println!(
@@ -138,6 +141,18 @@ fn main() {
                 } else {
                     ", load generator on the other"
                 },
+            );
+        }
+        if !floor_done && cores >= 2 {
+            // Once: the intermediate does not matter to a refused request.
+            floor_done = true;
+            let s = run(("0", "1"), Load::Refused);
+            let cpu_us = s.cpu_per_cert.as_secs_f64() * 1e6;
+            println!(
+                "  a request refused before any crypto (a token that is not a JWT), server on 1 core: {:.0} requests/s, server CPU {cpu_us:.0} us each = {:.2} x ring's {name} crypto; so with a {name} intermediate the ratio cannot go below (Signet's own steps + that) / ring = {:.2}",
+                s.rate,
+                cpu_us / ring.total(),
+                (own.csr + own.sign + own.token + cpu_us) / ring.total()
             );
         }
     }
@@ -342,6 +357,30 @@ impl OpensslSpeed {
     }
 }
 
+/// What the 64 clients ask for.
+#[derive(Clone, Copy)]
+enum Load {
+    /// Certificates, with valid tokens.
+    Certificates,
+    /// Nothing the CA grants: a token that is not a JWT, refused (UNAUTHENTICATED)
+    /// before any crypto. What the server spends on such a request is the cost of a
+    /// TLS gRPC request itself (HTTP/2, TLS, protobuf, runtime, one log line).
+    Refused,
+}
+
+impl Load {
+    fn check(
+        self,
+        answer: Result<tonic::Response<signet_proto::IstioCertificateResponse>, tonic::Status>,
+    ) {
+        match (self, answer) {
+            (Self::Certificates, Ok(_)) => {}
+            (Self::Refused, Err(s)) if s.code() == tonic::Code::Unauthenticated => {}
+            (_, other) => panic!("unexpected answer: {other:?}"),
+        }
+    }
+}
+
 /// What one serving phase measured.
 struct Served {
     rate: f64,
@@ -364,46 +403,31 @@ fn serve(
     csrs: &Arc<Vec<String>>,
     cores: (&str, &str),
     phase: Duration,
+    load: Load,
 ) -> Served {
-    let grpc: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut child = Command::new("taskset")
-        .args(["-c", cores.0])
-        .arg(binary)
-        .arg("serve")
-        .args(signet_e2e::jwt_ca_args(dir, issuer, cacerts))
-        .args(["--grpc-addr", &grpc.to_string()])
-        .args(["--http-addr", &http.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The audit log goes to a pipe that is read, as a container runtime reads it.
-    drain(child.stderr.take().unwrap());
-    let mut ca = Killed(child);
     pin(std::process::id(), cores.1);
     let rt = signet_e2e::named_runtime("bench-client");
     rt.block_on(async {
-        while signet_e2e::http_get(http, "/readyz")
-            .await
-            .ok()
-            .map(|(code, _)| code)
-            != Some(200)
-        {
-            if let Some(status) = ca.0.try_wait().unwrap() {
-                panic!("signet-ca exited before it was ready: {status}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let ca = CaProcess::start(
+            binary,
+            &signet_e2e::jwt_ca_args(dir, issuer, cacerts),
+            cores.0,
+        )
+        .await;
+        let grpc = ca.grpc;
         let mut clients = Vec::new();
         for i in 0..CLIENTS {
             let mut client = signet_e2e::client(grpc, root_pem, None).await;
-            let token = issuer.token("bench", &format!("sa{i}"));
+            let token = match load {
+                Load::Certificates => issuer.token("bench", &format!("sa{i}")),
+                Load::Refused => "not-a-jwt".to_owned(),
+            };
             // One request each before the clock: handshakes and first allocations.
-            client
-                .create_certificate(request(&csrs[i], Some(&token), 0))
-                .await
-                .unwrap();
+            load.check(
+                client
+                    .create_certificate(request(&csrs[i], Some(&token), 0))
+                    .await,
+            );
             clients.push((client, token));
         }
         let stop = Arc::new(AtomicBool::new(false));
@@ -419,10 +443,11 @@ fn serve(
                     let mut n = i;
                     while !stop.load(Ordering::Relaxed) {
                         let t = Instant::now();
-                        client
-                            .create_certificate(request(&csrs[n % csrs.len()], Some(&token), 0))
-                            .await
-                            .unwrap();
+                        load.check(
+                            client
+                                .create_certificate(request(&csrs[n % csrs.len()], Some(&token), 0))
+                                .await,
+                        );
                         latencies.push(t.elapsed());
                         n += 1;
                     }

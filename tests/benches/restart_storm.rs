@@ -5,11 +5,14 @@
 //! token and key, made before the clock starts, so no cache helps; each retries
 //! `RESOURCE_EXHAUSTED` and `UNAVAILABLE` with the agent's own backoff (0.5 s doubling
 //! to 60 s, jittered). In the same run, the steady-state rate of the same CA (64
-//! clients looping), so the storm can be held against `identities / rate`.
+//! clients looping), so the storm can be held against `identities / rate`. The CA is
+//! the release binary in its own process on core 0; the fleet and the API server run
+//! in this process on core 1.
 //!
-//! `cargo bench -p signet-e2e --bench restart_storm`; SIGNET_STORM_IDENTITIES sets the
-//! number of identities (default 100,000), SIGNET_BENCH_SECS the steady phase (5 s),
-//! SIGNET_STORM_MODE the modes (`jwks,tokenreview`; TokenReview mode takes at least
+//! `cargo build --release -p signet-ca && cargo bench -p signet-e2e --bench
+//! restart_storm`; SIGNET_BENCH_CA runs another signet-ca binary instead,
+//! SIGNET_STORM_IDENTITIES sets the number of identities (default 100,000),
+//! SIGNET_BENCH_SECS the steady phase (5 s), SIGNET_STORM_MODE the modes (`jwks,tokenreview`; TokenReview mode takes at least
 //! identities ÷ 100 seconds, 17 minutes for 100,000).
 //! Tokens are ES256 (signing 100,000 RS256 tokens would take minutes here); the CA's
 //! default limits apply (`--max-pending` 512, `--max-connections` 4096).
@@ -26,8 +29,9 @@ use std::{
 
 use signet_agent::rotation::Backoff;
 use signet_e2e::{
-    JwtIssuer, TestCa, TestRoot,
+    JwtIssuer, TestRoot,
     kube::{KubeApi, TokenReviews},
+    process::{CaProcess, ca_binary, cpu_time, pin},
     request,
 };
 use signet_proto::IstioCertificateServiceClient;
@@ -48,6 +52,9 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
     let modes = std::env::var("SIGNET_STORM_MODE").unwrap_or_else(|_| "jwks,tokenreview".into());
+    // Another build to hold against this one (the commit before a change, say).
+    let binary = std::env::var_os("SIGNET_BENCH_CA")
+        .map_or_else(|| ca_binary("release"), std::path::PathBuf::from);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
 
@@ -61,30 +68,30 @@ fn main() {
     let made = Instant::now();
     let identities = Arc::new(identities(&issuer, n, cores));
     let made = made.elapsed();
-    let ca_rt = signet_e2e::named_runtime("signet-ca");
+    // The CA on a core of its own, the fleet (and the API server) on the other, as
+    // ca_throughput measures the steady state: 100,000 clients' own CPU is not the
+    // CA's.
+    let (ca_cores, fleet_cores) = if cores >= 2 { ("0", "1") } else { ("0", "0") };
+    pin(std::process::id(), fleet_cores);
     let client_rt = signet_e2e::named_runtime("bench-client");
 
     if modes.contains("jwks") {
         println!(
-            "signet-ca restart storm, JWKS mode: {n} identities (each its own ES256 token and P-256 key, made in {:.1} s before the clock starts), {cores} cores, P-256 intermediate, {CONNECTIONS} connections",
+            "signet-ca restart storm, JWKS mode: {n} identities (each its own ES256 token and P-256 key, made in {:.1} s before the clock starts), P-256 intermediate, {CONNECTIONS} connections, the release binary on core {ca_cores}, the fleet on core {fleet_cores}",
             made.as_secs_f64()
         );
-        let ca = ca_rt.block_on(TestCa::start(&signet_e2e::jwt_ca_args(
-            dir.path(),
-            &issuer,
-            &cacerts,
-        )));
         client_rt.block_on(async {
+            let args = signet_e2e::jwt_ca_args(dir.path(), &issuer, &cacerts);
+            let ca = CaProcess::start(&binary, &args, ca_cores).await;
             let channels = connect(&ca, &root.pem).await;
             let rate = steady_rate(&channels, &identities, secs).await;
             let ideal = n as f64 / rate;
             println!(
                 "  steady state: {rate:.0} certificates/s with {STEADY_CLIENTS} clients, so {n} ideally take {ideal:.1} s"
             );
-            let s = storm(&channels, &identities).await;
+            let s = storm(&channels, &identities, &ca).await;
             s.print(n, ideal, "the ideal");
         });
-        ca_rt.block_on(ca.stop());
     }
 
     if modes.contains("tokenreview") {
@@ -97,22 +104,22 @@ fn main() {
             per_second: REVIEWS_PER_SECOND,
         });
         println!(
-            "signet-ca restart storm, TokenReview mode: {n} identities, an API server answering each review in {} ms and {REVIEWS_PER_SECOND} reviews a second (429 beyond), the CA's defaults (--max-token-reviews 64)",
+            "signet-ca restart storm, TokenReview mode: {n} identities, an API server answering each review in {} ms and {REVIEWS_PER_SECOND} reviews a second (429 beyond), the CA's defaults (--max-token-reviews 64), the release binary on core {ca_cores}, the fleet and the API server on core {fleet_cores}",
             REVIEW_LATENCY.as_millis()
         );
-        let state = dir.path().join("state-tokenreview");
-        let ca = ca_rt.block_on(TestCa::start(&[
+        let args = [
             "--cacerts-dir".into(),
             cacerts.display().to_string(),
             "--state-dir".into(),
-            state.display().to_string(),
+            dir.path().join("state-tokenreview").display().to_string(),
             "--kubeconfig".into(),
             api.kubeconfig(dir.path()).display().to_string(),
-        ]));
+        ];
         client_rt.block_on(async {
+            let ca = CaProcess::start(&binary, &args, ca_cores).await;
             let channels = connect(&ca, &root.pem).await;
             let floor = n as f64 / f64::from(REVIEWS_PER_SECOND);
-            let s = storm(&channels, &identities).await;
+            let s = storm(&channels, &identities, &ca).await;
             s.print(n, floor, "the API server's limit");
         });
         println!(
@@ -121,7 +128,6 @@ fn main() {
             api.calls("429 tokenreviews"),
             api.most_reviews_in_flight()
         );
-        ca_rt.block_on(ca.stop());
         drop(api_rt);
     }
 }
@@ -132,12 +138,12 @@ const REVIEW_LATENCY: Duration = Duration::from_millis(5);
 const REVIEWS_PER_SECOND: u32 = 100;
 
 async fn connect(
-    ca: &TestCa,
+    ca: &CaProcess,
     root_pem: &str,
 ) -> Vec<IstioCertificateServiceClient<tonic::transport::Channel>> {
     let mut channels = Vec::with_capacity(CONNECTIONS);
     for _ in 0..CONNECTIONS {
-        channels.push(ca.client(root_pem).await);
+        channels.push(signet_e2e::client(ca.grpc, root_pem, None).await);
     }
     channels
 }
@@ -191,6 +197,52 @@ struct Storm {
     admitted_later: Vec<Duration>,
     exhausted: u64,
     unavailable: u64,
+    /// The CA's CPU time over the storm.
+    ca_cpu: Duration,
+    /// The CA's own latency histogram of the certificates it issued.
+    ca_side: CaSide,
+}
+
+/// `signet_ca_create_certificate_duration_seconds{code="Ok"}` as the CA measured it
+/// (from its handler's start to its answer: the time a request spent waiting for a
+/// token review and for a signing thread, not the time before the server read it).
+struct CaSide {
+    count: f64,
+    /// (upper bound in seconds, certificates answered within it)
+    buckets: Vec<(f64, f64)>,
+}
+
+impl CaSide {
+    fn read(exposition: &str) -> Self {
+        let series = "signet_ca_create_certificate_duration_seconds";
+        let count = signet_e2e::metric(exposition, &format!("{series}_count{{code=\"Ok\"}}"))
+            .unwrap_or(0.0);
+        let buckets = ["0.01", "0.1", "1"]
+            .iter()
+            .map(|le| {
+                let within = signet_e2e::metric(
+                    exposition,
+                    &format!("{series}_bucket{{code=\"Ok\",le=\"{le}\"}}"),
+                )
+                .unwrap_or(0.0);
+                (le.parse().unwrap(), within)
+            })
+            .collect();
+        Self { count, buckets }
+    }
+
+    /// What was counted after `before` was read.
+    fn minus(self, before: &Self) -> Self {
+        Self {
+            count: self.count - before.count,
+            buckets: self
+                .buckets
+                .iter()
+                .zip(&before.buckets)
+                .map(|(&(le, now), &(_, then))| (le, now - then))
+                .collect(),
+        }
+    }
 }
 
 impl Storm {
@@ -212,6 +264,27 @@ impl Storm {
             self.unavailable,
             (self.exhausted + self.unavailable) as f64 / n as f64
         );
+        let answers = n as u64 + self.exhausted + self.unavailable;
+        println!(
+            "  CA CPU: {:.1} s over the storm ({:.0} % of its core), {:.0} us per answer (certificate or refusal)",
+            self.ca_cpu.as_secs_f64(),
+            self.ca_cpu.as_secs_f64() / total * 100.0,
+            self.ca_cpu.as_secs_f64() * 1e6 / answers as f64
+        );
+        println!(
+            "  the CA's own latency of the {:.0} certificates it issued (its histogram, from its handler's start): {}",
+            self.ca_side.count,
+            self.ca_side
+                .buckets
+                .iter()
+                .map(|(le, within)| format!(
+                    "{:.2} % within {} ms",
+                    within / self.ca_side.count.max(1.0) * 100.0,
+                    le * 1e3
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         let later = &self.admitted_later;
         if !later.is_empty() {
             let pct = |p: f64| later[((later.len() as f64 * p) as usize).min(later.len() - 1)];
@@ -230,8 +303,12 @@ impl Storm {
 async fn storm(
     channels: &[IstioCertificateServiceClient<tonic::transport::Channel>],
     identities: &Arc<Vec<(String, String)>>,
+    ca: &CaProcess,
 ) -> Storm {
     let n = identities.len();
+    let ca_pid = ca.pid();
+    let cpu_before = cpu_time(ca_pid);
+    let (_, metrics_before) = signet_e2e::http_get(ca.http, "/metrics").await.unwrap();
     let exhausted = Arc::new(AtomicU64::new(0));
     let unavailable = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -274,6 +351,8 @@ async fn storm(
         }
         finish.push(at);
     }
+    let ca_cpu = cpu_time(ca_pid) - cpu_before;
+    let (_, exposition) = signet_e2e::http_get(ca.http, "/metrics").await.unwrap();
     finish.sort();
     admitted.sort();
     admitted_later.sort();
@@ -284,6 +363,8 @@ async fn storm(
         admitted_later,
         exhausted: exhausted.load(Ordering::Relaxed),
         unavailable: unavailable.load(Ordering::Relaxed),
+        ca_cpu,
+        ca_side: CaSide::read(&exposition).minus(&CaSide::read(&metrics_before)),
     }
 }
 

@@ -2,12 +2,13 @@
 //! time from `/proc/<pid>/stat`, and the release `signet-ca` binary run on its own.
 
 use std::{
-    path::PathBuf,
+    net::SocketAddr,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use crate::workspace;
+use crate::{cluster::free_port, http_get, workspace};
 
 /// Pins every thread of process `pid` to the cores in `cores` (taskset's list form,
 /// "0" or "0,1").
@@ -74,4 +75,53 @@ pub fn drain(out: impl std::io::Read + Send + 'static) {
         let mut out = out;
         let _ = std::io::copy(&mut out, &mut std::io::sink());
     });
+}
+
+/// `signet-ca serve` as its own process, pinned with `taskset` to `cores`, on
+/// loopback ports of its own, its log read and dropped; killed when dropped.
+pub struct CaProcess {
+    process: Killed,
+    /// Its gRPC (CreateCertificate) address.
+    pub grpc: SocketAddr,
+    /// Its HTTP (metrics, health) address.
+    pub http: SocketAddr,
+}
+
+impl CaProcess {
+    /// Starts `binary serve <args>` and waits until `/readyz` says ready (panics if
+    /// it exits first).
+    pub async fn start(binary: &Path, args: &[String], cores: &str) -> Self {
+        let addr = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
+        let (grpc, http) = (addr(), addr());
+        let mut child = Command::new("taskset")
+            .args(["-c", cores])
+            .arg(binary)
+            .arg("serve")
+            .args(args)
+            .args(["--grpc-addr", &grpc.to_string()])
+            .args(["--http-addr", &http.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The audit log goes to a pipe that is read, as a container runtime reads it.
+        drain(child.stderr.take().unwrap());
+        let mut process = Killed(child);
+        while http_get(http, "/readyz").await.ok().map(|(code, _)| code) != Some(200) {
+            if let Some(status) = process.0.try_wait().unwrap() {
+                panic!("signet-ca exited before it was ready: {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self {
+            process,
+            grpc,
+            http,
+        }
+    }
+
+    /// Its pid (taskset execs the binary in place).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
 }
