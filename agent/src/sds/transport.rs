@@ -67,9 +67,10 @@ fn frame(message: &impl Message) -> Result<Bytes, Status> {
 /// The trailers that end a stream with `status`.
 fn trailers(status: &Status) -> http::HeaderMap {
     let mut map = http::HeaderMap::new();
-    if let Err(unencodable) = status.add_header(&mut map) {
+    if status.add_header(&mut map).is_err() {
+        // Only a message or details that cannot be a header value: say INTERNAL.
         map.clear();
-        let _ = unencodable.add_header(&mut map);
+        map.insert("grpc-status", http::HeaderValue::from_static("13"));
     }
     map
 }
@@ -250,5 +251,75 @@ where
                     .into_http(),
             })
         })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use http_body::Body as _;
+
+    async fn next_frame(body: &mut Framed<DiscoveryResponse>) -> Option<Frame<Bytes>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx))
+            .await
+            .map(|f| f.unwrap())
+    }
+
+    fn body(items: Vec<Outbound<DiscoveryResponse>>) -> Framed<DiscoveryResponse> {
+        let (tx, rx) = tokio::sync::mpsc::channel(items.len().max(1));
+        for item in items {
+            tx.try_send(item).unwrap();
+        }
+        Framed {
+            stream: Unboxed(ReceiverStream::new(rx)),
+            done: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn each_message_is_one_grpc_frame_of_its_own_size_then_status_ok() {
+        let first = DiscoveryResponse {
+            version_info: "v1".into(),
+            nonce: "1".into(),
+            ..Default::default()
+        };
+        let second = DiscoveryResponse {
+            version_info: "v2".into(),
+            nonce: "2".into(),
+            ..Default::default()
+        };
+        let mut b = body(vec![
+            Ok(Box::new(first.clone())),
+            Ok(Box::new(second.clone())),
+        ]);
+        for sent in [first, second] {
+            let data = next_frame(&mut b).await.unwrap().into_data().unwrap();
+            assert_eq!(data[0], 0, "not compressed");
+            let len = u32::from_be_bytes(data[1..5].try_into().unwrap()) as usize;
+            assert_eq!(len, data.len() - 5);
+            assert_eq!(DiscoveryResponse::decode(&data[5..]).unwrap(), sent);
+        }
+        // The sender is gone: the stream ends with OK.
+        let trailers = next_frame(&mut b).await.unwrap().into_trailers().unwrap();
+        assert_eq!(trailers["grpc-status"], "0");
+        assert!(b.is_end_stream());
+        assert!(next_frame(&mut b).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_error_ends_the_stream_with_its_status() {
+        let mut b = body(vec![Err(Box::new(Status::invalid_argument(
+            "\"Default\" is not a secret name",
+        )))]);
+        let trailers = next_frame(&mut b).await.unwrap().into_trailers().unwrap();
+        assert_eq!(trailers["grpc-status"], "3");
+        assert!(
+            trailers["grpc-message"]
+                .to_str()
+                .unwrap()
+                .contains("not%20a%20secret")
+        );
+        assert!(next_frame(&mut b).await.is_none());
     }
 }
