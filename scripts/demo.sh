@@ -19,7 +19,6 @@ echo "==> building signet-ca and signet-agent as they ship (scripts/build-releas
 "$root/scripts/build-release.sh" 2>&1 | tail -n 1
 python="$("$root/scripts/python-env.sh")"
 bin="$root/target/dist"
-agent_bin="$root/target/dist"
 
 work="$(mktemp -d /tmp/signet-demo.XXXXXX)"
 pids=()
@@ -54,7 +53,7 @@ pids+=($!)
 wait_http "http://127.0.0.1:$ca_http/readyz" "${pids[-1]}" "$work/ca.log"
 
 echo "==> signet-agent for demo/web, SDS on $work/sds/socket"
-SIGNET_LOG=info "$agent_bin/signet-agent" run \
+SIGNET_LOG=info "$bin/signet-agent" run \
     --ca-addr "localhost:$ca_grpc" --ca-root-cert "$work/state/root-cert.pem" \
     --token-file "$work/token" --namespace demo --service-account web \
     --socket "$work/sds/socket" --http-addr "127.0.0.1:$agent_http" \
@@ -63,14 +62,14 @@ pids+=($!)
 wait_http "http://127.0.0.1:$agent_http/healthz/ready" "${pids[-1]}" "$work/agent.log"
 
 echo "==> what Envoy gets over SDS (signet-agent inspect)"
-"$agent_bin/signet-agent" inspect --socket "$work/sds/socket" | sed 's/^/  /'
+"$bin/signet-agent" inspect --socket "$work/sds/socket" | sed 's/^/  /'
 
 echo "==> openssl verify of the workload certificate against the served trust bundle"
 printf '  '; openssl verify -CAfile "$work/certs/root-cert.pem" "$work/certs/cert-chain.pem"
 
 echo "==> a second workload, demo/api, with its own signet-agent"
 api_http="$(port)"
-SIGNET_LOG=info "$agent_bin/signet-agent" run \
+SIGNET_LOG=info "$bin/signet-agent" run \
     --ca-addr "localhost:$ca_grpc" --ca-root-cert "$work/state/root-cert.pem" \
     --token-file "$work/token-api" --namespace demo --service-account api \
     --socket "$work/sds-api/socket" --http-addr "127.0.0.1:$api_http" 2> "$work/agent-api.log" &

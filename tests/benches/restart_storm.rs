@@ -95,7 +95,7 @@ fn main() {
     }
 
     if modes.contains("tokenreview") {
-        // The API server on a runtime of its own, as it would be on a machine of its own.
+        // The API server on a runtime of its own, on the fleet's core.
         let api_rt = signet_e2e::named_runtime("kube-api");
         let api = api_rt.block_on(KubeApi::start());
         api.set_jwks(&issuer.jwks.to_string());
