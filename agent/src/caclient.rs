@@ -26,6 +26,43 @@ pub enum CaError {
     Connect { addr: String, problem: String },
     #[error("the CA refused: {code:?}: {message}")]
     Refused { code: tonic::Code, message: String },
+    #[error("the CA is overloaded and asks to be asked again in {} ms: {code:?}: {message}", retry_in.as_millis())]
+    Overloaded {
+        code: tonic::Code,
+        message: String,
+        retry_in: StdDuration,
+    },
+}
+
+impl CaError {
+    /// How long the CA asked this caller to wait before asking again, if it did.
+    pub fn retry_in(&self) -> Option<StdDuration> {
+        match self {
+            Self::Overloaded { retry_in, .. } => Some(*retry_in),
+            _ => None,
+        }
+    }
+}
+
+/// The longest retry pushback taken from a CA; a longer one is cut to this.
+pub const PUSHBACK_MAX: StdDuration = StdDuration::from_secs(300);
+
+/// The CA's retry pushback on a refusal (the `grpc-retry-pushback-ms` trailer of
+/// gRFC A6, which signet-ca sends when it refuses for overload): a whole number of
+/// milliseconds, at most [`PUSHBACK_MAX`]. `None` when absent or not a number; A6
+/// reads that as "do not retry", but an agent must keep asking, so it keeps its own
+/// backoff then.
+pub fn retry_pushback(status: &tonic::Status) -> Option<StdDuration> {
+    let value = status
+        .metadata()
+        .get("grpc-retry-pushback-ms")?
+        .to_str()
+        .ok()?;
+    if value.is_empty() || value.len() > 12 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let ms: u64 = value.parse().ok()?;
+    Some(StdDuration::from_millis(ms).min(PUSHBACK_MAX))
 }
 
 /// A boxed future of a CA answer (the `cert_chain`).
@@ -142,6 +179,11 @@ impl CaClient for GrpcCaClient {
             }
             match client.create_certificate(request).await {
                 Ok(answer) => Ok(answer.into_inner().cert_chain),
+                Err(status) if retry_pushback(&status).is_some() => Err(CaError::Overloaded {
+                    code: status.code(),
+                    message: status.message().to_owned(),
+                    retry_in: retry_pushback(&status).unwrap_or(PUSHBACK_MAX),
+                }),
                 Err(status) if is_transport(&status) => Err(CaError::Connect {
                     addr: self.config.ca_addr.clone(),
                     problem: status.message().to_owned(),
@@ -152,5 +194,45 @@ impl CaClient for GrpcCaClient {
                 }),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(pushback: Option<&str>) -> tonic::Status {
+        let mut status = tonic::Status::resource_exhausted("the signing queue is full");
+        if let Some(v) = pushback {
+            status
+                .metadata_mut()
+                .insert("grpc-retry-pushback-ms", v.parse().unwrap());
+        }
+        status
+    }
+
+    #[test]
+    fn retry_pushback_is_whole_milliseconds_capped_at_five_minutes() {
+        let ms = StdDuration::from_millis;
+        assert_eq!(retry_pushback(&refusal(Some("1500"))), Some(ms(1500)));
+        assert_eq!(retry_pushback(&refusal(Some("0"))), Some(ms(0)));
+        assert_eq!(
+            retry_pushback(&refusal(Some("86400000"))),
+            Some(PUSHBACK_MAX)
+        );
+        // Absent, negative (A6's "do not retry"), fractional, signed, too long or
+        // not a number: the agent's own backoff.
+        for bad in [
+            None,
+            Some("-1"),
+            Some("1.5"),
+            Some("+5"),
+            Some(""),
+            Some("1 "),
+            Some("99999999999999"),
+            Some("soon"),
+        ] {
+            assert_eq!(retry_pushback(&refusal(bad)), None, "{bad:?}");
+        }
     }
 }

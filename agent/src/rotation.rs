@@ -34,6 +34,16 @@ pub enum FetchError {
     Answer(#[from] AnswerError),
 }
 
+impl FetchError {
+    /// How long the CA asked to wait before the next attempt, if it did.
+    pub fn retry_in(&self) -> Option<StdDuration> {
+        match self {
+            Self::Ca(e) => e.retry_in(),
+            _ => None,
+        }
+    }
+}
+
 /// Jitter on the refresh point: ±1 % of the lifetime, so a fleet does not renew in
 /// lockstep.
 pub const JITTER: f64 = 0.01;
@@ -258,7 +268,11 @@ impl Rotation {
                 }
                 Err(e) => {
                     self.metrics.failed_requests.inc();
-                    let delay = backoff.next_delay(rand::rng().random::<f64>());
+                    // An overloaded CA says when it has room (gRFC A6 pushback): that
+                    // replaces the backoff's step, which stays where it was.
+                    let delay = e
+                        .retry_in()
+                        .unwrap_or_else(|| backoff.next_delay(rand::rng().random::<f64>()));
                     let held = self.store.svid().map(|s| s.not_after.to_string());
                     tracing::warn!(
                         error = %e, retry_in = ?delay, attempt = retries + 1,

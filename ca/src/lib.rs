@@ -24,6 +24,7 @@ pub(crate) mod metrics;
 pub mod pki;
 pub mod pods;
 pub mod policy;
+pub(crate) mod pushback;
 pub(crate) mod queue;
 pub(crate) mod reload;
 pub mod server;

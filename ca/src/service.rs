@@ -21,6 +21,7 @@ use crate::{
     csr::{self, CsrError},
     metrics::Metrics,
     policy::{Decision, Policy, PolicyError},
+    pushback::{self, Pushback},
     queue::{QueueError, SigningQueue},
     signer::{Issued, SignError, Signer},
     tls::TlsState,
@@ -39,6 +40,7 @@ pub(crate) struct CaService {
     metrics: Metrics,
     policy: Arc<Policy>,
     overload_log: Arc<OverloadLog>,
+    pushback: Arc<Pushback>,
 }
 
 /// Refusals for overload (a full signing queue, a caller's share used up, token
@@ -173,6 +175,7 @@ impl CaService {
             metrics,
             policy: Arc::new(policy),
             overload_log: Arc::new(OverloadLog::new()),
+            pushback: Arc::new(Pushback::default()),
         }
     }
 
@@ -281,9 +284,10 @@ impl IstioCertificateService for CaService {
             .remote_addr()
             .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         let result = self.handle(request).await;
-        let code = match &result {
+        let answer = match result {
             Ok((caller, decision, issued)) => {
                 self.metrics.success_cert_issuance_count.inc();
+                self.pushback.issued();
                 tracing::info!(
                     target: "signet_ca::audit",
                     serial = %issued.serial,
@@ -301,51 +305,64 @@ impl IstioCertificateService for CaService {
                     node = decision.node.as_deref().unwrap_or(""),
                     "certificate issued"
                 );
-                Code::Ok
+                Ok(Response::new(IstioCertificateResponse {
+                    cert_chain: issued.cert_chain,
+                }))
             }
-            Err(e) => {
-                if let Some(label) = e.sign_error_label() {
-                    self.metrics
-                        .csr_sign_err_count
-                        .with_label_values(&[label])
-                        .inc();
-                }
-                match e {
-                    RequestError::Queue(QueueError::Full(_)) => self.metrics.overloaded.inc(),
-                    RequestError::Queue(QueueError::Share(_)) => self
-                        .metrics
-                        .limit_rejections
-                        .with_label_values(&["caller_share"])
-                        .inc(),
-                    RequestError::Authn(AuthnError::Throttled(_)) => self
-                        .metrics
-                        .limit_rejections
-                        .with_label_values(&["token_reviews"])
-                        .inc(),
-                    _ => {}
-                }
-                let status = e.status();
-                if !e.is_overload() {
-                    tracing::warn!(peer = %peer, code = ?status.code(), error = %e, "certificate request refused");
-                } else if let Some(refused) = self.overload_log.count() {
-                    tracing::warn!(peer = %peer, code = ?status.code(), error = %e, refused, "certificate requests refused for overload (one line a second at most; `refused` counts them since the last)");
-                } else {
-                    tracing::debug!(peer = %peer, code = ?status.code(), error = %e, "certificate request refused");
-                }
-                status.code()
-            }
+            Err(e) => Err(self.refuse(&e, &peer)),
         };
+        let code = answer.as_ref().map_or_else(Status::code, |_| Code::Ok);
         self.metrics
             .request_latency
             .with_label_values(&[&format!("{code:?}")])
             .observe(started.elapsed().as_secs_f64());
-        result
-            .map(|(_, _, issued)| {
-                Response::new(IstioCertificateResponse {
-                    cert_chain: issued.cert_chain,
-                })
-            })
-            .map_err(|e| e.status())
+        answer
+    }
+}
+
+impl CaService {
+    /// Counts and logs a refusal and makes its status; one for overload tells the
+    /// caller when to come back (`grpc-retry-pushback-ms`), once the CA knows its
+    /// rate.
+    fn refuse(&self, e: &RequestError, peer: &str) -> Status {
+        if let Some(label) = e.sign_error_label() {
+            self.metrics
+                .csr_sign_err_count
+                .with_label_values(&[label])
+                .inc();
+        }
+        match e {
+            RequestError::Queue(QueueError::Full(_)) => self.metrics.overloaded.inc(),
+            RequestError::Queue(QueueError::Share(_)) => self
+                .metrics
+                .limit_rejections
+                .with_label_values(&["caller_share"])
+                .inc(),
+            RequestError::Authn(AuthnError::Throttled(_)) => self
+                .metrics
+                .limit_rejections
+                .with_label_values(&["token_reviews"])
+                .inc(),
+            _ => {}
+        }
+        let mut status = e.status();
+        if !e.is_overload() {
+            tracing::warn!(peer = %peer, code = ?status.code(), error = %e, "certificate request refused");
+            return status;
+        }
+        let pushback = self.pushback.refused(Instant::now(), rand::random::<f64>());
+        if let Some(delay) = pushback
+            && let Ok(value) = delay.as_millis().to_string().parse()
+        {
+            status.metadata_mut().insert(pushback::TRAILER, value);
+        }
+        let retry_in_ms = pushback.map(|d| d.as_millis());
+        if let Some(refused) = self.overload_log.count() {
+            tracing::warn!(peer = %peer, code = ?status.code(), error = %e, refused, retry_in_ms, "certificate requests refused for overload (one line a second at most; `refused` counts them since the last)");
+        } else {
+            tracing::debug!(peer = %peer, code = ?status.code(), error = %e, retry_in_ms, "certificate request refused");
+        }
+        status
     }
 }
 

@@ -3,8 +3,9 @@
 //! against the test API server answering in 5 ms and at most 100 reviews a second
 //! (429 beyond). Each identity has its own
 //! token and key, made before the clock starts, so no cache helps; each retries
-//! `RESOURCE_EXHAUSTED` and `UNAVAILABLE` with the agent's own backoff (0.5 s doubling
-//! to 60 s, jittered). In the same run, the steady-state rate of the same CA (64
+//! `RESOURCE_EXHAUSTED` and `UNAVAILABLE` as the agent does: after the CA's retry
+//! pushback (`grpc-retry-pushback-ms`) when it sends one, else with the agent's own
+//! backoff (0.5 s doubling to 60 s, jittered). In the same run, the steady-state rate of the same CA (64
 //! clients looping), so the storm can be held against `identities / rate`. The CA is
 //! the release binary in its own process on core 0; the fleet and the API server run
 //! in this process on core 1.
@@ -27,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use signet_agent::rotation::Backoff;
+use signet_agent::{caclient::retry_pushback, rotation::Backoff};
 use signet_e2e::{
     JwtIssuer, TestRoot,
     kube::{KubeApi, TokenReviews},
@@ -197,6 +198,8 @@ struct Storm {
     admitted_later: Vec<Duration>,
     exhausted: u64,
     unavailable: u64,
+    /// Refusals that carried a retry pushback.
+    pushed: u64,
     /// The CA's CPU time over the storm.
     ca_cpu: Duration,
     /// The CA's own latency histogram of the certificates it issued.
@@ -256,13 +259,14 @@ impl Storm {
         );
         let pct = |p: f64| self.admitted[((n as f64 * p) as usize).min(n - 1)];
         println!(
-            "  admitted requests: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; refusals: {} RESOURCE_EXHAUSTED, {} UNAVAILABLE ({:.2} per identity)",
+            "  admitted requests: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; refusals: {} RESOURCE_EXHAUSTED, {} UNAVAILABLE ({:.2} per identity), {} of them with a retry pushback",
             pct(0.50).as_secs_f64() * 1e3,
             pct(0.99).as_secs_f64() * 1e3,
             self.admitted[n - 1].as_secs_f64() * 1e3,
             self.exhausted,
             self.unavailable,
-            (self.exhausted + self.unavailable) as f64 / n as f64
+            (self.exhausted + self.unavailable) as f64 / n as f64,
+            self.pushed
         );
         let answers = n as u64 + self.exhausted + self.unavailable;
         println!(
@@ -311,32 +315,48 @@ async fn storm(
     let (_, metrics_before) = signet_e2e::http_get(ca.http, "/metrics").await.unwrap();
     let exhausted = Arc::new(AtomicU64::new(0));
     let unavailable = Arc::new(AtomicU64::new(0));
+    let pushed = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut fleet = Vec::with_capacity(n);
     for i in 0..n {
         let mut client = channels[i % channels.len()].clone();
-        let (ids, exhausted, unavailable) =
-            (identities.clone(), exhausted.clone(), unavailable.clone());
+        let (ids, exhausted, unavailable, pushed) = (
+            identities.clone(),
+            exhausted.clone(),
+            unavailable.clone(),
+            pushed.clone(),
+        );
         fleet.push(tokio::spawn(async move {
             let (token, csr) = &ids[i];
             let mut backoff = Backoff::default();
             let mut jitter = Jitter(i as u64 * 2 + 1);
             loop {
                 let t = Instant::now();
-                match client
+                let refusal = match client
                     .create_certificate(request(csr, Some(token), 0))
                     .await
                 {
                     Ok(_) => return (t.elapsed(), started.elapsed()),
                     Err(s) if s.code() == Code::ResourceExhausted => {
                         exhausted.fetch_add(1, Ordering::Relaxed);
+                        s
                     }
                     Err(s) if s.code() == Code::Unavailable => {
                         unavailable.fetch_add(1, Ordering::Relaxed);
+                        s
                     }
                     Err(s) => panic!("identity {i}: {s:?}"),
-                }
-                tokio::time::sleep(backoff.next_delay(jitter.unit())).await;
+                };
+                // As the agent does: the CA's pushback when it sends one, else the
+                // backoff's next step.
+                let delay = match retry_pushback(&refusal) {
+                    Some(d) => {
+                        pushed.fetch_add(1, Ordering::Relaxed);
+                        d
+                    }
+                    None => backoff.next_delay(jitter.unit()),
+                };
+                tokio::time::sleep(delay).await;
             }
         }));
     }
@@ -363,6 +383,7 @@ async fn storm(
         admitted_later,
         exhausted: exhausted.load(Ordering::Relaxed),
         unavailable: unavailable.load(Ordering::Relaxed),
+        pushed: pushed.load(Ordering::Relaxed),
         ca_cpu,
         ca_side: CaSide::read(&exposition).minus(&CaSide::read(&metrics_before)),
     }

@@ -3,7 +3,9 @@ proto/ by grpcio-tools), with CSRs from `cryptography`, tokens from PyJWT and ch
 checked by `openssl verify`."""
 
 import datetime
+import subprocess
 import tempfile
+import threading
 import time
 
 import grpc
@@ -14,7 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from google.protobuf import struct_pb2
 
-from conftest import ISSUER, Cluster, make_csr, openssl_verify, request
+from conftest import (ISSUER, Cluster, binary, make_csr, openssl_verify, request, start_ca,
+                      stop_ca)
 
 SPIFFE = "spiffe://cluster.local/ns/default/sa/bookinfo"
 
@@ -205,3 +208,58 @@ def test_metrics_use_istio_names(ca, cluster):
     assert "citadel_server_csr_count_total" not in body
     assert ca.http("/healthz")[0] == 200
     assert ca.http("/readyz")[0] == 200
+
+
+def test_overload_refusals_carry_a_retry_pushback_that_spreads_callers(cluster):
+    """A CA refusing for overload tells grpcio when to come back: the
+    `grpc-retry-pushback-ms` trailer of gRFC A6, booked at the rate the CA issues, so
+    that callers refused one after another are sent to later and later slots."""
+    with tempfile.TemporaryDirectory() as d:
+        # An RSA-4096 intermediate (milliseconds a signature), one signing thread and one
+        # pending slot: 16 callers that ignore the pushback keep the queue full.
+        pki = [binary("signet-ca"), "pki"]
+        subprocess.run([*pki, "root", "--out", f"{d}/root", "--key-type", "ec-p256"],
+                       check=True, capture_output=True)
+        subprocess.run([*pki, "intermediate", "--root", f"{d}/root", "--cluster", "c1",
+                        "--out", f"{d}/cacerts", "--key-type", "rsa4096"],
+                       check=True, capture_output=True)
+        ca = start_ca(d, cluster, ["--signing-threads", "1", "--max-pending", "1"],
+                      cacerts=f"{d}/cacerts")
+        try:
+            token = cluster.token()
+            _, csr = make_csr()
+            stop = time.monotonic() + 3
+            refusals, others, issued, lock = [], [], [0], threading.Lock()
+
+            def hammer():
+                stub = ca.stub()
+                while time.monotonic() < stop:
+                    try:
+                        request(stub, csr, token)
+                        with lock:
+                            issued[0] += 1
+                    except grpc.RpcError as e:
+                        trailers = dict(e.trailing_metadata() or ())
+                        with lock:
+                            if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                                others.append((e.code(), e.details()))
+                            refusals.append((time.monotonic(), trailers.get("grpc-retry-pushback-ms")))
+
+            threads = [threading.Thread(target=hammer) for _ in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            stop_ca(ca)
+    assert not others, others[:3]
+    assert issued[0] > 10, issued
+    pushed = [(at, int(v)) for at, v in refusals if v is not None]
+    assert len(pushed) > 100, f"{len(pushed)} of {len(refusals)} refusals carried a pushback"
+    for _, ms in pushed:
+        assert 250 <= ms <= 60_000, ms
+    # Each refusal books the slot after the last one: callers refused later in the run
+    # are sent later, well beyond the shortest delay.
+    assert max(ms for _, ms in pushed) > 2_000, pushed[-5:]
+    first, last = pushed[0], pushed[-1]
+    assert last[0] + last[1] / 1e3 > first[0] + first[1] / 1e3, (first, last)

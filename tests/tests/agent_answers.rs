@@ -30,6 +30,8 @@ enum Answer {
     Expired,
     OtherRoots,
     Refused,
+    /// Refused for overload, asking to come back in 2 s.
+    Overloaded,
 }
 
 struct FakeCa {
@@ -101,10 +103,20 @@ impl CaClient for FakeCa {
                         message: "bad token".into(),
                     });
                 }
+                Answer::Overloaded => {
+                    return Err(CaError::Overloaded {
+                        code: tonic::Code::ResourceExhausted,
+                        message: "the signing queue is full".into(),
+                        retry_in: PUSHBACK,
+                    });
+                }
             })
         })
     }
 }
+
+/// The pushback of [`Answer::Overloaded`]: four times the backoff's first step.
+const PUSHBACK: StdDuration = StdDuration::from_secs(2);
 
 fn rotation(ca: Arc<FakeCa>, ttl: Duration) -> Rotation {
     Rotation {
@@ -177,6 +189,38 @@ async fn a_bad_renewal_leaves_the_held_certificate_in_place() {
         metrics.failed_requests.get()
     );
     assert_eq!(store.svid().unwrap().serial, first);
+    stop_tx.send(true).unwrap();
+    task.await.unwrap();
+}
+
+/// A CA refusing for overload with a retry pushback is asked again after the pushback,
+/// not after the backoff's first step (250-500 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_cas_pushback_replaces_the_backoff() {
+    let ca = Arc::new(FakeCa::new(vec![Answer::Overloaded, Answer::Good]));
+    let r = rotation(ca, Duration::hours(1));
+    let store = r.store.clone();
+    let metrics = r.metrics.clone();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let started = std::time::Instant::now();
+    let task = tokio::spawn(r.run(stop));
+    while metrics.failed_requests.get() < 1 && started.elapsed() < StdDuration::from_secs(30) {
+        tokio::time::sleep(StdDuration::from_millis(10)).await;
+    }
+    let refused_at = started.elapsed();
+    // Past the backoff's longest first step, well before the pushback ends.
+    tokio::time::sleep(StdDuration::from_millis(1200)).await;
+    assert!(
+        store.svid().is_none(),
+        "asked again {:?} after the refusal, before its pushback of {PUSHBACK:?}",
+        started.elapsed() - refused_at
+    );
+    assert_eq!(metrics.outgoing_requests.get(), 1);
+    while store.svid().is_none() && started.elapsed() < StdDuration::from_secs(30) {
+        tokio::time::sleep(StdDuration::from_millis(20)).await;
+    }
+    assert!(store.svid().is_some(), "no certificate after the pushback");
+    assert!(started.elapsed() - refused_at >= PUSHBACK);
     stop_tx.send(true).unwrap();
     task.await.unwrap();
 }
