@@ -26,7 +26,7 @@ pub enum CaError {
     Connect { addr: String, problem: String },
     #[error("the CA refused: {code:?}: {message}")]
     Refused { code: tonic::Code, message: String },
-    #[error("the CA is overloaded and asks to be asked again in {} ms: {code:?}: {message}", retry_in.as_millis())]
+    #[error("the CA is overloaded and asks to retry in {} ms: {code:?}: {message}", retry_in.as_millis())]
     Overloaded {
         code: tonic::Code,
         message: String,
@@ -46,10 +46,12 @@ impl CaError {
 
 /// The longest retry pushback taken from a CA; a longer one is cut to this.
 pub const PUSHBACK_MAX: StdDuration = StdDuration::from_secs(300);
+/// The shortest: a CA answering "retry now" (0) cannot make the agent loop on it.
+pub const PUSHBACK_MIN: StdDuration = StdDuration::from_millis(250);
 
 /// The CA's retry pushback on a refusal (the `grpc-retry-pushback-ms` trailer of
 /// gRFC A6, which signet-ca sends when it refuses for overload): a whole number of
-/// milliseconds, at most [`PUSHBACK_MAX`]. `None` when absent or not a number; A6
+/// milliseconds, taken as at least [`PUSHBACK_MIN`] and at most [`PUSHBACK_MAX`]. `None` when absent or not a number; A6
 /// reads that as "do not retry", but an agent must keep asking, so it keeps its own
 /// backoff then.
 pub fn retry_pushback(status: &tonic::Status) -> Option<StdDuration> {
@@ -62,7 +64,7 @@ pub fn retry_pushback(status: &tonic::Status) -> Option<StdDuration> {
         return None;
     }
     let ms: u64 = value.parse().ok()?;
-    Some(StdDuration::from_millis(ms).min(PUSHBACK_MAX))
+    Some(StdDuration::from_millis(ms).clamp(PUSHBACK_MIN, PUSHBACK_MAX))
 }
 
 /// A boxed future of a CA answer (the `cert_chain`).
@@ -212,10 +214,10 @@ mod tests {
     }
 
     #[test]
-    fn retry_pushback_is_whole_milliseconds_capped_at_five_minutes() {
+    fn retry_pushback_is_whole_milliseconds_between_a_quarter_second_and_five_minutes() {
         let ms = StdDuration::from_millis;
         assert_eq!(retry_pushback(&refusal(Some("1500"))), Some(ms(1500)));
-        assert_eq!(retry_pushback(&refusal(Some("0"))), Some(ms(0)));
+        assert_eq!(retry_pushback(&refusal(Some("0"))), Some(PUSHBACK_MIN));
         assert_eq!(
             retry_pushback(&refusal(Some("86400000"))),
             Some(PUSHBACK_MAX)
