@@ -181,18 +181,20 @@ impl CaClient for GrpcCaClient {
             }
             match client.create_certificate(request).await {
                 Ok(answer) => Ok(answer.into_inner().cert_chain),
-                Err(status) if retry_pushback(&status).is_some() => Err(CaError::Overloaded {
-                    code: status.code(),
-                    message: status.message().to_owned(),
-                    retry_in: retry_pushback(&status).unwrap_or(PUSHBACK_MAX),
-                }),
-                Err(status) if is_transport(&status) => Err(CaError::Connect {
-                    addr: self.config.ca_addr.clone(),
-                    problem: status.message().to_owned(),
-                }),
-                Err(status) => Err(CaError::Refused {
-                    code: status.code(),
-                    message: status.message().to_owned(),
+                Err(status) => Err(match retry_pushback(&status) {
+                    Some(retry_in) => CaError::Overloaded {
+                        code: status.code(),
+                        message: status.message().to_owned(),
+                        retry_in,
+                    },
+                    None if is_transport(&status) => CaError::Connect {
+                        addr: self.config.ca_addr.clone(),
+                        problem: status.message().to_owned(),
+                    },
+                    None => CaError::Refused {
+                        code: status.code(),
+                        message: status.message().to_owned(),
+                    },
                 }),
             }
         })

@@ -36,13 +36,13 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 /// booking against (an API server refusing every review, say): no pushback.
 const MIN_RATE: f64 = 1.0;
 /// The earliest slot: what is already admitted takes the next moments.
-pub(crate) const MIN_DELAY: Duration = Duration::from_millis(250);
+const MIN_DELAY: Duration = Duration::from_millis(250);
 /// The longest pushback sent: signet-agent's own longest backoff, so a pushback never
 /// keeps a caller away longer than its backoff could. Longer would mean fewer
 /// refusals, but a caller refused again (its slot taken by one that came back
 /// unbooked) goes to the end of the line, and at a storm's end those waits leave the
 /// CA idle: 300 s gave 2.4 refusals per identity and a storm 10 % over its floor.
-pub(crate) const MAX_DELAY: Duration = Duration::from_secs(60);
+const MAX_DELAY: Duration = Duration::from_secs(60);
 
 /// The CA's pushback schedule.
 #[derive(Debug, Default)]
