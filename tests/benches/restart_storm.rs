@@ -103,6 +103,7 @@ fn main() {
         api.serve_token_reviews(TokenReviews {
             latency: REVIEW_LATENCY,
             per_second: REVIEWS_PER_SECOND,
+            ..TokenReviews::default()
         });
         println!(
             "signet-ca restart storm, TokenReview mode: {n} identities, an API server answering each review in {} ms and {REVIEWS_PER_SECOND} reviews a second (429 beyond), the CA's defaults (--max-token-reviews 64), the release binary on core {ca_cores}, the fleet and the API server on core {fleet_cores}",

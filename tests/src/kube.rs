@@ -8,7 +8,9 @@
 //! into a terminating namespace, 422 for a changed immutable field. Objects of
 //! several versions of one group share storage, as in Kubernetes. TokenReviews are
 //! answered against the JWKS the server publishes, with a latency and a rate limit
-//! of their own (429 beyond it, as API Priority and Fairness answers).
+//! of their own (429 beyond it, as API Priority and Fairness answers), with or
+//! without `status.audiences`, or with an injected failure (403 when the caller's
+//! RBAC is missing).
 //!
 //! It is served over HTTPS by [`crate::https_server`] and reached through a
 //! kubeconfig ([`KubeApi::kubeconfig`]), exactly as the CA reaches a real one.
@@ -143,6 +145,30 @@ struct State {
     reviews_in_flight: (usize, usize),
 }
 
+impl State {
+    /// The code of a failure injected for the next `method` call on `plural`, if
+    /// one is due (and counts it off).
+    fn take_injected(&mut self, method: &Method, plural: &str) -> Option<u16> {
+        let i = self
+            .injected
+            .iter_mut()
+            .find(|i| i.method == method && i.plural == plural && i.count > 0)?;
+        i.count -= 1;
+        Some(i.code)
+    }
+}
+
+/// A Kubernetes Status answer for an injected failure.
+fn injected_response(code: u16) -> Response {
+    let reason = match code {
+        403 => "Forbidden",
+        409 => "Conflict",
+        429 => "TooManyRequests",
+        _ => "InternalError",
+    };
+    status_response(code, reason, "injected by the test")
+}
+
 /// How the server answers TokenReviews.
 #[derive(Clone, Copy, Debug)]
 pub struct TokenReviews {
@@ -151,6 +177,21 @@ pub struct TokenReviews {
     /// Reviews answered a second at most (a token bucket as deep as this); beyond,
     /// 429 TooManyRequests.
     pub per_second: u32,
+    /// Whether an authenticated answer says which of the requested audiences the
+    /// token is for (`status.audiences`), as Kubernetes does; `false` leaves them out,
+    /// as an API server without audience support would.
+    pub audiences: bool,
+}
+
+impl Default for TokenReviews {
+    /// At once, without a rate limit, as Kubernetes answers.
+    fn default() -> Self {
+        Self {
+            latency: Duration::ZERO,
+            per_second: 1_000_000,
+            audiences: true,
+        }
+    }
 }
 
 /// TokenReview settings and the token bucket.
@@ -277,7 +318,8 @@ impl KubeApi {
             .collect()
     }
 
-    /// Answers the next `count` `method` calls on `plural` with HTTP `code`.
+    /// Answers the next `count` `method` calls on `plural` with HTTP `code`
+    /// (`POST tokenreviews` for TokenReviews).
     pub fn inject(&self, method: Method, plural: &str, code: u16, count: usize) {
         self.state.lock().unwrap().injected.push(Injected {
             method,
@@ -822,10 +864,13 @@ impl Server {
 
     /// A TokenReview: rate-limited, answered after the configured latency.
     async fn token_review(&self, body: &Bytes) -> Response {
-        let (latency, jwks) = {
+        let (latency, audiences_in_answer, jwks) = {
             let mut state = self.state.lock().unwrap();
             *state.calls.entry("POST tokenreviews".into()).or_default() += 1;
             let jwks = state.jwks.clone().unwrap_or_default();
+            if let Some(code) = state.take_injected(&Method::POST, "tokenreviews") {
+                return injected_response(code);
+            }
             let Some(reviews) = state.reviews.as_mut() else {
                 return status_response(404, "NotFound", "TokenReviews are not served");
             };
@@ -837,11 +882,11 @@ impl Server {
                     "the server has received too many requests and has asked us to try again later",
                 );
             }
-            let latency = reviews.config.latency;
+            let (latency, audiences) = (reviews.config.latency, reviews.config.audiences);
             let (now, most) = &mut state.reviews_in_flight;
             *now += 1;
             *most = (*most).max(*now);
-            (latency, jwks)
+            (latency, audiences, jwks)
         };
         let answering = InFlight(self.state.clone());
         tokio::time::sleep(latency).await;
@@ -858,7 +903,10 @@ impl Server {
         }
         let token = review["spec"]["token"].as_str().unwrap_or_default();
         let audiences = review_audiences(&review);
-        let status = review_status(&jwks, token, &audiences);
+        let mut status = review_status(&jwks, token, &audiences);
+        if !audiences_in_answer && let Some(status) = status.as_object_mut() {
+            status.remove("audiences");
+        }
         (
             StatusCode::CREATED,
             [("content-type", "application/json")],
@@ -908,19 +956,8 @@ impl Server {
                     .entry(format!("{verb} {} in {ns}", target.kind.plural))
                     .or_default() += 1;
             }
-            if let Some(i) = state
-                .injected
-                .iter_mut()
-                .find(|i| i.method == method && i.plural == target.kind.plural && i.count > 0)
-            {
-                i.count -= 1;
-                let code = i.code;
-                let reason = if code == 409 {
-                    "Conflict"
-                } else {
-                    "InternalError"
-                };
-                return status_response(code, reason, "injected by the test");
+            if let Some(code) = state.take_injected(&method, target.kind.plural) {
+                return injected_response(code);
             }
         }
         if target.kind.namespaced != target.namespace.is_some()
