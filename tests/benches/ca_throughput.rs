@@ -137,11 +137,13 @@ fn main() {
             )
         };
         // This machine's speed drifts by tens of per cent within minutes, so each
-        // phase is held against ring's crypto measured just before and just after it.
-        let around = |phase: &dyn Fn() -> Served| {
-            let before = ring_on_core0(me, &ca_key, &csrs[0], &issuer);
+        // phase is held against ring's crypto measured just before and just after it
+        // (the figure after one phase is the figure before the next).
+        let mut last = ring_at_start;
+        let mut around = |phase: &dyn Fn() -> Served| {
             let served = phase();
             let after = ring_on_core0(me, &ca_key, &csrs[0], &issuer);
+            let before = std::mem::replace(&mut last, after);
             (served, Drift { before, after })
         };
         for (label, server, load) in layouts {

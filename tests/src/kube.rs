@@ -867,10 +867,10 @@ impl Server {
         let (latency, audiences_in_answer, jwks) = {
             let mut state = self.state.lock().unwrap();
             *state.calls.entry("POST tokenreviews".into()).or_default() += 1;
-            let jwks = state.jwks.clone().unwrap_or_default();
             if let Some(code) = state.take_injected(&Method::POST, "tokenreviews") {
                 return injected_response(code);
             }
+            let jwks = state.jwks.clone().unwrap_or_default();
             let Some(reviews) = state.reviews.as_mut() else {
                 return status_response(404, "NotFound", "TokenReviews are not served");
             };

@@ -8,7 +8,12 @@
 //! The bench runs itself again as that server: `SIGNET_BENCH_FLOOR=<kind>:<addr>:<dir>`,
 //! with the serving certificate, its key and the answer in `dir`.
 
-use std::{net::SocketAddr, path::Path, process::Command, sync::Arc};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    process::{Command, Stdio},
+    sync::Arc,
+};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use signet_proto::{
@@ -73,21 +78,32 @@ impl FloorServer {
         let addr: SocketAddr = format!("127.0.0.1:{}", signet_e2e::cluster::free_port())
             .parse()
             .unwrap();
-        let child = Command::new("taskset")
+        let mut child = Command::new("taskset")
             .args(["-c", cores])
             .arg(std::env::current_exe().unwrap())
             .env(
                 ENV,
                 format!("{}:{addr}:{}", kind.name(), dir.path().display()),
             )
+            .stdout(Stdio::piped())
             .spawn()
             .unwrap();
+        // It says "listening" once its socket is bound; end of file means it died.
+        let stdout = child.stdout.take().unwrap();
         let mut process = signet_e2e::process::Killed(child);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            if let Some(status) = process.0.try_wait().unwrap() {
-                panic!("the {} floor server exited: {status}", kind.name());
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let said = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+                .map(|_| line)
+        })
+        .await
+        .unwrap();
+        if said.ok().as_deref() != Some("listening\n") {
+            panic!(
+                "the {} floor server did not start: {:?}",
+                kind.name(),
+                process.0.wait()
+            );
         }
         Self {
             process,
@@ -138,9 +154,11 @@ pub(crate) fn serve_if_asked() {
         let acceptor = TlsAcceptor::from(Arc::new(config));
         let answer = std::fs::read(dir.join("answer.bin")).unwrap();
         let listener = TcpListener::bind(addr).await.unwrap();
+        println!("listening");
         match kind.as_str() {
             "tonic" => tonic_server(listener, acceptor, answer).await,
-            _ => h2_server(listener, acceptor, answer).await,
+            "h2" => h2_server(listener, acceptor, answer).await,
+            other => panic!("no floor server of kind {other:?}"),
         }
     });
     std::process::exit(0);
