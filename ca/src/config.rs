@@ -175,10 +175,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     pub max_pending_per_caller: Option<usize>,
 
-    /// Open connections (including TLS handshakes in progress) allowed at once; more
-    /// are closed as soon as they are accepted.
-    #[arg(long, default_value_t = 4096, value_name = "N")]
-    pub max_connections: usize,
+    #[command(flatten)]
+    pub conns: crate::conns::ConnArgs,
 
     /// Concurrent gRPC streams one connection may open (HTTP/2 SETTINGS).
     #[arg(long, default_value_t = 100, value_name = "N")]
@@ -352,7 +350,7 @@ pub struct ServeConfig {
     pub max_pending: usize,
     pub signing_threads: usize,
     pub max_pending_per_caller: usize,
-    pub max_connections: usize,
+    pub conns: crate::conns::ConnLimits,
     pub max_streams_per_connection: u32,
     pub max_connection_age: Duration,
     pub max_token_reviews: usize,
@@ -569,7 +567,6 @@ impl ServeArgs {
         // Bounded above as well: each becomes a semaphore or a queue allocated up
         // front, and a typo of a few extra digits must be an error, not a panic.
         for (flag, value) in [
-            ("--max-connections", self.max_connections),
             ("--max-token-reviews", self.max_token_reviews),
             ("--max-pending", self.max_pending),
             ("--max-pending-per-caller", max_pending_per_caller),
@@ -630,7 +627,7 @@ impl ServeArgs {
             max_pending: self.max_pending,
             signing_threads,
             max_pending_per_caller,
-            max_connections: self.max_connections,
+            conns: self.conns.limits(),
             max_streams_per_connection: self.max_streams_per_connection,
             max_connection_age: self.max_connection_age,
             max_token_reviews: self.max_token_reviews,

@@ -6,6 +6,8 @@
 //! - [`signer`]: checks key material and issues SPIFFE workload certificates.
 //! - [`reload`]: takes changed key material while serving, or refuses it.
 //! - [`csr`]: parses and verifies workload CSRs.
+//! - [`conns`]: who may hold the CA's connections and for how long (shares per peer,
+//!   deadlines, eviction of idle connections when the pool is full).
 //! - [`policy`]: decides identity, lifetime, impersonation and SANs of a request.
 //! - [`keys`]: private keys in PKCS#1, SEC1 or PKCS#8, and public key classification.
 //! - [`pki`]: `signet-ca pki`, roots and per-cluster intermediates for operators.
@@ -16,6 +18,7 @@
 pub mod authn;
 pub mod cacerts;
 pub mod config;
+pub mod conns;
 pub mod csr;
 pub(crate) mod duration;
 pub mod keys;

@@ -31,8 +31,12 @@ pub struct Metrics {
     /// Requests turned away because the signing queue was full.
     pub overloaded: IntCounter,
     /// Connections and requests turned away by a limit, by limit (`connections`,
-    /// `token_reviews`, `caller_share`).
+    /// `connections_per_peer`, `token_reviews`, `token_reviews_per_peer`,
+    /// `caller_share`).
     pub limit_rejections: IntCounterVec,
+    /// Connections the CA closed of its own accord, by reason (`evicted`,
+    /// `first_request_timeout`, `idle_timeout`, `max_age`).
+    pub connections_closed: IntCounterVec,
     /// 1 while this replica holds the writer Lease, else 0.
     pub leader: IntGauge,
     /// Objects created or updated in the API server, by writer.
@@ -96,6 +100,14 @@ impl Metrics {
             &["limit"],
         )?;
         registry.register(Box::new(limit_rejections.clone()))?;
+        let connections_closed = IntCounterVec::new(
+            Opts::new(
+                "signet_ca_connections_closed_total",
+                "Connections the CA closed of its own accord, by reason: evicted (the oldest idle one when the pool was full), first_request_timeout, idle_timeout, max_age (past the grace after the maximum age).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(connections_closed.clone()))?;
         let by_writer = |name: &str, help: &str| -> Result<IntCounterVec, prometheus::Error> {
             let c = IntCounterVec::new(Opts::new(name, help), &["writer"])?;
             registry.register(Box::new(c.clone()))?;
@@ -171,6 +183,7 @@ impl Metrics {
             request_latency,
             cacerts_reloads,
             limit_rejections,
+            connections_closed,
             leader,
             writer_writes,
             writer_conflicts,

@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch},
+    sync::{mpsc, watch},
 };
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,6 +24,7 @@ use crate::{
     authn::{Authenticator, ClusterAuth},
     cacerts::CaCertsError,
     config::ServeConfig,
+    conns::{ActivityLayer, Deadlines, Pool, Refused},
     metrics::Metrics,
     pods::PodCache,
     policy::{NodeImpersonation, Policy},
@@ -36,6 +37,8 @@ use crate::{
 
 /// How long a client gets to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: StdDuration = StdDuration::from_secs(10);
+/// How long requests in flight get to finish when the server stops.
+const SHUTDOWN_GRACE: StdDuration = StdDuration::from_secs(5);
 /// How long a connection past its maximum age gets to finish requests in flight
 /// before it is cut (tonic's own grace option skips the graceful close altogether).
 const CONNECTION_AGE_GRACE: StdDuration = StdDuration::from_secs(30);
@@ -212,11 +215,12 @@ pub async fn run(
     let (conn_tx, conn_rx) = mpsc::channel::<Result<Conn, std::io::Error>>(256);
     let max_age =
         StdDuration::try_from(config.max_connection_age).unwrap_or(StdDuration::from_secs(1800));
+    let pool = Pool::new(config.conns.clone());
     tokio::spawn(accept_tls(
         grpc,
         acceptor,
         max_age + CONNECTION_AGE_GRACE,
-        Arc::new(Semaphore::new(config.max_connections)),
+        pool.clone(),
         metrics.clone(),
         conn_tx,
         stop_rx.clone(),
@@ -289,6 +293,7 @@ pub async fn run(
         .layer(tower::util::MapResponseLayer::new(
             oversize_is_resource_exhausted,
         ))
+        .layer(ActivityLayer::new(pool.clone()))
         .add_service(health_service)
         .add_service(
             IstioCertificateServiceServer::new(service)
@@ -296,6 +301,12 @@ pub async fn run(
         )
         .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
             let _ = grpc_stop.wait_for(|stop| *stop).await;
+            // Requests in flight get a grace period; streams that never end (a health
+            // Watch) would otherwise hold the shutdown forever.
+            tokio::spawn(async move {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+                pool.cut_all();
+            });
         });
     tokio::spawn(async move {
         shutdown.await;
@@ -335,14 +346,14 @@ fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::R
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently, so one slow
-/// client cannot hold up the others. Each connection holds a permit of `slots` from
-/// accept to close; with none left, a new connection is closed at once. A connection
-/// still open `cut_after` its accept is cut.
+/// client cannot hold up the others. Each connection holds a slot of `pool` from
+/// accept to close (see [`crate::conns`]); a connection still open `cut_after` its
+/// handshake is cut.
 async fn accept_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     cut_after: StdDuration,
-    slots: Arc<Semaphore>,
+    pool: Arc<Pool>,
     metrics: Metrics,
     conns: mpsc::Sender<Result<Conn, std::io::Error>>,
     mut stop: watch::Receiver<bool>,
@@ -361,54 +372,78 @@ async fn accept_tls(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            metrics
-                .limit_rejections
-                .with_label_values(&["connections"])
-                .inc();
-            tracing::debug!(%peer, "connection limit reached; closing the new connection");
-            continue;
+        let slot = match pool.admit(peer) {
+            Ok(slot) => slot,
+            Err(refused) => {
+                let limit = match refused {
+                    Refused::PeerShare(_) => "connections_per_peer",
+                    Refused::Full(_) => "connections",
+                };
+                metrics.limit_rejections.with_label_values(&[limit]).inc();
+                tracing::debug!(%peer, reason = %refused, "closing a new connection");
+                continue;
+            }
         };
+        if slot.evicted {
+            metrics
+                .connections_closed
+                .with_label_values(&[crate::conns::Cut::Evicted.label()])
+                .inc();
+        }
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let conns = conns.clone();
+        let closed = metrics.connections_closed.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
-                    let _ = conns
-                        .send(Ok(Conn {
-                            tls,
-                            cut_at: Box::pin(tokio::time::sleep(cut_after)),
-                            _slot: permit,
-                        }))
-                        .await;
-                }
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            let evicted = Deadlines::evicted(&slot);
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+            tokio::select! {
+                _ = evicted => tracing::debug!(%peer, "evicted during its TLS handshake"),
+                done = handshake => match done {
+                    Ok(Ok(tls)) => {
+                        let _ = conns
+                            .send(Ok(Conn {
+                                tls,
+                                deadlines: Deadlines::start(slot, cut_after),
+                                closed,
+                                counted: false,
+                            }))
+                            .await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
             }
         });
     }
 }
 
-/// A TLS connection, the connection slot it holds until it is dropped, and the
-/// moment it is cut whatever it is doing. tonic closes a connection gracefully at its
-/// maximum age; a client that keeps a request open past the grace period after that
-/// gets its reads and writes failed here.
+/// A TLS connection and its deadlines (with the pool slot it holds until dropped).
+/// tonic closes a connection gracefully at its maximum age; one evicted, silent, idle
+/// or past the grace period after its maximum age gets its reads and writes failed
+/// here, which closes it.
 #[derive(Debug)]
 struct Conn {
     tls: TlsStream<TcpStream>,
-    cut_at: Pin<Box<tokio::time::Sleep>>,
-    _slot: OwnedSemaphorePermit,
+    deadlines: Deadlines,
+    closed: prometheus::IntCounterVec,
+    counted: bool,
 }
 
 impl Conn {
     fn cut(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
-        self.cut_at.as_mut().poll(cx).is_ready().then(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the connection outlived its maximum age",
-            )
-        })
+        let cut = self.deadlines.poll_cut(cx)?;
+        if !self.counted {
+            self.counted = true;
+            // An evicted connection was counted when it was chosen.
+            if cut != crate::conns::Cut::Evicted {
+                self.closed.with_label_values(&[cut.label()]).inc();
+            }
+            if let Ok(peer) = self.tls.get_ref().0.peer_addr() {
+                tracing::debug!(%peer, reason = cut.label(), "connection closed by the CA");
+            }
+        }
+        Some(Deadlines::error(cut))
     }
 }
 

@@ -225,16 +225,21 @@ impl Signer {
                 )
             })?;
         let anchor = path.anchor().to_owned();
-        // The root the chain ends at bounds every leaf too.
-        for root in &signer.roots {
-            if let Ok((_, r)) = X509Certificate::from_der(root)
-                && r.tbs_certificate.subject.as_raw() == anchor.subject.as_ref()
-            {
-                let na = r.validity().not_after.to_datetime();
-                signer.root_not_after = na;
-                signer.leaf_not_after_limit = signer.leaf_not_after_limit.min(na);
-            }
-        }
+        // The root the chain ends at bounds every leaf too. It is found by position:
+        // `anchors` was made from the roots in order, and webpki hands back one of
+        // them (names are not compared: x509-parser's raw subject keeps its SEQUENCE
+        // header, webpki's does not).
+        let root = anchors
+            .iter()
+            .position(|a| *a == anchor)
+            .and_then(|i| signer.roots.get(i))
+            .ok_or_else(|| SignError::Internal("the verified root is not in the bundle".into()))?;
+        let (_, root) = X509Certificate::from_der(root)
+            .map_err(|e| material(&roots_path, format!("malformed root certificate: {e}")))?;
+        check_time(&root, now)
+            .map_err(|p| material(&roots_path, format!("root {}: {p}", root.subject())))?;
+        signer.root_not_after = root.validity().not_after.to_datetime();
+        signer.leaf_not_after_limit = signer.leaf_not_after_limit.min(signer.root_not_after);
         signer.anchor = anchor;
         Ok(signer)
     }
@@ -496,7 +501,95 @@ fn describe_webpki(e: &webpki::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// An Istio-layout cacerts directory: a root valid `root_days`, an intermediate
+    /// under it valid `intermediate_days`, both from `now` less a day; `cert-chain.pem`
+    /// holds the root after the intermediate when `chain_with_root`.
+    fn cacerts(
+        now: OffsetDateTime,
+        root_days: i64,
+        intermediate_days: i64,
+        chain_with_root: bool,
+    ) -> tempfile::TempDir {
+        let ca = |name: &str, days: i64| {
+            let mut p = CertificateParams::default();
+            p.distinguished_name = DistinguishedName::new();
+            p.distinguished_name
+                .push(rcgen::DnType::CommonName, name.to_owned());
+            p.distinguished_name
+                .push(rcgen::DnType::OrganizationName, "Signet test".to_owned());
+            p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            p.not_before = now - Duration::days(1);
+            p.not_after = now + Duration::days(days);
+            p
+        };
+        let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let root = ca("root", root_days).self_signed(&root_key).unwrap();
+        let int_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let root_issuer = Issuer::new(ca("root", root_days), &root_key);
+        let int = ca("intermediate", intermediate_days)
+            .signed_by(&int_key, &root_issuer)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let write = |n: &str, c: String| std::fs::write(dir.path().join(n), c).unwrap();
+        write("ca-cert.pem", int.pem());
+        write("ca-key.pem", int_key.serialize_pem());
+        write("root-cert.pem", root.pem());
+        let tail = if chain_with_root {
+            root.pem()
+        } else {
+            String::new()
+        };
+        write("cert-chain.pem", format!("{}{tail}", int.pem()));
+        dir
+    }
+
+    fn leaf_key() -> Vec<u8> {
+        KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap()
+            .subject_public_key_info()
+    }
+
+    #[test]
+    fn the_root_behind_an_intermediate_gives_the_root_expiry() {
+        // Whole seconds, as certificates keep them.
+        let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        let dir = cacerts(now, 3650, 365, true);
+        let m = crate::cacerts::load_dir(dir.path()).unwrap().unwrap();
+        let signer = Signer::new(m, now).unwrap();
+        let day = |d: OffsetDateTime| (d - now).whole_days();
+        assert_eq!(day(signer.root_not_after()), 3650, "the root's NotAfter");
+        assert_eq!(day(signer.signing_not_after()), 365);
+        // A leaf may last as long as the intermediate, which the root outlives.
+        let id = SpiffeId::new("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let issued = signer
+            .sign(&leaf_key(), &id, Duration::days(400), now)
+            .unwrap();
+        assert_eq!(issued.not_after, signer.signing_not_after());
+    }
+
+    #[test]
+    fn a_root_expiring_before_its_intermediate_bounds_every_leaf() {
+        let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        // Only the root bounds the leaf: cert-chain.pem does not hold it.
+        let dir = cacerts(now, 3, 365, false);
+        let m = crate::cacerts::load_dir(dir.path()).unwrap().unwrap();
+        let signer = Signer::new(m, now).unwrap();
+        assert_eq!((signer.root_not_after() - now).whole_days(), 3);
+        let id = SpiffeId::new("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let issued = signer
+            .sign(&leaf_key(), &id, Duration::days(10), now)
+            .unwrap();
+        assert_eq!(
+            issued.not_after,
+            signer.root_not_after(),
+            "a 10-day leaf under a 3-day root ends with the root"
+        );
+        assert_eq!(signer.leaf_not_after_limit(), signer.root_not_after());
+    }
 
     #[test]
     fn backdate_is_a_small_fraction() {

@@ -82,7 +82,8 @@ fn main() {
             made.as_secs_f64()
         );
         client_rt.block_on(async {
-            let args = signet_e2e::jwt_ca_args(dir.path(), &issuer, &cacerts);
+            let mut args = signet_e2e::jwt_ca_args(dir.path(), &issuer, &cacerts);
+            args.extend(fleet_on_loopback());
             let ca = CaProcess::start(&binary, &args, ca_cores).await;
             let channels = connect(&ca, &root.pem).await;
             let rate = steady_rate(&channels, &identities, secs).await;
@@ -109,7 +110,7 @@ fn main() {
             "signet-ca restart storm, TokenReview mode: {n} identities, an API server answering each review in {} ms and {REVIEWS_PER_SECOND} reviews a second (429 beyond), the CA's defaults (--max-token-reviews 64), the release binary on core {ca_cores}, the fleet and the API server on core {fleet_cores}",
             REVIEW_LATENCY.as_millis()
         );
-        let args = [
+        let mut args = vec![
             "--cacerts-dir".into(),
             cacerts.display().to_string(),
             "--state-dir".into(),
@@ -117,6 +118,7 @@ fn main() {
             "--kubeconfig".into(),
             api.kubeconfig(dir.path()).display().to_string(),
         ];
+        args.extend(fleet_on_loopback());
         client_rt.block_on(async {
             let ca = CaProcess::start(&binary, &args, ca_cores).await;
             let channels = connect(&ca, &root.pem).await;
@@ -424,4 +426,13 @@ impl Jitter {
         self.0 ^= self.0 << 17;
         (self.0 >> 11) as f64 / (1u64 << 53) as f64
     }
+}
+
+/// The fleet's pods each have an address of their own in a cluster; here they all
+/// come from loopback, so loopback gets no per-peer connection cap.
+fn fleet_on_loopback() -> [String; 2] {
+    [
+        "--peer-connection-share".into(),
+        "127.0.0.0/8=unlimited".into(),
+    ]
 }

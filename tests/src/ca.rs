@@ -181,6 +181,35 @@ pub async fn client(
     IstioCertificateServiceClient::new(channel)
 }
 
+/// Our own Rust client whose connections come from `source` (a loopback address other
+/// than 127.0.0.1 plays another peer).
+pub async fn client_from(
+    addr: SocketAddr,
+    root_pem: &str,
+    source: &str,
+) -> IstioCertificateServiceClient<Channel> {
+    use rustls::pki_types::ServerName;
+    let config = RawTls::new(addr, root_pem, None).config();
+    let source: SocketAddr = format!("{source}:0").parse().unwrap();
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let config = config.clone();
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(source)?;
+            let tcp = socket.connect(addr).await?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(ServerName::try_from(SERVER_NAME).unwrap(), tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    let channel = tonic::transport::Endpoint::from_static("http://signet.test")
+        .connect_with_connector(connector)
+        .await
+        .unwrap();
+    IstioCertificateServiceClient::new(channel)
+}
+
 /// CreateCertificate clients over TLS connections we make ourselves with rustls: one
 /// `ClientConfig`, and so one session-resumption store, for every connection, and a
 /// record of how each handshake went (full or resumed).
@@ -228,6 +257,12 @@ impl RawTls {
     pub async fn client(
         &self,
     ) -> Result<IstioCertificateServiceClient<Channel>, tonic::transport::Error> {
+        Ok(IstioCertificateServiceClient::new(self.channel().await?))
+    }
+
+    /// A channel on a new connection (the handshake happens here); it reconnects
+    /// through the same configuration when the server closes the connection.
+    pub async fn channel(&self) -> Result<Channel, tonic::transport::Error> {
         use rustls::pki_types::ServerName;
         let (addr, config, log) = (self.addr, self.config.clone(), self.handshakes.clone());
         let connector = tower::service_fn(move |_: http::Uri| {
@@ -244,10 +279,17 @@ impl RawTls {
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
             }
         });
-        let channel = tonic::transport::Endpoint::from_static("http://signet.test")
+        tonic::transport::Endpoint::from_static("http://signet.test")
+            // Pings while idle, which the server answers: traffic that is not a request.
+            .http2_keep_alive_interval(Duration::from_millis(200))
+            .keep_alive_while_idle(true)
             .connect_with_connector(connector)
-            .await?;
-        Ok(IstioCertificateServiceClient::new(channel))
+            .await
+    }
+
+    /// The client configuration (roots, identity, ALPN h2).
+    pub fn config(&self) -> std::sync::Arc<rustls::ClientConfig> {
+        self.config.clone()
     }
 
     /// How many connections were established.

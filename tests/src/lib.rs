@@ -29,7 +29,8 @@ pub mod process;
 pub mod sds;
 
 pub use ca::{
-    RawTls, SERVER_NAME, SelfSignedCa, TestCa, client, csr, http_get, parse_serve, request,
+    RawTls, SERVER_NAME, SelfSignedCa, TestCa, client, client_from, csr, http_get, parse_serve,
+    request,
 };
 pub use jwt::{ISSUER, JwtIssuer, jwt_ca_args};
 pub use pki::{SecretMount, TestRoot, write_crl};

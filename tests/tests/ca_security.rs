@@ -286,21 +286,154 @@ async fn connections_are_closed_at_their_maximum_age() {
     ca.stop().await;
 }
 
+/// A TLS connection to the CA from `source` (a loopback address, so tests can play
+/// several peers) that sends nothing after its handshake.
+async fn held_tls(
+    tls: &RawTls,
+    ca: std::net::SocketAddr,
+    source: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse().unwrap())?;
+    let tcp = socket.connect(ca).await?;
+    let name = rustls::pki_types::ServerName::try_from(signet_e2e::SERVER_NAME).unwrap();
+    tokio_rustls::TlsConnector::from(tls.config())
+        .connect(name, tcp)
+        .await
+}
+
+/// `f`'s output, or a failed test naming `what` after 20 s.
+async fn bounded<F: std::future::Future>(f: F, what: &str) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(20), f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took over 20 s"))
+}
+
+/// Waits (20 s at most) until the server closes `conn`: a read that ends or fails.
+async fn closed_by_server<S: tokio::io::AsyncRead + Unpin>(conn: &mut S) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            // The server's SETTINGS and pings: not a close.
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_beyond_the_cap_are_closed_at_once() {
+async fn one_peer_cannot_hold_every_connection() {
+    let SelfSignedCa {
+        dir: _dir,
+        jwt,
+        ca,
+        root,
+    } = SelfSignedCa::start(&[
+        "--max-connections",
+        "6",
+        "--max-connections-per-peer",
+        "3",
+        "--peer-connection-share",
+        "127.0.0.4=unlimited",
+    ])
+    .await;
+    let tls = RawTls::new(ca.grpc, &root, None);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(held_tls(&tls, ca.grpc, "127.0.0.2").await.unwrap());
+    }
+    // Its fourth is closed at once: the handshake never completes.
+    let fourth = held_tls(&tls, ca.grpc, "127.0.0.2").await;
+    assert!(fourth.is_err(), "a peer opened more than its share");
+    // Another peer gets its certificate meanwhile, over connections of its own.
+    let token = jwt.token("web", "frontend");
+    let (_, pem) = csr(None);
+    let mut c = signet_e2e::client_from(ca.grpc, &root, "127.0.0.3").await;
+    c.create_certificate(request(&pem, Some(&token), 0))
+        .await
+        .unwrap();
+    // An address the operator named has no per-peer cap.
+    for _ in 0..4 {
+        held.push(held_tls(&tls, ca.grpc, "127.0.0.4").await.unwrap());
+    }
+    let metrics = ca.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"signet_ca_limit_rejections{limit="connections_per_peer"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    ca.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_makes_room_by_closing_the_oldest_idle_connection() {
+    let SelfSignedCa {
+        dir: _dir,
+        jwt,
+        ca,
+        root,
+    } = SelfSignedCa::start(&["--max-connections", "4", "--max-connections-per-peer", "4"]).await;
+    // The attack from the report, scaled down: one peer fills the pool and sends
+    // nothing.
+    let tls = RawTls::new(ca.grpc, &root, None);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(held_tls(&tls, ca.grpc, "127.0.0.2").await.unwrap());
+    }
+    // A workload still gets its certificate: the oldest idle connection makes room.
+    let token = jwt.token("web", "frontend");
+    let (_, pem) = csr(None);
+    let mut c = signet_e2e::client_from(ca.grpc, &root, "127.0.0.3").await;
+    c.create_certificate(request(&pem, Some(&token), 0))
+        .await
+        .unwrap();
+    assert!(
+        closed_by_server(&mut held[0]).await,
+        "the oldest idle connection stayed open"
+    );
+    assert!(
+        ca.metric(r#"signet_ca_connections_closed_total{reason="evicted"}"#)
+            .await
+            >= Some(1.0)
+    );
+    ca.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_with_a_request_open_are_never_evicted() {
     let SelfSignedCa {
         dir: _dir,
         jwt: _,
         ca,
         root,
     } = SelfSignedCa::start(&["--max-connections", "2"]).await;
+    // Two connections, each with a stream open (health Watch answers and stays open).
     let tls = RawTls::new(ca.grpc, &root, None);
-    let _a = tls.client().await.unwrap();
-    let _b = tls.client().await.unwrap();
-    assert!(
-        tls.client().await.is_err(),
-        "a third connection was accepted"
-    );
+    let mut watches = Vec::new();
+    for _ in 0..2 {
+        let watch = async {
+            let mut health =
+                tonic_health::pb::health_client::HealthClient::new(tls.channel().await.unwrap());
+            let mut stream = health
+                .watch(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            stream.message().await.unwrap().unwrap();
+            (health, stream)
+        };
+        watches.push(bounded(watch, "a health watch").await);
+    }
+    let third = bounded(tls.client(), "a third connection").await;
+    assert!(third.is_err(), "a third connection was accepted");
     let metrics = ca.metrics().await;
     assert_eq!(
         metric(
@@ -310,17 +443,100 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
         Some(1.0),
         "{metrics}"
     );
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"signet_ca_connections_closed_total{reason="evicted"}"#
+        ),
+        None,
+        "{metrics}"
+    );
     // A slot comes back when a connection closes.
-    drop(_a);
+    watches.remove(0);
     let mut ok = false;
     let start = std::time::Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
-        if tls.client().await.is_ok() {
+        if bounded(tls.client(), "a connection").await.is_ok() {
             ok = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(ok, "the slot of a closed connection was not given back");
+    // The CA stops with a stream open (cut after a grace period).
+    ca.stop().await;
+    drop(watches);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_no_request_is_cut() {
+    let SelfSignedCa {
+        dir: _dir,
+        jwt: _,
+        ca,
+        root,
+    } = SelfSignedCa::start(&["--first-request-timeout", "1s"]).await;
+    let tls = RawTls::new(ca.grpc, &root, None);
+    // Silent after the TLS handshake.
+    let mut silent = held_tls(&tls, ca.grpc, "127.0.0.1").await.unwrap();
+    // A real HTTP/2 client: sends its preface and SETTINGS and answers pings, but
+    // never a request.
+    let io = held_tls(&tls, ca.grpc, "127.0.0.1").await.unwrap();
+    let (_send, h2_conn) = h2::client::handshake(io).await.unwrap();
+    let started = std::time::Instant::now();
+    assert!(
+        closed_by_server(&mut silent).await,
+        "a silent connection stayed open"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(20), h2_conn).await;
+    assert!(
+        ended.is_ok(),
+        "an HTTP/2 connection without a request stayed open"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    assert_eq!(
+        ca.metric(r#"signet_ca_connections_closed_total{reason="first_request_timeout"}"#)
+            .await,
+        Some(2.0)
+    );
+    ca.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_cut_and_clients_reconnect() {
+    let SelfSignedCa {
+        dir: _dir,
+        jwt,
+        ca,
+        root,
+    } = SelfSignedCa::start(&["--idle-timeout", "1s"]).await;
+    // tonic's client pings every 200 ms while idle, and the server answers: the
+    // connection carries traffic, but no request.
+    let tls = RawTls::new(ca.grpc, &root, None);
+    let mut c = tls.client().await.unwrap();
+    let token = jwt.token("web", "frontend");
+    let (_, pem) = csr(None);
+    c.create_certificate(request(&pem, Some(&token), 0))
+        .await
+        .unwrap();
+    let start = std::time::Instant::now();
+    while ca
+        .metric(r#"signet_ca_connections_closed_total{reason="idle_timeout"}"#)
+        .await
+        != Some(1.0)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the idle connection stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(start.elapsed() >= Duration::from_millis(800));
+    // The next call reconnects by itself.
+    let (_, pem) = csr(None);
+    c.create_certificate(request(&pem, Some(&token), 0))
+        .await
+        .unwrap();
+    assert_eq!(tls.connections(), 2);
     ca.stop().await;
 }
