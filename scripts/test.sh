@@ -27,8 +27,16 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo build"
 cargo build --workspace --locked
-echo "==> cargo test"
-cargo test --workspace --locked
+# cargo-nextest gives each test a time limit (.config/nextest.toml); the Rust
+# machines here have it, and anywhere else it is built once from crates.io.
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "==> installing cargo-nextest"
+    cargo install cargo-nextest --locked
+fi
+echo "==> cargo nextest run (each test killed after 5 minutes)"
+cargo nextest run --workspace --locked
+echo "==> cargo test --doc"
+cargo test --workspace --locked --doc
 echo "==> python tests (grpcio, cryptography, PyJWT, openssl)"
 python="$("$root/scripts/python-env.sh")"
 "$python" -m pytest -q "$root/tests/python"

@@ -243,11 +243,15 @@ mod tests {
         let q = queue.clone();
         let second = tokio::spawn(async move { q.run_as("noisy", || 2).await });
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        // The noisy caller's third request is refused, although the queue has room...
-        assert!(matches!(
-            queue.run_as("noisy", || 3).await,
-            Err(QueueError::Share(2))
-        ));
+        // The noisy caller's third request is refused at once, although the queue has
+        // room (bounded: without the share it would wait for the busy worker forever)...
+        let third = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            queue.run_as("noisy", || 3),
+        )
+        .await
+        .expect("a request past the caller's share waited instead of being refused");
+        assert!(matches!(third, Err(QueueError::Share(2))));
         // ...which another caller still gets.
         let q = queue.clone();
         let other = tokio::spawn(async move { q.run_as("quiet", || 4).await });

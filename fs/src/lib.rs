@@ -136,6 +136,26 @@ fn kind(meta: &std::fs::Metadata) -> &'static str {
 /// renamed over `path` (which replaces a symlink at `path` instead of writing through
 /// it). The directory is synced so the rename survives a crash.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    write_atomic_via(path, contents, mode, &mut temp_name)
+}
+
+/// A temporary name beside `path` that nobody can guess: 64 random bits.
+fn temp_name(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()))
+}
+
+/// How many names [`write_atomic`] tries when one is taken (only an attacker or a
+/// 1-in-2^64 chance takes one).
+const TEMP_TRIES: usize = 4;
+
+/// [`write_atomic`] with the temporary names drawn from `pick`, so tests can plant
+/// things at exactly the names it will use.
+fn write_atomic_via(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    pick: &mut dyn FnMut(&Path, &str) -> PathBuf,
+) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -144,14 +164,26 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?
         .to_string_lossy();
-    let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
-    let result = (|| {
-        let mut file = OpenOptions::new()
+    // A name that exists (a planted file or link) is never opened: `O_EXCL` fails,
+    // and another name is tried.
+    let mut tries = 0;
+    let (tmp, mut file) = loop {
+        let tmp = pick(dir, &name);
+        match OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(mode)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)?;
+            .open(&tmp)
+        {
+            Ok(file) => break (tmp, file),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries + 1 < TEMP_TRIES => {
+                tries += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let result = (|| {
         // The create mode is filtered by the umask; set exactly what was asked, on
         // the open file, before the content goes in.
         file.set_permissions(Permissions::from_mode(mode))?;
@@ -205,8 +237,73 @@ mod tests {
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 
+    /// The property, whatever names the code picks: a link or a file planted at the
+    /// temporary name it is about to use is never written through or reused (an
+    /// attacker holding the planted file open reads nothing), and the write still
+    /// lands under another name.
     #[test]
-    fn mode_ignores_the_umask_and_names_are_unpredictable() {
+    fn a_planted_temporary_name_is_never_written_through_or_reused() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "untouched").unwrap();
+        let target = dir.path().join("key.pem");
+        let mut picked = Vec::new();
+        let mut plant = |d: &Path, n: &str| {
+            let tmp = temp_name(d, n);
+            match picked.len() {
+                // The first two names hold a link to the victim and a file the
+                // attacker keeps open; the third is free.
+                0 => symlink(&victim, &tmp).unwrap(),
+                1 => std::fs::write(&tmp, "").unwrap(),
+                _ => {}
+            }
+            picked.push(tmp.clone());
+            tmp
+        };
+        write_atomic_via(&target, b"secret", 0o600, &mut plant).unwrap();
+        assert_eq!(picked.len(), 3, "{picked:?}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+        let mut held = std::fs::File::open(&picked[1]).unwrap();
+        let mut seen = String::new();
+        held.read_to_string(&mut seen).unwrap();
+        assert_eq!(seen, "", "the planted file received the secret");
+        assert!(
+            std::fs::symlink_metadata(&picked[0])
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), b"secret");
+
+        // Names taken every time: an error, and still nothing written through.
+        let mut always_taken = |d: &Path, n: &str| {
+            let tmp = temp_name(d, n);
+            symlink(&victim, &tmp).unwrap();
+            tmp
+        };
+        assert!(write_atomic_via(&target, b"other", 0o600, &mut always_taken).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+        assert_eq!(std::fs::read(&target).unwrap(), b"secret");
+    }
+
+    #[test]
+    fn temporary_names_are_unpredictable() {
+        let dir = Path::new("/d");
+        let names: std::collections::HashSet<PathBuf> =
+            (0..1000).map(|_| temp_name(dir, "key.pem")).collect();
+        assert_eq!(names.len(), 1000, "names repeat");
+        for n in &names {
+            assert_eq!(n.parent(), Some(dir), "beside the target");
+            assert!(
+                !n.to_string_lossy()
+                    .contains(&std::process::id().to_string())
+            );
+        }
+    }
+
+    #[test]
+    fn mode_ignores_the_umask() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("root-cert.pem");
         write_atomic(&path, b"a", 0o644).unwrap();

@@ -562,4 +562,18 @@ mod tests {
         let err = through(input).await.unwrap_err();
         assert!(err.to_string().contains("64 KiB once decoded"), "{err}");
     }
+
+    #[tokio::test]
+    async fn continuation_frames_that_never_end_the_block_are_refused() {
+        // HEADERS then CONTINUATION frames of 16 KiB each, none with END_HEADERS:
+        // without the cap on the compressed block they would be buffered forever.
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, 0, 1, &[0x82]));
+        let chunk = vec![0u8; MAX_FRAME];
+        for _ in 0..(MAX_BLOCK / MAX_FRAME + 2) {
+            input.extend(frame(CONTINUATION, 0, 1, &chunk));
+        }
+        let err = through(input).await.unwrap_err();
+        assert!(err.to_string().contains("header block too large"), "{err}");
+    }
 }
