@@ -31,8 +31,7 @@ pub struct Metrics {
     /// Requests turned away because the signing queue was full.
     pub overloaded: IntCounter,
     /// Connections and requests turned away by a limit, by limit (`connections`,
-    /// `connections_per_peer`, `token_reviews`, `token_reviews_per_peer`,
-    /// `caller_share`).
+    /// `connections_per_peer`, `token_reviews`, `caller_share`).
     pub limit_rejections: IntCounterVec,
     /// Connections the CA closed of its own accord, by reason (`evicted`,
     /// `first_request_timeout`, `idle_timeout`, `max_age`).

@@ -78,11 +78,15 @@ pub enum ServeError {
 
 /// Builds the authenticator: the local cluster, its aliases, and remote clusters.
 pub async fn authenticator(config: &ServeConfig) -> Result<Authenticator, ServeError> {
+    // Addresses the operator named as crowds (gateways, ztunnel nodes) have no share
+    // of their own of the review slots either.
+    let crowds: Vec<ipnet::IpNet> = config.conns.shares.iter().map(|s| s.net).collect();
     let local = ClusterAuth::build(
         config.kubeconfig.as_ref().map(|k| k.as_deref()),
         config.jwt.as_ref(),
         &config.token_audiences,
         config.max_token_reviews,
+        &crowds,
     )
     .await
     .map_err(|source| ServeError::Authn {
@@ -97,6 +101,7 @@ pub async fn authenticator(config: &ServeConfig) -> Result<Authenticator, ServeE
             remote.jwt.as_ref(),
             &config.token_audiences,
             config.max_token_reviews,
+            &crowds,
         )
         .await
         .map_err(|source| ServeError::Authn {

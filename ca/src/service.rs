@@ -113,6 +113,11 @@ impl RequestError {
         )
     }
 
+    /// A refusal that came before the caller was known.
+    fn before_authentication(&self) -> bool {
+        matches!(self, Self::Authn(_))
+    }
+
     fn status(&self) -> Status {
         let message = self.to_string();
         match self {
@@ -207,7 +212,12 @@ impl CaService {
         };
         let caller = self
             .authn
-            .authenticate(client_cert, token.as_ref(), &cluster_id)
+            .authenticate(
+                client_cert,
+                token.as_ref(),
+                &cluster_id,
+                request.remote_addr().map(|a| a.ip()),
+            )
             .await
             .inspect_err(|_| self.metrics.authentication_failure_count.inc())?;
 
@@ -350,7 +360,13 @@ impl CaService {
             tracing::warn!(peer = %peer, code = ?status.code(), error = %e, "certificate request refused");
             return status;
         }
-        let pushback = self.pushback.refused(Instant::now(), rand::random::<f64>());
+        // A refusal before authentication books no slot: anonymous callers must not
+        // push real callers' retries out.
+        let pushback = if e.before_authentication() {
+            None
+        } else {
+            self.pushback.refused(Instant::now(), rand::random::<f64>())
+        };
         if let Some(delay) = pushback
             && let Ok(value) = delay.as_millis().to_string().parse()
         {

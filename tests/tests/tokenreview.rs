@@ -67,24 +67,26 @@ async fn tokenreview_accepts_service_accounts_and_caches() {
     assert_eq!(api.calls("POST tokenreviews"), 1);
 
     // Wrong audience, expired, signed by another key: UNAUTHENTICATED, never the
-    // token, and never the API server's own words (those go to the CA's log).
+    // token, and never the API server's own words (those go to the CA's log). The
+    // first two are refused without a review: their claims already say no.
     let other = JwtIssuer::rsa("k1");
     let bad_tokens = [
         issuer.token_with("shop", "cart", signet_e2e::ISSUER, &["other"], 3600),
         issuer.token_with("shop", "cart", signet_e2e::ISSUER, &["istio-ca"], -600),
         other.token("shop", "cart"),
     ];
-    for bad in &bad_tokens {
+    let reasons = [
+        "none of the audiences",
+        "has expired",
+        "did not authenticate",
+    ];
+    for (bad, reason) in bad_tokens.iter().zip(reasons) {
         let status = client
             .create_certificate(request(&pem, Some(bad), 0))
             .await
             .unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
-        assert!(
-            status.message().contains("did not authenticate"),
-            "{}",
-            status.message()
-        );
+        assert!(status.message().contains(reason), "{}", status.message());
         assert!(
             !status.message().contains("invalid bearer token"),
             "{}",
@@ -92,6 +94,11 @@ async fn tokenreview_accepts_service_accounts_and_caches() {
         );
         assert!(!status.message().contains(bad.as_str()));
     }
+    assert_eq!(
+        api.calls("POST tokenreviews"),
+        2,
+        "only the forged token was reviewed"
+    );
     // A refused token replayed is refused again without another review.
     let reviews = api.calls("POST tokenreviews");
     for _ in 0..5 {
@@ -229,9 +236,97 @@ async fn a_rate_limited_api_server_is_unavailable_at_once_and_left_alone() {
     // Within the pause: refused without asking.
     assert_eq!(ask("c").await.0, Err(tonic::Code::Unavailable));
     assert_eq!(api.calls("POST tokenreviews"), 2);
+    // A trickle still goes out during the pause (one review every 250 ms); the
+    // bucket is still empty, so it is answered 429 and the pause goes on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ask("c2").await.0, Err(tonic::Code::Unavailable));
+    assert_eq!(api.calls("POST tokenreviews"), 3);
+    assert_eq!(api.calls("429 tokenreviews"), 2);
     // After it, reviews resume.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(ask("d").await.0, Ok(()));
-    assert_eq!(api.calls("POST tokenreviews"), 3);
+    assert_eq!(api.calls("POST tokenreviews"), 4);
+    ca.stop().await;
+}
+
+/// The attack from the security report: an API server answering in 300 ms, and one
+/// address sending 240 requests with tokens that look right but that no API server
+/// accepts (another key), while six new pods ask for their first certificates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_callers_cannot_take_the_review_slots_or_push_real_callers_back() {
+    let issuer = JwtIssuer::rsa("k1");
+    let forger = JwtIssuer::rsa("forged");
+    let dir = tempfile::tempdir().unwrap();
+    let api = api_server(
+        &issuer,
+        TokenReviews {
+            latency: Duration::from_millis(300),
+            ..TokenReviews::default()
+        },
+    )
+    .await;
+    let (ca, root) = start_ca(dir.path(), &api.kubeconfig(dir.path())).await;
+    let (_, pem) = csr(None);
+
+    let mut attackers = Vec::new();
+    for c in 0..3 {
+        let client = signet_e2e::client_from(ca.grpc, &root, "127.0.0.2").await;
+        for i in 0..80 {
+            let mut client = client.clone();
+            let token = forger.token("shop", &format!("x{c}-{i}"));
+            let pem = pem.clone();
+            attackers.push(tokio::spawn(async move {
+                client
+                    .create_certificate(request(&pem, Some(&token), 0))
+                    .await
+            }));
+        }
+    }
+    // Let the flood take what it can.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut pods = Vec::new();
+    for i in 0..6 {
+        let mut client = signet_e2e::client_from(ca.grpc, &root, "127.0.0.3").await;
+        let token = issuer.token("shop", &format!("pod{i}"));
+        let pem = pem.clone();
+        pods.push(tokio::spawn(async move {
+            client
+                .create_certificate(request(&pem, Some(&token), 0))
+                .await
+        }));
+    }
+    for pod in pods {
+        let answer = tokio::time::timeout(Duration::from_secs(20), pod)
+            .await
+            .expect("a pod's first request took over 20 s")
+            .unwrap();
+        assert!(
+            answer.is_ok(),
+            "a new pod's first request failed: {answer:?}"
+        );
+    }
+    let mut throttled = 0;
+    for a in attackers {
+        let status = tokio::time::timeout(Duration::from_secs(20), a)
+            .await
+            .expect("an attacker's request took over 20 s")
+            .unwrap()
+            .unwrap_err();
+        // Refused before authentication: no retry slot booked for them.
+        assert!(
+            status.metadata().get("grpc-retry-pushback-ms").is_none(),
+            "{status:?}"
+        );
+        if status.code() == tonic::Code::Unavailable {
+            throttled += 1;
+        }
+    }
+    // The address held at most its quarter of the 64 slots at a time.
+    assert!(throttled > 0, "the flood was never held to its share");
+    assert!(
+        api.most_reviews_in_flight() <= 16 + 6,
+        "{}",
+        api.most_reviews_in_flight()
+    );
     ca.stop().await;
 }

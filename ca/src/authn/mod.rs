@@ -6,7 +6,7 @@ mod jwt;
 mod token;
 mod tokenreview;
 
-use std::{collections::BTreeMap, fmt, path::Path, sync::Arc};
+use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path, sync::Arc};
 
 use rustls_pki_types::CertificateDer;
 use spiffe::SpiffeId;
@@ -19,7 +19,7 @@ pub use crate::kubeapi::KubeClientError;
 pub use jwt::{Jwks, JwksError, JwksSource, JwtAuthenticator, JwtConfig};
 pub use token::Token;
 pub use tokenreview::{
-    CachedReviewer, KubeTokenReviewer, ReviewError, ReviewFuture, Reviewed, TokenReviewer,
+    CachedReviewer, KubeTokenReviewer, Precheck, ReviewError, ReviewFuture, Reviewed, TokenReviewer,
 };
 
 /// How a caller proved who it is (for the audit log).
@@ -84,16 +84,26 @@ pub enum AuthnError {
 pub trait TokenAuthenticator: Send + Sync + fmt::Debug {
     /// How it proves the caller (for the audit line and error messages).
     fn method(&self) -> Method;
-    /// Checks `token` at `now`.
-    fn authenticate<'a>(&'a self, token: &'a Token, now: OffsetDateTime) -> ReviewFuture<'a>;
+    /// Checks `token` at `now` for a caller at `peer`.
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a Token,
+        now: OffsetDateTime,
+        peer: Option<IpAddr>,
+    ) -> ReviewFuture<'a>;
 }
 
 impl TokenAuthenticator for CachedReviewer {
     fn method(&self) -> Method {
         Method::TokenReview
     }
-    fn authenticate<'a>(&'a self, token: &'a Token, _now: OffsetDateTime) -> ReviewFuture<'a> {
-        Box::pin(self.review(token))
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a Token,
+        _now: OffsetDateTime,
+        peer: Option<IpAddr>,
+    ) -> ReviewFuture<'a> {
+        Box::pin(self.review(token, peer))
     }
 }
 
@@ -101,7 +111,12 @@ impl TokenAuthenticator for JwtAuthenticator {
     fn method(&self) -> Method {
         Method::Jwt
     }
-    fn authenticate<'a>(&'a self, token: &'a Token, now: OffsetDateTime) -> ReviewFuture<'a> {
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a Token,
+        now: OffsetDateTime,
+        _peer: Option<IpAddr>,
+    ) -> ReviewFuture<'a> {
         Box::pin(self.verify(token, now))
     }
 }
@@ -121,17 +136,25 @@ impl ClusterAuth {
 
     /// The authenticators of a cluster as configured: TokenReview through
     /// `kubeconfig` (`Some(None)`: the in-cluster configuration) with at most
-    /// `max_token_reviews` in flight, then offline JWT.
+    /// `max_token_reviews` in flight (a quarter of them for one peer address, except
+    /// the addresses in `crowds`), then offline JWT.
     pub async fn build(
         kubeconfig: Option<Option<&Path>>,
         jwt: Option<&JwtConfig>,
         audiences: &[String],
         max_token_reviews: usize,
+        crowds: &[ipnet::IpNet],
     ) -> Result<Self, BuildError> {
         let mut auth = Self::default();
         if let Some(kubeconfig) = kubeconfig {
             let reviewer = KubeTokenReviewer::connect(kubeconfig, audiences.to_vec()).await?;
-            auth = auth.with(CachedReviewer::new(Arc::new(reviewer), max_token_reviews));
+            let reviewer = CachedReviewer::new(Arc::new(reviewer), max_token_reviews)
+                .with_precheck(Precheck {
+                    audiences: audiences.to_vec(),
+                    issuer: jwt.map(|j| j.issuer.clone()),
+                })
+                .with_peer_share((max_token_reviews / 4).max(1), crowds.to_vec());
+            auth = auth.with(reviewer);
         }
         if let Some(jwt) = jwt {
             auth = auth.with(JwtAuthenticator::new(jwt.clone()).await?);
@@ -199,12 +222,14 @@ impl Authenticator {
     }
 
     /// Authenticates a request: its client certificate chain (verified again at
-    /// request time, see [`ClientCert`]), its bearer token and `clusterid`.
+    /// request time, see [`ClientCert`]), its bearer token and `clusterid`; `peer` is
+    /// the caller's address, for shares of limited resources.
     pub async fn authenticate(
         &self,
         client_cert: ClientCert<'_>,
         token: Option<&Token>,
         cluster_id: &str,
+        peer: Option<IpAddr>,
     ) -> Result<Caller, AuthnError> {
         match client_cert {
             ClientCert::Verified(chain) => {
@@ -236,7 +261,7 @@ impl Authenticator {
         let now = OffsetDateTime::now_utc();
         for authenticator in &auth.authenticators {
             let method = authenticator.method();
-            match authenticator.authenticate(token, now).await {
+            match authenticator.authenticate(token, now, peer).await {
                 Ok(r) => {
                     return Ok(Caller {
                         account: r.account,

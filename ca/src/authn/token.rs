@@ -39,12 +39,73 @@ impl Token {
     /// The `exp` claim read without verifying anything. Only ever used to shorten
     /// how long a positive answer is cached, never to accept a token.
     pub fn unverified_expiry(&self) -> Option<i64> {
-        let payload = self.0.split('.').nth(1)?;
+        self.unverified_claims()?.get("exp")?.as_i64()
+    }
+
+    /// The claims of a JWT, read without verifying anything.
+    fn unverified_claims(&self) -> Option<serde_json::Map<String, serde_json::Value>> {
+        let mut parts = self.0.split('.');
+        let (_header, payload, _signature) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(payload.trim_end_matches('='))
             .ok()?;
-        let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-        claims.get("exp")?.as_i64()
+        match serde_json::from_slice(&bytes).ok()? {
+            serde_json::Value::Object(claims) => Some(claims),
+            _ => None,
+        }
+    }
+
+    /// Refuses, without asking anyone, a token that no API server could accept for
+    /// us: not a JWT (every service account token is one), expired at `now` (Unix
+    /// seconds), for none of `audiences` when it names any, or from another issuer
+    /// than `issuer` when that is known. Nothing here accepts a token: it only saves
+    /// a TokenReview slot from tokens that cannot pass. Legacy tokens (no `exp`, no
+    /// `aud`) go on to the review.
+    pub fn precheck(
+        &self,
+        audiences: &[String],
+        issuer: Option<&str>,
+        now: i64,
+    ) -> Result<(), String> {
+        let claims = self
+            .unverified_claims()
+            .ok_or("the token is not a JWT, as every service account token is")?;
+        match claims.get("exp") {
+            None => {}
+            Some(exp) => match exp.as_i64() {
+                Some(exp) if exp > now => {}
+                Some(_) => return Err("the token has expired".into()),
+                None => return Err("the token's exp claim is not a number".into()),
+            },
+        }
+        match claims.get("aud") {
+            None => {}
+            Some(aud) => {
+                let named: Vec<&str> = match aud {
+                    serde_json::Value::String(a) => vec![a.as_str()],
+                    serde_json::Value::Array(list) => {
+                        list.iter().filter_map(|a| a.as_str()).collect()
+                    }
+                    _ => return Err("the token's aud claim is neither a string nor a list".into()),
+                };
+                if !audiences.is_empty() && !named.iter().any(|a| audiences.iter().any(|w| w == a))
+                {
+                    return Err(format!(
+                        "the token is for none of the audiences {audiences:?}"
+                    ));
+                }
+            }
+        }
+        if let Some(issuer) = issuer
+            && let Some(iss) = claims.get("iss")
+            && iss.as_str() != Some(issuer)
+        {
+            return Err("the token is from another issuer than this cluster's".into());
+        }
+        Ok(())
     }
 }
 
@@ -75,5 +136,43 @@ mod tests {
         let t = Token::new(format!("{}.{}.sig", b64("{}"), b64(r#"{"exp":1234}"#)));
         assert_eq!(t.unverified_expiry(), Some(1234));
         assert_eq!(Token::new("garbage").unverified_expiry(), None);
+    }
+
+    #[test]
+    fn precheck_refuses_tokens_no_review_could_accept() {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let jwt = |claims: &str| Token::new(format!("{}.{}.sig", b64("{}"), b64(claims)));
+        let aud = vec!["istio-ca".to_string()];
+        let iss = Some("https://kubernetes.default.svc");
+        let ok = jwt(r#"{"exp":2000,"aud":["istio-ca"],"iss":"https://kubernetes.default.svc"}"#);
+        assert_eq!(ok.precheck(&aud, iss, 1000), Ok(()));
+        // Legacy tokens carry neither exp nor aud: left to the review.
+        assert_eq!(
+            jwt(r#"{"iss":"kubernetes/serviceaccount"}"#).precheck(&aud, None, 1000),
+            Ok(())
+        );
+        assert_eq!(
+            jwt(r#"{"aud":"istio-ca"}"#).precheck(&aud, iss, 1000),
+            Ok(())
+        );
+        for (token, why) in [
+            (Token::new("random-garbage"), "not a JWT"),
+            (Token::new("a.b.c.d"), "not a JWT"),
+            (Token::new(format!("x.{}.y", b64("[1]"))), "not a JWT"),
+            (jwt(r#"{"exp":999}"#), "expired"),
+            (jwt(r#"{"exp":"soon"}"#), "not a number"),
+            (
+                jwt(r#"{"exp":2000,"aud":["api"]}"#),
+                "none of the audiences",
+            ),
+            (jwt(r#"{"aud":7}"#), "neither a string"),
+            (
+                jwt(r#"{"exp":2000,"aud":"istio-ca","iss":"https://evil"}"#),
+                "another issuer",
+            ),
+        ] {
+            let err = token.precheck(&aud, iss, 1000).unwrap_err();
+            assert!(err.contains(why), "{token:?}: {err}");
+        }
     }
 }
