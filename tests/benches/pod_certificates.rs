@@ -91,7 +91,7 @@ async fn main() {
     let calls_before = api.total_calls();
     let started = Instant::now();
     for i in 0..n {
-        api.put(
+        api.put_bound_request(
             PLURAL,
             json!({
                 "metadata": {"namespace": "apps", "name": format!("web-{i}")},

@@ -69,7 +69,9 @@ PODS = {("ClusterRole", None, "", "pods", v, ()) for v in ("list", "watch")}
 POD_CERTS = {("ClusterRole", None, "certificates.k8s.io", "podcertificaterequests", v, ())
              for v in ("get", "list", "watch")} | {
     ("ClusterRole", None, "certificates.k8s.io", "podcertificaterequests/status", "update", ()),
-    ("ClusterRole", None, "certificates.k8s.io", "signers", "sign", ("signet.dev/spiffe",))}
+    ("ClusterRole", None, "certificates.k8s.io", "signers", "sign", ("signet.dev/spiffe",))} | {
+    # The pod and service account each request names, read before it is answered.
+    ("ClusterRole", None, "", r, "get", ()) for r in ("pods", "serviceaccounts")}
 ISTIOD_SECRET = {("Role", "istio-system", "", "secrets", "create", ())} | {
     ("Role", "istio-system", "", "secrets", v, ("istiod-tls",)) for v in ("get", "list", "watch", "update")}
 

@@ -69,6 +69,7 @@ pub fn default_kinds() -> Vec<Kind> {
             ..kind("", &["v1"], "Namespace", "namespaces", false)
         },
         kind("", &["v1"], "ConfigMap", "configmaps", true),
+        kind("", &["v1"], "ServiceAccount", "serviceaccounts", true),
         Kind {
             immutable: &["type"],
             ..kind("", &["v1"], "Secret", "secrets", true)
@@ -404,6 +405,35 @@ impl KubeApi {
                    "spec": {"serviceAccountName": sa, "nodeName": node, "containers": [{"name": "app", "image": "app"}]},
                    "status": {"phase": "Running"}}),
         );
+    }
+
+    /// Creates or replaces service account `namespace/name` with UID `uid`.
+    pub fn service_account(&self, namespace: &str, name: &str, uid: &str) {
+        self.put(
+            "serviceaccounts",
+            json!({"metadata": {"name": name, "namespace": namespace, "uid": uid}}),
+        );
+    }
+
+    /// Puts a PodCertificateRequest and what a kubelet's request is bound to: the
+    /// running pod and the service account its spec names, with their UIDs.
+    pub fn put_bound_request(&self, plural: &str, request: Value) {
+        let spec = &request["spec"];
+        let namespace = request["metadata"]["namespace"].as_str().unwrap_or("");
+        let field = |name: &str| spec[name].as_str().unwrap_or("").to_owned();
+        self.pod(
+            namespace,
+            &field("podName"),
+            &field("podUID"),
+            &field("serviceAccountName"),
+            &field("nodeName"),
+        );
+        self.service_account(
+            namespace,
+            &field("serviceAccountName"),
+            &field("serviceAccountUID"),
+        );
+        self.put(plural, request);
     }
 
     /// Deletes an object directly, as another client would.

@@ -81,7 +81,7 @@ async fn requests_are_issued_or_denied_once_and_chain_to_the_trust_bundle() {
     std::fs::create_dir_all(&work).unwrap();
     let none = json!({});
     // Created while no CA runs.
-    api.put(
+    api.put_bound_request(
         PLURAL,
         pcr(
             "apps",
@@ -93,7 +93,7 @@ async fn requests_are_issued_or_denied_once_and_chain_to_the_trust_bundle() {
             none.clone(),
         ),
     );
-    api.put(
+    api.put_bound_request(
         PLURAL,
         pcr(
             "apps",
@@ -105,7 +105,7 @@ async fn requests_are_issued_or_denied_once_and_chain_to_the_trust_bundle() {
             none.clone(),
         ),
     );
-    api.put(
+    api.put_bound_request(
         PLURAL,
         pcr(
             "apps",
@@ -117,7 +117,7 @@ async fn requests_are_issued_or_denied_once_and_chain_to_the_trust_bundle() {
             none.clone(),
         ),
     );
-    api.put(
+    api.put_bound_request(
         PLURAL,
         pcr(
             "apps",
@@ -129,7 +129,7 @@ async fn requests_are_issued_or_denied_once_and_chain_to_the_trust_bundle() {
             json!({"example.com/wish": "x"}),
         ),
     );
-    api.put(
+    api.put_bound_request(
         PLURAL,
         pcr(
             "apps",
@@ -152,10 +152,10 @@ async fn requests_are_issued_or_denied_once_and_chain_to_the_trust_bundle() {
         json!(base64::engine::general_purpose::STANDARD.encode(spki)),
     );
     spec.insert("proofOfPossession".into(), json!("c2lnbmF0dXJl"));
-    api.put(PLURAL, old_style);
+    api.put_bound_request(PLURAL, old_style);
     let ca = setup.ca(&["--pod-certificate-signer", SIGNER]).await;
     // And one while it runs.
-    api.put(
+    api.put_bound_request(
         PLURAL,
         pcr(
             "apps",
@@ -297,7 +297,7 @@ async fn policy_excludes_namespaces_and_service_accounts() {
         ("apps", "admin", "admin"),
         ("secret", "x", "x"),
     ] {
-        api.put(PLURAL, pcr(ns, name, sa, SIGNER, &key, 3600, json!({})));
+        api.put_bound_request(PLURAL, pcr(ns, name, sa, SIGNER, &key, 3600, json!({})));
     }
     let ca = setup
         .ca(&[
@@ -323,6 +323,67 @@ async fn policy_excludes_namespaces_and_service_accounts() {
     ca.stop().await;
 }
 
+/// The attack from the security report: a principal allowed to create
+/// PodCertificateRequests in a namespace (not a node, so Kubernetes binds nothing)
+/// names another service account of that namespace.
+#[tokio::test]
+async fn a_request_gets_only_the_identity_of_the_pod_it_names() {
+    let setup = Setup::new(&["apps"]).await;
+    let api = &setup.api;
+    let key = stub(&rcgen::PKCS_ECDSA_P256_SHA256);
+    api.service_account("apps", "admin", "sa-uid");
+    // A pod that runs as `web`, asked for as `admin`.
+    api.pod("apps", "impostor-pod", "pod-uid", "web", "node-a");
+    api.put(
+        PLURAL,
+        pcr("apps", "impostor", "admin", SIGNER, &key, 3600, json!({})),
+    );
+    // A pod that does not exist.
+    api.put(
+        PLURAL,
+        pcr("apps", "ghost", "admin", SIGNER, &key, 3600, json!({})),
+    );
+    // A pod that has finished, and one on another node than the request says.
+    api.put_bound_request(
+        PLURAL,
+        pcr("apps", "done", "admin", SIGNER, &key, 3600, json!({})),
+    );
+    let mut done = api.get("pods", "apps", "done-pod").unwrap();
+    done["status"]["phase"] = json!("Succeeded");
+    api.put("pods", done);
+    api.put_bound_request(
+        PLURAL,
+        pcr("apps", "moved", "admin", SIGNER, &key, 3600, json!({})),
+    );
+    api.pod("apps", "moved-pod", "pod-uid", "admin", "node-b");
+    // The real pod of `admin` still gets its certificate.
+    api.put_bound_request(
+        PLURAL,
+        pcr("apps", "real", "admin", SIGNER, &key, 3600, json!({})),
+    );
+    let ca = setup.ca(&["--pod-certificate-signer", SIGNER]).await;
+    for (name, want, why) in [
+        ("impostor", "Denied", "runs as service account \"web\""),
+        ("ghost", "Denied", "does not exist"),
+        ("done", "Denied", "finished"),
+        ("moved", "Denied", "node-b"),
+        ("real", "Issued", ""),
+    ] {
+        let p = eventually(Duration::from_secs(60), name, || {
+            api.get(PLURAL, "apps", name)
+                .filter(|p| condition(p).is_some())
+        })
+        .await;
+        let (kind, reason, message) = condition(&p).unwrap();
+        assert_eq!(kind, want, "{name}: {reason} {message}");
+        if want == "Denied" {
+            assert_eq!(reason, "PodNotBound", "{name}");
+            assert!(message.contains(why), "{name}: {message}");
+        }
+    }
+    ca.stop().await;
+}
+
 // Several threads: the test waits on child processes while the API server, in this
 // runtime, must keep answering them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,7 +393,7 @@ async fn two_replicas_answer_each_request_exactly_once() {
     let key = stub(&rcgen::PKCS_ECDSA_P256_SHA256);
     let n = 20;
     for i in 0..n {
-        api.put(
+        api.put_bound_request(
             PLURAL,
             pcr(
                 "apps",
@@ -376,7 +437,7 @@ async fn a_request_made_while_the_ca_was_down_is_answered_when_it_is_back() {
         }
     };
     let ca = setup.ca(&["--pod-certificate-signer", SIGNER]).await;
-    api.put(
+    api.put_bound_request(
         PLURAL,
         pcr("apps", "before", "web", SIGNER, &key, 3600, json!({})),
     );
@@ -384,7 +445,7 @@ async fn a_request_made_while_the_ca_was_down_is_answered_when_it_is_back() {
     assert_eq!(got, "Issued");
     ca.stop().await;
     // Made while no CA runs: nobody answers it.
-    api.put(
+    api.put_bound_request(
         PLURAL,
         pcr("apps", "while-down", "web", SIGNER, &key, 3600, json!({})),
     );

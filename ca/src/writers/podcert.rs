@@ -5,7 +5,10 @@
 //! annotations, excluded by policy), or failed (signing failed, or it could not be
 //! answered after several attempts). The kubelet made the key and put the pod's key
 //! and chain on disk; the root reaches pods through the ClusterTrustBundle of the
-//! same signer name.
+//! same signer name. Kubernetes binds a request's pod fields only when a node makes
+//! it, so each request's pod and service account are looked up first: it is denied
+//! (`PodNotBound`) unless the pod exists, is not finished, and has the request's UID,
+//! service account and node, and the service account has the request's UID.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -27,6 +30,7 @@ use tokio::{
     task::JoinSet,
 };
 
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount as K8sServiceAccount};
 use signet_spiffe::ServiceAccount;
 
 use super::{
@@ -249,6 +253,87 @@ fn decide(
     }))
 }
 
+/// Why a request's pod fields do not hold: Kubernetes binds them only for requests
+/// made by a node, so any other principal allowed to create PodCertificateRequests
+/// could name any service account of its namespace. The request is answered only
+/// when the pod exists, is not finished, has the request's UID, service account and
+/// node, and the service account has the request's UID.
+fn check_binding(
+    spec: &Value,
+    pod: Option<&Pod>,
+    account: Option<&K8sServiceAccount>,
+) -> Result<(), String> {
+    let field = |name: &str| spec[name].as_str().unwrap_or("");
+    let (pod_name, sa) = (field("podName"), field("serviceAccountName"));
+    let Some(pod) = pod else {
+        return Err(format!("pod {pod_name:?} does not exist"));
+    };
+    if pod.metadata.uid.as_deref() != Some(field("podUID")) {
+        return Err(format!(
+            "pod {pod_name:?} has another UID than the request's podUID"
+        ));
+    }
+    let pod_spec = pod.spec.as_ref();
+    let runs_as = pod_spec
+        .and_then(|s| s.service_account_name.as_deref())
+        .unwrap_or("default");
+    if runs_as != sa {
+        return Err(format!(
+            "pod {pod_name:?} runs as service account {runs_as:?}, not {sa:?}"
+        ));
+    }
+    let node = pod_spec.and_then(|s| s.node_name.as_deref()).unwrap_or("");
+    if node != field("nodeName") {
+        return Err(format!(
+            "pod {pod_name:?} is on node {node:?}, not {:?}",
+            field("nodeName")
+        ));
+    }
+    if let Some(phase @ ("Succeeded" | "Failed")) =
+        pod.status.as_ref().and_then(|s| s.phase.as_deref())
+    {
+        return Err(format!("pod {pod_name:?} has finished ({phase})"));
+    }
+    match account {
+        None => Err(format!("service account {sa:?} does not exist")),
+        Some(a) if a.metadata.uid.as_deref() != Some(field("serviceAccountUID")) => Err(format!(
+            "service account {sa:?} has another UID than the request's serviceAccountUID"
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Looks up the pod and service account a request names and checks them
+/// ([`check_binding`]): `Some(Denied)` when they do not match, `None` when they do.
+async fn binding(client: &kube::Client, pcr: &DynamicObject) -> Result<Option<Answer>, WriteError> {
+    let namespace = pcr.metadata.namespace.as_deref().unwrap_or_default();
+    let spec = &pcr.data["spec"];
+    let name = |field: &str| spec[field].as_str().unwrap_or("").to_owned();
+    let (pod_name, sa) = (name("podName"), name("serviceAccountName"));
+    if pod_name.is_empty() || sa.is_empty() {
+        return Ok(Some(Answer::Denied {
+            reason: "InvalidRequest",
+            message: "spec.podName and spec.serviceAccountName are required".into(),
+        }));
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let pod = pods
+        .get_opt(&pod_name)
+        .await
+        .map_err(|e| WriteError::api(format!("pod {namespace}/{pod_name}"), e))?;
+    let accounts: Api<K8sServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let account = accounts
+        .get_opt(&sa)
+        .await
+        .map_err(|e| WriteError::api(format!("service account {namespace}/{sa}"), e))?;
+    Ok(check_binding(spec, pod.as_ref(), account.as_ref())
+        .err()
+        .map(|message| Answer::Denied {
+            reason: "PodNotBound",
+            message,
+        }))
+}
+
 /// The pod's public key: from `stubPKCS10Request` (1.36 and later), or from
 /// `pkixPublicKey` (1.35's v1beta1). The API server has already checked the proof of
 /// possession; here the key must parse and be of a type Signet signs.
@@ -427,21 +512,33 @@ pub(super) async fn run(
                             .collect()
                     };
                     async move {
+                        // The pod and service account each request names, looked up
+                        // before anything is signed for it.
+                        let mut bindings = Vec::with_capacity(chunk.len());
+                        for pcr in &chunk {
+                            bindings.push(binding(client, pcr).await);
+                        }
                         let decided = chunk.clone();
+                        let checked: Vec<bool> =
+                            bindings.iter().map(|b| matches!(b, Ok(None))).collect();
                         let answers = tokio::task::spawn_blocking(move || {
                             decided
                                 .iter()
                                 .zip(tries)
-                                .map(|(pcr, tries)| {
-                                    if tries + 1 >= MAX_ATTEMPTS {
-                                        Answer::Failed {
+                                .zip(checked)
+                                .map(|((pcr, tries), checked)| {
+                                    if !checked {
+                                        // Answered (or retried) from its binding below.
+                                        None
+                                    } else if tries + 1 >= MAX_ATTEMPTS {
+                                        Some(Answer::Failed {
                                             reason: "Unanswerable",
                                             message: format!(
                                                 "no answer could be written after {tries} attempts"
                                             ),
-                                        }
+                                        })
                                     } else {
-                                        decide(pcr, &config, &current, OffsetDateTime::now_utc())
+                                        Some(decide(pcr, &config, &current, OffsetDateTime::now_utc()))
                                     }
                                 })
                                 .collect::<Vec<_>>()
@@ -449,13 +546,26 @@ pub(super) async fn run(
                         .await
                         .unwrap_or_else(|e| {
                             vec![
-                                Answer::Failed {
+                                Some(Answer::Failed {
                                     reason: "SigningFailed",
                                     message: format!("signing task: {e}"),
-                                };
+                                });
                                 chunk.len()
                             ]
                         });
+                        let answers: Vec<Result<Answer, WriteError>> = bindings
+                            .into_iter()
+                            .zip(answers)
+                            .map(|(bound, answer)| match (bound, answer) {
+                                (Err(e), _) => Err(e),
+                                (Ok(Some(denied)), _) => Ok(denied),
+                                (Ok(None), Some(answer)) => Ok(answer),
+                                (Ok(None), None) => Ok(Answer::Failed {
+                                    reason: "SigningFailed",
+                                    message: "no answer was decided".into(),
+                                }),
+                            })
+                            .collect();
                         futures::stream::iter(chunk.into_iter().zip(answers))
                     }
                 })
@@ -463,6 +573,11 @@ pub(super) async fn run(
                 .flatten()
                 .map(|(pcr, answer)| async move {
                     let uid = pcr.metadata.uid.clone().unwrap_or_default();
+                    let answer = match answer {
+                        Ok(answer) => answer,
+                        // The lookup failed: nothing written, retried with backoff.
+                        Err(e) => return (uid, Err(e)),
+                    };
                     let result = write(client, resource, (*pcr).clone(), &answer, sync_ref).await;
                     if result.is_ok() {
                         settled
@@ -534,6 +649,7 @@ pub(super) async fn run(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -553,6 +669,71 @@ mod tests {
         assert!(!answered(&pcr));
         pcr.data["status"] = json!({"certificateChain": "PEM"});
         assert!(answered(&pcr));
+    }
+
+    #[test]
+    fn a_request_binds_to_its_running_pod_and_account_only() {
+        let spec = json!({
+            "podName": "web-1", "podUID": "pod-uid", "serviceAccountName": "web",
+            "serviceAccountUID": "sa-uid", "nodeName": "node-a",
+        });
+        let pod = |uid: &str, sa: &str, node: &str, phase: &str| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "web-1", "namespace": "apps", "uid": uid},
+                "spec": {"serviceAccountName": sa, "nodeName": node, "containers": []},
+                "status": {"phase": phase},
+            }))
+            .unwrap()
+        };
+        let account = |uid: &str| -> K8sServiceAccount {
+            serde_json::from_value(json!({"metadata": {"name": "web", "uid": uid}})).unwrap()
+        };
+        let good = pod("pod-uid", "web", "node-a", "Running");
+        assert_eq!(
+            check_binding(&spec, Some(&good), Some(&account("sa-uid"))),
+            Ok(())
+        );
+        for (pod, sa, why) in [
+            (None, Some(account("sa-uid")), "does not exist"),
+            (
+                Some(pod("other", "web", "node-a", "Running")),
+                Some(account("sa-uid")),
+                "another UID",
+            ),
+            (
+                Some(pod("pod-uid", "admin", "node-a", "Running")),
+                Some(account("sa-uid")),
+                "runs as service account \"admin\"",
+            ),
+            (
+                Some(pod("pod-uid", "web", "node-b", "Running")),
+                Some(account("sa-uid")),
+                "node \"node-b\"",
+            ),
+            (
+                Some(pod("pod-uid", "web", "node-a", "Succeeded")),
+                Some(account("sa-uid")),
+                "finished",
+            ),
+            (
+                Some(pod("pod-uid", "web", "node-a", "Failed")),
+                Some(account("sa-uid")),
+                "finished",
+            ),
+            (
+                Some(good.clone()),
+                Some(account("old-uid")),
+                "serviceAccountUID",
+            ),
+            (
+                Some(good.clone()),
+                None,
+                "service account \"web\" does not exist",
+            ),
+        ] {
+            let err = check_binding(&spec, pod.as_ref(), sa.as_ref()).unwrap_err();
+            assert!(err.contains(why), "{err}");
+        }
     }
 
     #[test]
