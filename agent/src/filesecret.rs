@@ -4,12 +4,14 @@
 //! Anyone who can reach the SDS socket can ask for any name, so a name is a request
 //! to read a file with the agent's privileges. The rules:
 //! - the path must be absolute, free of `..`, and inside an allowed directory, both as
-//!   written and after every symbolic link is resolved (kubelet mounts are links);
+//!   written and as the kernel resolves it beneath an opened handle of that directory
+//!   (kubelet mounts are links; a link leading out fails the open itself);
 //! - only a regular file of at most [`MAX_FILE_BYTES`] is read, opened without
 //!   blocking (a FIFO or device is refused, never read), on a blocking thread with a
 //!   time limit, so a stuck file system cannot stall SDS, readiness or rotation;
-//! - a name is watched only while some stream holds a [`FileLease`] for it, and at
-//!   most [`MAX_FILE_SECRETS`] names are watched at once.
+//! - a name is watched only while some stream holds a [`FileLease`] for it, at most
+//!   [`MAX_FILE_SECRETS`] names are watched at once, and one stream holds at most
+//!   [`MAX_FILE_SECRETS_PER_STREAM`].
 
 use std::{
     collections::HashMap,
@@ -30,6 +32,9 @@ use crate::{
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 /// File-backed names watched at most at once.
 pub const MAX_FILE_SECRETS: usize = 64;
+/// File-backed names one SDS stream may hold at once, so one client cannot take
+/// every slot of [`MAX_FILE_SECRETS`].
+pub const MAX_FILE_SECRETS_PER_STREAM: usize = 16;
 /// How often watched files are re-read.
 const POLL: Duration = Duration::from_secs(2);
 /// How long one read may take before it is given up on.
@@ -104,30 +109,37 @@ impl FilePolicy {
         }
     }
 
-    /// Reads a file whose path passed [`Self::check`]: where it leads must still be
-    /// inside an allowed directory (after resolving that directory's own links).
-    /// `Ok(None)` while the file does not exist.
+    /// Reads a file whose path passed [`Self::check`], resolved by the kernel beneath
+    /// an opened handle of the allowed directory it is in (see
+    /// [`signet_fs::read_beneath`]): links are followed while they stay inside that
+    /// directory, and nothing is resolved first and opened after, so whoever can write
+    /// inside it cannot swap in a link between a check and the read. `Ok(None)` while
+    /// the file does not exist.
     pub fn read(&self, path: &Path) -> Result<Option<Vec<u8>>, FileSecretError> {
-        let unreadable = |e: &dyn std::fmt::Display| FileSecretError::Unreadable(e.to_string());
-        let resolved = match std::fs::canonicalize(path) {
-            Ok(p) => p,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(unreadable(&format!("{}: {e}", path.display()))),
-        };
-        let inside = self
+        // The longest allowed directory holding the path, as written.
+        let Some((dir, relative)) = self
             .dirs
             .iter()
-            .any(|d| std::fs::canonicalize(d).is_ok_and(|real| resolved.starts_with(real)));
-        if !inside {
+            .filter_map(|d| path.strip_prefix(d).ok().map(|rest| (d, rest)))
+            .max_by_key(|(d, _)| d.as_os_str().len())
+        else {
             return Err(FileSecretError::NotAllowed {
-                path: format!("{} (leads to {})", path.display(), resolved.display()),
+                path: path.display().to_string(),
                 allowed: self.allowed(),
             });
-        }
-        match signet_fs::read_regular(&resolved, MAX_FILE_BYTES) {
+        };
+        match signet_fs::read_beneath(dir, relative, MAX_FILE_BYTES) {
             Ok(bytes) => Ok(Some(bytes)),
             Err(signet_fs::ReadError::Missing(_)) => Ok(None),
-            Err(e) => Err(unreadable(&e)),
+            Err(signet_fs::ReadError::Escapes(_)) => Err(FileSecretError::NotAllowed {
+                path: format!(
+                    "{} (a link on it leads out of {})",
+                    path.display(),
+                    dir.display()
+                ),
+                allowed: self.allowed(),
+            }),
+            Err(e) => Err(FileSecretError::Unreadable(e.to_string())),
         }
     }
 }
@@ -393,6 +405,39 @@ mod tests {
         );
         // Missing: not yet there, not an error.
         assert_eq!(policy.read(&allowed.join("later.pem")).unwrap(), None);
+    }
+
+    /// The race from the security report, made certain: whoever can write inside the
+    /// allowed directory swaps a checked component for a link out of it. Reads never
+    /// follow it, however the swap is timed (here: after every check could pass).
+    #[test]
+    fn a_component_swapped_for_a_link_out_is_never_followed() {
+        let top = tempfile::tempdir().unwrap();
+        let allowed = top.path().join("certs");
+        let secret = top.path().join("state");
+        std::fs::create_dir_all(allowed.join("sub")).unwrap();
+        std::fs::create_dir_all(&secret).unwrap();
+        std::fs::write(allowed.join("sub/root.pem"), PEM).unwrap();
+        std::fs::write(secret.join("root.pem"), "the CA's secret").unwrap();
+        let policy = FilePolicy::new(vec![allowed.clone()]);
+        let path = allowed.join("sub/root.pem");
+        policy.check(&path).unwrap();
+        assert_eq!(policy.read(&path).unwrap().unwrap(), PEM.as_bytes());
+        // `sub` becomes a link to the secret directory: a directory component, which
+        // a check of the final component alone would not see.
+        std::fs::rename(allowed.join("sub"), allowed.join("old")).unwrap();
+        symlink(&secret, allowed.join("sub")).unwrap();
+        assert!(matches!(
+            policy.read(&path),
+            Err(FileSecretError::NotAllowed { .. })
+        ));
+        // A relative link climbing out with `..` is refused the same way.
+        std::fs::remove_file(allowed.join("sub")).unwrap();
+        symlink("../state", allowed.join("sub")).unwrap();
+        assert!(matches!(
+            policy.read(&path),
+            Err(FileSecretError::NotAllowed { .. })
+        ));
     }
 
     #[test]

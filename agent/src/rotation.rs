@@ -55,6 +55,22 @@ pub const BACKOFF_MAX: StdDuration = StdDuration::from_secs(60);
 pub const TRUST_SYNC_MIN: StdDuration = StdDuration::from_secs(1);
 /// Longest such delay.
 pub const TRUST_SYNC_MAX: StdDuration = StdDuration::from_secs(30);
+/// The first step of that backoff is drawn up to this long: the agents of a
+/// namespace all see the same ConfigMap edit, and a CA whose bundle lags would
+/// otherwise get the whole namespace back in lockstep, step after step.
+pub const TRUST_SYNC_SPREAD: StdDuration = StdDuration::from_secs(10);
+
+/// The backoff for asking again after a trust-file change; `unit` in [0, 1) picks
+/// its first step between [`TRUST_SYNC_MIN`] and [`TRUST_SYNC_SPREAD`].
+pub fn trust_sync_backoff(unit: f64) -> Backoff {
+    let spread = TRUST_SYNC_SPREAD.saturating_sub(TRUST_SYNC_MIN);
+    Backoff {
+        step: TRUST_SYNC_MIN + spread.mul_f64(unit.clamp(0.0, 1.0)),
+        min: TRUST_SYNC_MIN,
+        max: TRUST_SYNC_MAX,
+    }
+}
+
 /// Longest single sleep: the wall clock is re-read at least this often, so a
 /// suspended machine or a clock jump cannot leave an expired certificate in place.
 pub const MAX_SLEEP: StdDuration = StdDuration::from_secs(5);
@@ -225,7 +241,7 @@ impl Rotation {
                         sync = Some((
                             Expected::between(&roots(&known), &roots(&current)),
                             self.clock.now(),
-                            Backoff::between(TRUST_SYNC_MIN, TRUST_SYNC_MAX),
+                            trust_sync_backoff(rand::rng().random::<f64>()),
                         ));
                         known = current;
                     }
@@ -340,6 +356,28 @@ mod tests {
         // Jitter beyond 1 % is clamped.
         assert_eq!(refresh_at(t(0), t(86_400), 0.5, 0.5), t(43_200 + 864));
         assert_eq!(refresh_at(t(0), t(100), 0.25, 0.0), t(75));
+    }
+
+    #[test]
+    fn agents_spread_their_retries_after_a_trust_change() {
+        // A namespace of 100 agents whose CA lags behind a trust-file change: their
+        // first retries spread over ten seconds, and so do the ones after (each
+        // agent's steps double from its own start), instead of all in the same second.
+        for retry in 0..3 {
+            let mut per_second = std::collections::BTreeMap::<u64, usize>::new();
+            for i in 0..100 {
+                let mut backoff = trust_sync_backoff((i as f64 + 0.5) / 100.0);
+                let mut at = StdDuration::ZERO;
+                for _ in 0..=retry {
+                    at += backoff.next_delay(1.0);
+                }
+                *per_second.entry(at.as_secs()).or_default() += 1;
+            }
+            let most = per_second.values().max().copied().unwrap_or(0);
+            assert!(most <= 25, "retry {retry}: {per_second:?}");
+        }
+        let first = trust_sync_backoff(0.0).next_delay(1.0);
+        assert_eq!(first, TRUST_SYNC_MIN);
     }
 
     #[test]

@@ -55,7 +55,8 @@ LEASE = {("Role", NS, "coordination.k8s.io", "leases", "create", ()),
          ("Role", NS, "coordination.k8s.io", "leases", "update", ("signet-ca-writer",))}
 ROOT_CONFIGMAPS = {("ClusterRole", None, "", "namespaces", v, ()) for v in ("get", "list", "watch")} | {
     ("ClusterRole", None, "", "configmaps", "create", ())} | {
-    ("ClusterRole", None, "", "configmaps", v, ("istio-ca-root-cert",)) for v in ("get", "list", "watch", "update")}
+    ("ClusterRole", None, "", "configmaps", v, ("istio-ca-root-cert",))
+    for v in ("get", "list", "watch", "update", "delete")}
 JWKS = {("ClusterRole", None, None, url, "get", ())
         for url in ("/openid/v1/jwks", "/.well-known/openid-configuration")}
 TRUST_BUNDLE = {("ClusterRole", None, "certificates.k8s.io", "clustertrustbundles", "create", ())} | {

@@ -859,26 +859,45 @@ def test_fifo_device_and_huge_files_are_refused_without_stalling_the_agent(agent
     assert the_secret(s.recv()).name == "default"
 
 
+def test_one_stream_holds_at_most_sixteen_file_names(channel, streams):
+    d = Path(tempfile.mkdtemp(dir=FILES))
+    s = open_stream(streams, channel)
+    s.request([f"file-root:{d}/missing-{i}.pem" for i in range(17)])
+    end = s.recv_end()
+    assert end.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, end
+    assert "at most 16 file secrets" in end.error.details(), end
+    # Sixteen are fine, and the refused stream took none of the slots.
+    s = open_stream(streams, channel)
+    s.request([f"file-root:{d}/missing-{i}.pem" for i in range(15)] + ["ROOTCA"]
+              + [f"file-root:{d}/missing-15.pem"])
+    assert the_secret(s.recv()).name == "ROOTCA"
+
+
 def test_file_names_are_released_when_no_stream_holds_them(channel, streams):
     d = Path(tempfile.mkdtemp(dir=FILES))
-    # 63 missing files and one that is there, whose answer shows that the agent has
-    # taken all 64 (every name's slot is taken before anything is sent), however
-    # slow the machine.
+    # Four streams of 16 names (a stream's share): 15 missing files and one that is
+    # there, whose answer shows that the agent has taken all 16 of that stream
+    # (every name's slot is taken before anything is sent), however slow the machine.
     present, _ = self_signed("present")
-    (d / "present.pem").write_bytes(present)
-    names = [f"file-root:{d}/missing-{i}.pem" for i in range(63)] + [f"file-root:{d}/present.pem"]
-    holder = open_stream(streams, channel)
-    holder.request(names)
-    assert the_secret(holder.recv()).name == f"file-root:{d}/present.pem"
-    holder.expect_nothing(0.5)  # missing files: waited for, not an error
-    # Every slot is taken while that stream holds them...
+    holders = []
+    for i in range(4):
+        (d / f"present-{i}.pem").write_bytes(present)
+        h = open_stream(streams, channel)
+        h.request([f"file-root:{d}/missing-{i}-{j}.pem" for j in range(15)]
+                  + [f"file-root:{d}/present-{i}.pem"])
+        holders.append(h)
+    for i, h in enumerate(holders):
+        assert the_secret(h.recv()).name == f"file-root:{d}/present-{i}.pem"
+    holders[-1].expect_nothing(0.5)  # missing files: waited for, not an error
+    # Every slot is taken while those streams hold them...
     s = open_stream(streams, channel)
     s.request([f"file-root:{d}/one-more.pem"])
     end = s.recv_end()
     assert end.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, end
-    # ...and given back when it unsubscribes (once the agent has read that: retried
+    # ...and given back when they unsubscribe (once the agent has read that: retried
     # while refused, for a loaded machine).
-    holder.request([])
+    for h in holders:
+        h.request([])
     root, _ = self_signed("after")
     (d / "after.pem").write_bytes(root)
     deadline = time.time() + REPLY_WAIT

@@ -1195,6 +1195,19 @@ impl Server {
             let stored = self.store(&mut state, &target.kind, &ns, name, object, "MODIFIED");
             return ok(Self::shown(&target.kind, &target.version, stored));
         }
+        // ConfigMaps and Secrets marked `immutable: true` keep their data and the mark.
+        if matches!(target.kind.plural, "configmaps" | "secrets")
+            && current["immutable"] == true
+            && ["data", "binaryData", "stringData", "immutable"]
+                .iter()
+                .any(|f| body[*f] != current[*f])
+        {
+            return status_response(
+                422,
+                "Invalid",
+                "data: Forbidden: field is immutable when `immutable` is set",
+            );
+        }
         for field in target.kind.immutable {
             if !current[*field].is_null() && body[*field] != current[*field] {
                 return status_response(

@@ -107,6 +107,20 @@ async fn root_configmaps_follow_namespaces_edits_and_key_material() {
             .filter(|cm| root_of(cm).as_deref() == Some(root.pem.as_str()))
     })
     .await;
+    // A namespace editor makes it immutable: the next bundle change must still reach
+    // that namespace (the ConfigMap is replaced, checked below).
+    default
+        .patch(
+            CM,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"immutable": true})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        api.get("configmaps", "default", CM).unwrap()["immutable"],
+        true
+    );
 
     // A reload that adds a second root to the bundle reaches every ConfigMap and the
     // ClusterTrustBundle within seconds (60 s at most, for a loaded machine).
@@ -132,6 +146,10 @@ async fn root_configmaps_follow_namespaces_edits_and_key_material() {
         (all && ctb["spec"]["trustBundle"] == both.as_str()).then_some(())
     })
     .await;
+    assert!(
+        api.get("configmaps", "default", CM).unwrap()["immutable"].is_null(),
+        "the immutable ConfigMap was replaced by a mutable one"
+    );
 
     // It leads. (A machine stalled past the 2 s renew deadline makes it step down;
     // it takes the Lease back at its next try: polled, 30 s at most.)

@@ -130,7 +130,8 @@ impl Protocol for SotwStream {
             // again would only be refused again, so nothing is resent.
             tracing::warn!(names = ?req.resource_names, version = %req.version_info, error = %error.message, "Envoy rejected a secret (NACK)");
         }
-        let wanted = self.sds.subscribe(&req.resource_names).await?;
+        // The whole set is replaced: only its own file-backed names count.
+        let wanted = self.sds.subscribe(&req.resource_names, 0).await?;
         if wanted.is_empty() {
             self.names.clear();
             self.sent.clear();
@@ -216,8 +217,16 @@ impl Protocol for DeltaStream {
         if let Some(error) = &req.error_detail {
             tracing::warn!(error = %error.message, "Envoy rejected a secret (delta NACK)");
         }
-        for Subscribed { raw, name, lease } in
-            self.sds.subscribe(&req.resource_names_subscribe).await?
+        // Names already held count against the stream's share of file secrets.
+        let held = self
+            .leases
+            .keys()
+            .filter(|raw| !req.resource_names_subscribe.contains(raw))
+            .count();
+        for Subscribed { raw, name, lease } in self
+            .sds
+            .subscribe(&req.resource_names_subscribe, held)
+            .await?
         {
             if let Some(lease) = lease {
                 self.leases.insert(raw.clone(), lease);

@@ -2,7 +2,7 @@
 //! leased), the two streaming protocols and `FetchSecrets`.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -26,7 +26,7 @@ use super::{
     transport::Unboxed,
 };
 use crate::{
-    filesecret::{FileLease, FileSecretError},
+    filesecret::{FileLease, FileSecretError, MAX_FILE_SECRETS_PER_STREAM},
     names::SecretName,
     store::SecretStore,
 };
@@ -60,15 +60,36 @@ impl Sds {
     }
 
     /// Parses requested names and takes a lease on each file-backed one (which
-    /// checks and reads its files); the error is the stream's end status.
-    pub(super) async fn subscribe(&self, names: &[String]) -> Result<Vec<Subscribed>, Status> {
-        let mut out: Vec<Subscribed> = Vec::with_capacity(names.len());
+    /// checks and reads its files); the error is the stream's end status. `held` is
+    /// how many file-backed names the stream keeps besides these: together at most
+    /// [`MAX_FILE_SECRETS_PER_STREAM`].
+    pub(super) async fn subscribe(
+        &self,
+        names: &[String],
+        held: usize,
+    ) -> Result<Vec<Subscribed>, Status> {
+        let mut seen = HashSet::with_capacity(names.len());
+        let mut parsed = Vec::with_capacity(names.len());
         for raw in names {
-            if out.iter().any(|s| s.raw == *raw) {
+            if !seen.insert(raw.as_str()) {
                 continue;
             }
             let name =
                 SecretName::parse(raw).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            parsed.push((raw, name));
+        }
+        let files = parsed
+            .iter()
+            .filter(|(_, n)| matches!(n, SecretName::FileCert { .. } | SecretName::FileRoot(_)))
+            .count();
+        if held + files > MAX_FILE_SECRETS_PER_STREAM {
+            return Err(Status::resource_exhausted(format!(
+                "one stream may hold at most {MAX_FILE_SECRETS_PER_STREAM} file secrets; this one asks for {}",
+                held + files
+            )));
+        }
+        let mut out: Vec<Subscribed> = Vec::with_capacity(parsed.len());
+        for (raw, name) in parsed {
             let lease = self
                 .store
                 .lease_file(&name)
@@ -149,7 +170,7 @@ impl SecretDiscoveryService for Sds {
         let req = request.into_inner();
         check_type(&req.type_url)?;
         // The leases in `names` keep file-backed names readable for this call only.
-        let names = self.subscribe(&req.resource_names).await?;
+        let names = self.subscribe(&req.resource_names, 0).await?;
         if names.is_empty() {
             return Err(Status::invalid_argument(
                 "FetchSecrets needs at least one resource name",

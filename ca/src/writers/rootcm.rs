@@ -137,6 +137,20 @@ pub(super) async fn run(
                         desired(cm, &config.name, &namespace, bundle)
                     })
                     .await;
+                    // Refused as invalid: an immutable ConfigMap (a namespace editor can
+                    // set `immutable: true`), which would break the namespace at the
+                    // next root change. It is replaced: deleted and created again.
+                    let result = match result {
+                        Err(refused @ WriteError::Api { .. })
+                            if matches!(&refused, WriteError::Api { source, .. } if status(source) == Some(422)) =>
+                        {
+                            recreate_immutable(&api, &config.name, sync_ref, refused, |cm| {
+                                desired(cm, &config.name, &namespace, bundle)
+                            })
+                            .await
+                        }
+                        other => other,
+                    };
                     match result {
                         // The namespace went away or began terminating meanwhile.
                         Err(WriteError::Api { source, .. })
@@ -169,6 +183,46 @@ pub(super) async fn run(
         }
     })
     .await;
+}
+
+/// Replaces the ConfigMap `name` when it is immutable: deleted (only that object, as
+/// it was read: the delete carries its UID and resourceVersion as preconditions) and
+/// created again as `desire` says. A mutable one is left as it is, and `refused`,
+/// why its write failed, is returned.
+async fn recreate_immutable(
+    api: &Api<ConfigMap>,
+    name: &str,
+    sync: &Driver,
+    refused: WriteError,
+    desire: impl FnMut(Option<&ConfigMap>) -> Option<ConfigMap>,
+) -> Result<bool, WriteError> {
+    let what = || format!("{} {name}", api.resource_url());
+    let Some(current) = api
+        .get_opt(name)
+        .await
+        .map_err(|e| WriteError::api(what(), e))?
+    else {
+        return ensure(api, name, Some(None), sync, desire).await;
+    };
+    if current.immutable != Some(true) {
+        return Err(refused);
+    }
+    let preconditions = kube::api::Preconditions {
+        uid: current.metadata.uid.clone(),
+        resource_version: current.metadata.resource_version.clone(),
+    };
+    let params = kube::api::DeleteParams {
+        preconditions: Some(preconditions),
+        ..Default::default()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => {}
+        // Changed or deleted meanwhile: the next pass sees it as it is now.
+        Err(e) if matches!(status(&e), Some(404 | 409)) => return Ok(false),
+        Err(e) => return Err(WriteError::api(what(), e)),
+    }
+    tracing::warn!(object = %what(), "the root ConfigMap was made immutable; replaced it");
+    ensure(api, name, Some(None), sync, desire).await
 }
 
 /// Whether an API error says the namespace is terminating or gone.
