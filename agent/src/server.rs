@@ -141,6 +141,10 @@ pub async fn run_with(
     ));
     let mut sds_stop = stop_rx.clone();
     let sds = tonic::transport::Server::builder()
+        // tonic leaves a connection's streams unlimited (hyper's own default is
+        // 200): each open stream holds its request's headers, so a local client
+        // could queue them without end.
+        .max_concurrent_streams(Some(SDS_MAX_STREAMS))
         .add_service(Sds::new(store, stop_rx.clone()).into_service())
         .serve_with_incoming_shutdown(
             UnixListenerStream::new(socket).map(|conn| conn.map(Normalized::new)),
@@ -161,6 +165,10 @@ pub async fn run_with(
     }
     Ok(())
 }
+
+/// Streams one SDS connection may have open at once: Envoy opens one per secret it
+/// subscribes to (a sidecar a handful; the agent bench models 100).
+const SDS_MAX_STREAMS: u32 = 128;
 
 async fn serve_http(
     listener: TcpListener,

@@ -1,7 +1,8 @@
 //! signet-agent figures: time from process start to the first `default` answer over
 //! SDS (with the CA round trip measured separately), resident memory while holding
-//! one identity with 100 open SDS streams, and how long a rotation takes to reach
-//! all 100 streams. The agent runs as the shipped binary (`scripts/build-release.sh
+//! one identity with 100 open SDS streams, how long a rotation takes to reach
+//! all 100 streams, and the agent under hostile header blocks on its socket (CPU per
+//! MiB, peak and after memory, `default` latency meanwhile). The agent runs as the shipped binary (`scripts/build-release.sh
 //! agent`: the agent profile, statically linked) in its own process; the CA runs in
 //! this process on 127.0.0.1.
 //!
@@ -319,5 +320,236 @@ async fn main() {
         spread.as_secs_f64() * 1e3
     );
     drop(agent);
+    attack(&bin, dir.path(), &ca, &jwt).await;
     ca.stop().await;
+}
+
+/// CPU seconds (user + system) process `pid` has used.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name in parentheses: fields 14 and 15 are utime and stime.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An HPACK string: Huffman-coded when `huffman`.
+fn string(out: &mut Vec<u8>, s: &[u8], huffman: bool) {
+    let mut coded = Vec::new();
+    let (flag, bytes) = if huffman {
+        httlib_huffman::encode(s, &mut coded).unwrap();
+        (0x80u8, coded.as_slice())
+    } else {
+        (0, s)
+    };
+    let mut len = bytes.len();
+    if len < 127 {
+        out.push(flag | len as u8);
+    } else {
+        out.push(flag | 127);
+        len -= 127;
+        while len >= 128 {
+            out.push((len % 128) as u8 | 0x80);
+            len /= 128;
+        }
+        out.push(len as u8);
+    }
+    out.extend_from_slice(bytes);
+}
+
+/// A gRPC request's headers (literals without indexing) and `extra` more fields of
+/// ~`value_len` bytes, Huffman-coded or not.
+fn request_block(extra: usize, value_len: usize, huffman: bool, tag: u32) -> Vec<u8> {
+    let mut b = vec![0x83, 0x86]; // :method POST, :scheme http
+    for (n, v) in [
+        (
+            &b":path"[..],
+            &b"/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets"[..],
+        ),
+        (b":authority", b"localhost"),
+        (b"content-type", b"application/grpc"),
+    ] {
+        b.push(0x00);
+        string(&mut b, n, huffman);
+        string(&mut b, v, huffman);
+    }
+    for i in 0..extra {
+        b.push(0x00);
+        string(&mut b, format!("x-attack-{i}").as_bytes(), huffman);
+        let value: Vec<u8> = format!("{tag:08}-{i:04}-")
+            .bytes()
+            .chain(
+                b"abcdefghijklmnopqrstuvwxyz0123456789"
+                    .iter()
+                    .copied()
+                    .cycle(),
+            )
+            .take(value_len)
+            .collect();
+        string(&mut b, &value, huffman);
+    }
+    b
+}
+
+/// Blocks of 3 references to a 4 KiB entry of the client's table (12 KiB decoded,
+/// within the 16 KiB list limit) and a header with a name never seen before, which
+/// pushes that entry out of the re-encoding side's table: each ~25-byte block comes
+/// out as a 4 KiB literal.
+fn table_block(tag: u32) -> Vec<u8> {
+    let mut b = vec![0x80 | 62; 3];
+    b.push(0x00);
+    string(&mut b, format!("r{tag}").as_bytes(), false);
+    string(&mut b, b"1", false);
+    b
+}
+
+/// One attacker: connects, sends the preface, then header blocks as fast as the
+/// socket takes them until `until`, reading and dropping whatever comes back.
+/// Returns the bytes sent.
+async fn attacker(socket: PathBuf, kind: &'static str, until: Instant) -> usize {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(stream) = tokio::net::UnixStream::connect(&socket).await else {
+        return 0;
+    };
+    let (mut rd, mut wr) = stream.into_split();
+    let drain = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while rd.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+    });
+    let mut sent = 0;
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(0x4, 0, 0, &[]));
+    if kind == "table" {
+        // The 4 KiB entry, with incremental indexing, in a first request.
+        let mut first = vec![0x40];
+        string(&mut first, b"x-big", false);
+        string(&mut first, &[b'v'; 4000], false);
+        hello.extend(frame(0x1, 0x5, 1, &first));
+    }
+    if wr.write_all(&hello).await.is_err() {
+        return 0;
+    }
+    sent += hello.len();
+    let mut stream_id = 3u32;
+    while Instant::now() < until {
+        let mut batch = Vec::new();
+        for _ in 0..16 {
+            let block = match kind {
+                "huffman" => request_block(60, 100, true, stream_id),
+                _ => table_block(stream_id),
+            };
+            batch.extend(frame(0x1, 0x5, stream_id, &block));
+            stream_id = stream_id.wrapping_add(2) & 0x7fff_ffff;
+        }
+        let write = tokio::time::timeout(Duration::from_millis(200), wr.write_all(&batch));
+        match write.await {
+            Ok(Ok(())) => sent += batch.len(),
+            Ok(Err(_)) => break,
+            Err(_) => {}
+        }
+    }
+    drop(wr);
+    drain.abort();
+    sent
+}
+
+/// The attacks from the security report against the SDS socket: connections sending
+/// Huffman-coded header blocks, and connections sending small blocks that the
+/// `:authority` adapter must re-encode as 4 KiB literals. Prints the agent's CPU per
+/// MiB of hostile input, its peak resident memory, the slowest `default` answer to a
+/// real client meanwhile (target 100 ms), and its resident memory after the
+/// attackers leave (target under 10 MiB).
+async fn attack(bin: &Path, dir: &Path, ca: &TestCa, jwt: &JwtIssuer) {
+    let agent = spawn_agent(bin, dir, ca, jwt, "24h", "attacked");
+    while !agent.socket.exists() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let (_tx, mut first) = open_stream(&agent.socket).await;
+    first.message().await.unwrap().unwrap();
+    let pid = agent.child.id();
+    // The agent on a core of its own; this process (attackers and the real client)
+    // on the other, so the client's latency is the agent's, not this process's.
+    let pinned = Command::new("taskset")
+        .args(["-pc", "0", &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("taskset")
+            .args(["-apc", "1", &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    println!(
+        "  under attack on the SDS socket (the shipped agent, 5 s each{}):",
+        if pinned {
+            "; the agent on core 0, attackers and the real client on core 1"
+        } else {
+            "; not pinned: no taskset"
+        }
+    );
+    for (kind, connections) in [("huffman", 4), ("table", 20)] {
+        let cpu_before = cpu_secs(pid);
+        let until = Instant::now() + Duration::from_secs(5);
+        let attackers: Vec<_> = (0..connections)
+            .map(|_| tokio::spawn(attacker(agent.socket.clone(), kind, until)))
+            .collect();
+        // A real client meanwhile, on a thread and runtime of its own: a new
+        // connection and a `default` every 50 ms.
+        let socket = agent.socket.clone();
+        let prober = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let mut slowest = Duration::ZERO;
+                let mut peak_rss = 0;
+                let mut answered = 0;
+                while Instant::now() < until {
+                    peak_rss = peak_rss.max(rss_kib(pid));
+                    let t = Instant::now();
+                    let got = tokio::time::timeout(Duration::from_secs(5), async {
+                        let (_tx, mut s) = open_stream(&socket).await;
+                        s.message().await
+                    })
+                    .await;
+                    if matches!(got, Ok(Ok(Some(_)))) {
+                        answered += 1;
+                    }
+                    slowest = slowest.max(t.elapsed());
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                (slowest, peak_rss, answered)
+            })
+        });
+        let (slowest, peak_rss, answered) = tokio::task::spawn_blocking(move || prober.join())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut sent = 0;
+        for a in attackers {
+            sent += a.await.unwrap();
+        }
+        let cpu = cpu_secs(pid) - cpu_before;
+        let mib = sent as f64 / (1024.0 * 1024.0);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = rss_kib(pid);
+        println!(
+            "    {kind} ({connections} connections): {mib:.1} MiB of header blocks sent, agent CPU {:.0} ms per MiB ({cpu:.2} s in all); peak resident {:.1} MiB; slowest `default` to a real client {:.1} ms over {answered} tries (target 100 ms); resident {:.1} MiB 2 s after the attackers left (target < 10 MiB)",
+            cpu * 1e3 / mib.max(1e-9),
+            peak_rss as f64 / 1024.0,
+            slowest.as_secs_f64() * 1e3,
+            after as f64 / 1024.0,
+        );
+    }
+    drop(agent);
 }

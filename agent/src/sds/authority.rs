@@ -8,8 +8,18 @@
 //! decoded (HPACK, keeping the client's dynamic table), have an unparsable
 //! `:authority` replaced by `localhost`, and are encoded again for h2. Frame and
 //! stream limits, flow control and everything the server sends are h2's as before.
+//!
+//! The work per byte received is bounded: a header block holds at most
+//! [`MAX_BLOCK`] bytes in [`MAX_BLOCK_FRAMES`] frames (empty CONTINUATION frames
+//! count, since h2's own flood limit never sees them), at most
+//! [`hpack::MAX_FIELDS`] fields whose Huffman strings are made plain by a
+//! table-driven decoder first; no more input is taken while more than
+//! [`OUTPUT_HIGH`] bytes wait for h2, and large buffers are given back once drained;
+//! a connection whose preface or header block stays incomplete for
+//! [`INCOMPLETE_TIMEOUT`] is closed.
 
 use std::{
+    future::Future,
     io,
     pin::Pin,
     task::{Context, Poll, ready},
@@ -35,13 +45,29 @@ const MAX_FRAME: usize = 16_384;
 /// of 16 KiB; this leaves room for that and no more than four frames.
 const MAX_BLOCK: usize = 64 * 1024;
 /// The largest header list decoded, counted as HTTP/2 does (name + value + 32 per
-/// field). HPACK can expand a small block into a huge list (a 1-byte reference to a
-/// 4 KiB table entry, repeated); past this the connection is closed before anything
-/// is kept. Lists between hyper's 16 KiB and this pass to h2, which refuses them as
-/// before.
-const MAX_LIST: usize = 64 * 1024;
+/// field): hyper's own limit for what h2 accepts (16 KiB), so a list h2 would refuse
+/// closes the connection here, before it is re-encoded. HPACK can expand a small
+/// block into a huge list (a 1-byte reference to a 4 KiB table entry, repeated).
+const MAX_LIST: usize = 16 * 1024;
 /// The HPACK table size h2 advertises (SETTINGS_HEADER_TABLE_SIZE default).
 const TABLE_SIZE: usize = 4096;
+/// Frames one header block may span. A client with the largest frames needs 4 for
+/// [`MAX_BLOCK`]; this leaves room for small frames, and none for a flood of empty
+/// CONTINUATION frames, which h2 never sees (it gets the block in one piece).
+const MAX_BLOCK_FRAMES: usize = 64;
+/// Bytes waiting for h2 past which no more input is read, so h2 drains them first.
+const OUTPUT_HIGH: usize = 64 * 1024;
+/// Buffers grown past this are given back once empty, so a burst does not stay
+/// resident.
+const KEEP_CAPACITY: usize = 16 * 1024;
+/// Bytes read from the client at a time.
+const READ_CHUNK: usize = 8 * 1024;
+/// Bytes taken from the client and made for h2 before the connection's task yields
+/// to the others: the agent runs on one thread, and a connection that always has
+/// input must not keep the real clients' connections waiting.
+const YIELD_EVERY: usize = 16 * 1024;
+/// How long the preface or a header block may stay incomplete.
+const INCOMPLETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// What replaces an `:authority` h2 would refuse.
 const REPLACEMENT: &[u8] = b"localhost";
 
@@ -59,6 +85,8 @@ struct Block {
     stream: u32,
     end_stream: bool,
     fragment: Vec<u8>,
+    /// Frames so far, empty ones included.
+    frames: usize,
 }
 
 /// A client connection whose request headers h2 will accept. Writes go straight
@@ -72,6 +100,21 @@ pub(crate) struct Normalized<S> {
     decoder: Decoder<'static>,
     encoder: Encoder<'static>,
     eof: bool,
+    /// Armed while the preface or a header block is incomplete.
+    incomplete: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Prefaces and header blocks finished so far, and that count when the timer
+    /// was armed.
+    finished: u64,
+    armed_at: u64,
+    /// Bytes read since this connection's task last yielded.
+    since_yield: usize,
+    /// The most `output` and `input` held since they were last empty: `BytesMut`
+    /// says only what is left of its allocation after the bytes taken from it.
+    output_peak: usize,
+    input_peak: usize,
+    /// Buffers given back so far.
+    #[cfg(test)]
+    released: usize,
 }
 
 impl<S> std::fmt::Debug for Normalized<S> {
@@ -101,12 +144,29 @@ impl<S> Normalized<S> {
             decoder,
             encoder: Encoder::new(),
             eof: false,
+            incomplete: None,
+            finished: 0,
+            armed_at: 0,
+            since_yield: 0,
+            output_peak: 0,
+            input_peak: 0,
+            #[cfg(test)]
+            released: 0,
         }
     }
 
-    /// Moves whatever complete pieces `input` holds to `output`.
+    /// Whether the connection is in the middle of its preface, a frame header, a
+    /// header frame (collected whole before it is looked at) or a header block.
+    fn is_incomplete(&self) -> bool {
+        matches!(self.state, State::Preface(_))
+            || self.block.is_some()
+            || (matches!(self.state, State::FrameHeader) && !self.input.is_empty())
+    }
+
+    /// Moves whatever complete pieces `input` holds to `output`, stopping once
+    /// `output` holds [`OUTPUT_HIGH`] bytes (the rest waits in `input`).
     fn process(&mut self) -> io::Result<()> {
-        loop {
+        while self.output.len() < OUTPUT_HIGH {
             match self.state {
                 State::Preface(left) | State::Payload(left) => {
                     let n = left.min(self.input.len());
@@ -114,6 +174,9 @@ impl<S> Normalized<S> {
                         return Ok(());
                     }
                     self.output.extend_from_slice(&self.input.split_to(n));
+                    if matches!(self.state, State::Preface(_)) && left == n {
+                        self.finished += 1;
+                    }
                     self.state = match (&self.state, left - n) {
                         (_, 0) => State::FrameHeader,
                         (State::Preface(_), rest) => State::Preface(rest),
@@ -149,6 +212,7 @@ impl<S> Normalized<S> {
                 }
             }
         }
+        Ok(())
     }
 
     fn header_frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) -> io::Result<()> {
@@ -174,6 +238,7 @@ impl<S> Normalized<S> {
                 stream,
                 end_stream: flags & END_STREAM != 0,
                 fragment: Vec::new(),
+                frames: 0,
             });
             &body[..end]
         } else {
@@ -188,10 +253,17 @@ impl<S> Normalized<S> {
         if block.fragment.len() + fragment.len() > MAX_BLOCK {
             return Err(protocol("header block too large"));
         }
+        block.frames += 1;
+        if block.frames > MAX_BLOCK_FRAMES {
+            return Err(protocol(&format!(
+                "a header block in more than {MAX_BLOCK_FRAMES} frames"
+            )));
+        }
         block.fragment.extend_from_slice(fragment);
         if flags & END_HEADERS != 0
             && let Some(block) = self.block.take()
         {
+            self.finished += 1;
             self.rewrite(block)?;
         }
         Ok(())
@@ -199,13 +271,19 @@ impl<S> Normalized<S> {
 
     /// Decodes a complete header block, mends `:authority`, and writes it out again.
     fn rewrite(&mut self, block: Block) -> io::Result<()> {
+        // Fields counted, literals sized and Huffman strings made plain first, so
+        // the decoder's work on what is left is bounded (see `hpack`).
+        let fragment =
+            super::hpack::plain(&block.fragment, MAX_LIST).map_err(|e| protocol(&e.to_string()))?;
+        drop(block.fragment);
         let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut size = 0usize;
         let decoder = &mut self.decoder;
         // The decoder must see the whole block to keep its table in step with the
-        // client's, so past the limit fields are only counted, not kept.
+        // client's, so past the limit fields are only counted, not kept (there are
+        // at most `hpack::MAX_FIELDS`, each a table entry of at most 4 KiB).
         let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            decoder.decode_with_cb(&block.fragment, |name, value| {
+            decoder.decode_with_cb(&fragment, |name, value| {
                 size = size.saturating_add(name.len() + value.len() + 32);
                 if size <= MAX_LIST {
                     headers.push((name.into_owned(), value.into_owned()));
@@ -218,7 +296,7 @@ impl<S> Normalized<S> {
             Err(_) => return Err(protocol("HPACK: undecodable header block")),
         }
         if size > MAX_LIST {
-            return Err(protocol("header list larger than 64 KiB once decoded"));
+            return Err(protocol("header list larger than 16 KiB once decoded"));
         }
         for (name, value) in &mut headers {
             if name == b":authority" && http::uri::Authority::try_from(value.as_slice()).is_err() {
@@ -273,6 +351,22 @@ impl<S> Normalized<S> {
     }
 }
 
+/// Spends what is left of the task's tokio budget, so the task yields now. tokio
+/// wakes a task that ran out of budget only after polling for I/O: a waker of our own
+/// would let connections that always have input keep the runtime from ever looking
+/// for the real clients' I/O (it does so every 61 tasks when its queue is never
+/// empty). Outside a runtime there is no budget, and a wake of our own does.
+fn spend_budget(cx: &mut Context<'_>) -> Poll<()> {
+    for _ in 0..1024 {
+        match tokio::task::coop::poll_proceed(cx) {
+            Poll::Ready(progress) => progress.made_progress(),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+    cx.waker().wake_by_ref();
+    Poll::Pending
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Normalized<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -284,21 +378,74 @@ impl<S: AsyncRead + Unpin> AsyncRead for Normalized<S> {
                 let n = self.output.len().min(buf.remaining());
                 buf.put_slice(&self.output[..n]);
                 self.output.advance(n);
+                if self.output.is_empty() {
+                    if self.output_peak > KEEP_CAPACITY {
+                        self.output = BytesMut::new();
+                        #[cfg(test)]
+                        {
+                            self.released += 1;
+                        }
+                    }
+                    self.output_peak = 0;
+                }
                 return Poll::Ready(Ok(()));
+            }
+            if self.since_yield >= YIELD_EVERY {
+                self.since_yield = 0;
+                if spend_budget(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
+            // What is already here first: the output bound may have left some.
+            let before = self.output.len();
+            self.process()?;
+            // What it made counts as work too: a small block can decode to 16 KiB.
+            self.since_yield += self.output.len() - before;
+            self.output_peak = self.output_peak.max(self.output.len());
+            if !self.output.is_empty() {
+                continue;
+            }
+            if self.input.is_empty() {
+                if self.input_peak > KEEP_CAPACITY {
+                    self.input = BytesMut::new();
+                }
+                self.input_peak = 0;
             }
             if self.eof {
                 return Poll::Ready(Ok(()));
             }
-            let mut chunk = [0u8; 8192];
-            let mut read = ReadBuf::new(&mut chunk);
             let this = &mut *self;
+            // A client that leaves its preface or a header block unfinished is cut
+            // after a while; one between requests may idle as long as it likes.
+            if this.is_incomplete() {
+                // A timer per unfinished piece: re-armed when one was finished since.
+                if this.incomplete.is_none() || this.armed_at != this.finished {
+                    this.incomplete = Some(Box::pin(tokio::time::sleep(INCOMPLETE_TIMEOUT)));
+                    this.armed_at = this.finished;
+                }
+                if let Some(timer) = this.incomplete.as_mut()
+                    && timer.as_mut().poll(cx).is_ready()
+                {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "HTTP/2 from the client: preface or header block unfinished for 10 s",
+                    )));
+                }
+            } else {
+                this.incomplete = None;
+            }
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut read = ReadBuf::new(&mut chunk);
             ready!(Pin::new(&mut this.inner).poll_read(cx, &mut read))?;
+            this.since_yield += read.filled().len();
             if read.filled().is_empty() {
                 this.eof = true;
                 continue;
             }
+            // Input is read only when what was there could make no progress, so it
+            // holds at most a partial frame and one chunk.
             this.input.extend_from_slice(read.filled());
-            this.process()?;
+            this.input_peak = this.input_peak.max(this.input.len());
         }
     }
 }
@@ -525,20 +672,43 @@ mod tests {
         input.extend(frame(HEADERS, END_HEADERS, 1, &block));
         let err = through(input).await.unwrap_err();
         assert!(err.to_string().contains("SETTINGS_MAX_FRAME_SIZE"), "{err}");
-        // The same block in two frames is accepted (and left to h2's list limit).
+        // The same block in three frames passes the frame check, and is refused for
+        // the list it decodes to (over hyper's 16 KiB) instead.
         let (a, b) = block.split_at(MAX_FRAME / 2);
         let (b, c) = b.split_at(MAX_FRAME / 2);
         let mut input = PREFACE.to_vec();
         input.extend(frame(HEADERS, 0, 1, a));
         input.extend(frame(CONTINUATION, 0, 1, b));
         input.extend(frame(CONTINUATION, END_HEADERS, 1, c));
+        let err = through(input).await.unwrap_err();
+        assert!(err.to_string().contains("once decoded"), "{err}");
+        // Its first 12 KiB of fields, in two frames, are accepted.
+        let mut list = Vec::new();
+        let mut decoder = Decoder::new();
+        decoder
+            .decode_with_cb(&block, |n, v| list.push((n.into_owned(), v.into_owned())))
+            .unwrap();
+        let mut encoder = Encoder::new();
+        let mut fitting = Vec::new();
+        let mut size = 0;
+        for (n, v) in &list {
+            size += n.len() + v.len() + 32;
+            if size > 12 * 1024 {
+                break;
+            }
+            fitting.push((n.as_slice(), v.as_slice()));
+        }
+        let small = encoder.encode(fitting.iter().copied());
+        let (a, b) = small.split_at(small.len() / 2);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, 0, 1, a));
+        input.extend(frame(CONTINUATION, END_HEADERS, 1, b));
         assert!(through(input).await.is_ok());
     }
 
     #[tokio::test]
     async fn a_header_block_that_expands_past_the_limit_is_refused() {
-        // One 4 KiB entry in the dynamic table, then a single frame of 1-byte
-        // references to it: 16 KiB on the wire, 70 MiB once decoded.
+        // One 4 KiB entry in the dynamic table, then 1-byte references to it.
         let mut wire = Vec::new();
         let value = vec![b'v'; 4000];
         // Literal with incremental indexing, new name.
@@ -553,14 +723,28 @@ mod tests {
         }
         wire.push(n as u8);
         wire.extend(&value);
-        // Index 62 is the newest dynamic entry.
+        // Index 62 is the newest dynamic entry: 200 references are 200 bytes on the
+        // wire and 800 KiB once decoded (5 are already past the limit).
+        let entry = wire.clone();
+        for _ in 0..200 {
+            wire.push(0x80 | 62);
+        }
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &wire));
+        let err = through(input).await.unwrap_err();
+        assert!(err.to_string().contains("16 KiB once decoded"), "{err}");
+        // 16 KiB of them: refused for the field count before anything is decoded.
+        let mut wire = entry;
         while wire.len() < MAX_FRAME {
             wire.push(0x80 | 62);
         }
         let mut input = PREFACE.to_vec();
         input.extend(frame(HEADERS, END_HEADERS, 1, &wire));
         let err = through(input).await.unwrap_err();
-        assert!(err.to_string().contains("64 KiB once decoded"), "{err}");
+        assert!(
+            err.to_string().contains("header fields in one block"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -575,5 +759,168 @@ mod tests {
         }
         let err = through(input).await.unwrap_err();
         assert!(err.to_string().contains("header block too large"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn empty_continuation_frames_cannot_flood() {
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, 0, 1, &[0x82]));
+        for _ in 0..(MAX_BLOCK_FRAMES + 10) {
+            input.extend(frame(CONTINUATION, 0, 1, &[]));
+        }
+        let err = through(input).await.unwrap_err();
+        assert!(err.to_string().contains("frames"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unfinished_preface_or_header_block_is_cut() {
+        for partial in [
+            PREFACE[..10].to_vec(),
+            // A header block without its END_HEADERS.
+            {
+                let mut p = PREFACE.to_vec();
+                p.extend(frame(HEADERS, 0, 1, &[0x82]));
+                p
+            },
+            // A HEADERS frame that announces 100 bytes and sends 1.
+            {
+                let mut p = PREFACE.to_vec();
+                let mut f = frame(HEADERS, END_HEADERS, 1, &[0x82; 100]);
+                f.truncate(FRAME_HEADER_LEN + 1);
+                p.extend(f);
+                p
+            },
+            // Half a frame header.
+            {
+                let mut p = PREFACE.to_vec();
+                p.extend(&frame(HEADERS, END_HEADERS, 1, &[0x82])[..4]);
+                p
+            },
+        ] {
+            let (mut client, server) = tokio::io::duplex(1 << 16);
+            client.write_all(&partial).await.unwrap();
+            // The client stays connected and silent.
+            let mut normalized = Normalized::new(server);
+            let mut out = Vec::new();
+            let started = tokio::time::Instant::now();
+            let err = normalized.read_to_end(&mut out).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+            assert!(started.elapsed() >= INCOMPLETE_TIMEOUT);
+            drop(client);
+        }
+    }
+
+    /// The attack from the security report: small blocks that refer to a 4 KiB entry
+    /// of the client's table, each with a small header the client does not index
+    /// (which pushes the big entry out of the table of the re-encoding side), so each
+    /// block of about 30 bytes comes out as a 4 KiB literal. Whatever the input, no
+    /// more is read while the output waiting for h2 is over its bound, and the
+    /// buffers are given back once drained.
+    #[tokio::test]
+    async fn output_waiting_for_h2_is_bounded_and_released() {
+        let mut wire = PREFACE.to_vec();
+        let mut first = vec![0x40, 1, b'x', 0x7f];
+        let mut n = 4000 - 127;
+        while n >= 128 {
+            first.push((n % 128) as u8 | 0x80);
+            n /= 128;
+        }
+        first.push(n as u8);
+        first.extend(vec![b'v'; 4000]);
+        wire.extend(frame(HEADERS, END_HEADERS | END_STREAM, 1, &first));
+        let mut stream = 3u32;
+        while wire.len() < 512 * 1024 {
+            // Three references: 12 KiB, within the list limit.
+            let mut block = vec![0x80 | 62; 3];
+            // Literal without indexing, a name never seen before: `r<stream>: 1`.
+            let name = format!("r{stream}");
+            block.extend([0x00, name.len() as u8]);
+            block.extend(name.as_bytes());
+            block.extend([1, b'1']);
+            wire.extend(frame(HEADERS, END_HEADERS | END_STREAM, stream, &block));
+            stream += 2;
+        }
+        let total = wire.len();
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let writer = tokio::spawn(async move {
+            client.write_all(&wire).await.unwrap();
+            // Hung up once everything is sent: the reads end there.
+        });
+        let mut normalized = Normalized::new(server);
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut out = 0usize;
+        let mut most_output = 0;
+        let mut most_input = 0;
+        loop {
+            let n = normalized.read(&mut buf).await.unwrap();
+            most_output = most_output.max(normalized.output.len());
+            most_input = most_input.max(normalized.input.len());
+            out += n;
+            if n == 0 {
+                break;
+            }
+        }
+        writer.await.unwrap();
+        assert!(
+            out > 10 * total,
+            "the attack did not amplify: {out} out of {total}"
+        );
+        assert!(
+            // The bound (64 KiB) plus the one block that crossed it.
+            most_output <= 64 * 1024 + MAX_LIST,
+            "{most_output} bytes waited for h2"
+        );
+        assert!(
+            most_input <= READ_CHUNK + MAX_FRAME + FRAME_HEADER_LEN,
+            "{most_input} bytes of input held"
+        );
+        // Each burst past 16 KiB was given back once drained, and what is left at
+        // the end is small.
+        assert!(normalized.released > 10, "{} releases", normalized.released);
+        assert!(normalized.output.capacity() <= KEEP_CAPACITY);
+        assert!(normalized.input.capacity() <= KEEP_CAPACITY);
+    }
+
+    /// One poll of a connection does bounded work, however much input waits: the
+    /// agent's one thread goes round its connections, so a client that always has
+    /// input cannot keep the others waiting.
+    #[tokio::test]
+    async fn one_poll_does_bounded_work_however_much_input_waits() {
+        let mut encoder = Encoder::new();
+        let mut input = PREFACE.to_vec();
+        let mut stream = 1u32;
+        while input.len() < 4 << 20 {
+            let block = request(&mut encoder, format!("host-{stream}").as_bytes());
+            input.extend(frame(HEADERS, END_HEADERS | END_STREAM, stream, &block));
+            stream += 2;
+        }
+        let (mut client, server) = tokio::io::duplex(8 << 20);
+        client.write_all(&input).await.unwrap();
+        drop(client);
+        let mut normalized = Normalized::new(server);
+        let mut first_poll = 0usize;
+        std::future::poll_fn(|cx| {
+            let mut buf = [0u8; 4096];
+            loop {
+                let mut read = ReadBuf::new(&mut buf);
+                match Pin::new(&mut normalized).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) if read.filled().is_empty() => return Poll::Ready(()),
+                    Poll::Ready(Ok(())) => first_poll += read.filled().len(),
+                    Poll::Ready(Err(e)) => panic!("{e}"),
+                    Poll::Pending => return Poll::Ready(()),
+                }
+            }
+        })
+        .await;
+        // The 16 KiB slice, plus at most one read and the output bound.
+        assert!(first_poll > 0);
+        assert!(
+            first_poll <= 16 * 1024 + READ_CHUNK + 64 * 1024 + MAX_LIST,
+            "{first_poll} bytes in one poll"
+        );
+        // The rest still comes, over later polls.
+        let mut rest = Vec::new();
+        normalized.read_to_end(&mut rest).await.unwrap();
+        assert!(first_poll + rest.len() >= input.len() / 2);
     }
 }

@@ -8,12 +8,14 @@
 //! for the new names; a secret that changes is pushed to every stream holding it.
 //!
 //! Modules: [`socket`] prepares the Unix socket; [`authority`] lets h2 accept any
-//! `:authority` a client sends on it; `service` is the
+//! `:authority` a client sends on it, with `hpack`'s bounded first pass over each
+//! header block; `service` is the
 //! `SecretDiscoveryService` (subscriptions, fetch); `protocol` runs one stream of
 //! either protocol under the rules above; `transport` routes gRPC requests to it with
 //! small buffers.
 
 pub(crate) mod authority;
+mod hpack;
 mod protocol;
 mod service;
 mod socket;

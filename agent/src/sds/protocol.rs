@@ -218,10 +218,14 @@ impl Protocol for DeltaStream {
             tracing::warn!(error = %error.message, "Envoy rejected a secret (delta NACK)");
         }
         // Names already held count against the stream's share of file secrets.
+        // (Names this request unsubscribes are given back below: not counted.)
         let held = self
             .leases
             .keys()
-            .filter(|raw| !req.resource_names_subscribe.contains(raw))
+            .filter(|raw| {
+                !req.resource_names_subscribe.contains(raw)
+                    && !req.resource_names_unsubscribe.contains(raw)
+            })
             .count();
         for Subscribed { raw, name, lease } in self
             .sds
