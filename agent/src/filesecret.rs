@@ -407,9 +407,10 @@ mod tests {
         assert_eq!(policy.read(&allowed.join("later.pem")).unwrap(), None);
     }
 
-    /// The race from the security report, made certain: whoever can write inside the
-    /// allowed directory swaps a checked component for a link out of it. Reads never
-    /// follow it, however the swap is timed (here: after every check could pass).
+    /// Whoever can write inside the allowed directory swaps a directory component of
+    /// a path already checked and read for a link out of it: the next read refuses
+    /// it. (That the open itself refuses it, leaving no window between a check and
+    /// the open, is `signet_fs`'s `reads_beneath_a_directory_never_follow_a_link_out_of_it`.)
     #[test]
     fn a_component_swapped_for_a_link_out_is_never_followed() {
         let top = tempfile::tempdir().unwrap();

@@ -386,7 +386,8 @@ impl Pool {
                 .conns
                 .values()
                 .filter(|c| c.in_flight.load(Ordering::Acquire) == 0)
-                .min_by_key(|c| c.idle_since_ms.load(Ordering::Acquire))
+                // Ties (the same millisecond) go to the older connection.
+                .min_by_key(|c| (c.idle_since_ms.load(Ordering::Acquire), c.id))
                 .cloned();
             let Some(victim) = victim else {
                 return Err(Refused::Full(self.limits.max_total));

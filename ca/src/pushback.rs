@@ -43,6 +43,9 @@ const MIN_DELAY: Duration = Duration::from_millis(250);
 /// unbooked) goes to the end of the line, and at a storm's end those waits leave the
 /// CA idle: 300 s gave 2.4 refusals per identity and a storm 10 % over its floor.
 const MAX_DELAY: Duration = Duration::from_secs(60);
+/// Refusals before authentication (token reviews throttled) are spread over this
+/// much, unbooked.
+const UNBOOKED_SPREAD: Duration = Duration::from_secs(10);
 
 /// The CA's pushback schedule.
 #[derive(Debug, Default)]
@@ -70,8 +73,38 @@ impl Pushback {
     /// away; past [`MAX_DELAY`], a point in its second half that `unit` (in [0, 1))
     /// picks. `None` while that rate is not known yet or is under [`MIN_RATE`].
     pub(crate) fn refused(&self, now: Instant, unit: f64) -> Option<Duration> {
-        let count = self.issued.load(Ordering::Relaxed);
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let rate = self.rate(&mut state, now)?;
+        let earliest = now + MIN_DELAY;
+        let start = state.horizon.map_or(earliest, |h| h.max(earliest));
+        // Whole nanoseconds: the rate is at least MIN_RATE, so this is under 1 s.
+        let spacing = Duration::from_nanos((1e9 / rate).round() as u64);
+        let slot = start + spacing;
+        let delay = slot - now;
+        if delay <= MAX_DELAY {
+            state.horizon = Some(slot);
+            Some(delay)
+        } else {
+            Some(MAX_DELAY.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0)))
+        }
+    }
+
+    /// How long a caller refused at `now` before it was authenticated should wait: a
+    /// point that `unit` picks between [`MIN_DELAY`] and [`UNBOOKED_SPREAD`], booking
+    /// nothing, so anonymous callers cannot push the slots of real callers out (a
+    /// flood of them booked every slot for a minute). `None` while the issue rate is
+    /// not known, as for [`Self::refused`].
+    pub(crate) fn unbooked(&self, now: Instant, unit: f64) -> Option<Duration> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.rate(&mut state, now)?;
+        let spread = UNBOOKED_SPREAD.saturating_sub(MIN_DELAY);
+        Some(MIN_DELAY + spread.mul_f64(unit.clamp(0.0, 1.0)))
+    }
+
+    /// Samples the count of certificates issued and returns the rate over the last
+    /// [`WINDOW`]; `None` while it is not known or under [`MIN_RATE`].
+    fn rate(&self, state: &mut State, now: Instant) -> Option<f64> {
+        let count = self.issued.load(Ordering::Relaxed);
         while state
             .samples
             .front()
@@ -92,21 +125,7 @@ impl Pushback {
             return None;
         }
         let rate = count.saturating_sub(then) as f64 / span.as_secs_f64();
-        if rate < MIN_RATE {
-            return None;
-        }
-        let earliest = now + MIN_DELAY;
-        let start = state.horizon.map_or(earliest, |h| h.max(earliest));
-        // Whole nanoseconds: the rate is at least MIN_RATE, so this is under 1 s.
-        let spacing = Duration::from_nanos((1e9 / rate).round() as u64);
-        let slot = start + spacing;
-        let delay = slot - now;
-        if delay <= MAX_DELAY {
-            state.horizon = Some(slot);
-            Some(delay)
-        } else {
-            Some(MAX_DELAY.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0)))
-        }
+        (rate >= MIN_RATE).then_some(rate)
     }
 }
 
@@ -128,6 +147,19 @@ mod tests {
         }
         p.state.lock().unwrap().horizon = None;
         (p, t0 + SAMPLE_EVERY * 10)
+    }
+
+    #[test]
+    fn refusals_before_authentication_book_nothing() {
+        let (p, now) = warmed(1000);
+        // A flood of anonymous refusals...
+        for i in 0..10_000 {
+            let d = p.unbooked(now, f64::from(i % 100) / 100.0).unwrap();
+            assert!((MIN_DELAY..=UNBOOKED_SPREAD).contains(&d), "{d:?}");
+        }
+        // ...leaves the next real caller the first slot.
+        let d = p.refused(now, 0.5).unwrap();
+        assert!(d <= MIN_DELAY + Duration::from_millis(2), "{d:?}");
     }
 
     #[test]

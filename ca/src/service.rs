@@ -361,9 +361,10 @@ impl CaService {
             return status;
         }
         // A refusal before authentication books no slot: anonymous callers must not
-        // push real callers' retries out.
+        // push real callers' retries out. It is still spread (at random, unbooked).
         let pushback = if e.before_authentication() {
-            None
+            self.pushback
+                .unbooked(Instant::now(), rand::random::<f64>())
         } else {
             self.pushback.refused(Instant::now(), rand::random::<f64>())
         };

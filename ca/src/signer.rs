@@ -225,20 +225,26 @@ impl Signer {
                 )
             })?;
         let anchor = path.anchor().to_owned();
-        // The root the chain ends at bounds every leaf too. It is found by position:
-        // `anchors` was made from the roots in order, and webpki hands back one of
-        // them (names are not compared: x509-parser's raw subject keeps its SEQUENCE
-        // header, webpki's does not).
-        let root = anchors
+        // The root the chain ends at bounds every leaf too. It is found through the
+        // anchor webpki hands back, which was made from the roots in order (names are
+        // not compared: x509-parser's raw subject keeps its SEQUENCE header, webpki's
+        // does not). Several roots can make the same anchor (one re-issued with the
+        // same key and name): the one valid now that lasts longest is the chain's end.
+        let root_not_after = anchors
             .iter()
-            .position(|a| *a == anchor)
-            .and_then(|i| signer.roots.get(i))
-            .ok_or_else(|| SignError::Internal("the verified root is not in the bundle".into()))?;
-        let (_, root) = X509Certificate::from_der(root)
-            .map_err(|e| material(&roots_path, format!("malformed root certificate: {e}")))?;
-        check_time(&root, now)
-            .map_err(|p| material(&roots_path, format!("root {}: {p}", root.subject())))?;
-        signer.root_not_after = root.validity().not_after.to_datetime();
+            .zip(&signer.roots)
+            .filter(|(a, _)| **a == anchor)
+            .filter_map(|(_, der)| X509Certificate::from_der(der).ok().map(|(_, c)| c))
+            .filter(|c| check_time(c, now).is_ok())
+            .map(|c| c.validity().not_after.to_datetime())
+            .max()
+            .ok_or_else(|| {
+                material(
+                    &roots_path,
+                    "the root the signing chain ends at is not valid at this time".into(),
+                )
+            })?;
+        signer.root_not_after = root_not_after;
         signer.leaf_not_after_limit = signer.leaf_not_after_limit.min(signer.root_not_after);
         signer.anchor = anchor;
         Ok(signer)

@@ -338,6 +338,51 @@ mod tests {
         assert_eq!(std::fs::read(&target).unwrap(), b"secret");
     }
 
+    /// The property that closes the race between a check and the open: the open
+    /// itself refuses a path whose directory component is a link out, where an
+    /// open that only refuses a final link follows it.
+    #[test]
+    fn reads_beneath_a_directory_never_follow_a_link_out_of_it() {
+        let top = tempfile::tempdir().unwrap();
+        let allowed = top.path().join("certs");
+        let secret = top.path().join("state");
+        std::fs::create_dir_all(allowed.join("..2026_12_07")).unwrap();
+        std::fs::create_dir_all(&secret).unwrap();
+        std::fs::write(secret.join("key.pem"), "secret").unwrap();
+        std::fs::write(allowed.join("..2026_12_07/cert.pem"), "cert").unwrap();
+        // A kubelet-style link that stays inside is followed.
+        symlink("..2026_12_07", allowed.join("..data")).unwrap();
+        assert_eq!(
+            read_beneath(&allowed, Path::new("..data/cert.pem"), 1024).unwrap(),
+            b"cert"
+        );
+        // A directory link out: read_regular follows it, read_beneath does not.
+        symlink(&secret, allowed.join("sub")).unwrap();
+        assert_eq!(
+            read_regular(&allowed.join("sub/key.pem"), 1024).unwrap(),
+            b"secret"
+        );
+        assert!(matches!(
+            read_beneath(&allowed, Path::new("sub/key.pem"), 1024),
+            Err(ReadError::Escapes(_))
+        ));
+        // Relative with `..`, and an absolute link: refused the same way.
+        symlink("../state", allowed.join("up")).unwrap();
+        assert!(matches!(
+            read_beneath(&allowed, Path::new("up/key.pem"), 1024),
+            Err(ReadError::Escapes(_))
+        ));
+        assert!(matches!(
+            read_beneath(&allowed, Path::new("../state/key.pem"), 1024),
+            Err(ReadError::Escapes(_))
+        ));
+        // Missing is missing.
+        assert!(matches!(
+            read_beneath(&allowed, Path::new("later.pem"), 1024),
+            Err(ReadError::Missing(_))
+        ));
+    }
+
     #[test]
     fn temporary_names_are_unpredictable() {
         let dir = Path::new("/d");

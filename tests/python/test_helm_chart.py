@@ -45,6 +45,7 @@ MODES = {
         "extraServingDnsNames": ["ca.example.internal"],
         "ambient": {"trustedNodeAccounts": ["istio-system/ztunnel", "kube-system/ztunnel"]},
         "podCertificates": {"enabled": True, "deny": ["kube-system"]},
+        "connections": {"peerShares": ["10.0.8.15/32=unlimited", "10.1.0.0/16=512"]},
     },
 }
 
@@ -97,7 +98,7 @@ COMMON_ARGS = [
     "--trust-domain=cluster.local", "--cluster-id=Kubernetes", "--token-audiences=istio-ca",
 ]
 SERVING = "--serving-dns-names=signet-ca.signet-system.svc,signet-ca.signet-system.svc.cluster.local"
-TTLS = ["--default-ttl=24h", "--max-ttl=2160h"]
+TTLS = ["--default-ttl=24h", "--max-ttl=2160h", "--max-connections-per-peer=64"]
 JWKS_ARGS = ["--jwt-issuer=https://kubernetes.default.svc.cluster.local",
              "--jwks=https://kubernetes.default.svc/openid/v1/jwks", "--no-token-review"]
 LEASE_ARGS = ["--leader-election-namespace=signet-system", "--leader-election-lease=signet-ca-writer",
@@ -125,7 +126,9 @@ EXPECTED_ARGS = {
         "--pod-certificate-allow=apps", "--pod-certificate-allow=payments/api",
         "--pod-certificate-deny=apps/legacy",
     ] + LEASE_ARGS,
-    "everything": COMMON_ARGS + [SERVING + ",ca.example.internal"] + TTLS + JWKS_ARGS + [
+    "everything": COMMON_ARGS + [SERVING + ",ca.example.internal"] + TTLS + [
+        "--peer-connection-share=10.0.8.15/32=unlimited", "--peer-connection-share=10.1.0.0/16=512",
+    ] + JWKS_ARGS + [
         "--trusted-node-accounts=istio-system/ztunnel,kube-system/ztunnel",
     ] + ROOT_CM_ARGS + [
         "--root-configmap-namespace-selector=istio-injection in (enabled)",

@@ -5,6 +5,11 @@ use std::fmt;
 use base64::Engine;
 use sha2::{Digest, Sha256};
 
+/// Seconds past `exp` a token is still sent for review (the API server's leeway).
+const EXP_LEEWAY_SECS: i64 = 60;
+/// The issuer of legacy, Secret-based service account tokens.
+const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
+
 /// A service account token. `Debug` shows only a short hash prefix.
 #[derive(Clone)]
 pub struct Token(String);
@@ -75,8 +80,11 @@ impl Token {
             .ok_or("the token is not a JWT, as every service account token is")?;
         match claims.get("exp") {
             None => {}
-            Some(exp) => match exp.as_i64() {
-                Some(exp) if exp > now => {}
+            // NumericDate: an integer, though a fraction is allowed (RFC 7519 §2).
+            Some(exp) => match exp.as_i64().or_else(|| exp.as_f64().map(|f| f as i64)) {
+                // The API server allows a minute of skew past `exp` (go-jose's
+                // leeway): so does this check, which must never refuse what it accepts.
+                Some(exp) if exp.saturating_add(EXP_LEEWAY_SECS) > now => {}
                 Some(_) => return Err("the token has expired".into()),
                 None => return Err("the token's exp claim is not a number".into()),
             },
@@ -99,9 +107,12 @@ impl Token {
                 }
             }
         }
+        // Legacy Secret-based tokens carry the fixed issuer below, whatever the
+        // cluster's issuer is.
         if let Some(issuer) = issuer
             && let Some(iss) = claims.get("iss")
             && iss.as_str() != Some(issuer)
+            && iss.as_str() != Some(LEGACY_ISSUER)
         {
             return Err("the token is from another issuer than this cluster's".into());
         }
@@ -146,11 +157,14 @@ mod tests {
         let iss = Some("https://kubernetes.default.svc");
         let ok = jwt(r#"{"exp":2000,"aud":["istio-ca"],"iss":"https://kubernetes.default.svc"}"#);
         assert_eq!(ok.precheck(&aud, iss, 1000), Ok(()));
-        // Legacy tokens carry neither exp nor aud: left to the review.
+        // Legacy tokens carry neither exp nor aud, and their own issuer: left to the
+        // review, also where the cluster's issuer is known.
         assert_eq!(
-            jwt(r#"{"iss":"kubernetes/serviceaccount"}"#).precheck(&aud, None, 1000),
+            jwt(r#"{"iss":"kubernetes/serviceaccount"}"#).precheck(&aud, iss, 1000),
             Ok(())
         );
+        // Within the API server's minute of leeway past `exp`: still reviewed.
+        assert_eq!(jwt(r#"{"exp":950}"#).precheck(&aud, iss, 1000), Ok(()));
         assert_eq!(
             jwt(r#"{"aud":"istio-ca"}"#).precheck(&aud, iss, 1000),
             Ok(())
@@ -159,7 +173,7 @@ mod tests {
             (Token::new("random-garbage"), "not a JWT"),
             (Token::new("a.b.c.d"), "not a JWT"),
             (Token::new(format!("x.{}.y", b64("[1]"))), "not a JWT"),
-            (jwt(r#"{"exp":999}"#), "expired"),
+            (jwt(r#"{"exp":939}"#), "expired"),
             (jwt(r#"{"exp":"soon"}"#), "not a number"),
             (
                 jwt(r#"{"exp":2000,"aud":["api"]}"#),

@@ -514,9 +514,14 @@ pub(super) async fn run(
                     async move {
                         // The pod and service account each request names, looked up
                         // before anything is signed for it.
+                        // (Not for one past its attempts: that one is failed as it is.)
                         let mut bindings = Vec::with_capacity(chunk.len());
-                        for pcr in &chunk {
-                            bindings.push(binding(client, pcr).await);
+                        for (pcr, tries) in chunk.iter().zip(&tries) {
+                            bindings.push(if tries + 1 >= MAX_ATTEMPTS {
+                                Ok(None)
+                            } else {
+                                binding(client, pcr).await
+                            });
                         }
                         let decided = chunk.clone();
                         let checked: Vec<bool> =

@@ -107,6 +107,10 @@ true
 - {{ printf "--serving-dns-names=%v" (join "," $dns) | quote }}
 - {{ printf "--default-ttl=%v" (.Values.defaultTtl) | quote }}
 - {{ printf "--max-ttl=%v" (.Values.maxTtl) | quote }}
+- {{ printf "--max-connections-per-peer=%v" (.Values.connections.maxPerPeer) | quote }}
+{{- range .Values.connections.peerShares }}
+- {{ printf "--peer-connection-share=%v" . | quote }}
+{{- end }}
 {{- if eq .Values.tokenAuth.mode "jwks" }}
 - {{ printf "--jwt-issuer=%v" (.Values.tokenAuth.jwks.issuer) | quote }}
 - {{ printf "--jwks=%v" (.Values.tokenAuth.jwks.url) | quote }}
