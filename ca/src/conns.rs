@@ -694,6 +694,33 @@ mod tests {
         assert!(pool.admit(addr("192.0.2.2:1001")).is_ok());
     }
 
+    #[tokio::test]
+    async fn a_stopping_server_cuts_every_connection_busy_or_not() {
+        let pool = Pool::new(limits());
+        let busy = pool.admit(addr("192.0.2.1:1000")).unwrap();
+        let _open = busy.conn.begin();
+        let idle = pool.admit(addr("192.0.2.2:1000")).unwrap();
+        let mut deadlines = [
+            Deadlines::start(busy, Duration::from_secs(1800)),
+            Deadlines::start(idle, Duration::from_secs(1800)),
+        ];
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        for d in &mut deadlines {
+            assert_eq!(d.poll_cut(&mut cx), None);
+        }
+        pool.cut_all();
+        for d in &mut deadlines {
+            assert_eq!(d.poll_cut(&mut cx), Some(Cut::Evicted));
+        }
+        // And any connection admitted after.
+        let late = pool.admit(addr("192.0.2.3:1000")).unwrap();
+        assert_eq!(
+            Deadlines::start(late, Duration::from_secs(1800)).poll_cut(&mut cx),
+            Some(Cut::Evicted)
+        );
+    }
+
     #[test]
     fn verdicts_cut_silent_idle_and_old_connections_only() {
         let l = limits();

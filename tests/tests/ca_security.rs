@@ -463,9 +463,8 @@ async fn connections_with_a_request_open_are_never_evicted() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(ok, "the slot of a closed connection was not given back");
-    // The CA stops with a stream open (cut after a grace period).
-    ca.stop().await;
     drop(watches);
+    bounded(ca.stop(), "stopping the CA").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
