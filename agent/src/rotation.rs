@@ -262,8 +262,11 @@ impl Rotation {
                                 retry_in = ?delay,
                                 "the CA's bundle does not reflect the changed CA trust file yet; asking again"
                             );
-                            let deadline = self.clock.now()
-                                + Duration::try_from(delay).unwrap_or(Duration::seconds(30));
+                            // Never past the certificate's own refresh point: a short
+                            // lifetime must not run out while the CA's bundle lags.
+                            let deadline = (self.clock.now()
+                                + Duration::try_from(delay).unwrap_or(Duration::seconds(30)))
+                            .min(at);
                             if !sleep_until(self.clock.as_ref(), deadline, &mut stop).await {
                                 return;
                             }
