@@ -91,6 +91,7 @@ EXPECTED_RULES = {
 }
 # The modes whose RBAC may name pods at all.
 PODS_MODES = {"ambient", "everything"}
+POD_CERT_MODES = {"pod-certificates", "everything"}
 
 COMMON_ARGS = [
     "serve", "--cacerts-dir=/etc/cacerts", "--state-dir=/var/lib/signet-ca",
@@ -239,8 +240,15 @@ def test_rbac_is_exactly_what_the_mode_needs(chart, mode):
             for field in ("verbs", "resources", "apiGroups", "resourceNames", "nonResourceURLs"):
                 assert not any("*" in x for x in r.get(field, ())), (o["metadata"]["name"], r)
             if "pods" in r.get("resources", ()):
-                assert mode in PODS_MODES, (mode, r)
-                assert o["kind"] == "ClusterRole" and set(r["verbs"]) == {"list", "watch"}, r
+                # Node impersonation watches pods; the pod certificate signer reads the
+                # one pod (and service account) a request names. Nothing else.
+                if set(r["verbs"]) == {"get"}:
+                    assert mode in POD_CERT_MODES, (mode, r)
+                    assert set(r["resources"]) == {"pods", "serviceaccounts"}, r
+                else:
+                    assert mode in PODS_MODES, (mode, r)
+                    assert set(r["verbs"]) == {"list", "watch"}, r
+                assert o["kind"] == "ClusterRole", r
                 assert r["apiGroups"] == [""] and "resourceNames" not in r, r
             if "secrets" in r.get("resources", ()):
                 assert o["kind"] == "Role" and o["metadata"]["namespace"] == "istio-system", o
