@@ -148,12 +148,6 @@ impl ConnLimits {
             .max_by_key(|s| s.net.prefix_len())
             .map_or(Some(self.per_peer), |s| s.limit)
     }
-
-    /// Whether `ip` is in a range the operator named (a crowd behind one address).
-    pub fn is_named(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.shares.iter().any(|s| s.net.contains(&ip))
-    }
 }
 
 /// Why a new connection was turned away.
@@ -345,9 +339,7 @@ pub struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Ok(mut inner) = self.pool.inner.lock() {
-            inner.remove(&self.conn);
-        }
+        self.pool.lock().remove(&self.conn);
     }
 }
 
@@ -362,9 +354,10 @@ impl Pool {
         })
     }
 
-    /// The limits it enforces.
-    pub fn limits(&self) -> &ConnLimits {
-        &self.limits
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Every update is a few inserts and removes that cannot panic half-way: a
+        // poisoned pool is whole (refusing every connection after it would not be).
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Admits a connection from `peer` just accepted, closing the connection idle the
@@ -372,7 +365,7 @@ impl Pool {
     pub fn admit(self: &Arc<Self>, peer: SocketAddr) -> Result<Slot, Refused> {
         let ip = peer.ip().to_canonical();
         let now = Instant::now();
-        let mut inner = self.inner.lock().map_err(|_| Refused::Full(0))?;
+        let mut inner = self.lock();
         let held = inner.per_ip.get(&ip).copied().unwrap_or(0);
         if let Some(limit) = self.limits.peer_limit(ip)
             && held >= limit
@@ -430,12 +423,12 @@ impl Pool {
 
     /// The open connection from `peer`.
     pub fn find(&self, peer: SocketAddr) -> Option<Arc<ConnState>> {
-        self.inner.lock().ok()?.conns.get(&peer).cloned()
+        self.lock().conns.get(&peer).cloned()
     }
 
     /// Connections open now.
     pub fn len(&self) -> usize {
-        self.inner.lock().map_or(0, |i| i.conns.len())
+        self.lock().conns.len()
     }
 
     /// Whether no connection is open.
@@ -628,8 +621,6 @@ mod tests {
         assert_eq!(l.peer_limit("10.9.9.9".parse().unwrap()), None);
         assert_eq!(l.peer_limit("10.1.2.3".parse().unwrap()), Some(5));
         assert_eq!(l.peer_limit("::ffff:10.1.2.3".parse().unwrap()), Some(5));
-        assert!(l.is_named("10.1.2.3".parse().unwrap()));
-        assert!(!l.is_named("192.0.2.1".parse().unwrap()));
     }
 
     #[test]

@@ -512,63 +512,57 @@ pub(super) async fn run(
                             .collect()
                     };
                     async move {
-                        // The pod and service account each request names, looked up
-                        // before anything is signed for it.
-                        // (Not for one past its attempts: that one is failed as it is.)
-                        let mut bindings = Vec::with_capacity(chunk.len());
-                        for (pcr, tries) in chunk.iter().zip(&tries) {
-                            bindings.push(if tries + 1 >= MAX_ATTEMPTS {
-                                Ok(None)
+                        // What each request gets before anything is signed: failed
+                        // when past its attempts, else denied when the pod and service
+                        // account it names do not match it; `Ok(None)`: to be decided.
+                        let mut early = Vec::with_capacity(chunk.len());
+                        for (pcr, tries) in chunk.iter().zip(tries) {
+                            early.push(if tries + 1 >= MAX_ATTEMPTS {
+                                Ok(Some(Answer::Failed {
+                                    reason: "Unanswerable",
+                                    message: format!(
+                                        "no answer could be written after {tries} attempts"
+                                    ),
+                                }))
                             } else {
                                 binding(client, pcr).await
                             });
                         }
-                        let decided = chunk.clone();
-                        let checked: Vec<bool> =
-                            bindings.iter().map(|b| matches!(b, Ok(None))).collect();
-                        let answers = tokio::task::spawn_blocking(move || {
-                            decided
+                        // The rest is decided (and signed) off the reactor.
+                        let undecided: Vec<Arc<DynamicObject>> = chunk
+                            .iter()
+                            .zip(&early)
+                            .filter(|(_, e)| matches!(e, Ok(None)))
+                            .map(|(p, _)| p.clone())
+                            .collect();
+                        let count = undecided.len();
+                        let decided = tokio::task::spawn_blocking(move || {
+                            undecided
                                 .iter()
-                                .zip(tries)
-                                .zip(checked)
-                                .map(|((pcr, tries), checked)| {
-                                    if !checked {
-                                        // Answered (or retried) from its binding below.
-                                        None
-                                    } else if tries + 1 >= MAX_ATTEMPTS {
-                                        Some(Answer::Failed {
-                                            reason: "Unanswerable",
-                                            message: format!(
-                                                "no answer could be written after {tries} attempts"
-                                            ),
-                                        })
-                                    } else {
-                                        Some(decide(pcr, &config, &current, OffsetDateTime::now_utc()))
-                                    }
-                                })
+                                .map(|pcr| decide(pcr, &config, &current, OffsetDateTime::now_utc()))
                                 .collect::<Vec<_>>()
                         })
                         .await
                         .unwrap_or_else(|e| {
                             vec![
-                                Some(Answer::Failed {
+                                Answer::Failed {
                                     reason: "SigningFailed",
                                     message: format!("signing task: {e}"),
-                                });
-                                chunk.len()
+                                };
+                                count
                             ]
                         });
-                        let answers: Vec<Result<Answer, WriteError>> = bindings
+                        let mut decided = decided.into_iter();
+                        let answers: Vec<Result<Answer, WriteError>> = early
                             .into_iter()
-                            .zip(answers)
-                            .map(|(bound, answer)| match (bound, answer) {
-                                (Err(e), _) => Err(e),
-                                (Ok(Some(denied)), _) => Ok(denied),
-                                (Ok(None), Some(answer)) => Ok(answer),
-                                (Ok(None), None) => Ok(Answer::Failed {
-                                    reason: "SigningFailed",
-                                    message: "no answer was decided".into(),
-                                }),
+                            .map(|e| {
+                                e.map(|known| {
+                                    // One decided answer per undecided request, in order.
+                                    known.or_else(|| decided.next()).unwrap_or(Answer::Failed {
+                                        reason: "SigningFailed",
+                                        message: "no answer was decided".into(),
+                                    })
+                                })
                             })
                             .collect();
                         futures::stream::iter(chunk.into_iter().zip(answers))
