@@ -6,9 +6,10 @@
 //! oldest idle connection makes room for the new one, so clients that hold
 //! connections and send nothing cannot keep workloads from their certificates.
 //!
-//! A connection's requests are counted by [`ActivityLayer`], which finds the
-//! connection by its peer address in the [`Pool`]; the cuts happen in the
-//! connection's own reads and writes ([`Deadlines`]), so no task polls the pool.
+//! A connection's requests are counted by [`ActivityLayer`], from the counters
+//! each request carries ([`ConnInfo`]); the cuts happen in the connection's own
+//! reads and writes ([`Deadlines`]), so no task polls the pool, and no request takes
+//! its lock.
 
 use std::{
     collections::HashMap,
@@ -421,11 +422,6 @@ impl Pool {
         self.shutdown.cancel();
     }
 
-    /// The open connection from `peer`.
-    pub fn find(&self, peer: SocketAddr) -> Option<Arc<ConnState>> {
-        self.lock().conns.get(&peer).cloned()
-    }
-
     /// Connections open now.
     pub fn len(&self) -> usize {
         self.lock().conns.len()
@@ -466,6 +462,11 @@ impl Deadlines {
         }
     }
 
+    /// The connection's counters.
+    pub fn conn(&self) -> &Arc<ConnState> {
+        &self.slot.conn
+    }
+
     /// A future that completes if the connection is evicted (for its handshake).
     pub fn evicted(slot: &Slot) -> WaitForCancellationFutureOwned {
         slot.conn.kill.clone().cancelled_owned()
@@ -500,28 +501,28 @@ impl Deadlines {
     }
 }
 
-/// Counts the requests of each connection (a gRPC call is open until its response
-/// body ends), finding the connection by the peer address tonic puts in the request.
+/// What tonic puts in each request of a connection ([`tonic::transport::server::Connected`]):
+/// its TLS and TCP facts, and its counters, so a request finds its connection
+/// without a look-up in the pool.
 #[derive(Debug, Clone)]
-pub struct ActivityLayer {
-    pool: Arc<Pool>,
+pub struct ConnInfo {
+    /// What tonic's own `peer_certs` and `remote_addr` read.
+    pub tls: tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>,
+    /// The connection's counters.
+    pub conn: Arc<ConnState>,
 }
 
-impl ActivityLayer {
-    /// Counts into `pool`.
-    pub fn new(pool: Arc<Pool>) -> Self {
-        Self { pool }
-    }
-}
+/// Counts the requests of each connection (a gRPC call is open until its response
+/// body ends), from the [`ConnInfo`] tonic puts in the request, which it replaces
+/// with the TLS facts alone for the services below.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ActivityLayer;
 
 impl<S> tower::Layer<S> for ActivityLayer {
     type Service = Activity<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Activity {
-            inner,
-            pool: self.pool.clone(),
-        }
+        Activity { inner }
     }
 }
 
@@ -529,10 +530,7 @@ impl<S> tower::Layer<S> for ActivityLayer {
 #[derive(Debug, Clone)]
 pub struct Activity<S> {
     inner: S,
-    pool: Arc<Pool>,
 }
-
-type PeerInfo = tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>;
 
 impl<S, B, R> tower::Service<http::Request<B>> for Activity<S>
 where
@@ -547,13 +545,11 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let open = request
-            .extensions()
-            .get::<PeerInfo>()
-            .and_then(|info| info.get_ref().remote_addr())
-            .and_then(|peer| self.pool.find(peer))
-            .map(|conn| conn.begin());
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let open = request.extensions_mut().remove::<ConnInfo>().map(|info| {
+            request.extensions_mut().insert(info.tls);
+            info.conn.begin()
+        });
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await?;

@@ -24,7 +24,7 @@ use crate::{
     authn::{Authenticator, ClusterAuth},
     cacerts::CaCertsError,
     config::ServeConfig,
-    conns::{ActivityLayer, Deadlines, Pool, Refused},
+    conns::{ActivityLayer, ConnInfo, Deadlines, Pool, Refused},
     metrics::Metrics,
     pods::PodCache,
     policy::{NodeImpersonation, Policy},
@@ -298,7 +298,7 @@ pub async fn run(
         .layer(tower::util::MapResponseLayer::new(
             oversize_is_resource_exhausted,
         ))
-        .layer(ActivityLayer::new(pool.clone()))
+        .layer(ActivityLayer)
         .add_service(health_service)
         .add_service(
             IstioCertificateServiceServer::new(service)
@@ -453,10 +453,13 @@ impl Conn {
 }
 
 impl tonic::transport::server::Connected for Conn {
-    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+    type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.tls.connect_info()
+        ConnInfo {
+            tls: self.tls.connect_info(),
+            conn: self.deadlines.conn().clone(),
+        }
     }
 }
 

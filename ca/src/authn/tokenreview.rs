@@ -343,23 +343,18 @@ impl<T: Clone> Budget<T> {
     }
 
     fn insert(&mut self, key: [u8; 32], value: T, until: Instant, now: Instant) {
-        while self.entries.len() >= self.max.max(1) {
-            let Some((old, deadline)) = self.order.pop_front() else {
-                break;
-            };
-            // The oldest entry goes (every entry lives about as long, so it is also
-            // the first to expire); a stale pair names an entry renewed since.
-            if self.entries.get(&old).is_some_and(|(_, u)| *u == deadline) {
-                self.entries.remove(&old);
-            }
-        }
-        // Expired entries at the front go too, so the queue stays near the map's size.
-        while let Some((old, deadline)) = self.order.front().copied() {
-            if deadline > now && self.entries.get(&old).is_some_and(|(_, u)| *u == deadline) {
+        // From the front: the oldest entries go while the budget is full (every entry
+        // lives about as long, so they are also the first to expire), and expired
+        // ones go anyway, so the queue stays near the map's size. A pair whose
+        // deadline is not its entry's names an entry renewed since: only the pair goes.
+        while let Some(&(old, deadline)) = self.order.front() {
+            let current = self.entries.get(&old).is_some_and(|(_, u)| *u == deadline);
+            let full = self.entries.len() >= self.max.max(1);
+            if current && deadline > now && !full {
                 break;
             }
             self.order.pop_front();
-            if self.entries.get(&old).is_some_and(|(_, u)| *u == deadline) {
+            if current {
                 self.entries.remove(&old);
             }
         }
