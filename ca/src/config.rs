@@ -383,7 +383,7 @@ impl ServeArgs {
         };
         let trust_domain = signet_spiffe::trust_domain(&self.trust_domain)
             .map_err(|e| err("--trust-domain", e.to_string()))?;
-        let writers = writer_config(&self, api_access.as_ref(), &trust_domain)?;
+        let writers = writer_config(&self, api_access.as_ref())?;
         if self.default_ttl <= Duration::ZERO {
             return Err(err("--default-ttl", "must be positive".into()));
         }
@@ -673,7 +673,6 @@ fn is_object_name(name: &str) -> bool {
 fn writer_config(
     args: &ServeArgs,
     api_access: Option<&Option<PathBuf>>,
-    trust_domain: &TrustDomain,
 ) -> Result<Option<WriterConfig>, ConfigError> {
     let err = |flag, problem: String| ConfigError { flag, problem };
     fn set(v: &Option<String>) -> Option<&str> {
@@ -748,7 +747,7 @@ fn writer_config(
                             && sa.is_none_or(|sa| {
                                 signet_spiffe::ServiceAccount::new(ns, sa).is_ok()
                             });
-                        ok.then(|| crate::writers::Scope {
+                        ok.then(|| crate::policy::Scope {
                             namespace: ns.to_owned(),
                             service_account: sa.map(str::to_owned),
                         })
@@ -758,15 +757,12 @@ fn writer_config(
                     })
                     .collect::<Result<Vec<_>, _>>()
             };
-            Some(crate::writers::PodCertificates {
+            Some(crate::podcert::PodCertificates {
                 signer,
-                trust_domain: trust_domain.clone(),
-                max_ttl: args.max_ttl,
-                allow: scopes("--pod-certificate-allow", &args.pod_certificate_allow)?,
-                deny: scopes("--pod-certificate-deny", &args.pod_certificate_deny)?,
-                signing_threads: args
-                    .signing_threads
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                rules: crate::policy::PodRules {
+                    allow: scopes("--pod-certificate-allow", &args.pod_certificate_allow)?,
+                    deny: scopes("--pod-certificate-deny", &args.pod_certificate_deny)?,
+                },
             })
         }
         None if !args.pod_certificate_allow.is_empty() || !args.pod_certificate_deny.is_empty() => {

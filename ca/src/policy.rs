@@ -1,20 +1,32 @@
 //! What a request gets, decided before anything is queued: the identity the
-//! certificate names, its lifetime, whether the caller may act for someone else, and
-//! whether the SANs the CSR asks for are the caller's own. The signer signs what
-//! policy decided and nothing else.
+//! certificate names, its validity window, whether the caller may act for someone
+//! else, whether the SANs the CSR asks for are the caller's own, and whose share of
+//! the signing queue it takes. Both entry points ask here: a CreateCertificate call
+//! ([`Request::Istio`]) and a Kubernetes PodCertificateRequest ([`Request::Pod`]).
+//! The signer signs what policy decided and nothing else.
 
 use std::collections::BTreeMap;
 
 use spiffe::SpiffeId;
-use time::Duration;
+use time::{Duration, OffsetDateTime};
 
 use signet_spiffe::{IdentityError, ServiceAccount, TrustDomains};
 
 use crate::{
     authn::{Caller, Method},
     csr::ParsedCsr,
+    keys::KeyKind,
     pods::PodCache,
 };
+
+/// Istio backdates NotBefore by this much for clock skew; Signet never backdates more.
+pub const MAX_BACKDATE: Duration = Duration::minutes(2);
+/// The Kubernetes API's floor for a pod certificate's lifetime.
+pub const MIN_POD_LIFETIME: Duration = Duration::hours(1);
+/// A pod certificate's lifetime when the request sets no `maxExpirationSeconds`.
+const DEFAULT_POD_LIFETIME: Duration = Duration::hours(24);
+/// The key types pod certificates are signed for, in the API's names.
+pub const POD_KEY_TYPES: &str = "RSA3072, RSA4096, ECDSAP256, ECDSAP384";
 
 /// Why policy refused a request.
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +58,70 @@ pub enum PolicyError {
     PodsNotSynced(String),
     /// The caller's service account cannot be written as a SPIFFE ID in our trust
     /// domain (too long): `FAILED_PRECONDITION`.
-    #[error("the caller cannot be given a SPIFFE ID: {0}")]
+    #[error("the service account cannot be given a SPIFFE ID: {0}")]
     Identity(#[source] IdentityError),
+    /// The signing chain leaves no time for a certificate (expired, or expiring
+    /// now): `INTERNAL`, Istio's `CA_NOT_READY`.
+    #[error("the CA's signing certificate is not valid at this time (valid until {0})")]
+    ChainExpired(OffsetDateTime),
+    /// A pod certificate request carries `unverifiedUserAnnotations` Signet does not
+    /// know (all of them: it knows none).
+    #[error("Signet recognises no userAnnotations; unknown: {0}")]
+    UnknownAnnotations(String),
+    /// `--pod-certificate-allow` / `--pod-certificate-deny` exclude the pod's account.
+    #[error("pod certificates are not issued to {namespace}/{service_account} by policy")]
+    PodNotAllowed {
+        namespace: String,
+        service_account: String,
+    },
+    /// The pod's key is not one of the API's key types Signet signs.
+    #[error("{0}; Signet signs {POD_KEY_TYPES}")]
+    PodKeyType(String),
+    /// What the chain leaves, or what the request allows, is under the API's
+    /// one-hour minimum.
+    #[error(
+        "the signing certificate leaves {left} and requests allow {allowed}: under the one-hour minimum"
+    )]
+    PodLifetime { left: Duration, allowed: Duration },
+}
+
+/// What one request asks for, from either entry point.
+#[derive(Debug, Clone, Copy)]
+pub enum Request<'a> {
+    /// `CreateCertificate`: the authenticated caller, the requested seconds (0 or
+    /// less: the default), the identity it would act for, and its CSR.
+    Istio {
+        caller: &'a Caller,
+        requested_secs: i64,
+        impersonate: Option<&'a str>,
+        csr: &'a ParsedCsr,
+    },
+    /// A PodCertificateRequest whose pod and service account have been checked.
+    Pod(&'a PodRequest),
+}
+
+/// A PodCertificateRequest as policy sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRequest {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's service account.
+    pub service_account: String,
+    /// The pod's public key.
+    pub key: KeyKind,
+    /// `spec.maxExpirationSeconds`.
+    pub max_expiration: Option<Duration>,
+    /// The keys of `spec.unverifiedUserAnnotations`.
+    pub annotations: Vec<String>,
+}
+
+/// A certificate's validity, whole seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    /// NotBefore.
+    pub not_before: OffsetDateTime,
+    /// NotAfter.
+    pub not_after: OffsetDateTime,
 }
 
 /// The decision for one request.
@@ -55,10 +129,37 @@ pub enum PolicyError {
 pub struct Decision {
     /// The identity the certificate names.
     pub id: SpiffeId,
-    /// How long it lives (the signer may shorten it to the chain's NotAfter).
-    pub lifetime: Duration,
+    /// When it is valid, computed once here: the signer signs exactly this.
+    pub validity: Validity,
     /// For node impersonation: the caller's node.
     pub node: Option<String>,
+    /// Whose share of the signing queue the request takes: the service account, or
+    /// for a node agent acting for its node's pods, the account on that node.
+    pub share: String,
+}
+
+/// A namespace, or a namespace and service account, in an allow or deny list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// The namespace.
+    pub namespace: String,
+    /// The service account; `None` for all of the namespace.
+    pub service_account: Option<String>,
+}
+
+impl Scope {
+    fn covers(&self, namespace: &str, sa: &str) -> bool {
+        self.namespace == namespace && self.service_account.as_deref().is_none_or(|s| s == sa)
+    }
+}
+
+/// Which pods get pod certificates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodRules {
+    /// When not empty, only these namespaces or service accounts are served.
+    pub allow: Vec<Scope>,
+    /// These are denied.
+    pub deny: Vec<Scope>,
 }
 
 /// Who may ask for the identities of the pods on their node (ztunnel), and the pods
@@ -78,6 +179,7 @@ pub struct Policy {
     default_ttl: Duration,
     max_ttl: Duration,
     impersonation: Option<NodeImpersonation>,
+    pods: PodRules,
 }
 
 impl Policy {
@@ -89,7 +191,14 @@ impl Policy {
             default_ttl,
             max_ttl,
             impersonation: None,
+            pods: PodRules::default(),
         }
+    }
+
+    /// Which pods get pod certificates (all, unless told otherwise).
+    pub fn with_pods(mut self, pods: PodRules) -> Self {
+        self.pods = pods;
+        self
     }
 
     /// Lets the trusted node accounts act for the pods on their node.
@@ -103,14 +212,32 @@ impl Policy {
         &self.trust_domains
     }
 
-    /// Decides a request of `caller` asking for `requested_secs` (0 or less: the
-    /// default), optionally to act for `impersonate`, with `csr`.
+    /// Decides `request`, to be signed by a chain that allows no leaf past `limit`.
     pub fn decide(
+        &self,
+        request: Request<'_>,
+        limit: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<Decision, PolicyError> {
+        match request {
+            Request::Istio {
+                caller,
+                requested_secs,
+                impersonate,
+                csr,
+            } => self.decide_istio(caller, requested_secs, impersonate, csr, limit, now),
+            Request::Pod(pod) => self.decide_pod(pod, limit, now),
+        }
+    }
+
+    fn decide_istio(
         &self,
         caller: &Caller,
         requested_secs: i64,
         impersonate: Option<&str>,
         csr: &ParsedCsr,
+        limit: OffsetDateTime,
+        now: OffsetDateTime,
     ) -> Result<Decision, PolicyError> {
         let (id, node) = match impersonate {
             Some(target) => {
@@ -132,10 +259,83 @@ impl Policy {
                 caller: id.to_string(),
             });
         }
+        let lifetime = lifetime(requested_secs, self.default_ttl, self.max_ttl);
+        // Fair shares per caller; a node agent acting for its node's pods gets one
+        // share per node, not one for the whole mesh.
+        let share = match &node {
+            Some(node) => format!("{}@{node}", caller.account),
+            None => caller.account.to_string(),
+        };
         Ok(Decision {
             id,
-            lifetime: lifetime(requested_secs, self.default_ttl, self.max_ttl),
+            validity: validity(now, lifetime, limit)?,
             node,
+            share,
+        })
+    }
+
+    /// Kubernetes' rules for pod certificates and Signet's: no unknown annotations,
+    /// the pod's account in scope, a key type of the API's list, and a lifetime of
+    /// `min(maxExpirationSeconds or 24 h, --max-ttl, what the chain leaves)` that is
+    /// at least an hour. The lifetime is the whole window, NotAfter - NotBefore: the
+    /// backdating is taken from it, so the window stays within `maxExpirationSeconds`.
+    fn decide_pod(
+        &self,
+        pod: &PodRequest,
+        limit: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> Result<Decision, PolicyError> {
+        if !pod.annotations.is_empty() {
+            let mut names: Vec<&str> = pod.annotations.iter().map(String::as_str).collect();
+            names.sort_unstable();
+            // Bounded: the API refuses long condition messages.
+            let mut listed = names
+                .iter()
+                .take(10)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ");
+            listed.truncate(1000);
+            let more = names.len().saturating_sub(10);
+            if more > 0 {
+                listed.push_str(&format!(" and {more} more"));
+            }
+            return Err(PolicyError::UnknownAnnotations(listed));
+        }
+        let (namespace, sa) = (pod.namespace.as_str(), pod.service_account.as_str());
+        let rules = &self.pods;
+        if rules.deny.iter().any(|s| s.covers(namespace, sa))
+            || (!rules.allow.is_empty() && !rules.allow.iter().any(|s| s.covers(namespace, sa)))
+        {
+            return Err(PolicyError::PodNotAllowed {
+                namespace: namespace.to_owned(),
+                service_account: sa.to_owned(),
+            });
+        }
+        let account = ServiceAccount::new(namespace, sa).map_err(PolicyError::Identity)?;
+        if matches!(pod.key, KeyKind::Rsa(bits) if bits != 3072 && bits != 4096) {
+            return Err(PolicyError::PodKeyType(pod.key.to_string()));
+        }
+        let id = account
+            .spiffe_id(self.trust_domains.primary())
+            .map_err(PolicyError::Identity)?;
+        let allowed = pod.max_expiration.unwrap_or(DEFAULT_POD_LIFETIME);
+        let left = limit - now;
+        let total = allowed.min(self.max_ttl).min(left);
+        let backdate = (total / 10_i32).min(MAX_BACKDATE);
+        let not_before = seconds(now - backdate);
+        let not_after = seconds(not_before + total);
+        if not_after - not_before < MIN_POD_LIFETIME {
+            return Err(PolicyError::PodLifetime { left, allowed });
+        }
+        Ok(Decision {
+            id,
+            validity: Validity {
+                not_before,
+                not_after,
+            },
+            node: None,
+            share: account.to_string(),
         })
     }
 
@@ -256,6 +456,31 @@ pub fn lifetime(requested_secs: i64, default: Duration, max: Duration) -> Durati
     requested.min(max)
 }
 
+/// NotBefore and NotAfter for `lifetime` from `now`: backdated by at most 10 % of
+/// the lifetime (and [`MAX_BACKDATE`]), so that a short certificate is not due for
+/// renewal the moment it arrives; NotAfter clamped to `limit`.
+pub fn validity(
+    now: OffsetDateTime,
+    lifetime: Duration,
+    limit: OffsetDateTime,
+) -> Result<Validity, PolicyError> {
+    let backdate = (lifetime / 10_i32).min(MAX_BACKDATE);
+    let not_after = (now + lifetime).min(limit);
+    if not_after <= now {
+        return Err(PolicyError::ChainExpired(limit));
+    }
+    Ok(Validity {
+        not_before: seconds(now - backdate),
+        not_after: seconds(not_after),
+    })
+}
+
+/// Whole seconds: X.509 times have no fractions, and truncating keeps both bounds
+/// inside what was asked.
+fn seconds(t: OffsetDateTime) -> OffsetDateTime {
+    t.replace_nanosecond(0).unwrap_or(t)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -281,6 +506,29 @@ mod tests {
         }
     }
 
+    const NOW: i64 = 1_800_000_000;
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(NOW).unwrap()
+    }
+
+    /// A CreateCertificate request decided under a chain valid ten years.
+    fn istio(
+        p: &Policy,
+        caller: &Caller,
+        requested_secs: i64,
+        impersonate: Option<&str>,
+        csr: &ParsedCsr,
+    ) -> Result<Decision, PolicyError> {
+        let request = Request::Istio {
+            caller,
+            requested_secs,
+            impersonate,
+            csr,
+        };
+        p.decide(request, now() + Duration::days(3650), now())
+    }
+
     fn csr(uri: Option<&str>) -> ParsedCsr {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = rcgen::CertificateParams::default();
@@ -292,15 +540,15 @@ mod tests {
 
     #[test]
     fn identity_and_lifetime() {
-        let d = policy().decide(&caller(), 0, None, &csr(None)).unwrap();
+        let p = policy();
+        let d = istio(&p, &caller(), 0, None, &csr(None)).unwrap();
         assert_eq!(d.id.to_string(), "spiffe://cluster.local/ns/shop/sa/cart");
-        assert_eq!(d.lifetime, Duration::hours(24));
-        let d = policy().decide(&caller(), 3, None, &csr(None)).unwrap();
-        assert_eq!(d.lifetime, Duration::seconds(3));
-        let d = policy()
-            .decide(&caller(), 100 * 365 * 86_400, None, &csr(None))
-            .unwrap();
-        assert_eq!(d.lifetime, Duration::days(90));
+        assert_eq!(d.validity.not_after - now(), Duration::hours(24));
+        assert_eq!(d.share, "shop/cart");
+        let d = istio(&p, &caller(), 3, None, &csr(None)).unwrap();
+        assert_eq!(d.validity.not_after - now(), Duration::seconds(3));
+        let d = istio(&p, &caller(), 100 * 365 * 86_400, None, &csr(None)).unwrap();
+        assert_eq!(d.validity.not_after - now(), Duration::days(90));
         assert_eq!(
             lifetime(-5, Duration::hours(1), Duration::hours(2)),
             Duration::hours(1)
@@ -314,7 +562,10 @@ mod tests {
             "spiffe://cluster.local/ns/shop/sa/cart",
             "spiffe://old.example/ns/shop/sa/cart",
         ] {
-            assert!(p.decide(&caller(), 0, None, &csr(Some(ok))).is_ok(), "{ok}");
+            assert!(
+                istio(&p, &caller(), 0, None, &csr(Some(ok))).is_ok(),
+                "{ok}"
+            );
         }
         for bad in [
             "spiffe://cluster.local/ns/shop/sa/admin",
@@ -323,7 +574,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    p.decide(&caller(), 0, None, &csr(Some(bad))),
+                    istio(&p, &caller(), 0, None, &csr(Some(bad))),
                     Err(PolicyError::ForeignSan { .. })
                 ),
                 "{bad}"
@@ -344,32 +595,159 @@ mod tests {
             method: Method::ClientCert,
             ..caller()
         };
-        let e = p.decide(&caller, 0, Some(target), &csr(None)).unwrap_err();
+        let e = istio(&p, &caller, 0, Some(target), &csr(None)).unwrap_err();
         assert!(e.to_string().contains("client certificate"), "{e}");
         caller.method = Method::Jwt;
-        let e = p.decide(&caller, 0, Some(target), &csr(None)).unwrap_err();
+        let e = istio(&p, &caller, 0, Some(target), &csr(None)).unwrap_err();
         assert!(matches!(e, PolicyError::PodsNotSynced(_)), "{e}");
-        let e = p
-            .decide(&caller, 0, Some("spiffe://cluster.local/x"), &csr(None))
-            .unwrap_err();
+        let e = istio(&p, &caller, 0, Some("spiffe://cluster.local/x"), &csr(None)).unwrap_err();
         assert!(matches!(e, PolicyError::BadTarget { .. }), "{e}");
-        let e = p
-            .decide(&self::caller(), 0, Some(target), &csr(None))
-            .unwrap_err();
+        let e = istio(&p, &self::caller(), 0, Some(target), &csr(None)).unwrap_err();
         assert!(e.to_string().contains("--trusted-node-accounts"), "{e}");
     }
 
     #[test]
     fn impersonation_is_refused_naming_both() {
-        let e = policy()
-            .decide(
-                &caller(),
-                0,
-                Some("spiffe://cluster.local/ns/x/sa/y"),
-                &csr(None),
-            )
+        let e = istio(
+            &policy(),
+            &caller(),
+            0,
+            Some("spiffe://cluster.local/ns/x/sa/y"),
+            &csr(None),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("shop/cart") && e.contains("ns/x/sa/y"), "{e}");
+    }
+
+    #[test]
+    fn backdate_is_a_small_fraction() {
+        let now = now();
+        let far = now + Duration::days(3650);
+        let v = validity(now, Duration::seconds(60), far).unwrap();
+        assert_eq!(now - v.not_before, Duration::seconds(6));
+        assert_eq!(v.not_after - now, Duration::seconds(60));
+        let v = validity(now, Duration::hours(24), far).unwrap();
+        assert_eq!(now - v.not_before, MAX_BACKDATE);
+        // Clamped to the chain, and refused when nothing is left.
+        let soon = now + Duration::hours(1);
+        let v = validity(now, Duration::hours(24), soon).unwrap();
+        assert_eq!(v.not_after, soon);
+        assert!(matches!(
+            validity(now, Duration::hours(1), now - Duration::seconds(1)),
+            Err(PolicyError::ChainExpired(_))
+        ));
+    }
+
+    fn pod(key: KeyKind, max: Option<i64>) -> PodRequest {
+        PodRequest {
+            namespace: "apps".into(),
+            service_account: "web".into(),
+            key,
+            max_expiration: max.map(Duration::seconds),
+            annotations: vec![],
+        }
+    }
+
+    fn decide_pod(p: &Policy, pod: &PodRequest, left: Duration) -> Result<Decision, PolicyError> {
+        p.decide(Request::Pod(pod), now() + left, now())
+    }
+
+    #[test]
+    fn a_pod_certificate_window_is_what_the_request_allows_backdating_included() {
+        let p = policy();
+        let far = Duration::days(3650);
+        let d = decide_pod(&p, &pod(KeyKind::P256, None), far).unwrap();
+        assert_eq!(d.id.to_string(), "spiffe://cluster.local/ns/apps/sa/web");
+        assert_eq!(d.share, "apps/web");
+        let v = d.validity;
+        assert_eq!(v.not_after - v.not_before, Duration::hours(24));
+        assert_eq!(now() - v.not_before, MAX_BACKDATE);
+        let d = decide_pod(&p, &pod(KeyKind::Rsa(4096), Some(3600)), far).unwrap();
+        assert_eq!(
+            d.validity.not_after - d.validity.not_before,
+            Duration::hours(1)
+        );
+        // --max-ttl bounds it (90 days here), and so does the chain.
+        let d = decide_pod(&p, &pod(KeyKind::P384, Some(400 * 86_400)), far).unwrap();
+        assert_eq!(
+            d.validity.not_after - d.validity.not_before,
+            Duration::days(90)
+        );
+        let d = decide_pod(&p, &pod(KeyKind::P256, None), Duration::hours(5)).unwrap();
+        assert_eq!(
+            d.validity.not_after,
+            now() + Duration::hours(5) - MAX_BACKDATE
+        );
+        for (max, left) in [(Some(3599), far), (None, Duration::minutes(59))] {
+            let e = decide_pod(&p, &pod(KeyKind::P256, max), left).unwrap_err();
+            assert!(matches!(e, PolicyError::PodLifetime { .. }), "{e}");
+        }
+    }
+
+    #[test]
+    fn pod_rules_refuse_keys_scopes_and_annotations() {
+        let far = Duration::days(3650);
+        let e = decide_pod(&policy(), &pod(KeyKind::Rsa(2048), None), far).unwrap_err();
+        assert!(matches!(e, PolicyError::PodKeyType(_)), "{e}");
+        assert!(e.to_string().contains("RSA-2048") && e.to_string().contains("ECDSAP256"));
+        let mut annotated = pod(KeyKind::P256, None);
+        annotated.annotations = (0..12).map(|n| format!("example.com/a{n:02}")).collect();
+        let e = decide_pod(&policy(), &annotated, far)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("shop/cart") && e.contains("ns/x/sa/y"), "{e}");
+        assert!(
+            e.contains("example.com/a00") && e.contains("and 2 more"),
+            "{e}"
+        );
+        let scope = |ns: &str, sa: Option<&str>| Scope {
+            namespace: ns.into(),
+            service_account: sa.map(Into::into),
+        };
+        for (rules, ok) in [
+            (PodRules::default(), true),
+            (
+                PodRules {
+                    allow: vec![scope("apps", None)],
+                    deny: vec![],
+                },
+                true,
+            ),
+            (
+                PodRules {
+                    allow: vec![scope("apps", Some("db"))],
+                    deny: vec![],
+                },
+                false,
+            ),
+            (
+                PodRules {
+                    allow: vec![],
+                    deny: vec![scope("apps", Some("web"))],
+                },
+                false,
+            ),
+        ] {
+            let p = policy().with_pods(rules.clone());
+            let d = decide_pod(&p, &pod(KeyKind::P256, None), far);
+            assert_eq!(d.is_ok(), ok, "{rules:?}");
+            if let Err(e) = d {
+                assert!(matches!(e, PolicyError::PodNotAllowed { .. }), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn scopes_cover_a_namespace_or_one_account() {
+        let ns = Scope {
+            namespace: "apps".into(),
+            service_account: None,
+        };
+        let one = Scope {
+            namespace: "apps".into(),
+            service_account: Some("web".into()),
+        };
+        assert!(ns.covers("apps", "db") && one.covers("apps", "web"));
+        assert!(!one.covers("apps", "db") && !ns.covers("other", "web"));
     }
 }

@@ -196,21 +196,31 @@ pub async fn run(
     let (ready_tx, ready_rx) = watch::channel(false);
 
     let impersonation = node_impersonation(&config, &stop_rx).await?;
+    let mut policy = Policy::new(config.trust_domains(), config.default_ttl, config.max_ttl);
+    if let Some(imp) = &impersonation {
+        policy = policy.with_impersonation(imp.clone());
+    }
+    let pod_certificates = config
+        .writers
+        .as_ref()
+        .and_then(|w| w.pod_certificates.clone());
+    if let Some(pods) = &pod_certificates {
+        policy = policy.with_pods(pods.rules.clone());
+    }
+    let policy = Arc::new(policy);
+    // One queue for both entry points: CreateCertificate calls and pod certificates.
+    let queue = SigningQueue::new(
+        config.signing_threads,
+        config.max_pending,
+        config.max_pending_per_caller,
+    )?;
     let service = CaService::new(
         signer_rx.clone(),
         tls.clone(),
         authn,
-        SigningQueue::new(
-            config.signing_threads,
-            config.max_pending,
-            config.max_pending_per_caller,
-        )?,
+        queue.clone(),
         metrics.clone(),
-        match &impersonation {
-            Some(imp) => Policy::new(config.trust_domains(), config.default_ttl, config.max_ttl)
-                .with_impersonation(imp.clone()),
-            None => Policy::new(config.trust_domains(), config.default_ttl, config.max_ttl),
-        },
+        policy.clone(),
     );
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -250,11 +260,28 @@ pub async fn run(
             )
             .await
             .map_err(ServeError::Writers)?;
+            // The pod certificate signer runs on the elected replica beside the writers.
+            let mut tasks: Vec<crate::writers::LeaderTask> = Vec::new();
+            if let Some(pods) = pod_certificates {
+                let (client, signer, metrics) =
+                    (client.clone(), signer_rx.clone(), metrics.clone());
+                tasks.push(Box::new(move || {
+                    Box::pin(crate::podcert::run(
+                        client.clone(),
+                        pods.clone(),
+                        policy.clone(),
+                        queue.clone(),
+                        signer.clone(),
+                        metrics.clone(),
+                    ))
+                }));
+            }
             Some(tokio::spawn(crate::writers::run(
                 writers,
                 client,
                 signer_rx.clone(),
                 metrics.clone(),
+                tasks,
                 stop_rx.clone(),
             )))
         }

@@ -20,7 +20,7 @@ use crate::{
     authn::{Authenticator, AuthnError, Caller, ClientCert, Token},
     csr::{self, CsrError},
     metrics::Metrics,
-    policy::{Decision, Policy, PolicyError},
+    policy::{self, Decision, Policy, PolicyError},
     pushback::{self, Pushback},
     queue::{QueueError, SigningQueue},
     signer::{Issued, SignError, Signer},
@@ -134,6 +134,14 @@ impl RequestError {
             Self::Policy(PolicyError::BadTarget { .. }) => Status::invalid_argument(message),
             Self::Policy(PolicyError::PodsNotSynced(_)) => Status::unavailable(message),
             Self::Policy(PolicyError::Identity(_)) => Status::failed_precondition(message),
+            Self::Policy(PolicyError::ChainExpired(_)) => Status::internal(message),
+            // Pod certificate refusals; a CreateCertificate call never gets them.
+            Self::Policy(
+                PolicyError::UnknownAnnotations(_)
+                | PolicyError::PodNotAllowed { .. }
+                | PolicyError::PodKeyType(_),
+            ) => Status::permission_denied(message),
+            Self::Policy(PolicyError::PodLifetime { .. }) => Status::failed_precondition(message),
             Self::Sign(_) => Status::internal(message),
             Self::Queue(QueueError::Full(_) | QueueError::Share(_)) => {
                 Status::resource_exhausted(message)
@@ -155,7 +163,15 @@ impl RequestError {
             Self::Csr(_)
             | Self::Policy(PolicyError::ForeignSan { .. } | PolicyError::Identity(_))
             | Self::Sign(SignError::PublicKey(_)) => Some("CSR_ERROR"),
-            Self::Sign(SignError::Expired(_)) => Some("CA_NOT_READY"),
+            Self::Sign(SignError::Expired(_)) | Self::Policy(PolicyError::ChainExpired(_)) => {
+                Some("CA_NOT_READY")
+            }
+            Self::Policy(
+                PolicyError::UnknownAnnotations(_)
+                | PolicyError::PodNotAllowed { .. }
+                | PolicyError::PodKeyType(_)
+                | PolicyError::PodLifetime { .. },
+            ) => Some("CSR_ERROR"),
             Self::Sign(_) | Self::Queue(QueueError::Failed(_)) => Some("CERT_GEN_ERROR"),
             Self::Queue(QueueError::Full(_) | QueueError::Share(_)) => Some("OVERLOADED"),
         }
@@ -170,7 +186,7 @@ impl CaService {
         authn: Arc<Authenticator>,
         queue: SigningQueue,
         metrics: Metrics,
-        policy: Policy,
+        policy: Arc<Policy>,
     ) -> Self {
         Self {
             signer,
@@ -178,7 +194,7 @@ impl CaService {
             authn,
             queue,
             metrics,
-            policy: Arc::new(policy),
+            policy,
             overload_log: Arc::new(OverloadLog::new()),
             pushback: Arc::new(Pushback::default()),
         }
@@ -224,27 +240,24 @@ impl CaService {
         let body = request.into_inner();
         let csr = csr::parse(&body.csr)?;
         let target = impersonation_target(&body)?;
-        let decision =
-            self.policy
-                .decide(&caller, body.validity_duration, target.as_deref(), &csr)?;
         let signer = self.signer.borrow().clone();
-        // Fair shares per caller; a node agent acting for its node's pods gets one
-        // share per node, not one for the whole mesh.
-        let share = match &decision.node {
-            Some(node) => format!("{}@{node}", caller.account),
-            None => caller.account.to_string(),
+        let request = policy::Request::Istio {
+            caller: &caller,
+            requested_secs: body.validity_duration,
+            impersonate: target.as_deref(),
+            csr: &csr,
         };
+        let decision = self.policy.decide(
+            request,
+            signer.leaf_not_after_limit(),
+            OffsetDateTime::now_utc(),
+        )?;
         let decided = decision.clone();
         let issued = self
             .queue
-            .run_as(&share, move || -> Result<Issued, RequestError> {
+            .run_as(&decision.share, move || -> Result<Issued, RequestError> {
                 csr.verify()?;
-                Ok(signer.sign(
-                    &csr.spki,
-                    &decision.id,
-                    decision.lifetime,
-                    OffsetDateTime::now_utc(),
-                )?)
+                Ok(signer.sign(&csr.spki, &decision.id, &decision.validity)?)
             })
             .await??;
         Ok((caller, decided, issued))
@@ -315,9 +328,12 @@ impl IstioCertificateService for CaService {
                     node = decision.node.as_deref().unwrap_or(""),
                     "certificate issued"
                 );
-                Ok(Response::new(IstioCertificateResponse {
-                    cert_chain: issued.cert_chain,
-                }))
+                // Istio's order: leaf, the signing chain, then the trust bundle.
+                let mut cert_chain = Vec::with_capacity(issued.chain.len() + 2);
+                cert_chain.push(issued.leaf);
+                cert_chain.extend(issued.chain.into_iter().map(|c| c.pem));
+                cert_chain.push(issued.roots);
+                Ok(Response::new(IstioCertificateResponse { cert_chain }))
             }
             Err(e) => Err(self.refuse(&e, &peer)),
         };

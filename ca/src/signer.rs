@@ -13,10 +13,8 @@ use x509_parser::{certificate::X509Certificate, extensions::ParsedExtension, pre
 use crate::{
     cacerts::{KeyMaterial, Source},
     keys::KeyKind,
+    policy::{self, PolicyError, Validity},
 };
-
-/// Istio backdates NotBefore by this much for clock skew; Signet never backdates more.
-pub const MAX_BACKDATE: Duration = Duration::minutes(2);
 
 /// Why key material cannot sign, or why one signature failed.
 #[derive(Debug, thiserror::Error)]
@@ -35,11 +33,17 @@ pub enum SignError {
     Internal(String),
 }
 
-/// A freshly issued certificate and the chain to answer with.
+/// A freshly issued certificate, with the chain and roots it was issued under, kept
+/// apart: each entry point puts them in its own wire order.
 #[derive(Clone, Debug)]
 pub struct Issued {
-    /// `cert_chain` in Istio's order: leaf, the signing chain, then the trust bundle.
-    pub cert_chain: Vec<String>,
+    /// The leaf, PEM.
+    pub leaf: String,
+    /// The signing certificate and the operator's chain above it, as
+    /// `cert-chain.pem` holds them (the root too, when the operator put it there).
+    pub chain: Vec<ChainCert>,
+    /// The trust bundle, PEM.
+    pub roots: String,
     /// Serial number, lowercase hex.
     pub serial: String,
     /// SHA-256 of the workload's SubjectPublicKeyInfo, lowercase hex.
@@ -48,6 +52,15 @@ pub struct Issued {
     pub not_before: OffsetDateTime,
     /// Validity end.
     pub not_after: OffsetDateTime,
+}
+
+/// One certificate of the signing chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainCert {
+    /// PEM.
+    pub pem: String,
+    /// Also in the trust bundle (a root the operator put in `cert-chain.pem`).
+    pub is_root: bool,
 }
 
 /// A CA ready to sign: key material that passed every load-time check.
@@ -63,7 +76,7 @@ pub struct Signer {
     signing_subject: Vec<u8>,
     signing_key_id: Option<Vec<u8>>,
     chain: Vec<CertificateDer<'static>>,
-    chain_pem: Vec<String>,
+    chain_pem: Vec<ChainCert>,
     roots: Vec<CertificateDer<'static>>,
     roots_pem: String,
     crls: Vec<CertificateRevocationListDer<'static>>,
@@ -169,7 +182,14 @@ impl Signer {
             kind: m.key.kind,
             source: m.source,
             digest: m.digest,
-            chain_pem: m.chain.iter().map(to_pem).collect(),
+            chain_pem: m
+                .chain
+                .iter()
+                .map(|c| ChainCert {
+                    pem: to_pem(c),
+                    is_root: m.roots.contains(c),
+                })
+                .collect(),
             chain: m.chain,
             roots_pem: m.roots.iter().map(to_pem).collect(),
             signing_cert: m.signing_cert,
@@ -191,11 +211,10 @@ impl Signer {
         let probe = signer.sign(
             &probe_key.pair.subject_public_key_info(),
             &probe_id,
-            Duration::minutes(1),
-            now,
+            &signer.window(Duration::minutes(1), now)?,
         )?;
         let leaf = CertificateDer::from(
-            pem::parse(&probe.cert_chain[0])
+            pem::parse(&probe.leaf)
                 .map_err(|e| SignError::Internal(e.to_string()))?
                 .into_contents(),
         );
@@ -250,8 +269,9 @@ impl Signer {
         Ok(signer)
     }
 
-    /// Signs a workload leaf for `id` over the public key `spki_der`, valid for
-    /// `lifetime` from `now` but never past the chain's NotAfter.
+    /// Signs a workload leaf for `id` over the public key `spki_der`, valid exactly
+    /// for `validity` (as policy decided); refused when that ends past what the chain
+    /// allows (the key material changed since).
     ///
     /// The leaf's signature is not verified again per request: the load-time probe
     /// (see [`Signer::new`]) verified this exact code path with webpki through the
@@ -261,8 +281,7 @@ impl Signer {
         &self,
         spki_der: &[u8],
         id: &SpiffeId,
-        lifetime: Duration,
-        now: OffsetDateTime,
+        validity: &Validity,
     ) -> Result<Issued, SignError> {
         let uri = id
             .to_string()
@@ -272,7 +291,7 @@ impl Signer {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        self.issue(spki_der, vec![SanType::URI(uri)], eku, lifetime, now)
+        self.issue(spki_der, vec![SanType::URI(uri)], eku, validity)
     }
 
     /// Signs the CA's own TLS serving certificate for `dns_names`.
@@ -292,13 +311,22 @@ impl Signer {
                     .map_err(|e| SignError::Internal(format!("DNS name {n:?}: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let validity = self.window(lifetime, now)?;
         self.issue(
             spki_der,
             sans,
             vec![ExtendedKeyUsagePurpose::ServerAuth],
-            lifetime,
-            now,
+            &validity,
         )
+    }
+
+    /// Policy's window for `lifetime` from `now` under this chain, for the CA's own
+    /// certificates (serving certificates, the load-time probe).
+    pub fn window(&self, lifetime: Duration, now: OffsetDateTime) -> Result<Validity, SignError> {
+        policy::validity(now, lifetime, self.leaf_not_after_limit).map_err(|e| match e {
+            PolicyError::ChainExpired(limit) => SignError::Expired(limit),
+            other => SignError::Internal(other.to_string()),
+        })
     }
 
     fn issue(
@@ -306,10 +334,15 @@ impl Signer {
         spki_der: &[u8],
         sans: Vec<SanType>,
         eku: Vec<ExtendedKeyUsagePurpose>,
-        lifetime: Duration,
-        now: OffsetDateTime,
+        validity: &Validity,
     ) -> Result<Issued, SignError> {
-        let (not_before, not_after) = validity(now, lifetime, self.leaf_not_after_limit)?;
+        let Validity {
+            not_before,
+            not_after,
+        } = *validity;
+        if not_after > self.leaf_not_after_limit || not_before >= not_after {
+            return Err(SignError::Expired(self.leaf_not_after_limit));
+        }
         let mut params = CertificateParams::default();
         // An empty subject makes rcgen mark the SAN extension critical (RFC 5280).
         params.distinguished_name = DistinguishedName::new();
@@ -333,12 +366,10 @@ impl Signer {
             .map_err(|e| SignError::Internal(e.to_string()))?;
         self.check_leaf(cert.der())?;
 
-        let mut cert_chain = Vec::with_capacity(self.chain_pem.len() + 2);
-        cert_chain.push(cert.pem());
-        cert_chain.extend(self.chain_pem.iter().cloned());
-        cert_chain.push(self.roots_pem.clone());
         Ok(Issued {
-            cert_chain,
+            leaf: cert.pem(),
+            chain: self.chain_pem.clone(),
+            roots: self.roots_pem.clone(),
             serial: serial_hex,
             public_key_sha256: hex::encode(Sha256::digest(spki_der)),
             not_before,
@@ -438,26 +469,6 @@ impl Signer {
     pub fn leaf_not_after_limit(&self) -> OffsetDateTime {
         self.leaf_not_after_limit
     }
-}
-
-/// NotBefore and NotAfter: backdated by at most 10 % of the lifetime (and two minutes),
-/// so that a short certificate is not due for renewal the moment it arrives; NotAfter
-/// clamped to `limit`.
-pub fn validity(
-    now: OffsetDateTime,
-    lifetime: Duration,
-    limit: OffsetDateTime,
-) -> Result<(OffsetDateTime, OffsetDateTime), SignError> {
-    let backdate = (lifetime / 10_i32).min(MAX_BACKDATE);
-    let not_before = now - backdate;
-    let not_after = (now + lifetime).min(limit);
-    if not_after <= now {
-        return Err(SignError::Expired(limit));
-    }
-    // Whole seconds: X.509 times have no fractions, and truncating keeps both bounds
-    // inside what was asked.
-    let trunc = |t: OffsetDateTime| t.replace_nanosecond(0).unwrap_or(t);
-    Ok((trunc(not_before), trunc(not_after)))
 }
 
 /// rcgen writes the issuer's name anew into every certificate it signs, and its DER
@@ -572,7 +583,11 @@ mod tests {
         // A leaf may last as long as the intermediate, which the root outlives.
         let id = SpiffeId::new("spiffe://cluster.local/ns/a/sa/b").unwrap();
         let issued = signer
-            .sign(&leaf_key(), &id, Duration::days(400), now)
+            .sign(
+                &leaf_key(),
+                &id,
+                &signer.window(Duration::days(400), now).unwrap(),
+            )
             .unwrap();
         assert_eq!(issued.not_after, signer.signing_not_after());
     }
@@ -587,7 +602,11 @@ mod tests {
         assert_eq!((signer.root_not_after() - now).whole_days(), 3);
         let id = SpiffeId::new("spiffe://cluster.local/ns/a/sa/b").unwrap();
         let issued = signer
-            .sign(&leaf_key(), &id, Duration::days(10), now)
+            .sign(
+                &leaf_key(),
+                &id,
+                &signer.window(Duration::days(10), now).unwrap(),
+            )
             .unwrap();
         assert_eq!(
             issued.not_after,
@@ -595,21 +614,5 @@ mod tests {
             "a 10-day leaf under a 3-day root ends with the root"
         );
         assert_eq!(signer.leaf_not_after_limit(), signer.root_not_after());
-    }
-
-    #[test]
-    fn backdate_is_a_small_fraction() {
-        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
-        let far = now + Duration::days(3650);
-        let (nb, na) = validity(now, Duration::seconds(60), far).unwrap();
-        assert_eq!(now - nb, Duration::seconds(6));
-        assert_eq!(na - now, Duration::seconds(60));
-        let (nb, _) = validity(now, Duration::hours(24), far).unwrap();
-        assert_eq!(now - nb, MAX_BACKDATE);
-        // Clamped to the chain, and refused when nothing is left.
-        let soon = now + Duration::hours(1);
-        let (_, na) = validity(now, Duration::hours(24), soon).unwrap();
-        assert_eq!(na, soon);
-        assert!(validity(now, Duration::hours(1), now - Duration::seconds(1)).is_err());
     }
 }

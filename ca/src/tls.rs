@@ -136,7 +136,7 @@ fn issue_serving(
         SERVING_CERT_LIFETIME,
         now,
     )?;
-    let leaf = pem::parse(&issued.cert_chain[0]).map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let leaf = pem::parse(&issued.leaf).map_err(|e| TlsError::Rustls(e.to_string()))?;
     let mut chain = vec![CertificateDer::from(leaf.into_contents())];
     chain.extend(signer.chain_certs());
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.pair.serialize_der()));

@@ -361,9 +361,8 @@ impl OwnSteps {
                 csr::check(csr_pem).unwrap();
             }),
             sign: per_op(|| {
-                signer
-                    .sign(&checked.spki, &id, time::Duration::hours(24), now)
-                    .unwrap();
+                let window = signer.window(time::Duration::hours(24), now).unwrap();
+                signer.sign(&checked.spki, &id, &window).unwrap();
             }),
             token: per_op(|| {
                 rt.block_on(jwt.verify(&token, now)).unwrap();
@@ -380,11 +379,10 @@ fn sample_answer(cacerts: &Path, csr_pem: &str) -> IstioCertificateResponse {
     let signer = Signer::new(cacerts::load_dir(cacerts).unwrap().unwrap(), now).unwrap();
     let id = spiffe::SpiffeId::new("spiffe://cluster.local/ns/bench/sa/x").unwrap();
     let checked = csr::check(csr_pem).unwrap();
-    let issued = signer
-        .sign(&checked.spki, &id, time::Duration::hours(24), now)
-        .unwrap();
+    let window = signer.window(time::Duration::hours(24), now).unwrap();
+    let issued = signer.sign(&checked.spki, &id, &window).unwrap();
     IstioCertificateResponse {
-        cert_chain: issued.cert_chain,
+        cert_chain: signet_e2e::istio_chain(issued),
     }
 }
 

@@ -155,7 +155,14 @@ fn main() {
     let started = Instant::now();
     for _ in 0..rounds {
         for (caller, target) in &requests {
-            let d = policy.decide(caller, 0, Some(target), &csr);
+            let request = signet_ca::policy::Request::Istio {
+                caller,
+                requested_secs: 0,
+                impersonate: Some(target),
+                csr: &csr,
+            };
+            let now = time::OffsetDateTime::now_utc();
+            let d = policy.decide(request, now + time::Duration::days(365), now);
             assert!(d.is_ok(), "{d:?}");
         }
     }

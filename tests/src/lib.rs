@@ -123,6 +123,14 @@ pub fn serial(pem: &str) -> Vec<u8> {
     with_cert(pem, |c| c.tbs_certificate.raw_serial().to_vec())
 }
 
+/// A signed leaf as a CreateCertificate answer lists it: leaf, signing chain, roots.
+pub fn istio_chain(issued: signet_ca::signer::Issued) -> Vec<String> {
+    std::iter::once(issued.leaf)
+        .chain(issued.chain.into_iter().map(|c| c.pem))
+        .chain([issued.roots])
+        .collect()
+}
+
 /// Runs `openssl verify` on `chain[0]` with the middle elements as untrusted
 /// intermediates and the last element as the trust bundle.
 pub fn openssl_verify(chain: &[String]) -> Result<String, String> {

@@ -74,7 +74,11 @@ impl CaClient for FakeCa {
             let me = SpiffeId::new(&checked.uri_sans[0]).unwrap();
             let now = OffsetDateTime::now_utc();
             let sign = |signer: &Signer, spki: &[u8], id: &SpiffeId, at: OffsetDateTime| {
-                signer.sign(spki, id, ttl, at).unwrap().cert_chain
+                signet_e2e::istio_chain(
+                    signer
+                        .sign(spki, id, &signer.window(ttl, at).unwrap())
+                        .unwrap(),
+                )
             };
             Ok(match answer {
                 Answer::Good => sign(&self.signer, &checked.spki, &me, now),

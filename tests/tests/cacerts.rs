@@ -19,10 +19,12 @@ fn issue(dir: &Path) -> Vec<String> {
     let (key, _) = csr(None);
     use rcgen::PublicKeyData;
     let id = SpiffeId::new("spiffe://cluster.local/ns/default/sa/web").unwrap();
-    signer
-        .sign(&key.subject_public_key_info(), &id, Duration::hours(1), now)
-        .unwrap()
-        .cert_chain
+    let window = signer.window(Duration::hours(1), now).unwrap();
+    signet_e2e::istio_chain(
+        signer
+            .sign(&key.subject_public_key_info(), &id, &window)
+            .unwrap(),
+    )
 }
 
 fn load_err(dir: &Path) -> String {

@@ -106,15 +106,11 @@ fn root_and_sibling_intermediates_make_a_shared_trust() {
     let (leaf_key, _) = signet_e2e::csr(None);
     use rcgen::PublicKeyData;
     let id = spiffe::SpiffeId::new("spiffe://cluster.local/ns/a/sa/b").unwrap();
-    let mut chain = east
-        .sign(
-            &leaf_key.subject_public_key_info(),
-            &id,
-            time::Duration::hours(1),
-            now,
-        )
-        .unwrap()
-        .cert_chain;
+    let window = east.window(time::Duration::hours(1), now).unwrap();
+    let issued = east
+        .sign(&leaf_key.subject_public_key_info(), &id, &window)
+        .unwrap();
+    let mut chain = signet_e2e::istio_chain(issued);
     let last = chain.len() - 1;
     chain[last] = fs::read_to_string(d.path().join("west/root-cert.pem")).unwrap();
     signet_e2e::openssl_verify(&chain).unwrap();

@@ -251,17 +251,15 @@ async fn root_rotation_in_four_steps_without_a_failed_handshake() {
         .unwrap();
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         use rcgen::PublicKeyData;
-        let chain = signer
+        let issued = signer
             .sign(
                 &key.subject_public_key_info(),
                 &spiffe::SpiffeId::new(&fe).unwrap(),
-                time::Duration::hours(1),
-                now,
+                &signer.window(time::Duration::hours(1), now).unwrap(),
             )
-            .unwrap()
-            .cert_chain;
+            .unwrap();
         (
-            chain[0].clone() + &chain[1],
+            issued.leaf + &issued.chain[0].pem,
             key.serialize_pem(),
             both.clone(),
         )

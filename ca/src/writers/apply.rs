@@ -8,7 +8,7 @@ use std::fmt::Debug;
 use kube::{Api, Resource, ResourceExt, api::PostParams};
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::Driver;
+use super::Tally;
 
 /// Attempts per object before a run of conflicts counts as a failed sync.
 const MAX_ATTEMPTS: usize = 5;
@@ -54,7 +54,7 @@ pub(crate) async fn ensure<K>(
     api: &Api<K>,
     name: &str,
     known: Option<Option<K>>,
-    sync: &Driver,
+    tally: &Tally,
     mut desire: impl FnMut(Option<&K>) -> Option<K>,
 ) -> Result<bool, WriteError>
 where
@@ -82,12 +82,12 @@ where
         };
         match result {
             Ok(_) => {
-                sync.wrote();
+                tally.wrote();
                 return Ok(true);
             }
             // 409: AlreadyExists on create, Conflict on a stale resourceVersion.
             Err(e) if status(&e) == Some(409) => {
-                sync.conflict();
+                tally.conflict();
                 tracing::debug!(object = %what(), "conflict; reading it again");
             }
             Err(e) => return Err(WriteError::api(what(), e)),

@@ -9,21 +9,15 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration as StdDuration};
 use k8s_openapi::{
     ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use kube::{
-    Api,
-    runtime::{reflector, watcher},
-};
+use kube::{Api, ResourceExt, runtime::controller::Action};
 use rcgen::PublicKeyData;
 use time::OffsetDateTime;
-use tokio::{
-    sync::{Notify, watch},
-    task::JoinSet,
-};
+use tokio::sync::watch;
 
 use super::{
-    Driver, IstiodSecret, MANAGED_BY,
+    Failures, IstiodSecret, MANAGED_BY, Tally,
     apply::{WriteError, ensure},
-    watch_into,
+    drain, key_changes, requeue, retry_after, singleton,
 };
 use crate::signer::Signer;
 
@@ -129,11 +123,7 @@ fn issue(
             now,
         )
         .map_err(|e| WriteError::Other(format!("cannot issue istiod's certificate: {e}")))?;
-    let mut crt = issued
-        .cert_chain
-        .first()
-        .cloned()
-        .ok_or_else(|| WriteError::Other("the signer returned no certificate".into()))?;
+    let mut crt = issued.leaf;
     for cert in signer.chain_certs() {
         if !crt.ends_with('\n') {
             crt.push('\n');
@@ -181,86 +171,110 @@ fn desired(
     changed.then_some(secret)
 }
 
+/// What reconciling the Secret reads.
+struct Context {
+    api: Api<Secret>,
+    config: IstiodSecret,
+    signer: watch::Receiver<Arc<Signer>>,
+    tally: Tally,
+    failures: Failures,
+}
+
+/// Makes the Secret hold a certificate for the names under the current key
+/// material, renewed at half its life. `current` is the Secret as the API server has
+/// it, or a skeleton without a `resourceVersion` while it has none. Requeued for the
+/// renewal point of what is there now.
+async fn reconcile(current: Arc<Secret>, ctx: Arc<Context>) -> Result<Action, WriteError> {
+    let (config, tally) = (&ctx.config, &ctx.tally);
+    let known = current.resource_version().map(|_| (*current).clone());
+    let signer = ctx.signer.borrow().clone();
+    let now = OffsetDateTime::now_utc();
+    let bundle = signer.roots_pem();
+    // Judged on each attempt, so after a conflict with a fresher Secret (another
+    // replica renewed it a moment ago) nothing is issued twice.
+    let mut fresh: Option<(String, String)> = None;
+    let mut failure: Option<WriteError> = None;
+    let mut next = None;
+    let written = ensure(&ctx.api, &config.name, Some(known), tally, |s| {
+        let want = match judge(s, &signer, &config.dns_names, now) {
+            State::Good { renew_at } => {
+                next = Some(renew_at);
+                return desired(s, config, bundle, None);
+            }
+            State::Stuck(why) => {
+                failure = Some(WriteError::Other(format!(
+                    "Secret {}/{}: {why}",
+                    config.namespace, config.name
+                )));
+                return None;
+            }
+            State::Reissue(why) => {
+                if fresh.is_none() {
+                    match issue(&signer, config, now) {
+                        Ok(f) => fresh = Some(f),
+                        Err(e) => {
+                            failure = Some(e);
+                            return None;
+                        }
+                    }
+                    tracing::info!(reason = %why, "issuing istiod's certificate");
+                }
+                desired(s, config, bundle, fresh.as_ref())
+            }
+        };
+        if let Some(State::Good { renew_at }) = want
+            .as_ref()
+            .map(|w| judge(Some(w), &signer, &config.dns_names, now))
+        {
+            next = Some(renew_at);
+        }
+        want
+    })
+    .await?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if written {
+        tracing::info!(secret = %config.name, "istiod's Secret written");
+    }
+    ctx.failures.succeeded(&config.name);
+    tally.synced();
+    // Woken at the renewal point of what is there now.
+    Ok(requeue(next.map(|at| {
+        StdDuration::try_from(at - now).unwrap_or(StdDuration::from_secs(1))
+    })))
+}
+
+fn error_policy(_: Arc<Secret>, error: &WriteError, ctx: Arc<Context>) -> Action {
+    retry_after(&ctx.tally, &ctx.failures, &ctx.config.name, error)
+}
+
 /// Runs the writer until aborted.
 pub(super) async fn run(
     client: kube::Client,
     config: IstiodSecret,
     signer: watch::Receiver<Arc<Signer>>,
-    sync: Driver,
+    tally: Tally,
 ) {
     let api: Api<Secret> = Api::namespaced(client, &config.namespace);
-    let changed = Arc::new(Notify::new());
-    let (store, writer) = reflector::store::<Secret>();
-    let mut watches = JoinSet::new();
-    watches.spawn(watch_into(
-        api.clone(),
-        watcher::Config::default().fields(&format!("metadata.name={}", config.name)),
-        writer,
-        changed.clone(),
-        "istiod secret",
-    ));
-    if store.wait_until_ready().await.is_err() {
-        return;
-    }
+    let skeleton = Secret {
+        metadata: ObjectMeta {
+            name: Some(config.name.clone()),
+            namespace: Some(config.namespace.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
     tracing::info!(secret = %format!("{}/{}", config.namespace, config.name), names = ?config.dns_names, "keeping istiod's serving certificate");
-    let (api, config, sync_ref) = (&api, &config, &sync);
-    sync.drive(changed, signer, |current| {
-        let known = store
-            .get(&reflector::ObjectRef::new(&config.name).within(&config.namespace))
-            .map(|s| (*s).clone());
-        async move {
-            let now = OffsetDateTime::now_utc();
-            let bundle = current.roots_pem();
-            // Judged on each attempt, so after a conflict with a fresher Secret
-            // (another replica renewed it a moment ago) nothing is issued twice.
-            let mut fresh: Option<(String, String)> = None;
-            let mut failure: Option<WriteError> = None;
-            let mut next = None;
-            let written = ensure(api, &config.name, Some(known), sync_ref, |s| {
-                let want = match judge(s, &current, &config.dns_names, now) {
-                    State::Good { renew_at } => {
-                        next = Some(renew_at);
-                        return desired(s, config, bundle, None);
-                    }
-                    State::Stuck(why) => {
-                        failure = Some(WriteError::Other(format!(
-                            "Secret {}/{}: {why}",
-                            config.namespace, config.name
-                        )));
-                        return None;
-                    }
-                    State::Reissue(why) => {
-                        if fresh.is_none() {
-                            match issue(&current, config, now) {
-                                Ok(f) => fresh = Some(f),
-                                Err(e) => {
-                                    failure = Some(e);
-                                    return None;
-                                }
-                            }
-                            tracing::info!(reason = %why, "issuing istiod's certificate");
-                        }
-                        desired(s, config, bundle, fresh.as_ref())
-                    }
-                };
-                if let Some(State::Good { renew_at }) = want
-                    .as_ref()
-                    .map(|w| judge(Some(w), &current, &config.dns_names, now))
-                {
-                    next = Some(renew_at);
-                }
-                want
-            })
-            .await?;
-            if let Some(e) = failure {
-                return Err(e);
-            }
-            if written {
-                tracing::info!(secret = %config.name, "istiod's Secret written");
-            }
-            // Wake at the renewal point of what is there now.
-            Ok(next.map(|at| StdDuration::try_from(at - now).unwrap_or(StdDuration::from_secs(1))))
-        }
-    })
-    .await;
+    let controller =
+        singleton(api.clone(), skeleton, ()).reconcile_all_on(key_changes(signer.clone()));
+    let writer = tally.name();
+    let ctx = Arc::new(Context {
+        api,
+        config,
+        signer,
+        tally,
+        failures: Failures::default(),
+    });
+    drain(writer, controller.run(reconcile, error_policy, ctx)).await;
 }

@@ -1,34 +1,49 @@
 //! What the elected replica keeps in the Kubernetes API server, as istiod does when
 //! it is the mesh's CA: the root ConfigMap in every namespace ([`rootcm`]), a
 //! ClusterTrustBundle ([`trustbundle`]) and istiod's serving Secret ([`istiod`]);
-//! and it answers PodCertificateRequests for Signet's signer name ([`podcert`]).
+//! and, handed in by the server, the pod certificate signer's loop.
 //!
 //! Every replica signs; only the holder of a `coordination.k8s.io/v1` Lease
-//! ([`lease`]) writes. Each writer is level-triggered: it watches the objects it
-//! owns, and on any change, on a change of key material, and every few minutes it
-//! compares them with what they should be and writes only the differences, with
-//! `resourceVersion` preconditions ([`apply`]), so two replicas that both believe
-//! they lead cannot make an object flap.
+//! ([`lease`]) writes. Each writer is a kube-runtime controller: a `reconcile(object,
+//! context) -> Action` that compares one object with what it should be and writes
+//! only the difference, with `resourceVersion` preconditions ([`apply`]), so two
+//! replicas that both believe they lead cannot make an object flap; an
+//! `error_policy` that backs off per object with jitter; woken by the watch of what
+//! it owns, by new key material (`reconcile_all_on`), and by its own requeue.
 
 mod apply;
 mod istiod;
 pub(crate) mod lease;
-mod podcert;
 mod rootcm;
 mod trustbundle;
 
-use std::{future::Future, path::PathBuf, sync::Arc, time::Duration as StdDuration};
-
-use rand::Rng;
-use time::Duration;
-use tokio::{
-    sync::{Notify, watch},
-    task::JoinSet,
+use std::{
+    collections::HashMap,
+    fmt::Debug,
+    hash::Hash,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration as StdDuration,
 };
+
+use futures::{StreamExt, future::BoxFuture};
+use kube::{
+    Api, Resource,
+    runtime::{
+        Controller,
+        controller::{self, Action},
+        reflector::{self, ObjectRef},
+        watcher,
+    },
+};
+use rand::Rng;
+use serde::de::DeserializeOwned;
+use time::Duration;
+use tokio::{sync::watch, task::JoinSet};
 
 use crate::{metrics::Metrics, signer::Signer};
 
-pub use podcert::{PodCertificates, Scope};
+pub(crate) use apply::{WriteError, status};
 
 /// The root ConfigMap writer's settings.
 #[derive(Debug, Clone)]
@@ -78,8 +93,9 @@ pub struct WriterConfig {
     pub root_configmap: Option<RootConfigMap>,
     /// The signer names ClusterTrustBundles are kept for.
     pub trust_bundle_signers: Vec<String>,
-    /// Answering PodCertificateRequests.
-    pub pod_certificates: Option<PodCertificates>,
+    /// Answering PodCertificateRequests (on the request path, [`crate::podcert`]; run
+    /// by the elected replica as a [`LeaderTask`]).
+    pub pod_certificates: Option<crate::podcert::PodCertificates>,
     /// istiod's serving Secret.
     pub istiod_secret: Option<IstiodSecret>,
     /// Leader election.
@@ -142,12 +158,18 @@ pub fn default_identity() -> String {
     format!("{host}_{:08x}", rand::rng().random::<u32>())
 }
 
-/// Elects, and while this replica leads, runs the configured writers; until `stop`.
+/// Work that runs on the elected replica only, beside the writers: started anew each
+/// time this replica comes to lead, aborted when it stops.
+pub type LeaderTask = Box<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// Elects, and while this replica leads, runs the configured writers and `tasks`;
+/// until `stop`.
 pub async fn run(
     config: WriterConfig,
     client: kube::Client,
     signer: watch::Receiver<Arc<Signer>>,
     metrics: Metrics,
+    tasks: Vec<LeaderTask>,
     stop: watch::Receiver<bool>,
 ) {
     let (leading_tx, mut leading) = watch::channel(false);
@@ -170,7 +192,7 @@ pub async fn run(
                 client.clone(),
                 cm.clone(),
                 signer.clone(),
-                Driver::new("root-configmap", &metrics),
+                Tally::new("root-configmap", &metrics),
             ));
         }
         for name in &config.trust_bundle_signers {
@@ -178,15 +200,7 @@ pub async fn run(
                 client.clone(),
                 name.clone(),
                 signer.clone(),
-                Driver::new("cluster-trust-bundle", &metrics),
-            ));
-        }
-        if let Some(pods) = &config.pod_certificates {
-            writers.spawn(podcert::run(
-                client.clone(),
-                pods.clone(),
-                signer.clone(),
-                Driver::new("pod-certificates", &metrics),
+                Tally::new("cluster-trust-bundle", &metrics),
             ));
         }
         if let Some(secret) = &config.istiod_secret {
@@ -194,8 +208,11 @@ pub async fn run(
                 client.clone(),
                 secret.clone(),
                 signer.clone(),
-                Driver::new("istiod-secret", &metrics),
+                Tally::new("istiod-secret", &metrics),
             ));
+        }
+        for task in &tasks {
+            writers.spawn(task());
         }
         tokio::select! {
             _ = stop_rx.wait_for(|s| *s) => {}
@@ -213,81 +230,52 @@ pub async fn run(
     lease::release(config.lease, client).await;
 }
 
-/// What a writer's sync loop needs: its name, metrics, and retry state.
+/// A writer's name in the metrics, and its counters.
 #[derive(Debug, Clone)]
-struct Driver {
+pub(crate) struct Tally {
     name: &'static str,
     metrics: Metrics,
 }
 
-/// How long a writer waits before checking everything again when nothing happens.
-const RESYNC: StdDuration = StdDuration::from_secs(300);
-
-impl Driver {
-    fn new(name: &'static str, metrics: &Metrics) -> Self {
+impl Tally {
+    pub(crate) fn new(name: &'static str, metrics: &Metrics) -> Self {
         Self {
             name,
             metrics: metrics.clone(),
         }
     }
 
-    /// Calls `sync` now and again whenever `changed` fires, the key material changes,
-    /// the time `sync` asked for passes, or (after an error) the backoff passes.
-    async fn drive<F, Fut>(
-        &self,
-        changed: Arc<Notify>,
-        mut signer: watch::Receiver<Arc<Signer>>,
-        mut sync: F,
-    ) where
-        F: FnMut(Arc<Signer>) -> Fut,
-        Fut: Future<Output = Result<Option<StdDuration>, apply::WriteError>>,
-    {
-        let mut backoff = StdDuration::from_secs(1);
-        loop {
-            let current = signer.borrow_and_update().clone();
-            let wait = match sync(current).await {
-                Ok(next) => {
-                    backoff = StdDuration::from_secs(1);
-                    self.metrics
-                        .writer_last_sync
-                        .with_label_values(&[self.name])
-                        .set(time::OffsetDateTime::now_utc().unix_timestamp() as f64);
-                    next.map_or(RESYNC, |n| n.min(RESYNC))
-                }
-                Err(e) => {
-                    self.error();
-                    tracing::warn!(writer = self.name, error = %e, retry_in = ?backoff, "sync failed");
-                    let wait = backoff;
-                    backoff = (backoff * 2).min(StdDuration::from_secs(60));
-                    wait
-                }
-            };
-            tokio::select! {
-                _ = changed.notified() => {
-                    // Let a burst of watch events settle into one sync.
-                    tokio::time::sleep(StdDuration::from_millis(50)).await;
-                }
-                r = signer.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(wait) => {}
-            }
-        }
+    pub(crate) fn name(&self) -> &'static str {
+        self.name
     }
 
-    fn wrote(&self) {
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// An object found (or made) as it should be.
+    pub(crate) fn synced(&self) {
+        self.metrics
+            .writer_last_sync
+            .with_label_values(&[self.name])
+            .set(time::OffsetDateTime::now_utc().unix_timestamp() as f64);
+    }
+
+    pub(crate) fn wrote(&self) {
         self.metrics
             .writer_writes
             .with_label_values(&[self.name])
             .inc();
     }
 
-    fn error(&self) {
+    pub(crate) fn error(&self) {
         self.metrics
             .writer_errors
             .with_label_values(&[self.name])
             .inc();
     }
 
-    fn conflict(&self) {
+    pub(crate) fn conflict(&self) {
         self.metrics
             .writer_conflicts
             .with_label_values(&[self.name])
@@ -295,16 +283,154 @@ impl Driver {
     }
 }
 
+/// How long an object that is as it should be waits for its next check when nothing
+/// changes.
+const RESYNC: StdDuration = StdDuration::from_secs(300);
+/// The first retry after a failure; doubled per failure up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: StdDuration = StdDuration::from_secs(1);
+const MAX_BACKOFF: StdDuration = StdDuration::from_secs(60);
+
+/// `wait` give or take a fifth, so that objects (and replicas) checked together do
+/// not stay in step.
+pub(crate) fn jitter(wait: StdDuration) -> StdDuration {
+    wait.mul_f64(rand::rng().random_range(0.8..1.2))
+}
+
+/// The next check of an object that is as it should be: after `wait` (the time it
+/// asked for, e.g. a renewal point) or [`RESYNC`], whichever is sooner, jittered.
+pub(crate) fn requeue(wait: Option<StdDuration>) -> Action {
+    Action::requeue(jitter(wait.map_or(RESYNC, |w| w.min(RESYNC))))
+}
+
+/// Failed reconciles per object, for the backoff; forgotten on success.
+#[derive(Debug, Default)]
+pub(crate) struct Failures(Mutex<HashMap<String, u32>>);
+
+impl Failures {
+    /// Counts a failure of `key`; returns how long to wait before the next try:
+    /// [`FIRST_BACKOFF`] doubling per failure to [`MAX_BACKOFF`], jittered.
+    pub(crate) fn failed(&self, key: &str) -> StdDuration {
+        let mut failures = crate::lock(&self.0);
+        let n = failures.entry(key.to_owned()).or_insert(0);
+        *n = n.saturating_add(1);
+        jitter(backoff(*n))
+    }
+
+    pub(crate) fn succeeded(&self, key: &str) {
+        crate::lock(&self.0).remove(key);
+    }
+}
+
+/// The unjittered wait after `failures` failures in a row.
+fn backoff(failures: u32) -> StdDuration {
+    FIRST_BACKOFF
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF)
+}
+
+/// An item each time the key material changes: `reconcile_all_on`'s trigger.
+pub(crate) fn key_changes(
+    signer: watch::Receiver<Arc<Signer>>,
+) -> impl futures::Stream<Item = ()> + Send + 'static {
+    tokio_stream::wrappers::WatchStream::from_changes(signer).map(|_| ())
+}
+
+/// The failure a writer's `error_policy` reports: counted, logged, retried after the
+/// object's backoff.
+pub(crate) fn retry_after(
+    tally: &Tally,
+    failures: &Failures,
+    key: &str,
+    error: &WriteError,
+) -> Action {
+    tally.error();
+    let wait = failures.failed(key);
+    tracing::warn!(writer = tally.name(), object = key, error = %error, retry_in = ?wait, "sync failed");
+    Action::requeue(wait)
+}
+
+/// A controller for the one object `name` that Signet keeps in existence (a Secret,
+/// a ClusterTrustBundle). A `Controller` reconciles only objects its store holds and
+/// is not woken by deletions, so on its own it could neither create the object nor
+/// bring a deleted one back before a resync. This one's store holds the object as the
+/// API server has it or, while the server has none, `skeleton` (the name alone, no
+/// `resourceVersion`: reconcile creates it), and every watch event wakes it,
+/// deletions included.
+pub(crate) fn singleton<K>(api: Api<K>, skeleton: K, dyntype: K::DynamicType) -> Controller<K>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Clone + Debug + Eq + Hash + Unpin + Send + Sync,
+{
+    let mut writer = reflector::store::Writer::new(dyntype.clone());
+    let store = writer.as_reader();
+    let name = skeleton.meta().name.clone().unwrap_or_default();
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let reader = store.clone();
+    let trigger = kube::runtime::WatchStreamExt::default_backoff(watcher(api, config)).filter_map(
+        move |event| {
+            let wake = match event {
+                Ok(event) => {
+                    writer.apply_watcher_event(&event);
+                    let settled = matches!(
+                        event,
+                        watcher::Event::Apply(_)
+                            | watcher::Event::Delete(_)
+                            | watcher::Event::InitDone
+                    );
+                    if settled && reader.is_empty() {
+                        writer.apply_watcher_event(&watcher::Event::Apply(skeleton.clone()));
+                    }
+                    settled
+                        .then(|| reader.state().first().map(|o| Ok((**o).clone())))
+                        .flatten()
+                }
+                Err(e) => Some(Err(e)),
+            };
+            std::future::ready(wake)
+        },
+    );
+    Controller::for_stream_with(trigger, store, dyntype)
+}
+
+/// Runs a controller's output to its end. Reconcile failures were reported by the
+/// writer's `error_policy`; a failing watch is said once until it recovers.
+pub(crate) async fn drain<K, E>(
+    name: &'static str,
+    results: impl futures::Stream<
+        Item = Result<(ObjectRef<K>, Action), controller::Error<E, watcher::Error>>,
+    >,
+) where
+    K: Resource,
+    E: std::error::Error + 'static,
+{
+    let mut results = std::pin::pin!(results);
+    let mut failing = false;
+    while let Some(result) = results.next().await {
+        match result {
+            Err(controller::Error::QueueError(e)) => {
+                if !failing {
+                    tracing::warn!(writer = name, error = %e, "watch failed; retrying");
+                }
+                failing = true;
+            }
+            Err(controller::Error::ObjectNotFound(object)) => {
+                tracing::debug!(writer = name, %object, "gone before it was reconciled");
+            }
+            Ok(_) | Err(_) => failing = false,
+        }
+    }
+}
+
 /// Which version of `kind` (group `certificates.k8s.io`) the API server serves,
 /// `v1` before `v1beta1`. Retried with backoff while the API server cannot say;
 /// `None`, said once in the log, when it serves neither.
-async fn discover(
+pub(crate) async fn discover(
     client: &kube::Client,
     kind: &str,
     plural: &str,
 ) -> Option<kube::api::ApiResource> {
     const GROUP: &str = "certificates.k8s.io";
-    let mut backoff = StdDuration::from_secs(1);
+    let mut failures = 0;
     'retry: loop {
         for version in ["v1", "v1beta1"] {
             let api_version = format!("{GROUP}/{version}");
@@ -321,9 +447,10 @@ async fn discover(
                 Ok(_) => {}
                 Err(e) if apply::status(&e) == Some(404) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot discover {kind} in {api_version}; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(StdDuration::from_secs(60));
+                    failures += 1;
+                    let wait = jitter(backoff(failures));
+                    tracing::warn!(error = %e, retry_in = ?wait, "cannot discover {kind} in {api_version}; retrying");
+                    tokio::time::sleep(wait).await;
                     continue 'retry;
                 }
             }
@@ -335,50 +462,16 @@ async fn discover(
     }
 }
 
-/// Runs a watch of `api` under `config` into the reflector `writer`, firing
-/// `changed` on every event; restarts with backoff on errors.
-async fn watch_into<K>(
-    api: kube::Api<K>,
-    config: kube::runtime::watcher::Config,
-    writer: kube::runtime::reflector::store::Writer<K>,
-    changed: Arc<Notify>,
-    what: &'static str,
-) where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    use futures::StreamExt;
-    use kube::runtime::WatchStreamExt;
-    let stream = kube::runtime::watcher(api, config)
-        .default_backoff()
-        .reflect(writer);
-    let mut stream = std::pin::pin!(stream);
-    let mut failing = false;
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(_) => {
-                failing = false;
-                changed.notify_one();
-            }
-            Err(e) => {
-                if !failing {
-                    tracing::warn!(watch = what, error = %e, "watch failed; retrying");
-                }
-                failing = true;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod signer_name_tests {
-    use super::check_signer_name;
+    use super::{backoff, check_signer_name};
+
+    #[test]
+    fn backoff_doubles_to_a_minute() {
+        let secs: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(backoff(u32::MAX).as_secs(), 60);
+    }
 
     #[test]
     fn signer_names_follow_the_api_servers_rules() {

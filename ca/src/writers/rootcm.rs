@@ -3,26 +3,29 @@
 //! Created when a namespace appears, recreated when deleted, restored when edited,
 //! updated when the key material changes; terminating namespaces are skipped.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{collections::BTreeMap, sync::Arc, time::Duration as StdDuration};
 
-use futures::StreamExt;
+use futures::FutureExt;
+
 use k8s_openapi::{
     api::core::v1::{ConfigMap, Namespace},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use kube::{
     Api, ResourceExt,
-    runtime::{reflector, watcher},
+    runtime::{
+        Controller, WatchStreamExt,
+        controller::{self, Action},
+        reflector::{self, ObjectRef},
+        watcher,
+    },
 };
-use tokio::{
-    sync::{Notify, watch},
-    task::JoinSet,
-};
+use tokio::sync::watch;
 
 use super::{
-    Driver, MANAGED_BY, RootConfigMap,
+    Failures, MANAGED_BY, RootConfigMap, Tally,
     apply::{WriteError, ensure, status},
-    watch_into,
+    drain, key_changes, requeue, retry_after,
 };
 use crate::signer::Signer;
 
@@ -31,7 +34,7 @@ pub(crate) const ROOT_KEY: &str = "root-cert.pem";
 /// The label istiod puts on it.
 const ISTIO_CONFIG: (&str, &str) = ("istio.io/config", "true");
 /// Namespaces written at once.
-const PARALLEL_WRITES: usize = 16;
+const PARALLEL_WRITES: u16 = 16;
 
 /// The ConfigMap as it should be, starting from `current`; `None` when it is.
 fn desired(
@@ -73,116 +76,113 @@ fn terminating(ns: &Namespace) -> bool {
             .is_some_and(|p| p == "Terminating")
 }
 
+/// What reconciling one namespace reads.
+struct Context {
+    client: kube::Client,
+    config: RootConfigMap,
+    /// The root ConfigMaps, by the watch the controller is also woken by.
+    configmaps: reflector::Store<ConfigMap>,
+    signer: watch::Receiver<Arc<Signer>>,
+    tally: Tally,
+    failures: Failures,
+}
+
+/// Makes namespace `ns`'s root ConfigMap hold the current trust bundle.
+async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, WriteError> {
+    if terminating(&ns) {
+        return Ok(Action::await_change());
+    }
+    // A ConfigMap is known absent only once its watch has listed them all. Not
+    // awaited: kube-runtime's store keeps one oneshot receiver behind a lock, so of
+    // several reconciles waiting at once only the last one polled would be woken.
+    if ctx.configmaps.wait_until_ready().now_or_never().is_none() {
+        return Ok(Action::requeue(StdDuration::from_millis(100)));
+    }
+    let namespace = ns.name_any();
+    let name = &ctx.config.name;
+    let bundle = ctx.signer.borrow().roots_pem().to_owned();
+    let known = ctx
+        .configmaps
+        .get(&ObjectRef::new(name).within(&namespace))
+        .map(|cm| (*cm).clone());
+    let desire = |cm: Option<&ConfigMap>| desired(cm, name, &namespace, &bundle);
+    let api = Api::<ConfigMap>::namespaced(ctx.client.clone(), &namespace);
+    let result = match ensure(&api, name, Some(known), &ctx.tally, desire).await {
+        Err(refused @ WriteError::Api { .. }) if is_unprocessable(&refused) => {
+            recreate_immutable(&api, name, &ctx.tally, refused, desire).await
+        }
+        other => other,
+    };
+    match result {
+        Ok(written) => {
+            if written {
+                tracing::debug!(configmap = %name, %namespace, "root ConfigMap written");
+            }
+        }
+        // The namespace went away meanwhile: nothing to write.
+        Err(WriteError::Api { source, .. })
+            if matches!(status(&source), Some(403 | 404)) && is_namespace_gone(&source) =>
+        {
+            return Ok(Action::await_change());
+        }
+        // Refused for good (e.g. an admission policy): said, counted, and tried again
+        // at the resync rather than with a backoff.
+        Err(WriteError::Api { what, source }) if status(&source) == Some(422) => {
+            ctx.tally.error();
+            tracing::warn!(object = %what, error = %source, "cannot write the root ConfigMap; fix or delete it");
+            return Ok(requeue(None));
+        }
+        Err(e) => return Err(e),
+    }
+    ctx.failures.succeeded(&namespace);
+    ctx.tally.synced();
+    Ok(requeue(None))
+}
+
+fn is_unprocessable(e: &WriteError) -> bool {
+    matches!(e, WriteError::Api { source, .. } if status(source) == Some(422))
+}
+
+fn error_policy(ns: Arc<Namespace>, error: &WriteError, ctx: Arc<Context>) -> Action {
+    retry_after(&ctx.tally, &ctx.failures, &ns.name_any(), error)
+}
+
 /// Runs the writer until aborted.
 pub(super) async fn run(
     client: kube::Client,
     config: RootConfigMap,
     signer: watch::Receiver<Arc<Signer>>,
-    sync: Driver,
+    tally: Tally,
 ) {
-    let changed = Arc::new(Notify::new());
-    let (namespaces, ns_writer) = reflector::store::<Namespace>();
     let (configmaps, cm_writer) = reflector::store::<ConfigMap>();
-    let mut watches = JoinSet::new();
+    let cm_watch = watcher(
+        Api::<ConfigMap>::all(client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={}", config.name)),
+    )
+    .default_backoff()
+    .reflect(cm_writer)
+    .touched_objects();
     let mut ns_watch = watcher::Config::default();
     if let Some(selector) = &config.namespace_selector {
         ns_watch = ns_watch.labels(selector);
     }
-    watches.spawn(watch_into(
-        Api::<Namespace>::all(client.clone()),
-        ns_watch,
-        ns_writer,
-        changed.clone(),
-        "namespaces",
-    ));
-    watches.spawn(watch_into(
-        Api::<ConfigMap>::all(client.clone()),
-        watcher::Config::default().fields(&format!("metadata.name={}", config.name)),
-        cm_writer,
-        changed.clone(),
-        "root configmaps",
-    ));
-    if namespaces.wait_until_ready().await.is_err() || configmaps.wait_until_ready().await.is_err()
-    {
-        return;
-    }
     tracing::info!(configmap = %config.name, "publishing the trust bundle in every namespace");
-    let sync_ref = &sync;
-    let config = &config;
-    let client = &client;
-    sync.drive(changed, signer, |current| {
-        let namespaces = namespaces.state();
-        let configmaps = configmaps.clone();
-        async move {
-            let bundle = current.roots_pem();
-            let work = namespaces
-                .into_iter()
-                .filter(|ns| !terminating(ns))
-                .filter_map(|ns| {
-                    let namespace = ns.name_any();
-                    let key = reflector::ObjectRef::new(&config.name).within(&namespace);
-                    let known = configmaps.get(&key).map(|cm| (*cm).clone());
-                    // Already right as last seen: nothing to do (the watch tells of edits).
-                    if known.as_ref().is_some_and(|cm| {
-                        desired(Some(cm), &config.name, &namespace, bundle).is_none()
-                    }) {
-                        return None;
-                    }
-                    Some((namespace, known))
-                });
-            let results: Vec<Result<bool, WriteError>> = futures::stream::iter(work)
-                .map(|(namespace, known)| async move {
-                    let api = Api::<ConfigMap>::namespaced(client.clone(), &namespace);
-                    let result = ensure(&api, &config.name, Some(known), sync_ref, |cm| {
-                        desired(cm, &config.name, &namespace, bundle)
-                    })
-                    .await;
-                    // Refused as invalid: an immutable ConfigMap (a namespace editor can
-                    // set `immutable: true`), which would break the namespace at the
-                    // next root change. It is replaced: deleted and created again.
-                    let result = match result {
-                        Err(refused @ WriteError::Api { .. })
-                            if matches!(&refused, WriteError::Api { source, .. } if status(source) == Some(422)) =>
-                        {
-                            recreate_immutable(&api, &config.name, sync_ref, refused, |cm| {
-                                desired(cm, &config.name, &namespace, bundle)
-                            })
-                            .await
-                        }
-                        other => other,
-                    };
-                    match result {
-                        // The namespace went away or began terminating meanwhile.
-                        Err(WriteError::Api { source, .. })
-                            if matches!(status(&source), Some(403 | 404))
-                                && is_namespace_gone(&source) =>
-                        {
-                            Ok(false)
-                        }
-                        // Refused as invalid (an immutable ConfigMap, say): retrying
-                        // cannot help, so say so and go on with the other namespaces.
-                        Err(WriteError::Api { what, source }) if status(&source) == Some(422) => {
-                            sync_ref.error();
-                            tracing::warn!(object = %what, error = %source, "cannot write the root ConfigMap; fix or delete it");
-                            Ok(false)
-                        }
-                        other => other,
-                    }
-                })
-                .buffer_unordered(PARALLEL_WRITES)
-                .collect()
-                .await;
-            let written = results.iter().filter(|r| matches!(r, Ok(true))).count();
-            if written > 0 {
-                tracing::info!(configmap = %config.name, written, "root ConfigMaps written");
-            }
-            match results.into_iter().find_map(Result::err) {
-                Some(e) => Err(e),
-                None => Ok(None),
-            }
-        }
-    })
-    .await;
+    let controller = Controller::new(Api::<Namespace>::all(client.clone()), ns_watch)
+        .watches_stream(cm_watch, |cm: ConfigMap| {
+            cm.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns))
+        })
+        .reconcile_all_on(key_changes(signer.clone()))
+        .with_config(controller::Config::default().concurrency(PARALLEL_WRITES));
+    let name = tally.name();
+    let ctx = Arc::new(Context {
+        client,
+        config,
+        configmaps,
+        signer,
+        tally,
+        failures: Failures::default(),
+    });
+    drain(name, controller.run(reconcile, error_policy, ctx)).await;
 }
 
 /// Replaces the ConfigMap `name` when it is immutable: deleted (only that object, as
@@ -192,7 +192,7 @@ pub(super) async fn run(
 async fn recreate_immutable(
     api: &Api<ConfigMap>,
     name: &str,
-    sync: &Driver,
+    tally: &Tally,
     refused: WriteError,
     desire: impl FnMut(Option<&ConfigMap>) -> Option<ConfigMap>,
 ) -> Result<bool, WriteError> {
@@ -202,7 +202,7 @@ async fn recreate_immutable(
         .await
         .map_err(|e| WriteError::api(what(), e))?
     else {
-        return ensure(api, name, Some(None), sync, desire).await;
+        return ensure(api, name, Some(None), tally, desire).await;
     };
     if current.immutable != Some(true) {
         return Err(refused);
@@ -222,7 +222,7 @@ async fn recreate_immutable(
         Err(e) => return Err(WriteError::api(what(), e)),
     }
     tracing::warn!(object = %what(), "the root ConfigMap was made immutable; replaced it");
-    ensure(api, name, Some(None), sync, desire).await
+    ensure(api, name, Some(None), tally, desire).await
 }
 
 /// Whether an API error says the namespace is terminating or gone.

@@ -6,19 +6,25 @@
 
 use std::sync::Arc;
 
+use k8s_openapi::api::certificates::v1::ClusterTrustBundleSpec;
 use kube::{
-    Api,
-    api::{ApiResource, DynamicObject},
-    runtime::{reflector, watcher},
+    Api, ResourceExt,
+    api::ApiResource,
+    core::{NotUsed, Object},
+    runtime::controller::Action,
 };
-use serde_json::json;
-use tokio::{
-    sync::{Notify, watch},
-    task::JoinSet,
-};
+use tokio::sync::watch;
 
-use super::{Driver, MANAGED_BY, apply::ensure, discover, watch_into};
+use super::{
+    Failures, MANAGED_BY, Tally,
+    apply::{WriteError, ensure},
+    discover, drain, key_changes, requeue, retry_after, singleton,
+};
 use crate::signer::Signer;
+
+/// A ClusterTrustBundle of whichever version the API server serves (their specs are
+/// the same).
+type ClusterTrustBundle = Object<ClusterTrustBundleSpec, NotUsed>;
 
 /// The object's name: the API requires `<signer name with / as :>:` in front.
 pub(crate) fn object_name(signer: &str) -> String {
@@ -39,29 +45,64 @@ fn ca_bundle(signer: &Signer) -> String {
 
 /// The object as it should be, from `current`; `None` when it is.
 fn desired(
-    current: Option<&DynamicObject>,
+    current: Option<&ClusterTrustBundle>,
     resource: &ApiResource,
     signer: &str,
     bundle: &str,
-) -> Option<DynamicObject> {
-    let name = object_name(signer);
+) -> Option<ClusterTrustBundle> {
+    let want = ClusterTrustBundleSpec {
+        signer_name: Some(signer.to_owned()),
+        trust_bundle: bundle.to_owned(),
+    };
     let mut object = current
         .cloned()
-        .unwrap_or_else(|| DynamicObject::new(&name, resource));
+        .unwrap_or_else(|| Object::new(&object_name(signer), resource, want.clone()));
     let mut changed = current.is_none();
-    let labels = object.metadata.labels.get_or_insert_with(Default::default);
+    let labels = object.labels_mut();
     if labels.get(MANAGED_BY.0).map(String::as_str) != Some(MANAGED_BY.1) {
         labels.insert(MANAGED_BY.0.into(), MANAGED_BY.1.into());
         changed = true;
     }
-    let spec = &object.data["spec"];
-    if spec["signerName"] != signer || spec["trustBundle"] != bundle {
-        // spec.signerName is immutable: an object with another one cannot be
-        // fixed by an update (the API server will refuse it, and the error says so).
-        object.data["spec"] = json!({ "signerName": signer, "trustBundle": bundle });
+    if object.spec != want {
+        object.spec = want;
         changed = true;
     }
     changed.then_some(object)
+}
+
+/// What reconciling the bundle reads.
+struct Context {
+    api: Api<ClusterTrustBundle>,
+    resource: ApiResource,
+    signer_name: String,
+    signer: watch::Receiver<Arc<Signer>>,
+    tally: Tally,
+    failures: Failures,
+}
+
+/// Makes the bundle hold the current roots. `current` is the object as the API server
+/// has it, or a skeleton without a `resourceVersion` while it has none.
+async fn reconcile(
+    current: Arc<ClusterTrustBundle>,
+    ctx: Arc<Context>,
+) -> Result<Action, WriteError> {
+    let name = current.name_any();
+    let known = current.resource_version().map(|_| (*current).clone());
+    let bundle = ca_bundle(&ctx.signer.borrow());
+    let written = ensure(&ctx.api, &name, Some(known), &ctx.tally, |o| {
+        desired(o, &ctx.resource, &ctx.signer_name, &bundle)
+    })
+    .await?;
+    if written {
+        tracing::info!(object = %name, "ClusterTrustBundle written");
+    }
+    ctx.failures.succeeded(&name);
+    ctx.tally.synced();
+    Ok(requeue(None))
+}
+
+fn error_policy(current: Arc<ClusterTrustBundle>, error: &WriteError, ctx: Arc<Context>) -> Action {
+    retry_after(&ctx.tally, &ctx.failures, &current.name_any(), error)
 }
 
 /// Runs the writer until aborted.
@@ -69,48 +110,35 @@ pub(super) async fn run(
     client: kube::Client,
     signer_name: String,
     signer: watch::Receiver<Arc<Signer>>,
-    sync: Driver,
+    tally: Tally,
 ) {
     let Some(resource) = discover(&client, "ClusterTrustBundle", "clustertrustbundles").await
     else {
         return;
     };
     let name = object_name(&signer_name);
-    let api: Api<DynamicObject> = Api::all_with(client, &resource);
-    let changed = Arc::new(Notify::new());
-    let writer = reflector::store::Writer::new(resource.clone());
-    let store = writer.as_reader();
-    let mut watches = JoinSet::new();
-    watches.spawn(watch_into(
-        api.clone(),
-        watcher::Config::default().fields(&format!("metadata.name={name}")),
-        writer,
-        changed.clone(),
-        "cluster trust bundle",
-    ));
-    if store.wait_until_ready().await.is_err() {
-        return;
-    }
+    let api: Api<ClusterTrustBundle> = Api::all_with(client, &resource);
+    let skeleton = Object::new(
+        &name,
+        &resource,
+        ClusterTrustBundleSpec {
+            signer_name: Some(signer_name.clone()),
+            trust_bundle: String::new(),
+        },
+    );
     tracing::info!(version = %resource.api_version, object = %name, "publishing the trust bundle as a ClusterTrustBundle");
-    let (api, name, resource, signer_name, sync_ref) =
-        (&api, &name, &resource, &signer_name, &sync);
-    sync.drive(changed, signer, |current| {
-        let known = store
-            .get(&reflector::ObjectRef::new_with(name, resource.clone()))
-            .map(|o| (*o).clone());
-        async move {
-            let bundle = &ca_bundle(&current);
-            if ensure(api, name, Some(known), sync_ref, |o| {
-                desired(o, resource, signer_name, bundle)
-            })
-            .await?
-            {
-                tracing::info!(object = %name, "ClusterTrustBundle written");
-            }
-            Ok(None)
-        }
-    })
-    .await;
+    let controller = singleton(api.clone(), skeleton, resource.clone())
+        .reconcile_all_on(key_changes(signer.clone()));
+    let writer = tally.name();
+    let ctx = Arc::new(Context {
+        api,
+        resource,
+        signer_name,
+        signer,
+        tally,
+        failures: Failures::default(),
+    });
+    drain(writer, controller.run(reconcile, error_policy, ctx)).await;
 }
 
 #[cfg(test)]
@@ -128,8 +156,9 @@ mod tests {
             plural: "clustertrustbundles".into(),
         };
         let fresh = desired(None, &resource, "signet.dev/spiffe", "PEM").unwrap();
-        assert_eq!(fresh.data["spec"]["trustBundle"], "PEM");
-        assert_eq!(fresh.data["spec"]["signerName"], "signet.dev/spiffe");
+        assert_eq!(fresh.spec.trust_bundle, "PEM");
+        assert_eq!(fresh.spec.signer_name.as_deref(), Some("signet.dev/spiffe"));
+        assert_eq!(fresh.name_any(), "signet.dev:spiffe:bundle");
         assert!(desired(Some(&fresh), &resource, "signet.dev/spiffe", "PEM").is_none());
         assert!(desired(Some(&fresh), &resource, "signet.dev/spiffe", "NEW").is_some());
     }
