@@ -3,7 +3,9 @@
 //! Envoy over SDS on a Unix socket.
 //!
 //! Major components:
-//! - [`rotation`]: refresh timing, backoff, and the loop that renews the certificate.
+//! - [`schedule`]: when to renew, back off, or ask again after a trust-file change
+//!   (pure functions of the time and what was fetched).
+//! - [`rotation`]: the loop that fetches, publishes and sleeps until the schedule says.
 //! - [`caclient`]: CreateCertificate over TLS with the pod's token.
 //! - [`svid`]: the checks every CA answer passes before it is served.
 //! - [`store`] and [`sds`]: the secrets by SDS name and Envoy's SDS protocol.
@@ -22,6 +24,7 @@ pub mod names;
 pub(crate) mod output;
 pub(crate) mod resources;
 pub mod rotation;
+pub mod schedule;
 pub mod sds;
 pub mod server;
 pub mod store;
