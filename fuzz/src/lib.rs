@@ -219,3 +219,44 @@ pub fn federation(data: &[u8]) {
         }
     }
 }
+
+/// The SDS socket's HTTP/2 rewriter (`signet_agent::sds::rewrite_client_bytes`) on any
+/// client bytes: never a panic, and what it hands h2 is the client's preface and
+/// frames, whose header blocks decode (in order, one HPACK table) to lists of at most
+/// 16 KiB with an `:authority` h2 accepts, if any.
+pub fn sds_authority(data: &[u8]) {
+    let Ok(out) = signet_agent::sds::rewrite_client_bytes(data) else {
+        return;
+    };
+    let mut rest = out.get(24..).unwrap_or_default();
+    let mut decoder = loona_hpack::Decoder::new();
+    let mut block: Vec<u8> = Vec::new();
+    while rest.len() >= 9 {
+        let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        let (kind, flags) = (rest[3], rest[4]);
+        let Some(payload) = rest.get(9..9 + len) else {
+            // The rest of a passed-through frame has not arrived.
+            return;
+        };
+        if kind == 0x1 || kind == 0x9 {
+            block.extend_from_slice(payload);
+            if flags & 0x4 != 0 {
+                let mut size = 0;
+                decoder
+                    .decode_with_cb(&block, |name, value| {
+                        size += name.len() + value.len() + 32;
+                        if &*name == b":authority" {
+                            assert!(
+                                http::uri::Authority::try_from(&*value).is_ok(),
+                                "h2 would refuse :authority {value:?}"
+                            );
+                        }
+                    })
+                    .expect("a header block the rewriter wrote does not decode");
+                assert!(size <= 16 * 1024, "a header list of {size} bytes passed");
+                block.clear();
+            }
+        }
+        rest = &rest[9 + len..];
+    }
+}

@@ -8,13 +8,14 @@ use std::path::{Path, PathBuf};
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 6] = [
+const TARGETS: [(&str, Target); 7] = [
     ("csr", signet_fuzz::csr),
     ("jwt", signet_fuzz::jwt),
     ("cacerts", signet_fuzz::cacerts),
     ("sds_name", signet_fuzz::sds_name),
     ("ca_answer", signet_fuzz::ca_answer),
     ("federation", signet_fuzz::federation),
+    ("sds_authority", signet_fuzz::sds_authority),
 ];
 
 fn corpus(target: &str) -> PathBuf {
@@ -70,6 +71,10 @@ fn seeds_reach_the_accepting_paths() {
     let material = signet_ca::cacerts::load_dir(&dir).unwrap().unwrap();
     signet_ca::signer::Signer::new(material, signet_fuzz::now()).unwrap();
     assert!(signet_agent::federation::parse_map(&read("federation", "map")).is_ok());
+    for seed in ["socket-path", "huffman-continuation"] {
+        let out = signet_agent::sds::rewrite_client_bytes(&read("sds_authority", seed)).unwrap();
+        assert!(out.len() > 24, "{seed}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -102,10 +107,75 @@ fn tempfile_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// Writes the `sds_authority` seeds: a gRPC client's first bytes on the SDS socket
+/// (preface, SETTINGS, a request's HEADERS and a DATA frame), its `:authority` the
+/// socket path as Envoy's google_grpc sends it; and the same with Huffman-coded
+/// strings and the block split over a CONTINUATION frame.
+#[test]
+#[ignore]
+fn write_sds_authority_seeds() {
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    let fields: [(&[u8], &[u8]); 6] = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (
+            b":path",
+            b"/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
+        ),
+        (
+            b":authority",
+            b"%2Fvar%2Frun%2Fsecrets%2Fworkload-spiffe-uds%2Fsocket",
+        ),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ];
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let settings = frame(0x4, 0, 0, &[]);
+    let data = frame(0x0, 0, 1, &[0, 0, 0, 0, 2, 0x0a, 0x00]);
+    let plain = loona_hpack::Encoder::new().encode(fields);
+    let mut seed = preface.to_vec();
+    seed.extend(&settings);
+    seed.extend(frame(0x1, 0x4, 1, &plain));
+    seed.extend(&data);
+    write_corpus("sds_authority", "socket-path", &seed);
+    // Huffman-coded literals (the first byte of a string with its top bit set), the
+    // block split in two frames.
+    let mut huffman = Vec::new();
+    for (name, value) in fields {
+        huffman.push(0x00);
+        for s in [name, value] {
+            let mut coded = Vec::new();
+            httlib_huffman::encode(s, &mut coded).unwrap();
+            huffman.push(0x80 | coded.len() as u8);
+            huffman.extend(coded);
+        }
+    }
+    let (first, second) = huffman.split_at(huffman.len() / 2);
+    let mut seed = preface.to_vec();
+    seed.extend(&settings);
+    seed.extend(frame(0x1, 0, 1, first));
+    seed.extend(frame(0x9, 0x4, 1, second));
+    seed.extend(&data);
+    write_corpus("sds_authority", "huffman-continuation", &seed);
+}
+
+fn write_corpus(target: &str, file: &str, bytes: &[u8]) {
+    let dir = corpus(target);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(file), bytes).unwrap();
+}
+
 /// Writes the seed corpus: `cargo test -p signet-fuzz -- --ignored write_seeds`.
 #[test]
 #[ignore]
 fn write_seeds() {
+    write_sds_authority_seeds();
     use rcgen::{CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
     let write = |target: &str, file: &str, bytes: &[u8]| {
         let dir = corpus(target);

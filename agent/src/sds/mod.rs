@@ -21,6 +21,8 @@ mod service;
 mod socket;
 mod transport;
 
+#[doc(hidden)]
+pub use authority::rewrite as rewrite_client_bytes;
 pub use service::Sds;
 pub use socket::{SocketError, bind};
 pub use transport::{SdsServer, Unboxed};
