@@ -102,7 +102,7 @@ impl GrpcCaClient {
             ),
             None => (ClientTlsConfig::new().with_native_roots(), [0; 32]),
         };
-        let mut cached = self.channel.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cached = crate::sync::lock(&self.channel);
         if let Some((channel, d)) = cached.as_ref()
             && *d == digest
         {

@@ -333,11 +333,20 @@ impl RunArgs {
     }
 }
 
+/// Why a flag's value is not a duration.
+#[derive(Debug, thiserror::Error)]
+pub enum DurationError {
+    #[error("{0:?} is not a duration like 24h, 90m or 8s ({1})")]
+    Syntax(String, #[source] humantime::DurationError),
+    #[error("{0:?} is too long")]
+    TooLong(String),
+}
+
 /// Parses `24h`, `90m`, `8s` into a duration.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{s:?} is not a duration like 24h, 90m or 8s ({e})"))?;
-    Duration::try_from(d).map_err(|e| format!("{s:?}: {e}"))
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    let d =
+        humantime::parse_duration(s.trim()).map_err(|e| DurationError::Syntax(s.to_owned(), e))?;
+    Duration::try_from(d).map_err(|_| DurationError::TooLong(s.to_owned()))
 }
 
 #[cfg(test)]

@@ -193,7 +193,7 @@ impl FileSecrets {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SecretName, Entry>> {
         // Every update is one insert, remove or field store: a poisoned map is whole.
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.entries)
     }
 
     /// The current secret of a watched name.

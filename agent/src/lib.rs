@@ -29,3 +29,4 @@ pub mod sds;
 pub mod server;
 pub mod store;
 pub mod svid;
+pub(crate) mod sync;

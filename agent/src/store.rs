@@ -56,7 +56,7 @@ impl SecretStore {
     /// Replaces the bundles of other trust domains; streams holding `ALL` or a
     /// changed `spiffe://<td>` are told.
     pub fn set_federated(&self, bundles: crate::federation::Bundles) {
-        let mut current = self.federated.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = crate::sync::lock(&self.federated);
         if *current != bundles {
             *current = bundles;
             drop(current);
@@ -67,11 +67,7 @@ impl SecretStore {
     /// Trust domain -> PEM bundle: our own (from the CA's answer) and the federated.
     fn bundles(&self) -> Option<crate::federation::Bundles> {
         let svid = self.svid()?;
-        let mut all = self
-            .federated
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let mut all = crate::sync::lock(&self.federated).clone();
         all.insert(
             svid.id.trust_domain_name().to_owned(),
             svid.roots_pem.clone(),

@@ -714,13 +714,13 @@ fn writer_config(
     if let Some(signer) = set(&args.cluster_trust_bundle_signer) {
         trust_bundle_signers.push(
             crate::writers::check_signer_name(signer)
-                .map_err(|e| err("--cluster-trust-bundle-signer", e))?,
+                .map_err(|e| err("--cluster-trust-bundle-signer", e.to_string()))?,
         );
     }
     let pod_certificates = match set(&args.pod_certificate_signer) {
         Some(signer) => {
             let signer = crate::writers::check_signer_name(signer)
-                .map_err(|e| err("--pod-certificate-signer", e))?;
+                .map_err(|e| err("--pod-certificate-signer", e.to_string()))?;
             if args.max_ttl < Duration::hours(1) {
                 return Err(err(
                     "--max-ttl",

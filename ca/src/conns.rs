@@ -53,22 +53,20 @@ pub struct ConnArgs {
 
     /// How long a connection may take, after its TLS handshake, to send the HTTP/2
     /// preface and its first request; then it is closed.
-    #[arg(long, default_value = "10s", value_parser = bounded_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "10s", value_parser = bounded_duration(), value_name = "DURATION")]
     pub first_request_timeout: Duration,
 
     /// A connection with no request open for this long is closed (gRPC clients
     /// reconnect by themselves on their next call).
-    #[arg(long, default_value = "2m", value_parser = bounded_duration, value_name = "DURATION")]
+    #[arg(long, default_value = "2m", value_parser = bounded_duration(), value_name = "DURATION")]
     pub idle_timeout: Duration,
 }
 
 /// A duration from 100 ms to a day.
-fn bounded_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
-    if d < Duration::from_millis(100) || d > Duration::from_secs(86_400) {
-        return Err(format!("{s} is not between 100ms and 24h"));
-    }
-    Ok(d)
+fn bounded_duration()
+-> impl Fn(&str) -> Result<Duration, crate::duration::DurationError> + Clone + Send + Sync + 'static
+{
+    crate::duration::between(Duration::from_millis(100), Duration::from_secs(86_400))
 }
 
 /// `CIDR=N` or `CIDR=unlimited`: the connection share of a range of peer addresses.
@@ -358,7 +356,7 @@ impl Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // Every update is a few inserts and removes that cannot panic half-way: a
         // poisoned pool is whole (refusing every connection after it would not be).
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.inner)
     }
 
     /// Admits a connection from `peer` just accepted, closing the connection idle the

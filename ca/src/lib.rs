@@ -34,15 +34,6 @@ pub(crate) mod reload;
 pub mod server;
 pub(crate) mod service;
 pub mod signer;
+pub(crate) mod sync;
 pub(crate) mod tls;
 pub mod writers;
-
-/// Locks `mutex`, recovering from poisoning. Every map and counter behind the
-/// project's locks is changed by single inserts, increments and removals, never left
-/// half-updated by a panic elsewhere, so a poisoned lock still holds a usable value;
-/// refusing it instead would turn one panicked task into a CA that refuses everyone.
-pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}

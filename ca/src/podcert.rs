@@ -177,42 +177,50 @@ fn check_binding(
     spec: &PodCertificateRequestSpec,
     pod: Option<&Pod>,
     account: Option<&K8sServiceAccount>,
-) -> Result<(), String> {
+) -> Result<(), Refusal> {
     let (pod_name, sa) = (&spec.pod_name, &spec.service_account_name);
     let Some(pod) = pod else {
-        return Err(format!("pod {pod_name:?} does not exist"));
+        return Err(Refusal::NotBound(format!(
+            "pod {pod_name:?} does not exist"
+        )));
     };
     if pod.metadata.uid.as_deref() != Some(spec.pod_uid.as_str()) {
-        return Err(format!(
+        return Err(Refusal::NotBound(format!(
             "pod {pod_name:?} has another UID than the request's podUID"
-        ));
+        )));
     }
     let pod_spec = pod.spec.as_ref();
     let runs_as = pod_spec
         .and_then(|s| s.service_account_name.as_deref())
         .unwrap_or("default");
     if runs_as != sa {
-        return Err(format!(
+        return Err(Refusal::NotBound(format!(
             "pod {pod_name:?} runs as service account {runs_as:?}, not {sa:?}"
-        ));
+        )));
     }
     let node = pod_spec.and_then(|s| s.node_name.as_deref()).unwrap_or("");
     if node != spec.node_name {
-        return Err(format!(
+        return Err(Refusal::NotBound(format!(
             "pod {pod_name:?} is on node {node:?}, not {:?}",
             spec.node_name
-        ));
+        )));
     }
     if let Some(phase @ ("Succeeded" | "Failed")) =
         pod.status.as_ref().and_then(|s| s.phase.as_deref())
     {
-        return Err(format!("pod {pod_name:?} has finished ({phase})"));
+        return Err(Refusal::NotBound(format!(
+            "pod {pod_name:?} has finished ({phase})"
+        )));
     }
     match account {
-        None => Err(format!("service account {sa:?} does not exist")),
-        Some(a) if a.metadata.uid.as_deref() != Some(spec.service_account_uid.as_str()) => Err(
-            format!("service account {sa:?} has another UID than the request's serviceAccountUID"),
-        ),
+        None => Err(Refusal::NotBound(format!(
+            "service account {sa:?} does not exist"
+        ))),
+        Some(a) if a.metadata.uid.as_deref() != Some(spec.service_account_uid.as_str()) => {
+            Err(Refusal::NotBound(format!(
+                "service account {sa:?} has another UID than the request's serviceAccountUID"
+            )))
+        }
         Some(_) => Ok(()),
     }
 }
@@ -323,8 +331,8 @@ impl Context {
             .get_opt(sa)
             .await
             .map_err(|e| WriteError::api(format!("service account {namespace}/{sa}"), e))?;
-        if let Err(why) = check_binding(spec, pod.as_ref(), account.as_ref()) {
-            return Ok(Err(Refusal::NotBound(why)));
+        if let Err(refusal) = check_binding(spec, pod.as_ref(), account.as_ref()) {
+            return Ok(Err(refusal));
         }
         let (spki, key) = match public_key(spec) {
             Ok(k) => k,
@@ -409,11 +417,11 @@ impl Context {
     }
 
     fn is_settled(&self, uid: &str) -> bool {
-        crate::lock(&self.settled).contains_key(uid)
+        crate::sync::lock(&self.settled).contains_key(uid)
     }
 
     fn settle(&self, uid: &str) {
-        let mut settled = crate::lock(&self.settled);
+        let mut settled = crate::sync::lock(&self.settled);
         let now = Instant::now();
         settled.retain(|_, at| now.duration_since(*at) < SETTLED_FOR);
         settled.insert(uid.to_owned(), now);
@@ -421,8 +429,8 @@ impl Context {
 
     /// Forgets a request that is answered (by anyone).
     fn forget(&self, uid: &str) {
-        crate::lock(&self.settled).remove(uid);
-        crate::lock(&self.refused).remove(uid);
+        crate::sync::lock(&self.settled).remove(uid);
+        crate::sync::lock(&self.refused).remove(uid);
         self.failures.succeeded(uid);
     }
 }
@@ -444,7 +452,10 @@ async fn reconcile(
     if ctx.is_settled(&uid) {
         return Ok(Action::await_change());
     }
-    let refused = crate::lock(&ctx.refused).get(&uid).copied().unwrap_or(0);
+    let refused = crate::sync::lock(&ctx.refused)
+        .get(&uid)
+        .copied()
+        .unwrap_or(0);
     let answer = if refused + 1 >= MAX_ATTEMPTS {
         Err(Refusal::Unanswerable(refused))
     } else {
@@ -452,7 +463,7 @@ async fn reconcile(
     };
     let written = ctx.write((*pcr).clone(), &answer).await?;
     ctx.settle(&uid);
-    crate::lock(&ctx.refused).remove(&uid);
+    crate::sync::lock(&ctx.refused).remove(&uid);
     ctx.failures.succeeded(&uid);
     ctx.tally.synced();
     if written {
@@ -484,7 +495,7 @@ fn error_policy(pcr: Arc<PodCertificateRequest>, error: &RetryError, ctx: Arc<Co
         if matches!(status(source), Some(400 | 403 | 422)));
     {
         let pending: Vec<String> = ctx.requests.state().iter().map(|p| self::uid(p)).collect();
-        let mut counts = crate::lock(&ctx.refused);
+        let mut counts = crate::sync::lock(&ctx.refused);
         // Requests gone meanwhile are forgotten.
         counts.retain(|u, _| pending.contains(u));
         if refused {
@@ -593,10 +604,7 @@ mod tests {
             serde_json::from_value(json!({"metadata": {"name": "web", "uid": uid}})).unwrap()
         };
         let good = pod("pod-uid", "web", "node-a", "Running");
-        assert_eq!(
-            check_binding(&spec, Some(&good), Some(&account("sa-uid"))),
-            Ok(())
-        );
+        assert!(check_binding(&spec, Some(&good), Some(&account("sa-uid"))).is_ok());
         for (pod, sa, why) in [
             (None, Some(account("sa-uid")), "does not exist"),
             (
@@ -636,7 +644,8 @@ mod tests {
             ),
         ] {
             let err = check_binding(&spec, pod.as_ref(), sa.as_ref()).unwrap_err();
-            assert!(err.contains(why), "{err}");
+            assert!(matches!(err, Refusal::NotBound(_)), "{err}");
+            assert!(err.to_string().contains(why), "{err}");
         }
     }
 

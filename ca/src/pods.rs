@@ -169,14 +169,14 @@ impl PodCache {
 
     /// The pod `namespace/name`.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<PodInfo> {
-        let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
+        let pods = crate::sync::read(&self.pods);
         let namespace = pods.names.get(namespace)?.clone();
         pods.by_name.get(&(namespace, name.into())).cloned()
     }
 
     /// Whether some pod of `namespace/service_account` is scheduled to `node`.
     pub fn has_pod_on(&self, node: &str, namespace: &str, service_account: &str) -> bool {
-        let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
+        let pods = crate::sync::read(&self.pods);
         let (Some(node), Some(namespace), Some(sa)) = (
             pods.names.get(node),
             pods.names.get(namespace),
@@ -190,11 +190,7 @@ impl PodCache {
 
     /// How many pods are held.
     pub fn len(&self) -> usize {
-        self.pods
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .by_name
-            .len()
+        crate::sync::read(&self.pods).by_name.len()
     }
 
     /// Whether no pod is held.
@@ -205,7 +201,7 @@ impl PodCache {
     /// Takes in a created or changed pod.
     pub fn apply(&self, pod: &Pod) {
         if let Some((namespace, name, uid, sa, node)) = fields(pod) {
-            let mut pods = self.pods.write().unwrap_or_else(|p| p.into_inner());
+            let mut pods = crate::sync::write(&self.pods);
             pods.upsert(namespace, name, uid, sa, node);
         }
     }
@@ -213,14 +209,14 @@ impl PodCache {
     /// Forgets a deleted pod.
     pub fn delete(&self, pod: &Pod) {
         if let Some((namespace, name, ..)) = fields(pod) {
-            let mut pods = self.pods.write().unwrap_or_else(|p| p.into_inner());
+            let mut pods = crate::sync::write(&self.pods);
             pods.remove(namespace, name);
         }
     }
 
     /// Replaces everything with a fresh list (after a relist).
     fn replace(&self, fresh: Pods) {
-        *self.pods.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        *crate::sync::write(&self.pods) = fresh;
         self.synced.send_replace(true);
     }
 

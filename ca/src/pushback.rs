@@ -73,7 +73,7 @@ impl Pushback {
     /// away; past [`MAX_DELAY`], a point in its second half that `unit` (in [0, 1))
     /// picks. `None` while that rate is not known yet or is under [`MIN_RATE`].
     pub(crate) fn refused(&self, now: Instant, unit: f64) -> Option<Duration> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = crate::sync::lock(&self.state);
         let rate = self.rate(&mut state, now)?;
         let earliest = now + MIN_DELAY;
         let start = state.horizon.map_or(earliest, |h| h.max(earliest));
@@ -95,7 +95,7 @@ impl Pushback {
     /// flood of them booked every slot for a minute). `None` while the issue rate is
     /// not known, as for [`Self::refused`].
     pub(crate) fn unbooked(&self, now: Instant, unit: f64) -> Option<Duration> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = crate::sync::lock(&self.state);
         self.rate(&mut state, now)?;
         let spread = UNBOOKED_SPREAD.saturating_sub(MIN_DELAY);
         Some(MIN_DELAY + spread.mul_f64(unit.clamp(0.0, 1.0)))

@@ -76,7 +76,7 @@ impl Shares {
     fn shard(&self, shard: usize) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
         // Every update is a single insert, increment or remove: a panic elsewhere
         // cannot leave a shard inconsistent, so a poisoned lock is still usable.
-        self.held[shard].lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.held[shard])
     }
 
     fn take(self: &Arc<Self>, key: &str) -> Option<ShareGuard> {

@@ -137,7 +137,7 @@ impl Signer {
                 "keyUsage lacks keyCertSign, so it may not sign certificates".into(),
             ));
         }
-        check_time(&signing, now).map_err(|p| material(&cert_path, p))?;
+        check_time(&signing, now).map_err(|p| material(&cert_path, p.to_string()))?;
         let signing_not_after = signing.validity().not_after.to_datetime();
         let mut leaf_not_after_limit = signing_not_after;
         for cert in &m.chain {
@@ -161,7 +161,7 @@ impl Signer {
             .first()
             .cloned()
             .ok_or_else(|| material(&roots_path, "no root certificate".into()))?;
-        check_name_oids(signing.subject()).map_err(|p| material(&cert_path, p))?;
+        check_name_oids(signing.subject()).map_err(|p| material(&cert_path, p.to_string()))?;
         let issuer = Issuer::from_ca_cert_der(&m.signing_cert, m.key.pair).map_err(|e| {
             material(
                 &cert_path,
@@ -476,27 +476,38 @@ impl Signer {
 /// second arc over 39 under arcs 0 and 1). A signing certificate whose subject holds
 /// one is refused here, at load, instead of panicking when it signs. (Found by the
 /// `cacerts` fuzz target.)
-fn check_name_oids(name: &x509_parser::x509::X509Name<'_>) -> Result<(), String> {
+fn check_name_oids(name: &x509_parser::x509::X509Name<'_>) -> Result<(), CertProblem> {
     for attr in name.iter_attributes() {
         let oid = attr.attr_type();
         let arcs: Option<Vec<u64>> = oid.iter().map(Iterator::collect);
         let encodable = arcs.is_some_and(|a| a.len() >= 2 && a[0] <= 2 && (a[0] == 2 || a[1] < 40));
         if !encodable {
-            return Err(format!(
-                "its subject holds an attribute type ({oid}) that cannot be written back into issued certificates"
-            ));
+            return Err(CertProblem::UnencodableOid(oid.to_string()));
         }
     }
     Ok(())
 }
 
-fn check_time(cert: &X509Certificate<'_>, now: OffsetDateTime) -> Result<(), String> {
+/// What makes one certificate of a set unusable.
+#[derive(Debug, thiserror::Error)]
+enum CertProblem {
+    #[error("not valid until {0}")]
+    NotYetValid(String),
+    #[error("expired on {0}")]
+    Expired(String),
+    #[error(
+        "its subject holds an attribute type ({0}) that cannot be written back into issued certificates"
+    )]
+    UnencodableOid(String),
+}
+
+fn check_time(cert: &X509Certificate<'_>, now: OffsetDateTime) -> Result<(), CertProblem> {
     let v = cert.validity();
     if now < v.not_before.to_datetime() {
-        return Err(format!("not valid until {}", v.not_before));
+        return Err(CertProblem::NotYetValid(v.not_before.to_string()));
     }
     if now > v.not_after.to_datetime() {
-        return Err(format!("expired on {}", v.not_after));
+        return Err(CertProblem::Expired(v.not_after.to_string()));
     }
     Ok(())
 }

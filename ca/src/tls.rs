@@ -65,15 +65,15 @@ impl TlsState {
     pub(crate) fn refresh(&self, signer: &Signer, now: OffsetDateTime) -> Result<(), TlsError> {
         let verifier = client_verifier(signer)?;
         let (cert, not_after) = issue_serving(signer, &self.dns_names, now)?;
-        *self.cert.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(cert);
-        *self.not_after.write().unwrap_or_else(|p| p.into_inner()) = not_after;
-        *self.clients.write().unwrap_or_else(|p| p.into_inner()) = verifier;
+        *crate::sync::write(&self.cert) = Arc::new(cert);
+        *crate::sync::write(&self.not_after) = not_after;
+        *crate::sync::write(&self.clients) = verifier;
         Ok(())
     }
 
     /// When the serving certificate should be renewed: half-way through its life.
     pub(crate) fn renew_at(&self) -> OffsetDateTime {
-        let not_after = *self.not_after.read().unwrap_or_else(|p| p.into_inner());
+        let not_after = *crate::sync::read(&self.not_after);
         not_after - SERVING_CERT_LIFETIME / 2
     }
 
@@ -116,10 +116,7 @@ impl TlsState {
     }
 
     fn verifier(&self) -> Arc<dyn ClientCertVerifier> {
-        self.clients
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        crate::sync::read(&self.clients).clone()
     }
 }
 
@@ -174,13 +171,7 @@ struct DynamicCert(Arc<TlsState>);
 
 impl ResolvesServerCert for DynamicCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.0
-                .cert
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        )
+        Some(crate::sync::read(&self.0.cert).clone())
     }
 }
 

@@ -314,11 +314,7 @@ impl JwtAuthenticator {
             return Some(done);
         }
         {
-            let mut last = self
-                .0
-                .last_attempt
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut last = crate::sync::lock(&self.0.last_attempt);
             let spacing = MIN_REFRESH_INTERVAL.min(std_duration(self.0.config.refresh_interval));
             if last.is_some_and(|t| t.elapsed() < spacing) {
                 return None;
@@ -332,8 +328,7 @@ impl JwtAuthenticator {
         tokio::spawn(async move {
             match fetch(&inner.config.source, &inner.fetcher).await {
                 Ok(jwks) => {
-                    *inner.keys.write().unwrap_or_else(|p| p.into_inner()) =
-                        (Arc::new(jwks), Instant::now());
+                    *crate::sync::write(&inner.keys) = (Arc::new(jwks), Instant::now());
                 }
                 Err(e) => {
                     tracing::warn!(issuer = %inner.config.issuer, error = %e, "cannot refresh the JWKS; keeping the keys already loaded until --jwks-max-age");
@@ -348,7 +343,7 @@ impl JwtAuthenticator {
 
 impl Inner {
     fn current(&self) -> (Arc<Jwks>, Instant) {
-        let guard = self.keys.read().unwrap_or_else(|p| p.into_inner());
+        let guard = crate::sync::read(&self.keys);
         (guard.0.clone(), guard.1)
     }
 

@@ -14,6 +14,23 @@ const LEGACY_ISSUER: &str = "kubernetes/serviceaccount";
 #[derive(Clone)]
 pub struct Token(String);
 
+/// Why no API server could accept a token for us, seen without asking one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unpassable {
+    #[error("the token is not a JWT, as every service account token is")]
+    NotJwt,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token's exp claim is not a number")]
+    ExpNotANumber,
+    #[error("the token's aud claim is neither a string nor a list")]
+    AudNotAList,
+    #[error("the token is for none of the audiences {0:?}")]
+    Audience(Vec<String>),
+    #[error("the token is from another issuer than this cluster's")]
+    Issuer,
+}
+
 impl Token {
     /// Longest token accepted; Kubernetes tokens are around 1 KiB.
     pub const MAX_LEN: usize = 16 * 1024;
@@ -74,10 +91,8 @@ impl Token {
         audiences: &[String],
         issuer: Option<&str>,
         now: i64,
-    ) -> Result<(), String> {
-        let claims = self
-            .unverified_claims()
-            .ok_or("the token is not a JWT, as every service account token is")?;
+    ) -> Result<(), Unpassable> {
+        let claims = self.unverified_claims().ok_or(Unpassable::NotJwt)?;
         match claims.get("exp") {
             None => {}
             // NumericDate: an integer, though a fraction is allowed (RFC 7519 §2).
@@ -85,8 +100,8 @@ impl Token {
                 // The API server allows a minute of skew past `exp` (go-jose's
                 // leeway): so does this check, which must never refuse what it accepts.
                 Some(exp) if exp.saturating_add(EXP_LEEWAY_SECS) > now => {}
-                Some(_) => return Err("the token has expired".into()),
-                None => return Err("the token's exp claim is not a number".into()),
+                Some(_) => return Err(Unpassable::Expired),
+                None => return Err(Unpassable::ExpNotANumber),
             },
         }
         match claims.get("aud") {
@@ -97,13 +112,11 @@ impl Token {
                     serde_json::Value::Array(list) => {
                         list.iter().filter_map(|a| a.as_str()).collect()
                     }
-                    _ => return Err("the token's aud claim is neither a string nor a list".into()),
+                    _ => return Err(Unpassable::AudNotAList),
                 };
                 if !audiences.is_empty() && !named.iter().any(|a| audiences.iter().any(|w| w == a))
                 {
-                    return Err(format!(
-                        "the token is for none of the audiences {audiences:?}"
-                    ));
+                    return Err(Unpassable::Audience(audiences.to_vec()));
                 }
             }
         }
@@ -114,7 +127,7 @@ impl Token {
             && iss.as_str() != Some(issuer)
             && iss.as_str() != Some(LEGACY_ISSUER)
         {
-            return Err("the token is from another issuer than this cluster's".into());
+            return Err(Unpassable::Issuer);
         }
         Ok(())
     }
@@ -185,7 +198,7 @@ mod tests {
                 "another issuer",
             ),
         ] {
-            let err = token.precheck(&aud, iss, 1000).unwrap_err();
+            let err = token.precheck(&aud, iss, 1000).unwrap_err().to_string();
             assert!(err.contains(why), "{token:?}: {err}");
         }
     }

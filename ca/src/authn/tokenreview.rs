@@ -107,7 +107,7 @@ impl KubeTokenReviewer {
     /// so callers are not all turned away for the pause and the API server is asked
     /// again whether it has room.
     fn trickle(&self) -> bool {
-        let mut last = self.last_trickle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = crate::sync::lock(&self.last_trickle);
         let now = Instant::now();
         if last.is_some_and(|t| now < t + TRICKLE_EVERY) {
             return false;
@@ -118,7 +118,7 @@ impl KubeTokenReviewer {
 
     fn paused_until(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
         // A plain value: a panic elsewhere cannot leave it half-written.
-        self.paused_until.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.paused_until)
     }
 }
 
@@ -164,7 +164,7 @@ impl TokenReviewer for KubeTokenReviewer {
                             }
                             *paused = Some(Instant::now() + THROTTLED_PAUSE);
                             // The trickle starts a step into the pause.
-                            *self.last_trickle.lock().unwrap_or_else(|p| p.into_inner()) =
+                            *crate::sync::lock(&self.last_trickle) =
                                 Some(Instant::now());
                         }
                         kube::Error::Api(status) => tracing::warn!(
@@ -274,7 +274,7 @@ impl PeerShares {
         if self.exempt.iter().any(|n| n.contains(&ip)) {
             return Ok(PeerSlot(self, None));
         }
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = crate::sync::lock(&self.held);
         let n = held.entry(ip).or_default();
         if *n >= self.share {
             return Err(());
@@ -290,7 +290,7 @@ struct PeerSlot<'a>(&'a PeerShares, Option<IpAddr>);
 impl Drop for PeerSlot<'_> {
     fn drop(&mut self) {
         if let Some(ip) = self.1 {
-            let mut held = self.0.held.lock().unwrap_or_else(|p| p.into_inner());
+            let mut held = crate::sync::lock(&self.0.held);
             if let Some(n) = held.get_mut(&ip) {
                 *n -= 1;
                 if *n == 0 {
@@ -424,7 +424,7 @@ impl CachedReviewer {
                 self.precheck.issuer.as_deref(),
                 unix_now,
             )
-            .map_err(ReviewError::Rejected)?;
+            .map_err(|e| ReviewError::Rejected(e.to_string()))?;
         let Ok(_peer_slot) = self.peers.take(peer) else {
             return Err(ReviewError::Throttled(
                 "this address has its share of token reviews in flight; retry with backoff".into(),
@@ -466,7 +466,7 @@ impl CachedReviewer {
         // A panic while holding this lock cannot leave the maps inconsistent in a
         // way that matters (a stale queue pair is skipped), so a poisoned lock is
         // still usable.
-        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.cache)
     }
 }
 

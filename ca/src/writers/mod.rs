@@ -105,12 +105,25 @@ pub struct WriterConfig {
 /// Label on every object Signet writes; pods select the ClusterTrustBundle by it.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "signet-ca");
 
+/// A signer name the API server would refuse.
+#[derive(Debug, thiserror::Error)]
+pub enum SignerNameError {
+    #[error("{0:?}: want <domain>/<path> with one '/', e.g. signet.example.com/spiffe")]
+    Shape(String),
+    #[error("{0:?}: {1:?} is not a fully qualified DNS domain (lowercase labels)")]
+    Domain(String, String),
+    #[error("{0:?}: signer names under kubernetes.io are reserved")]
+    Reserved(String),
+    #[error("{0:?}: the path {1:?} must be lowercase DNS labels separated by '.'")]
+    Path(String, String),
+}
+
 /// Checks a signer name as kube-apiserver does (`ValidateSignerName`): exactly one
 /// `/` between a fully qualified domain of DNS labels (at most 253 characters) and a
 /// path of dot-separated lowercase DNS labels; and not under Kubernetes' reserved
 /// `kubernetes.io`. A name the API server would refuse fails at start, not as a 422 on
 /// every write.
-pub fn check_signer_name(signer: &str) -> Result<String, String> {
+pub fn check_signer_name(signer: &str) -> Result<String, SignerNameError> {
     fn label(l: &str) -> bool {
         let b = l.as_bytes();
         !b.is_empty()
@@ -123,25 +136,20 @@ pub fn check_signer_name(signer: &str) -> Result<String, String> {
     let (domain, path) = signer
         .split_once('/')
         .filter(|(_, path)| !path.contains('/'))
-        .ok_or_else(|| {
-            format!("{signer:?}: want <domain>/<path> with one '/', e.g. signet.example.com/spiffe")
-        })?;
+        .ok_or_else(|| SignerNameError::Shape(signer.to_owned()))?;
     let domain_ok = domain.len() <= 253 && domain.contains('.') && domain.split('.').all(label);
     if !domain_ok {
-        return Err(format!(
-            "{signer:?}: {domain:?} is not a fully qualified DNS domain (lowercase labels)"
+        return Err(SignerNameError::Domain(
+            signer.to_owned(),
+            domain.to_owned(),
         ));
     }
     if domain == "kubernetes.io" || domain.ends_with(".kubernetes.io") {
-        return Err(format!(
-            "{signer:?}: signer names under kubernetes.io are reserved"
-        ));
+        return Err(SignerNameError::Reserved(signer.to_owned()));
     }
     let path_ok = path.len() <= 253 + 63 + 1 && path.split('.').all(label);
     if !path_ok {
-        return Err(format!(
-            "{signer:?}: the path {path:?} must be lowercase DNS labels separated by '.'"
-        ));
+        return Err(SignerNameError::Path(signer.to_owned(), path.to_owned()));
     }
     Ok(signer.to_owned())
 }
@@ -310,14 +318,14 @@ impl Failures {
     /// Counts a failure of `key`; returns how long to wait before the next try:
     /// [`FIRST_BACKOFF`] doubling per failure to [`MAX_BACKOFF`], jittered.
     pub(crate) fn failed(&self, key: &str) -> StdDuration {
-        let mut failures = crate::lock(&self.0);
+        let mut failures = crate::sync::lock(&self.0);
         let n = failures.entry(key.to_owned()).or_insert(0);
         *n = n.saturating_add(1);
         jitter(backoff(*n))
     }
 
     pub(crate) fn succeeded(&self, key: &str) {
-        crate::lock(&self.0).remove(key);
+        crate::sync::lock(&self.0).remove(key);
     }
 }
 
