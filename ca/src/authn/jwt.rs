@@ -1,8 +1,9 @@
 //! Offline verification of Kubernetes service account tokens against the cluster's
-//! JWKS (`/openid/v1/jwks` of the API server, or a file). Asymmetric algorithms only.
+//! JWKS ([`super::jwks`] fetches and parses it): signature, issuer, audience, lifetime
+//! and the Kubernetes claims; the keys refreshed in the background, and a token with
+//! an unknown key id waits briefly for a refresh it starts.
 
 use std::{
-    path::PathBuf,
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicBool, Ordering},
@@ -10,58 +11,23 @@ use std::{
     time::Duration,
 };
 
-use jsonwebtoken::{
-    Algorithm, DecodingKey, Validation,
-    errors::ErrorKind,
-    jwk::{AlgorithmParameters, JwkSet},
-};
-use rustls_pki_types::{CertificateDer, pem::PemObject};
+use jsonwebtoken::{Algorithm, Validation, errors::ErrorKind};
 use serde::Deserialize;
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
-use super::{PodRef, ReviewError, Reviewed, Token};
+use super::{
+    PodRef, ReviewError, Reviewed, Token,
+    jwks::{Jwks, JwksError, JwksSource, KeySource},
+};
 use signet_spiffe::ServiceAccount;
 
 /// Clock skew tolerated on `exp` and `nbf`.
 const LEEWAY_SECS: i64 = 30;
 /// A refresh is started at most this often (or every refresh interval, if shorter).
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
-/// Largest JWKS document accepted.
-const MAX_JWKS_BYTES: usize = 1024 * 1024;
 /// How long a token with an unknown `kid` waits for the refresh it started.
 const UNKNOWN_KID_WAIT: Duration = Duration::from_secs(3);
-/// Redirects followed when fetching a JWKS URL (https only).
-const MAX_REDIRECTS: usize = 5;
-
-/// Where the JWKS comes from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum JwksSource {
-    /// A JSON file (a mounted ConfigMap, say).
-    File(PathBuf),
-    /// An https URL, verified against `ca` or the system's roots.
-    Url {
-        /// The URL.
-        url: String,
-        /// PEM bundle to verify the server with, instead of the system roots.
-        ca: Option<PathBuf>,
-    },
-    /// A path on the Kubernetes API server (`/openid/v1/jwks`), fetched with the
-    /// credentials of a kubeconfig or, when `None`, of the pod's service account.
-    ApiServer {
-        /// The path.
-        path: String,
-        /// The kubeconfig; `None` for the in-cluster configuration.
-        kubeconfig: Option<PathBuf>,
-    },
-}
-
-/// What fetches the JWKS.
-enum Fetcher {
-    File,
-    Http(reqwest::Client),
-    Kube(kube::Client),
-}
 
 /// Offline JWT settings for one cluster.
 #[derive(Clone, Debug)]
@@ -76,92 +42,6 @@ pub struct JwtConfig {
     pub refresh_interval: time::Duration,
     /// Keys that could not be refreshed for this long are no longer trusted.
     pub max_age: time::Duration,
-}
-
-/// Why a JWKS could not be had: at start-up (which then fails) or on a refresh (the
-/// keys already loaded stay until `--jwks-max-age`).
-#[derive(Debug, thiserror::Error)]
-pub enum JwksError {
-    /// The bytes are not a JWKS document.
-    #[error("not a JWKS document: {0}")]
-    Document(#[source] serde_json::Error),
-    /// Only symmetric keys, unusable ones, or none.
-    #[error("the JWKS holds no usable RSA or EC public key")]
-    NoKeys,
-    /// A URL that is not https.
-    #[error("JWKS URL {0:?} must be https")]
-    NotHttps(String),
-    /// The JWKS file could not be read.
-    #[error("JWKS file {0}")]
-    File(#[source] signet_fs::ReadError),
-    /// The blocking task reading it failed.
-    #[error("JWKS file: {0}")]
-    Task(#[source] tokio::task::JoinError),
-    /// The request failed (with the chain of causes).
-    #[error("JWKS {url}: {detail}")]
-    Request { url: String, detail: String },
-    /// The server answered with an error status.
-    #[error("JWKS {url}: HTTP {status}")]
-    Status {
-        url: String,
-        status: reqwest::StatusCode,
-    },
-    /// Larger than [`MAX_JWKS_BYTES`].
-    #[error("JWKS {0}: over the {MAX_JWKS_BYTES}-byte limit")]
-    TooLarge(String),
-    /// No complete answer in time.
-    #[error("JWKS {0}: no complete answer within 10s")]
-    Timeout(String),
-    /// The API server's JWKS could not be fetched.
-    #[error("JWKS {path} (API server): {detail}")]
-    ApiServer { path: String, detail: String },
-    /// `--jwks-ca` is unusable.
-    #[error("JWKS CA file {path}: {detail}")]
-    CaFile { path: String, detail: String },
-    /// The HTTP client could not be built.
-    #[error("HTTP client: {0}")]
-    Client(String),
-}
-
-/// A parsed JWKS: its asymmetric keys, each decoded once (when the set loads, not at
-/// every token).
-#[derive(Clone)]
-pub struct Jwks(Vec<JwksKey>);
-
-#[derive(Clone)]
-struct JwksKey {
-    kid: Option<String>,
-    key: DecodingKey,
-}
-
-impl std::fmt::Debug for Jwks {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list()
-            .entries(self.0.iter().map(|k| k.kid.as_deref().unwrap_or("")))
-            .finish()
-    }
-}
-
-impl Jwks {
-    /// Parses a JWKS document; fails when it holds no usable asymmetric key.
-    pub fn parse(bytes: &[u8]) -> Result<Self, JwksError> {
-        let set: JwkSet = serde_json::from_slice(bytes).map_err(JwksError::Document)?;
-        let keys: Vec<JwksKey> = set
-            .keys
-            .iter()
-            .filter(|k| !matches!(k.algorithm, AlgorithmParameters::OctetKey(_)))
-            .filter_map(|jwk| {
-                Some(JwksKey {
-                    kid: jwk.common.key_id.clone(),
-                    key: DecodingKey::from_jwk(jwk).ok()?,
-                })
-            })
-            .collect();
-        if keys.is_empty() {
-            return Err(JwksError::NoKeys);
-        }
-        Ok(Self(keys))
-    }
 }
 
 #[derive(Deserialize)]
@@ -203,7 +83,7 @@ pub struct JwtAuthenticator(Arc<Inner>);
 
 struct Inner {
     config: JwtConfig,
-    fetcher: Fetcher,
+    keys_source: KeySource,
     /// The keys and when they were last fetched successfully.
     keys: RwLock<(Arc<Jwks>, Instant)>,
     /// When a refresh was last started (rate limit).
@@ -225,27 +105,11 @@ impl std::fmt::Debug for JwtAuthenticator {
 impl JwtAuthenticator {
     /// Loads the JWKS once; start-up fails when it cannot be had.
     pub async fn new(config: JwtConfig) -> Result<Self, JwksError> {
-        let fetcher = match &config.source {
-            JwksSource::File(_) => Fetcher::File,
-            JwksSource::Url { url, ca } => {
-                if !url.starts_with("https://") {
-                    return Err(JwksError::NotHttps(url.clone()));
-                }
-                Fetcher::Http(http_client(ca.as_deref())?)
-            }
-            JwksSource::ApiServer { kubeconfig, path } => Fetcher::Kube(
-                crate::kubeapi::client(kubeconfig.as_deref(), crate::kubeapi::Retries::Kube)
-                    .await
-                    .map_err(|e| JwksError::ApiServer {
-                        path: path.clone(),
-                        detail: e.to_string(),
-                    })?,
-            ),
-        };
-        let jwks = fetch(&config.source, &fetcher).await?;
+        let keys = KeySource::new(config.source.clone()).await?;
+        let jwks = keys.fetch().await?;
         Ok(Self(Arc::new(Inner {
             config,
-            fetcher,
+            keys_source: keys,
             keys: RwLock::new((Arc::new(jwks), Instant::now())),
             last_attempt: Mutex::new(None),
             refreshing: AtomicBool::new(false),
@@ -326,7 +190,7 @@ impl JwtAuthenticator {
         }
         let inner = self.0.clone();
         tokio::spawn(async move {
-            match fetch(&inner.config.source, &inner.fetcher).await {
+            match inner.keys_source.fetch().await {
                 Ok(jwks) => {
                     *crate::sync::write(&inner.keys) = (Arc::new(jwks), Instant::now());
                 }
@@ -354,16 +218,7 @@ impl Inner {
         header: &jsonwebtoken::Header,
         now: OffsetDateTime,
     ) -> Result<Reviewed, VerifyFailure> {
-        let candidates: Vec<&DecodingKey> = match &header.kid {
-            Some(kid) => jwks
-                .0
-                .iter()
-                .find(|k| k.kid.as_deref() == Some(kid))
-                .map(|k| &k.key)
-                .into_iter()
-                .collect(),
-            None => jwks.0.iter().map(|k| &k.key).collect(),
-        };
+        let candidates = jwks.candidates(header.kid.as_deref());
         let mut validation = Validation::new(header.alg);
         validation.set_audience(&self.config.audiences);
         validation.set_issuer(&[&self.config.issuer]);
@@ -448,18 +303,6 @@ impl Inner {
     }
 }
 
-/// An error and its sources, one line: reqwest's own message leaves out why.
-fn with_sources(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 fn std_duration(d: time::Duration) -> Duration {
     Duration::try_from(d).unwrap_or(Duration::MAX)
 }
@@ -467,128 +310,6 @@ fn std_duration(d: time::Duration) -> Duration {
 enum VerifyFailure {
     NoKey,
     Bad(String),
-}
-
-async fn fetch(source: &JwksSource, fetcher: &Fetcher) -> Result<Jwks, JwksError> {
-    let too_big = |url: &str| JwksError::TooLarge(url.to_owned());
-    let bytes = match (source, fetcher) {
-        (JwksSource::File(path), _) => {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || {
-                signet_fs::read_resolved(&path, MAX_JWKS_BYTES as u64).map_err(JwksError::File)
-            })
-            .await
-            .map_err(JwksError::Task)??
-        }
-        (JwksSource::Url { url, .. }, Fetcher::Http(client)) => {
-            let fetch = async {
-                let mut response =
-                    client
-                        .get(url)
-                        .send()
-                        .await
-                        .map_err(|e| JwksError::Request {
-                            url: url.clone(),
-                            detail: with_sources(&e),
-                        })?;
-                if !response.status().is_success() {
-                    return Err(JwksError::Status {
-                        url: url.clone(),
-                        status: response.status(),
-                    });
-                }
-                if response
-                    .content_length()
-                    .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
-                {
-                    return Err(too_big(url));
-                }
-                // Read chunk by chunk: a server that lies about its length, or sends
-                // none, still cannot make us hold more than the limit.
-                let mut body = Vec::new();
-                while let Some(chunk) = response.chunk().await.map_err(|e| JwksError::Request {
-                    url: url.clone(),
-                    detail: with_sources(&e),
-                })? {
-                    if body.len() + chunk.len() > MAX_JWKS_BYTES {
-                        return Err(too_big(url));
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(body)
-            };
-            tokio::time::timeout(Duration::from_secs(10), fetch)
-                .await
-                .map_err(|_| JwksError::Timeout(url.clone()))??
-        }
-        (JwksSource::ApiServer { path, .. }, Fetcher::Kube(client)) => {
-            let api_error = |detail: String| JwksError::ApiServer {
-                path: path.clone(),
-                detail,
-            };
-            let request = http::Request::get(path.as_str())
-                .body(Vec::new())
-                .map_err(|e| api_error(e.to_string()))?;
-            let body = tokio::time::timeout(Duration::from_secs(10), client.request_text(request))
-                .await
-                .map_err(|_| api_error("no complete answer within 10s".into()))?
-                .map_err(|e| api_error(e.to_string()))?;
-            if body.len() > MAX_JWKS_BYTES {
-                return Err(too_big(path));
-            }
-            body.into_bytes()
-        }
-        (source, _) => {
-            return Err(JwksError::Client(format!(
-                "no client for the JWKS source {source:?}"
-            )));
-        }
-    };
-    Jwks::parse(&bytes)
-}
-
-fn http_client(ca: Option<&std::path::Path>) -> Result<reqwest::Client, JwksError> {
-    let ca_error = |path: &std::path::Path, detail: String| JwksError::CaFile {
-        path: path.display().to_string(),
-        detail,
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    match ca {
-        Some(path) => {
-            let certs = CertificateDer::pem_file_iter(path)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| ca_error(path, e.to_string()))?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(ca_error(path, "holds no usable certificate".into()));
-            }
-        }
-        None => {
-            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-        }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| JwksError::Client(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    // Redirects stay on https (a JWKS must never come over plain HTTP), and few.
-    let redirects = reqwest::redirect::Policy::custom(|attempt| {
-        if attempt.url().scheme() != "https" {
-            attempt.error("the JWKS server redirected to a non-https URL")
-        } else if attempt.previous().len() >= MAX_REDIRECTS {
-            attempt.error("too many redirects")
-        } else {
-            attempt.follow()
-        }
-    });
-    reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .redirect(redirects)
-        .build()
-        .map_err(|e| JwksError::Client(e.to_string()))
 }
 
 #[cfg(test)]
@@ -628,21 +349,6 @@ mod tests {
         header.kid = Some("k1".into());
         let claims = serde_json::json!({"iss": "iss", "aud": "istio-ca", "sub": "system:serviceaccount:ns:sa", "exp": exp});
         jsonwebtoken::encode(&header, &claims, key).unwrap()
-    }
-
-    #[test]
-    fn a_set_without_a_usable_key_is_refused() {
-        let only_secret = r#"{"keys":[{"kty":"oct","k":"c2VjcmV0","kid":"a"}]}"#;
-        assert!(matches!(
-            Jwks::parse(only_secret.as_bytes()),
-            Err(JwksError::NoKeys)
-        ));
-        // A modulus that is not base64url: the key cannot be used, nor the set.
-        let broken = r#"{"keys":[{"kty":"RSA","n":"!!!","e":"AQAB","kid":"b"}]}"#;
-        assert!(matches!(
-            Jwks::parse(broken.as_bytes()),
-            Err(JwksError::NoKeys)
-        ));
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 //! bundle, a Kubernetes TokenReview, or an offline JWT check against the cluster's
 //! JWKS. The first that succeeds wins; the `clusterid` header picks the cluster.
 
+mod jwks;
 mod jwt;
 mod token;
 mod tokenreview;
@@ -16,7 +17,8 @@ use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude
 use signet_spiffe::{ServiceAccount, TrustDomains};
 
 pub use crate::kubeapi::KubeClientError;
-pub use jwt::{Jwks, JwksError, JwksSource, JwtAuthenticator, JwtConfig};
+pub use jwks::{Jwks, JwksError, JwksSource};
+pub use jwt::{JwtAuthenticator, JwtConfig};
 pub use token::Token;
 pub use tokenreview::{
     CachedReviewer, KubeTokenReviewer, Precheck, ReviewError, ReviewFuture, Reviewed, TokenReviewer,
