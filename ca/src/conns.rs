@@ -60,13 +60,23 @@ pub struct ConnArgs {
     /// reconnect by themselves on their next call).
     #[arg(long, default_value = "2m", value_parser = bounded_duration(), value_name = "DURATION")]
     pub idle_timeout: Duration,
+
+    /// Concurrent gRPC streams one connection may open (HTTP/2 SETTINGS; 1 to
+    /// 1000000).
+    #[arg(long, default_value_t = 100, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_streams_per_connection: u32,
+
+    /// Connections are closed gracefully (GOAWAY) after this long, so nothing a
+    /// connection proved at its handshake lives forever; clients reconnect (1s to
+    /// 30 days).
+    #[arg(long, default_value = "30m", value_parser = crate::flags::between(Duration::from_secs(1), 30 * crate::flags::DAY), value_name = "DURATION")]
+    pub max_connection_age: Duration,
 }
 
 /// A duration from 100 ms to a day.
 fn bounded_duration()
--> impl Fn(&str) -> Result<Duration, crate::duration::DurationError> + Clone + Send + Sync + 'static
-{
-    crate::duration::between(Duration::from_millis(100), Duration::from_secs(86_400))
+-> impl Fn(&str) -> Result<Duration, crate::flags::DurationError> + Clone + Send + Sync + 'static {
+    crate::flags::between(Duration::from_millis(100), crate::flags::DAY)
 }
 
 /// `CIDR=N` or `CIDR=unlimited`: the connection share of a range of peer addresses.
@@ -121,6 +131,10 @@ pub struct ConnLimits {
     pub first_request: Duration,
     /// With no request open.
     pub idle: Duration,
+    /// Streams one connection may open.
+    pub max_streams: u32,
+    /// A connection's age at which it is told to go.
+    pub max_age: Duration,
 }
 
 impl ConnArgs {
@@ -132,6 +146,8 @@ impl ConnArgs {
             shares: self.peer_connection_shares.clone(),
             first_request: self.first_request_timeout,
             idle: self.idle_timeout,
+            max_streams: self.max_streams_per_connection,
+            max_age: self.max_connection_age,
         }
     }
 }
@@ -601,6 +617,8 @@ mod tests {
             ],
             first_request: Duration::from_secs(10),
             idle: Duration::from_secs(120),
+            max_streams: 100,
+            max_age: Duration::from_secs(1800),
         }
     }
 

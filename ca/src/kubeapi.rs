@@ -1,7 +1,7 @@
 //! Access to a Kubernetes API server: a `kube` client from a kubeconfig file, or the
 //! pod's in-cluster configuration (service-account token and cluster CA).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Why no client could be made.
 #[derive(Debug, thiserror::Error)]
@@ -33,13 +33,22 @@ pub(crate) enum Retries {
     Never,
 }
 
-/// A client from `kubeconfig`, or the in-cluster configuration when `None`.
+/// How signet-ca reaches a Kubernetes API server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiAccess {
+    /// The pod's service account and the cluster's CA.
+    InCluster,
+    /// A kubeconfig file.
+    Kubeconfig(PathBuf),
+}
+
+/// A client by `access`.
 pub(crate) async fn client(
-    kubeconfig: Option<&Path>,
+    access: &ApiAccess,
     retries: Retries,
 ) -> Result<kube::Client, KubeClientError> {
-    let mut config = match kubeconfig {
-        Some(path) => {
+    let mut config = match access {
+        ApiAccess::Kubeconfig(path) => {
             let kubeconfig_error = |source| KubeClientError::Kubeconfig {
                 path: path.to_path_buf(),
                 source,
@@ -49,7 +58,7 @@ pub(crate) async fn client(
                 .await
                 .map_err(kubeconfig_error)?
         }
-        None => kube::Config::incluster().map_err(KubeClientError::InCluster)?,
+        ApiAccess::InCluster => kube::Config::incluster().map_err(KubeClientError::InCluster)?,
     };
     config.default_retry = retries == Retries::Kube;
     kube::Client::try_from(config).map_err(KubeClientError::Client)

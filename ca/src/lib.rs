@@ -20,7 +20,7 @@ pub mod cacerts;
 pub mod config;
 pub mod conns;
 pub mod csr;
-pub(crate) mod duration;
+pub(crate) mod flags;
 pub mod keys;
 pub(crate) mod kubeapi;
 pub(crate) mod metrics;

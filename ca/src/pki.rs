@@ -111,7 +111,7 @@ pub struct InspectArgs {
     /// (SECRET_TTL) or the CA's --default-ttl, 24h by default; the CA's --max-ttl when
     /// clients ask for long lifetimes. Warns when the intermediate has less than this
     /// left, and is the wait before dropping a root.
-    #[arg(long, default_value = "24h", value_parser = crate::duration::parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = crate::flags::parse_duration)]
     pub leaf_ttl: Duration,
     /// The set in use now (a cacerts directory): warns when DIR's bundle drops a root
     /// that certificates issued under the current set still chain to.

@@ -20,6 +20,55 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use tokio::sync::oneshot;
 
+/// The largest value a queue flag takes: each sizes a queue or a thread pool made
+/// up front, and a typo of a few extra digits must be an error, not an allocation.
+const MAX_LIMIT: u64 = 1_000_000;
+
+/// Flags of the signing queue (part of `signet-ca serve`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct QueueArgs {
+    /// Signing requests allowed to wait; more are refused with RESOURCE_EXHAUSTED
+    /// (1 to 1000000).
+    #[arg(long, default_value_t = 512, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_LIMIT))]
+    pub max_pending: usize,
+
+    /// Threads that sign (1 to 4096; default: one per CPU).
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    pub signing_threads: Option<usize>,
+
+    /// Share of --max-pending one caller (service account) may hold at once; more
+    /// from that caller are refused with RESOURCE_EXHAUSTED (1 to 1000000; default: a
+    /// quarter of --max-pending).
+    #[arg(long, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_LIMIT))]
+    pub max_pending_per_caller: Option<usize>,
+}
+
+/// The signing queue's sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Signing threads.
+    pub workers: usize,
+    /// Jobs that may wait.
+    pub capacity: usize,
+    /// Jobs one caller may have waiting or running.
+    pub per_caller: usize,
+}
+
+impl QueueArgs {
+    /// The sizes these flags set, defaults filled in.
+    pub fn config(&self) -> QueueConfig {
+        QueueConfig {
+            workers: self
+                .signing_threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+            capacity: self.max_pending,
+            per_caller: self
+                .max_pending_per_caller
+                .unwrap_or((self.max_pending / 4).max(1)),
+        }
+    }
+}
+
 /// Why a job did not run.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum QueueError {
@@ -117,9 +166,11 @@ impl SigningQueue {
     /// `per_caller` of them for any one caller. The threads end when the last clone
     /// of the queue is dropped.
     pub(crate) fn new(
-        workers: usize,
-        capacity: usize,
-        per_caller: usize,
+        QueueConfig {
+            workers,
+            capacity,
+            per_caller,
+        }: QueueConfig,
     ) -> Result<Self, std::io::Error> {
         let capacity = capacity.max(1);
         let (jobs, queue) = crossbeam_channel::bounded::<Job>(capacity);
@@ -185,9 +236,17 @@ fn work(queue: &Receiver<Job>) {
 mod tests {
     use super::*;
 
+    fn sizes(workers: usize, capacity: usize, per_caller: usize) -> QueueConfig {
+        QueueConfig {
+            workers,
+            capacity,
+            per_caller,
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn refuses_when_full_and_recovers() {
-        let queue = SigningQueue::new(1, 1, 1).unwrap();
+        let queue = SigningQueue::new(sizes(1, 1, 1)).unwrap();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         let q = queue.clone();
@@ -215,7 +274,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_job_is_an_error_not_a_dead_pool() {
-        let queue = SigningQueue::new(1, 4, 4).unwrap();
+        let queue = SigningQueue::new(sizes(1, 4, 4)).unwrap();
         assert!(matches!(
             queue.run(|| panic!("boom")).await,
             Err(QueueError::Failed(_))
@@ -226,7 +285,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_caller_cannot_take_the_whole_queue() {
         // Eight slots, two per caller; the only worker is held busy.
-        let queue = SigningQueue::new(1, 8, 2).unwrap();
+        let queue = SigningQueue::new(sizes(1, 8, 2)).unwrap();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         let q = queue.clone();

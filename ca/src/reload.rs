@@ -94,6 +94,51 @@ pub(crate) fn initial(
     Ok(Signer::new(material, now)?)
 }
 
+/// Flags of the key material (part of `signet-ca serve`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct KeyArgs {
+    /// Directory with the CA key material: Istio's layout (ca-cert.pem, ca-key.pem,
+    /// cert-chain.pem, root-cert.pem) or cert-manager's (tls.crt, tls.key, ca.crt).
+    /// Watched for changes. When it holds none of these files, a self-signed root is
+    /// created in --state-dir.
+    #[arg(
+        long,
+        env = "ROOT_CA_DIR",
+        default_value = "./etc/cacerts",
+        value_name = "DIR"
+    )]
+    pub cacerts_dir: PathBuf,
+
+    /// Where the self-signed root (root-cert.pem, root-key.pem) is created and kept.
+    #[arg(
+        long,
+        env = "SIGNET_STATE_DIR",
+        default_value = "./var/lib/signet-ca",
+        value_name = "DIR"
+    )]
+    pub state_dir: PathBuf,
+
+    /// Accept new key material whose roots do not include the root of the chain in
+    /// use (workloads holding old certificates will fail to connect to new ones).
+    #[arg(long)]
+    pub allow_root_change: bool,
+
+    /// How often the cacerts directory is checked for changes (100ms to 24h).
+    #[arg(long, default_value = "2s", value_parser = crate::flags::between(Duration::from_millis(100), crate::flags::DAY), value_name = "DURATION")]
+    pub reload_interval: Duration,
+}
+
+impl KeyArgs {
+    /// What the reload loop needs.
+    pub(crate) fn settings(&self) -> Settings {
+        Settings {
+            cacerts_dir: self.cacerts_dir.clone(),
+            interval: self.reload_interval,
+            allow_root_change: self.allow_root_change,
+        }
+    }
+}
+
 /// What [`watch`] looks at.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {

@@ -25,6 +25,7 @@ use crate::{
     cacerts::CaCertsError,
     config::ServeConfig,
     conns::{ActivityLayer, ConnInfo, Deadlines, Pool, Refused},
+    kubeapi::ApiAccess,
     metrics::Metrics,
     pods::PodCache,
     policy::{NodeImpersonation, Policy},
@@ -81,26 +82,32 @@ pub async fn authenticator(config: &ServeConfig) -> Result<Authenticator, ServeE
     // Addresses the operator named as crowds (gateways, ztunnel nodes) have no share
     // of their own of the review slots either.
     let crowds: Vec<ipnet::IpNet> = config.conns.shares.iter().map(|s| s.net).collect();
+    let settings = &config.authn;
     let local = ClusterAuth::build(
-        config.kubeconfig.as_ref().map(|k| k.as_deref()),
-        config.jwt.as_ref(),
-        &config.token_audiences,
-        config.max_token_reviews,
+        settings.reviews.as_ref(),
+        settings.jwt.as_ref(),
+        &settings.token_audiences,
+        settings.max_token_reviews,
         &crowds,
     )
     .await
     .map_err(|source| ServeError::Authn {
-        cluster: config.cluster_id.clone(),
+        cluster: settings.cluster_id.clone(),
         source,
     })?;
-    let mut authn = Authenticator::new(config.cluster_id.clone(), local, config.trust_domains())
-        .with_aliases(config.cluster_aliases.clone());
-    for (id, remote) in &config.remotes {
+    let mut authn = Authenticator::new(
+        settings.cluster_id.clone(),
+        local,
+        config.policy.trust_domains.clone(),
+    )
+    .with_aliases(settings.cluster_aliases.clone());
+    for (id, remote) in &settings.remotes {
+        let access = remote.kubeconfig.clone().map(ApiAccess::Kubeconfig);
         let auth = ClusterAuth::build(
-            remote.kubeconfig.as_deref().map(Some),
+            access.as_ref(),
             remote.jwt.as_ref(),
-            &config.token_audiences,
-            config.max_token_reviews,
+            &settings.token_audiences,
+            settings.max_token_reviews,
             &crowds,
         )
         .await
@@ -119,25 +126,24 @@ async fn node_impersonation(
     config: &ServeConfig,
     stop: &watch::Receiver<bool>,
 ) -> Result<Option<NodeImpersonation>, ServeError> {
-    if config.trusted_node_accounts.is_empty() {
+    let trusted = &config.policy.trusted_node_accounts;
+    if trusted.is_empty() {
         return Ok(None);
     }
     let mut imp = NodeImpersonation {
-        trusted: config.trusted_node_accounts.clone(),
+        trusted: trusted.clone(),
         pods: Default::default(),
     };
-    let watch = |id: &str, kubeconfig: Option<&std::path::Path>, cache: PodCache| {
-        let kubeconfig = kubeconfig.map(std::path::Path::to_path_buf);
+    let watch = |id: &str, access: ApiAccess, cache: PodCache| {
         let id = id.to_owned();
         let mut stop = stop.clone();
         async move {
-            let client =
-                crate::kubeapi::client(kubeconfig.as_deref(), crate::kubeapi::Retries::Kube)
-                    .await
-                    .map_err(|source| ServeError::PodWatch {
-                        cluster: id.clone(),
-                        source,
-                    })?;
+            let client = crate::kubeapi::client(&access, crate::kubeapi::Retries::Kube)
+                .await
+                .map_err(|source| ServeError::PodWatch {
+                    cluster: id.clone(),
+                    source,
+                })?;
             tokio::spawn(async move {
                 tokio::select! {
                     _ = cache.watch(client, id) => {}
@@ -148,20 +154,21 @@ async fn node_impersonation(
         }
     };
     let local = PodCache::default();
+    let authn = &config.authn;
     if let Some(access) = &config.api_access {
-        watch(&config.cluster_id, access.as_deref(), local.clone()).await?;
+        watch(&authn.cluster_id, access.clone(), local.clone()).await?;
     }
-    for id in std::iter::once(&config.cluster_id).chain(&config.cluster_aliases) {
+    for id in std::iter::once(&authn.cluster_id).chain(&authn.cluster_aliases) {
         imp.pods.insert(id.clone(), local.clone());
     }
-    for (id, remote) in &config.remotes {
+    for (id, remote) in &authn.remotes {
         if let Some(kubeconfig) = &remote.kubeconfig {
             let cache = PodCache::default();
-            watch(id, Some(kubeconfig), cache.clone()).await?;
+            watch(id, ApiAccess::Kubeconfig(kubeconfig.clone()), cache.clone()).await?;
             imp.pods.insert(id.clone(), cache);
         }
     }
-    tracing::info!(trusted = ?config.trusted_node_accounts.iter().map(ToString::to_string).collect::<Vec<_>>(), "node impersonation enabled");
+    tracing::info!(trusted = ?trusted.iter().map(ToString::to_string).collect::<Vec<_>>(), "node impersonation enabled");
     Ok(Some(imp))
 }
 
@@ -176,9 +183,9 @@ pub async fn run(
     let metrics = Metrics::new()?;
     let now = OffsetDateTime::now_utc();
     let signer = reload::initial(
-        &config.cacerts_dir,
-        &config.state_dir,
-        config.trust_domain.as_str(),
+        &config.keys.cacerts_dir,
+        &config.keys.state_dir,
+        config.policy.trust_domains.primary().as_str(),
         now,
     )?;
     tracing::info!(
@@ -196,24 +203,21 @@ pub async fn run(
     let (ready_tx, ready_rx) = watch::channel(false);
 
     let impersonation = node_impersonation(&config, &stop_rx).await?;
-    let mut policy = Policy::new(config.trust_domains(), config.default_ttl, config.max_ttl);
+    let mut policy = Policy::new(
+        config.policy.trust_domains.clone(),
+        config.policy.default_ttl,
+        config.policy.max_ttl,
+    );
     if let Some(imp) = &impersonation {
         policy = policy.with_impersonation(imp.clone());
     }
-    let pod_certificates = config
-        .writers
-        .as_ref()
-        .and_then(|w| w.pod_certificates.clone());
+    let pod_certificates = config.pods.clone();
     if let Some(pods) = &pod_certificates {
         policy = policy.with_pods(pods.rules.clone());
     }
     let policy = Arc::new(policy);
     // One queue for both entry points: CreateCertificate calls and pod certificates.
-    let queue = SigningQueue::new(
-        config.signing_threads,
-        config.max_pending,
-        config.max_pending_per_caller,
-    )?;
+    let queue = SigningQueue::new(config.queue)?;
     let service = CaService::new(
         signer_rx.clone(),
         tls.clone(),
@@ -228,8 +232,7 @@ pub async fn run(
         .await;
 
     let (conn_tx, conn_rx) = mpsc::channel::<Result<Conn, std::io::Error>>(256);
-    let max_age =
-        StdDuration::try_from(config.max_connection_age).unwrap_or(StdDuration::from_secs(1800));
+    let max_age = config.conns.max_age;
     let pool = Pool::new(config.conns.clone());
     tokio::spawn(accept_tls(
         grpc,
@@ -241,12 +244,7 @@ pub async fn run(
         stop_rx.clone(),
     ));
     tokio::spawn(reload::watch(
-        reload::Settings {
-            cacerts_dir: config.cacerts_dir.clone(),
-            interval: StdDuration::try_from(config.reload_interval)
-                .unwrap_or(StdDuration::from_secs(2)),
-            allow_root_change: config.allow_root_change,
-        },
+        config.keys.settings(),
         signer_tx,
         tls.clone(),
         metrics.clone(),
@@ -254,12 +252,9 @@ pub async fn run(
     ));
     let writers = match config.writers.clone() {
         Some(writers) => {
-            let client = crate::kubeapi::client(
-                writers.kubeconfig.as_deref(),
-                crate::kubeapi::Retries::Kube,
-            )
-            .await
-            .map_err(ServeError::Writers)?;
+            let client = crate::kubeapi::client(&writers.access, crate::kubeapi::Retries::Kube)
+                .await
+                .map_err(ServeError::Writers)?;
             // The pod certificate signer runs on the elected replica beside the writers.
             let mut tasks: Vec<crate::writers::LeaderTask> = Vec::new();
             if let Some(pods) = pod_certificates {
@@ -300,7 +295,7 @@ pub async fn run(
         .map(|imp| {
             imp.pods
                 .iter()
-                .filter(|(c, _)| !config.cluster_aliases.contains(c))
+                .filter(|(c, _)| !config.authn.cluster_aliases.contains(c))
                 .map(|(c, p)| (c.clone(), p.clone()))
                 .collect()
         })
@@ -311,7 +306,7 @@ pub async fn run(
         ready_rx,
         PodReadiness {
             caches: pod_caches,
-            local: config.cluster_id.clone(),
+            local: config.authn.cluster_id.clone(),
             started: std::time::Instant::now(),
         },
         stop_rx.clone(),
@@ -320,7 +315,7 @@ pub async fn run(
     let mut grpc_stop = stop_rx.clone();
     let grpc_server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(StdDuration::from_secs(30)))
-        .max_concurrent_streams(config.max_streams_per_connection)
+        .max_concurrent_streams(config.conns.max_streams)
         .max_connection_age(max_age)
         .layer(tower::util::MapResponseLayer::new(
             oversize_is_resource_exhausted,

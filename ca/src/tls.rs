@@ -19,6 +19,21 @@ use time::{Duration, OffsetDateTime};
 
 use crate::signer::{SignError, Signer};
 
+/// Flags of the CA's own serving certificate (part of `signet-ca serve`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TlsArgs {
+    /// DNS names in the CA's serving certificate (comma separated): the names
+    /// clients dial and verify.
+    #[arg(
+        long,
+        env = "SERVING_DNS_NAMES",
+        value_delimiter = ',',
+        value_parser = crate::flags::dns_name,
+        default_value = "istiod.istio-system.svc,istiod.istio-system.svc.cluster.local,istiod.istio-system,istiod"
+    )]
+    pub serving_dns_names: Vec<String>,
+}
+
 /// Lifetime of the CA's own serving certificate; renewed at half of it.
 pub(crate) const SERVING_CERT_LIFETIME: Duration = Duration::hours(24);
 

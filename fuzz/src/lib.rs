@@ -87,8 +87,8 @@ fn jwt_setup() -> &'static JwtSetup {
                 issuer: "https://kubernetes.default.svc".into(),
                 audiences: vec!["istio-ca".into()],
                 source: JwksSource::File(path),
-                refresh_interval: time::Duration::minutes(5),
-                max_age: time::Duration::days(365),
+                refresh_interval: std::time::Duration::from_secs(300),
+                max_age: std::time::Duration::from_secs(365 * 86_400),
             }))
             .unwrap();
         JwtSetup { runtime, auth }

@@ -351,8 +351,8 @@ impl OwnSteps {
                 issuer: signet_e2e::ISSUER.into(),
                 audiences: vec!["istio-ca".into()],
                 source: JwksSource::File(issuer.write_jwks(dir)),
-                refresh_interval: time::Duration::minutes(5),
-                max_age: time::Duration::hours(24),
+                refresh_interval: std::time::Duration::from_secs(300),
+                max_age: std::time::Duration::from_secs(86_400),
             }))
             .unwrap();
         let checked = csr::check(csr_pem).unwrap();

@@ -86,7 +86,7 @@ async fn serve(
     (state, format!("https://127.0.0.1:{}", addr.port()), ca, dir)
 }
 
-fn config(url: String, ca: &std::path::Path, refresh: i64, max_age: i64) -> JwtConfig {
+fn config(url: String, ca: &std::path::Path, refresh: u64, max_age: u64) -> JwtConfig {
     JwtConfig {
         issuer: ISSUER.into(),
         audiences: vec!["istio-ca".into()],
@@ -94,8 +94,8 @@ fn config(url: String, ca: &std::path::Path, refresh: i64, max_age: i64) -> JwtC
             url,
             ca: Some(ca.to_owned()),
         },
-        refresh_interval: time::Duration::seconds(refresh),
-        max_age: time::Duration::seconds(max_age),
+        refresh_interval: std::time::Duration::from_secs(refresh),
+        max_age: std::time::Duration::from_secs(max_age),
     }
 }
 

@@ -29,12 +29,12 @@ pub enum JwksSource {
         ca: Option<PathBuf>,
     },
     /// A path on the Kubernetes API server (`/openid/v1/jwks`), fetched with the
-    /// credentials of a kubeconfig or, when `None`, of the pod's service account.
+    /// credentials of a kubeconfig or of the pod's service account.
     ApiServer {
         /// The path.
         path: String,
-        /// The kubeconfig; `None` for the in-cluster configuration.
-        kubeconfig: Option<PathBuf>,
+        /// How the API server is reached.
+        access: crate::kubeapi::ApiAccess,
     },
 }
 
@@ -164,8 +164,8 @@ impl KeySource {
                 }
                 Client::Http(http_client(ca.as_deref())?)
             }
-            JwksSource::ApiServer { kubeconfig, path } => Client::Kube(
-                crate::kubeapi::client(kubeconfig.as_deref(), crate::kubeapi::Retries::Kube)
+            JwksSource::ApiServer { access, path } => Client::Kube(
+                crate::kubeapi::client(access, crate::kubeapi::Retries::Kube)
                     .await
                     .map_err(|e| JwksError::ApiServer {
                         path: path.clone(),

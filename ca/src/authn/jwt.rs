@@ -39,9 +39,9 @@ pub struct JwtConfig {
     /// The JWKS.
     pub source: JwksSource,
     /// Keys older than this are refreshed in the background.
-    pub refresh_interval: time::Duration,
+    pub refresh_interval: Duration,
     /// Keys that could not be refreshed for this long are no longer trusted.
-    pub max_age: time::Duration,
+    pub max_age: Duration,
 }
 
 #[derive(Deserialize)]
@@ -137,10 +137,10 @@ impl JwtAuthenticator {
         }
         let (keys, loaded) = self.0.current();
         let age = loaded.elapsed();
-        if age > std_duration(self.0.config.refresh_interval) {
+        if age > self.0.config.refresh_interval {
             self.start_refresh();
         }
-        if age > std_duration(self.0.config.max_age) {
+        if age > self.0.config.max_age {
             return Err(ReviewError::Unavailable(format!(
                 "the signing keys of {} could not be refreshed for {}s; tokens are refused until they can",
                 self.0.config.issuer,
@@ -179,7 +179,7 @@ impl JwtAuthenticator {
         }
         {
             let mut last = crate::sync::lock(&self.0.last_attempt);
-            let spacing = MIN_REFRESH_INTERVAL.min(std_duration(self.0.config.refresh_interval));
+            let spacing = MIN_REFRESH_INTERVAL.min(self.0.config.refresh_interval);
             if last.is_some_and(|t| t.elapsed() < spacing) {
                 return None;
             }
@@ -303,10 +303,6 @@ impl Inner {
     }
 }
 
-fn std_duration(d: time::Duration) -> Duration {
-    Duration::try_from(d).unwrap_or(Duration::MAX)
-}
-
 enum VerifyFailure {
     NoKey,
     Bad(String),
@@ -336,8 +332,8 @@ mod tests {
             issuer: "iss".into(),
             audiences: vec!["istio-ca".into()],
             source: JwksSource::File(path),
-            refresh_interval: time::Duration::minutes(5),
-            max_age: time::Duration::hours(24),
+            refresh_interval: Duration::from_secs(300),
+            max_age: Duration::from_secs(86_400),
         })
         .await
         .unwrap();

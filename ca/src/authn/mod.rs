@@ -2,12 +2,13 @@
 //! bundle, a Kubernetes TokenReview, or an offline JWT check against the cluster's
 //! JWKS. The first that succeeds wins; the `clusterid` header picks the cluster.
 
+pub mod flags;
 mod jwks;
 mod jwt;
 mod token;
 mod tokenreview;
 
-use std::{collections::BTreeMap, fmt, net::IpAddr, path::Path, sync::Arc};
+use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
 use rustls_pki_types::CertificateDer;
 use spiffe::SpiffeId;
@@ -137,19 +138,19 @@ impl ClusterAuth {
     }
 
     /// The authenticators of a cluster as configured: TokenReview through
-    /// `kubeconfig` (`Some(None)`: the in-cluster configuration) with at most
+    /// `access` (`None`: no TokenReview) with at most
     /// `max_token_reviews` in flight (a quarter of them for one peer address, except
     /// the addresses in `crowds`), then offline JWT.
     pub async fn build(
-        kubeconfig: Option<Option<&Path>>,
+        access: Option<&crate::kubeapi::ApiAccess>,
         jwt: Option<&JwtConfig>,
         audiences: &[String],
         max_token_reviews: usize,
         crowds: &[ipnet::IpNet],
     ) -> Result<Self, BuildError> {
         let mut auth = Self::default();
-        if let Some(kubeconfig) = kubeconfig {
-            let reviewer = KubeTokenReviewer::connect(kubeconfig, audiences.to_vec()).await?;
+        if let Some(access) = access {
+            let reviewer = KubeTokenReviewer::connect(access, audiences.to_vec()).await?;
             let reviewer = CachedReviewer::new(Arc::new(reviewer), max_token_reviews)
                 .with_precheck(Precheck {
                     audiences: audiences.to_vec(),

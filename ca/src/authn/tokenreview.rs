@@ -4,7 +4,6 @@ use std::{
     collections::HashMap,
     future::Future,
     net::IpAddr,
-    path::Path,
     pin::Pin,
     sync::{Arc, Mutex},
     time::Duration,
@@ -91,10 +90,10 @@ impl std::fmt::Debug for KubeTokenReviewer {
 impl KubeTokenReviewer {
     /// A client from a kubeconfig file, or the in-cluster configuration when `None`.
     pub async fn connect(
-        kubeconfig: Option<&Path>,
+        access: &crate::kubeapi::ApiAccess,
         audiences: Vec<String>,
     ) -> Result<Self, crate::kubeapi::KubeClientError> {
-        let client = crate::kubeapi::client(kubeconfig, crate::kubeapi::Retries::Never).await?;
+        let client = crate::kubeapi::client(access, crate::kubeapi::Retries::Never).await?;
         Ok(Self {
             client,
             audiences,

@@ -66,15 +66,11 @@ fn may_take(
 }
 
 impl Elector {
-    fn std(d: time::Duration) -> StdDuration {
-        StdDuration::try_from(d).unwrap_or(StdDuration::from_secs(1))
-    }
-
     /// One round: acquire or renew.
     async fn try_acquire_or_renew(&mut self) -> Result<Round, kube::Error> {
         let now = MicroTime(Timestamp::now());
         let me = self.config.identity.clone();
-        let duration_secs = i32::try_from(self.config.duration.whole_seconds()).unwrap_or(15);
+        let duration_secs = i32::try_from(self.config.duration.as_secs()).unwrap_or(15);
         let Some(mut lease) = self.api.get_opt(&self.config.name).await? else {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -109,13 +105,7 @@ impl Elector {
             _ => observed,
         };
         self.seen = Some((seen.clone(), changed_at));
-        if !may_take(
-            &seen,
-            changed_at,
-            observed,
-            &me,
-            Self::std(self.config.duration),
-        ) {
+        if !may_take(&seen, changed_at, observed, &me, self.config.duration) {
             return Ok(Round::Other);
         }
         let holding = seen.holder.as_deref() == Some(me.as_str());
@@ -181,8 +171,8 @@ pub(super) async fn run(
     leading: watch::Sender<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let retry = Elector::std(config.retry_period);
-    let renew_deadline = Elector::std(config.renew_deadline);
+    let retry = config.retry_period;
+    let renew_deadline = config.renew_deadline;
     let mut elector = Elector {
         api: Api::namespaced(client, &config.namespace),
         config,

@@ -12,6 +12,7 @@
 //! it owns, by new key material (`reconcile_all_on`), and by its own requeue.
 
 mod apply;
+pub mod flags;
 mod istiod;
 pub(crate) mod lease;
 mod rootcm;
@@ -21,7 +22,6 @@ use std::{
     collections::HashMap,
     fmt::Debug,
     hash::Hash,
-    path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration as StdDuration,
 };
@@ -38,69 +38,12 @@ use kube::{
 };
 use rand::Rng;
 use serde::de::DeserializeOwned;
-use time::Duration;
 use tokio::{sync::watch, task::JoinSet};
 
 use crate::{metrics::Metrics, signer::Signer};
 
 pub(crate) use apply::{WriteError, status};
-
-/// The root ConfigMap writer's settings.
-#[derive(Debug, Clone)]
-pub struct RootConfigMap {
-    /// The ConfigMap's name (`istio-ca-root-cert`).
-    pub name: String,
-    /// Only namespaces matching this label selector.
-    pub namespace_selector: Option<String>,
-}
-
-/// The istiod Secret writer's settings.
-#[derive(Debug, Clone)]
-pub struct IstiodSecret {
-    /// Namespace of the Secret.
-    pub namespace: String,
-    /// Its name.
-    pub name: String,
-    /// DNS names of the certificate, `istiod.<namespace>.svc` first.
-    pub dns_names: Vec<String>,
-    /// Lifetime of the certificate; renewed at half of it.
-    pub ttl: Duration,
-}
-
-/// Leader election settings (client-go's names and defaults).
-#[derive(Debug, Clone)]
-pub struct LeaseConfig {
-    /// Namespace of the Lease.
-    pub namespace: String,
-    /// Name of the Lease.
-    pub name: String,
-    /// This replica's holder identity.
-    pub identity: String,
-    /// How long a Lease holds without renewal.
-    pub duration: Duration,
-    /// The leader stops writing when it could not renew for this long.
-    pub renew_deadline: Duration,
-    /// How often the Lease is renewed or tried.
-    pub retry_period: Duration,
-}
-
-/// Everything the elected replica writes, and how it is elected.
-#[derive(Debug, Clone)]
-pub struct WriterConfig {
-    /// The kubeconfig; `None` for the in-cluster configuration.
-    pub kubeconfig: Option<PathBuf>,
-    /// The root ConfigMap in every namespace.
-    pub root_configmap: Option<RootConfigMap>,
-    /// The signer names ClusterTrustBundles are kept for.
-    pub trust_bundle_signers: Vec<String>,
-    /// Answering PodCertificateRequests (on the request path, [`crate::podcert`]; run
-    /// by the elected replica as a [`LeaderTask`]).
-    pub pod_certificates: Option<crate::podcert::PodCertificates>,
-    /// istiod's serving Secret.
-    pub istiod_secret: Option<IstiodSecret>,
-    /// Leader election.
-    pub lease: LeaseConfig,
-}
+pub use flags::{IstiodSecret, LeaseConfig, RootConfigMap, WriterConfig};
 
 /// Label on every object Signet writes; pods select the ClusterTrustBundle by it.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "signet-ca");
