@@ -1,19 +1,136 @@
 //! The CA client: CreateCertificate over TLS to signet-ca or istiod, with the pod's
 //! token re-read for every request.
 
-use std::{
-    future::Future,
-    path::Path,
-    pin::Pin,
-    sync::{Arc, Mutex},
-    time::Duration as StdDuration,
-};
+use std::{future::Future, path::Path, pin::Pin, sync::Mutex, time::Duration as StdDuration};
 
 use signet_proto::{IstioCertificateRequest, IstioCertificateServiceClient};
 use time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
-use crate::config::RunConfig;
+use crate::{catrust::CaTrust, flags::ConfigError};
+
+/// Flags of the CA client (part of `signet-agent run`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct CaArgs {
+    /// Address of the CA (signet-ca or istiod), host:port.
+    #[arg(long, env = "CA_ADDR", default_value = "istiod.istio-system.svc:15012", value_parser = host_port)]
+    pub ca_addr: String,
+
+    /// PEM bundle to verify the CA's TLS certificate with, or SYSTEM for the
+    /// system's roots.
+    #[arg(
+        long,
+        env = "CA_ROOT_CA",
+        default_value = "./var/run/secrets/istio/root-cert.pem"
+    )]
+    pub ca_root_cert: String,
+
+    /// TLS name to verify the CA as (default: the host of --ca-addr; any host
+    /// containing "localhost" becomes istiod.istio-system.svc, as in Istio).
+    #[arg(long, env = "ISTIOD_SAN")]
+    pub ca_server_name: Option<String>,
+
+    /// Service account token sent to the CA, re-read for every request.
+    #[arg(
+        long,
+        default_value = "./var/run/secrets/tokens/istio-token",
+        value_name = "FILE"
+    )]
+    pub token_file: std::path::PathBuf,
+
+    /// Cluster id sent to the CA in the `clusterid` header.
+    #[arg(long, env = "ISTIO_META_CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+}
+
+/// A `--ca-addr` that is not `host:port`.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not host:port")]
+pub struct HostPortError(String);
+
+fn host_port(s: &str) -> Result<String, HostPortError> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(s.to_owned()),
+        _ => Err(HostPortError(s.to_owned())),
+    }
+}
+
+/// What the CA client needs.
+#[derive(Debug, Clone)]
+pub struct CaConfig {
+    /// host:port.
+    pub addr: String,
+    /// What the CA's certificate is verified with.
+    pub trust: CaTrust,
+    /// The name it is verified as.
+    pub server_name: String,
+    /// The pod's token.
+    pub token_file: std::path::PathBuf,
+    /// Sent as `clusterid`.
+    pub cluster_id: String,
+    /// Extra request headers from `CA_HEADER_<NAME>` variables.
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+impl CaArgs {
+    /// Checks what one flag alone cannot say; `env` is the process environment (for
+    /// `CA_HEADER_*`).
+    pub fn validate(
+        self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<CaConfig, ConfigError> {
+        let host = self
+            .ca_addr
+            .rsplit_once(':')
+            .map_or("", |(host, _)| host)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let server_name = match self.ca_server_name.filter(|s| !s.is_empty()) {
+            Some(name) => name,
+            None if host.contains("localhost") => "istiod.istio-system.svc".to_owned(),
+            None => host.to_owned(),
+        };
+        if rustls_pki_types::ServerName::try_from(server_name.as_str()).is_err() {
+            return Err(ConfigError::new(
+                "--ca-server-name",
+                format!("{server_name:?} is not a DNS name or IP address"),
+            ));
+        }
+        let trust = if self.ca_root_cert.eq_ignore_ascii_case("SYSTEM") {
+            CaTrust::System
+        } else if self.ca_root_cert.is_empty() {
+            return Err(ConfigError::new(
+                "--ca-root-cert",
+                "must be a file or SYSTEM",
+            ));
+        } else {
+            CaTrust::File(self.ca_root_cert.into())
+        };
+        let mut headers = std::collections::BTreeMap::new();
+        for (key, value) in env {
+            if let Some(name) = key.strip_prefix("CA_HEADER_") {
+                let name = name.to_ascii_lowercase().replace('_', "-");
+                if http::HeaderName::try_from(name.as_str()).is_err()
+                    || http::HeaderValue::try_from(value.as_str()).is_err()
+                {
+                    return Err(ConfigError::new(
+                        "CA_HEADER_*",
+                        format!("{key} is not a valid header"),
+                    ));
+                }
+                headers.insert(name, value);
+            }
+        }
+        Ok(CaConfig {
+            addr: self.ca_addr,
+            trust,
+            server_name,
+            token_file: self.token_file,
+            cluster_id: self.cluster_id,
+            headers,
+        })
+    }
+}
 
 /// Why no answer came back.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -79,15 +196,15 @@ pub trait CaClient: Send + Sync {
 /// The gRPC client.
 #[derive(Debug)]
 pub struct GrpcCaClient {
-    config: Arc<RunConfig>,
+    config: CaConfig,
     /// The channel and a digest of the trust it was built with; rebuilt when the
     /// trust file changes (a rotated CA root, for instance).
     channel: Mutex<Option<(Channel, [u8; 32])>>,
 }
 
 impl GrpcCaClient {
-    /// A client for `config.ca_addr`; connects on first use.
-    pub fn new(config: Arc<RunConfig>) -> Self {
+    /// A client for `config.addr`; connects on first use.
+    pub fn new(config: CaConfig) -> Self {
         Self {
             config,
             channel: Mutex::new(None),
@@ -95,7 +212,7 @@ impl GrpcCaClient {
     }
 
     fn channel(&self) -> Result<Channel, CaError> {
-        let (tls, digest) = match self.config.ca_trust.read()? {
+        let (tls, digest) = match self.config.trust.read()? {
             Some(bundle) => (
                 ClientTlsConfig::new().ca_certificate(Certificate::from_pem(bundle.pem)),
                 bundle.digest,
@@ -108,14 +225,14 @@ impl GrpcCaClient {
         {
             return Ok(channel.clone());
         }
-        let addr = &self.config.ca_addr;
+        let addr = &self.config.addr;
         let connect = |problem: String| CaError::Connect {
             addr: addr.clone(),
             problem,
         };
         let channel = Channel::from_shared(format!("https://{addr}"))
             .map_err(|e| connect(e.to_string()))?
-            .tls_config(tls.domain_name(self.config.ca_server_name.clone()))
+            .tls_config(tls.domain_name(self.config.server_name.clone()))
             .map_err(|e| connect(e.to_string()))?
             .connect_timeout(StdDuration::from_secs(5))
             .timeout(StdDuration::from_secs(15))
@@ -171,7 +288,7 @@ impl CaClient for GrpcCaClient {
             if let Ok(v) = self.config.cluster_id.parse() {
                 md.insert("clusterid", v);
             }
-            for (name, value) in &self.config.ca_headers {
+            for (name, value) in &self.config.headers {
                 if let (Ok(k), Ok(v)) = (
                     name.parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
                     value.parse(),
@@ -188,7 +305,7 @@ impl CaClient for GrpcCaClient {
                         retry_in,
                     },
                     None if is_transport(&status) => CaError::Connect {
-                        addr: self.config.ca_addr.clone(),
+                        addr: self.config.addr.clone(),
                         problem: status.message().to_owned(),
                     },
                     None => CaError::Refused {

@@ -72,6 +72,33 @@ impl FilePolicy {
         Self { dirs }
     }
 
+    /// The policy for `--file-secret-dir`s as given: each made absolute; `/` refused,
+    /// since it would expose every file the agent can read; empty ones skipped.
+    pub fn from_flags(dirs: Vec<PathBuf>) -> Result<Self, crate::flags::ConfigError> {
+        let flag = "--file-secret-dir";
+        let mut absolute = Vec::new();
+        for dir in dirs {
+            if dir.as_os_str().is_empty() {
+                continue;
+            }
+            if dir == std::path::Path::new("/") {
+                return Err(crate::flags::ConfigError::new(
+                    flag,
+                    "/ would expose every file the agent can read",
+                ));
+            }
+            absolute.push(std::path::absolute(&dir).map_err(|e| {
+                crate::flags::ConfigError::new(flag, format!("{}: {e}", dir.display()))
+            })?);
+        }
+        Ok(Self::new(absolute))
+    }
+
+    /// The directories allowed.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
     fn allowed(&self) -> String {
         if self.dirs.is_empty() {
             "directories given with --file-secret-dir, and none is".into()

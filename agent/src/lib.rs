@@ -17,6 +17,7 @@ pub mod catrust;
 pub mod config;
 pub mod federation;
 pub mod filesecret;
+pub mod flags;
 pub mod inspect;
 pub mod keys;
 pub mod metrics;

@@ -63,12 +63,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Inspect(args) => {
-            let timeout = std::time::Duration::try_from(args.timeout)
-                .unwrap_or(std::time::Duration::from_secs(5));
             match runtime.block_on(signet_agent::inspect::inspect(
                 args.socket,
                 args.names,
-                timeout,
+                args.timeout,
                 0.5,
             )) {
                 Ok(secrets) if args.json => {

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use crate::{
     caclient::{CaClient, CaError},
     catrust::CaTrust,
+    flags::{ConfigError, DAY, between, lifetime_between},
     keys::{KeyError, KeyType, WorkloadKey},
     metrics::Metrics,
     schedule::{Next, Schedule, TrustSyncEnd, Why},
@@ -98,6 +99,132 @@ pub async fn sleep_until_or(
     }
 }
 
+/// Flags of the identity asked for and its renewal (part of `signet-agent run`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct IdentityArgs {
+    /// The pod's namespace.
+    #[arg(long, env = "POD_NAMESPACE", value_parser = non_empty)]
+    pub namespace: String,
+
+    /// The pod's service account.
+    #[arg(long, env = "SERVICE_ACCOUNT", value_parser = non_empty)]
+    pub service_account: String,
+
+    /// Trust domain of the SPIFFE ID.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local", value_parser = signet_spiffe::trust_domain)]
+    pub trust_domain: spiffe::TrustDomain,
+
+    /// Certificate lifetime to ask for (1s to 365 days).
+    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = lifetime_between(StdDuration::from_secs(1), 365 * DAY), value_name = "DURATION")]
+    pub secret_ttl: Duration,
+
+    /// Rotate when this fraction of the lifetime is left (0 < r < 1).
+    #[arg(long, env = "SECRET_GRACE_PERIOD_RATIO", default_value_t = 0.5, value_parser = ratio)]
+    pub grace_ratio: f64,
+
+    /// After the CA trust file changes (a root rotation), keep asking the CA (with
+    /// backoff from 1 s to 30 s) until its bundle reflects the change, for at most
+    /// this long; then warn, count it, and return to the normal schedule (1s to 1
+    /// day).
+    #[arg(long, env = "TRUST_SYNC_TIMEOUT", default_value = "10m", value_parser = between(StdDuration::from_secs(1), DAY), value_name = "DURATION")]
+    pub trust_sync_timeout: StdDuration,
+
+    /// Type of the private key generated for each certificate.
+    #[arg(long, value_enum, default_value_t = KeyTypeArg::EcP256)]
+    pub key_type: KeyTypeArg,
+}
+
+/// Key types on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyTypeArg {
+    /// ECDSA P-256.
+    EcP256,
+    /// ECDSA P-384.
+    EcP384,
+    /// RSA 2048 bits.
+    Rsa2048,
+    /// RSA 3072 bits.
+    Rsa3072,
+    /// RSA 4096 bits.
+    Rsa4096,
+}
+
+impl From<KeyTypeArg> for KeyType {
+    fn from(k: KeyTypeArg) -> Self {
+        match k {
+            KeyTypeArg::EcP256 => Self::EcP256,
+            KeyTypeArg::EcP384 => Self::EcP384,
+            KeyTypeArg::Rsa2048 => Self::Rsa(2048),
+            KeyTypeArg::Rsa3072 => Self::Rsa(3072),
+            KeyTypeArg::Rsa4096 => Self::Rsa(4096),
+        }
+    }
+}
+
+/// A flag value that is not what it takes.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityFlagError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("{0:?} is not between 0 and 1")]
+    Ratio(String),
+}
+
+fn non_empty(s: &str) -> Result<String, IdentityFlagError> {
+    (!s.is_empty())
+        .then(|| s.to_owned())
+        .ok_or(IdentityFlagError::Empty)
+}
+
+fn ratio(s: &str) -> Result<f64, IdentityFlagError> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|r| *r > 0.0 && *r < 1.0)
+        .ok_or_else(|| IdentityFlagError::Ratio(s.to_owned()))
+}
+
+/// The identity asked for and its renewal, checked.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+    pub spiffe_id: spiffe::SpiffeId,
+    /// Its trust domain.
+    pub trust_domain: spiffe::TrustDomain,
+    /// Lifetime asked for.
+    pub ttl: Duration,
+    /// Renew when this fraction of the lifetime is left.
+    pub grace_ratio: f64,
+    /// How long to keep asking for a bundle that reflects a trust-file change.
+    pub trust_sync_timeout: StdDuration,
+    /// Key type generated.
+    pub key_type: KeyType,
+}
+
+impl IdentityArgs {
+    /// The SPIFFE ID these flags name, and the rest as given.
+    pub fn validate(self) -> Result<IdentityConfig, ConfigError> {
+        let spiffe_id = spiffe::SpiffeId::from_segments(
+            self.trust_domain.clone(),
+            &["ns", &self.namespace, "sa", &self.service_account],
+        )
+        .map_err(|e| {
+            ConfigError::new(
+                "--namespace/--service-account",
+                format!("not usable in a SPIFFE ID: {e}"),
+            )
+        })?;
+        Ok(IdentityConfig {
+            spiffe_id,
+            trust_domain: self.trust_domain,
+            ttl: self.secret_ttl,
+            grace_ratio: self.grace_ratio,
+            trust_sync_timeout: self.trust_sync_timeout,
+            key_type: self.key_type.into(),
+        })
+    }
+}
+
 /// What the rotation loop needs.
 pub struct Rotation {
     /// The CA.
@@ -121,7 +248,7 @@ pub struct Rotation {
     /// fetched at once instead of at the next refresh.
     pub ca_trust: CaTrust,
     /// How long to keep asking for a bundle that reflects a trust-file change.
-    pub trust_sync_timeout: Duration,
+    pub trust_sync_timeout: StdDuration,
 }
 
 impl Rotation {

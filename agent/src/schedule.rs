@@ -140,7 +140,7 @@ struct TrustSync {
 /// The rotation's timing state between attempts.
 pub struct Schedule {
     grace_ratio: f64,
-    trust_sync_timeout: Duration,
+    trust_sync_timeout: StdDuration,
     backoff: Backoff,
     retries: u64,
     /// The trust file as last seen; a change against it starts a [`TrustSync`].
@@ -165,7 +165,7 @@ impl Schedule {
     /// trust file as read at start, `draw` the source of randomness.
     pub fn new(
         grace_ratio: f64,
-        trust_sync_timeout: Duration,
+        trust_sync_timeout: StdDuration,
         trust: Option<Bundle>,
         draw: Box<dyn FnMut() -> f64 + Send>,
     ) -> Self {
@@ -344,7 +344,7 @@ mod tests {
 
     /// Draws always in the middle: no jitter, mid-range backoff steps.
     fn schedule(trust: Option<Bundle>) -> Schedule {
-        Schedule::new(0.5, Duration::minutes(10), trust, Box::new(|| 0.5))
+        Schedule::new(0.5, StdDuration::from_secs(600), trust, Box::new(|| 0.5))
     }
 
     #[test]

@@ -15,7 +15,6 @@ use signet_fs::watch::{Poll, Reported, read_off_thread};
 use crate::{
     caclient::{CaClient, GrpcCaClient},
     config::RunConfig,
-    filesecret::FilePolicy,
     metrics::Metrics,
     output,
     rotation::{Clock, Rotation, SystemClock},
@@ -47,7 +46,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let config = Arc::new(config);
-    let ca: Arc<dyn CaClient> = Arc::new(GrpcCaClient::new(config.clone()));
+    let ca: Arc<dyn CaClient> = Arc::new(GrpcCaClient::new(config.ca.clone()));
     run_with(config, ca, Arc::new(SystemClock), socket, http, shutdown).await
 }
 
@@ -61,26 +60,26 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let metrics = Metrics::new()?;
-    if config.key_type == crate::keys::KeyType::EcP384 {
+    if config.identity.key_type == crate::keys::KeyType::EcP384 {
         // Seen with Envoy 1.40 (tests/python/test_envoy_mesh.py): the handshake fails.
         tracing::warn!(
             "--key-type ec-p384: Envoy's default client curves (X25519, P-256) refuse a P-384 server certificate; peers must list P-384 in ecdh_curves of their UpstreamTlsContext (docs/agent.md, \"Key types and Envoy\"), or use ec-p256 or an RSA key"
         );
     }
-    let store = SecretStore::with_file_policy(FilePolicy::new(config.file_secret_dirs.clone()));
+    let store = SecretStore::with_file_policy(config.file_secrets.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let rotation = Rotation {
         ca,
         store: store.clone(),
         clock: clock.clone(),
-        id: config.spiffe_id.clone(),
-        key_type: config.key_type,
-        ttl: config.secret_ttl,
-        grace_ratio: config.grace_ratio,
+        id: config.identity.spiffe_id.clone(),
+        key_type: config.identity.key_type,
+        ttl: config.identity.ttl,
+        grace_ratio: config.identity.grace_ratio,
         metrics: metrics.clone(),
-        ca_trust: config.ca_trust.clone(),
-        trust_sync_timeout: config.trust_sync_timeout,
+        ca_trust: config.ca.trust.clone(),
+        trust_sync_timeout: config.identity.trust_sync_timeout,
     };
     tokio::spawn(rotation.run(stop_rx.clone()));
 
@@ -157,7 +156,7 @@ pub async fn run_with(
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     });
-    tracing::info!(id = %config.spiffe_id, socket = %config.socket.display(), ca = %config.ca_addr, "signet-agent running");
+    tracing::info!(id = %config.identity.spiffe_id, socket = %config.socket.display(), ca = %config.ca.addr, "signet-agent running");
     sds.await?;
     match http_server.await {
         Ok(result) => result?,

@@ -133,7 +133,7 @@ fn rotation(ca: Arc<FakeCa>, ttl: Duration) -> Rotation {
         grace_ratio: 0.5,
         metrics: Metrics::new().unwrap(),
         ca_trust: signet_agent::catrust::CaTrust::System,
-        trust_sync_timeout: Duration::minutes(10),
+        trust_sync_timeout: std::time::Duration::from_secs(600),
     }
 }
 
@@ -274,7 +274,7 @@ async fn an_unreachable_ca_is_a_connect_error_not_a_refusal() {
     let Command::Run(run) = Cli::try_parse_from(args).unwrap().command else {
         unreachable!()
     };
-    let client = GrpcCaClient::new(Arc::new(run.validate(Vec::new()).unwrap()));
+    let client = GrpcCaClient::new(run.validate(Vec::new()).unwrap().ca);
     let err = client.sign("csr", Duration::hours(1)).await.unwrap_err();
     assert!(matches!(err, CaError::Connect { .. }), "{err:?}");
 }

@@ -1,0 +1,91 @@
+//! What the flag groups share: the error that names a flag, and durations (`24h`,
+//! `90m`, `8s`) within the bounds a flag's help states. A leaf: `caclient`,
+//! `rotation`, `filesecret` and `config` use it.
+
+use std::time::Duration as StdDuration;
+
+use time::Duration;
+
+/// A flag value that cannot work: the flag and the problem.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag}: {problem}")]
+pub struct ConfigError {
+    flag: &'static str,
+    problem: String,
+}
+
+impl ConfigError {
+    /// `flag` cannot take its value, because of `problem`.
+    pub(crate) fn new(flag: &'static str, problem: impl Into<String>) -> Self {
+        Self {
+            flag,
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Why a flag's value is not a duration it takes.
+#[derive(Debug, thiserror::Error)]
+pub enum DurationError {
+    #[error("{0:?} is not a duration like 24h, 90m or 8s ({1})")]
+    Syntax(String, #[source] humantime::DurationError),
+    #[error("{0:?} is too long")]
+    TooLong(String),
+    #[error("{input:?} is not between {min} and {max}")]
+    OutOfRange {
+        input: String,
+        min: humantime::FormattedDuration,
+        max: humantime::FormattedDuration,
+    },
+}
+
+/// A value parser for durations from `min` to `max` (both included).
+pub fn between(
+    min: StdDuration,
+    max: StdDuration,
+) -> impl Fn(&str) -> Result<StdDuration, DurationError> + Clone + Send + Sync + 'static {
+    move |s| {
+        let d = humantime::parse_duration(s.trim())
+            .map_err(|e| DurationError::Syntax(s.to_owned(), e))?;
+        if d < min || d > max {
+            return Err(DurationError::OutOfRange {
+                input: s.to_owned(),
+                min: humantime::format_duration(min),
+                max: humantime::format_duration(max),
+            });
+        }
+        Ok(d)
+    }
+}
+
+/// A value parser for certificate lifetimes from `min` to `max`.
+pub fn lifetime_between(
+    min: StdDuration,
+    max: StdDuration,
+) -> impl Fn(&str) -> Result<Duration, DurationError> + Clone + Send + Sync + 'static {
+    let parse = between(min, max);
+    move |s| {
+        let d = parse(s)?;
+        Duration::try_from(d).map_err(|_| DurationError::TooLong(s.to_owned()))
+    }
+}
+
+/// Seconds in a day, for bounds.
+pub const DAY: StdDuration = StdDuration::from_secs(86_400);
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn bounded_durations() {
+        let d = between(StdDuration::from_secs(1), DAY);
+        assert_eq!(d("90m").unwrap(), StdDuration::from_secs(5400));
+        for bad in ["0s", "2d", "soon", "-1s"] {
+            assert!(d(bad).is_err(), "{bad}");
+        }
+        let l = lifetime_between(StdDuration::from_secs(1), DAY);
+        assert_eq!(l("8s").unwrap(), Duration::seconds(8));
+    }
+}
