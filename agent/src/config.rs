@@ -1,19 +1,19 @@
 //! Command line and environment: `signet-agent run` and `signet-agent inspect`. The
-//! CA client ([`crate::caclient::CaArgs`]) and the identity and its renewal
-//! ([`crate::rotation::IdentityArgs`]) own their flags and checks; this module
+//! CA client ([`crate::identity::caclient::CaArgs`]) and the identity and its renewal
+//! ([`crate::identity::rotation::IdentityArgs`]) own their flags and checks; this module
 //! flattens them into `run` beside the listeners and the secrets' sources.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration as StdDuration};
 
 use clap::{Args, Parser, Subcommand};
 
+pub use crate::{flags::ConfigError, identity::catrust::CaTrust};
 use crate::{
-    caclient::{CaArgs, CaConfig},
-    filesecret::FilePolicy,
     flags::between,
-    rotation::{IdentityArgs, IdentityConfig},
+    identity::caclient::{CaArgs, CaConfig},
+    identity::rotation::{IdentityArgs, IdentityConfig},
+    secrets::filesecret::FilePolicy,
 };
-pub use crate::{catrust::CaTrust, flags::ConfigError};
 
 /// Signet's workload agent: keys, certificates and Envoy SDS for one pod or node.
 #[derive(Debug, Parser)]
@@ -184,7 +184,7 @@ mod tests {
             PathBuf::from("./var/run/secrets/workload-spiffe-uds/socket")
         );
         assert_eq!(c.identity.ttl, time::Duration::hours(24));
-        assert_eq!(c.identity.key_type, crate::keys::KeyType::EcP256);
+        assert_eq!(c.identity.key_type, crate::identity::keys::KeyType::EcP256);
         assert_eq!(c.http_addr.port(), 15020);
     }
 

@@ -226,7 +226,7 @@ fn describe(secret: &Secret, now: OffsetDateTime, grace_ratio: f64) -> SecretInf
                         c.validity().not_after.to_datetime(),
                     );
                     Some(
-                        (crate::schedule::refresh_at(nb, na, grace_ratio, 0.0) - now)
+                        (crate::identity::schedule::refresh_at(nb, na, grace_ratio, 0.0) - now)
                             .whole_seconds(),
                     )
                 });

@@ -1,33 +1,27 @@
-//! Signet's workload agent: generates the private key locally, obtains a SPIFFE
-//! certificate from signet-ca (or istiod), rotates it at half-life, and serves it to
-//! Envoy over SDS on a Unix socket.
+//! Signet's workload agent, one data path: the [`identity`] loop makes a key locally,
+//! gets it certified by signet-ca (or istiod) with the pod's token, checks the answer
+//! and publishes it into the [`secrets`] store, which Envoy reads over [`sds`] on a
+//! Unix socket; it renews at half-life.
 //!
-//! Major components:
-//! - [`schedule`]: when to renew, back off, or ask again after a trust-file change
-//!   (pure functions of the time and what was fetched).
-//! - [`rotation`]: the loop that fetches, publishes and sleeps until the schedule says.
-//! - [`caclient`]: CreateCertificate over TLS with the pod's token.
-//! - [`svid`]: the checks every CA answer passes before it is served.
-//! - [`store`] and [`sds`]: the secrets by SDS name and Envoy's SDS protocol.
-//! - [`inspect`]: an SDS client for operators.
+//! Folders, each importing only those listed after it (and the leaves):
+//! - [`sds`]: Envoy's Secret Discovery Service on the socket.
+//! - [`secrets`]: the secrets by SDS name: the store, the names Envoy asks for and
+//!   the resources they become, file-backed secrets, federated bundles, and the
+//!   optional files on disk.
+//! - [`identity`]: the workload's key, the CA client and its trust, the checks of
+//!   each answer, and the rotation with its pure schedule.
+//!
+//! Beside them: [`server`] wires everything; [`config`] puts `signet-agent run`'s
+//! flag groups together; [`inspect`] is an SDS client for operators; the leaves
+//! [`flags`], `sync` and [`metrics`].
 #![forbid(unsafe_code)]
 
-pub mod caclient;
-pub mod catrust;
 pub mod config;
-pub mod federation;
-pub mod filesecret;
 pub mod flags;
+pub mod identity;
 pub mod inspect;
-pub mod keys;
 pub mod metrics;
-pub mod names;
-pub(crate) mod output;
-pub(crate) mod resources;
-pub mod rotation;
-pub mod schedule;
 pub mod sds;
+pub mod secrets;
 pub mod server;
-pub mod store;
-pub mod svid;
 pub(crate) mod sync;

@@ -13,13 +13,13 @@ use tokio_stream::{StreamExt, wrappers::UnixListenerStream};
 use signet_fs::watch::{Poll, Reported, read_off_thread};
 
 use crate::{
-    caclient::{CaClient, GrpcCaClient},
     config::RunConfig,
+    identity::caclient::{CaClient, GrpcCaClient},
+    identity::rotation::{Clock, Rotation, SystemClock},
     metrics::Metrics,
-    output,
-    rotation::{Clock, Rotation, SystemClock},
     sds::{Sds, authority::Normalized},
-    store::SecretStore,
+    secrets::output,
+    secrets::store::SecretStore,
 };
 
 /// How often `--federated-bundles` is read again.
@@ -60,7 +60,7 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let metrics = Metrics::new()?;
-    if config.identity.key_type == crate::keys::KeyType::EcP384 {
+    if config.identity.key_type == crate::identity::keys::KeyType::EcP384 {
         // Seen with Envoy 1.40 (tests/python/test_envoy_mesh.py): the handshake fails.
         tracing::warn!(
             "--key-type ec-p384: Envoy's default client curves (X25519, P-256) refuse a P-384 server certificate; peers must list P-384 in ecdh_curves of their UpstreamTlsContext (docs/agent.md, \"Key types and Envoy\"), or use ec-p256 or an RSA key"
@@ -105,7 +105,7 @@ pub async fn run_with(
             loop {
                 let file = path.clone();
                 let read = read_off_thread(FEDERATION_READ_LIMIT, move || {
-                    crate::federation::load(&file)
+                    crate::secrets::federation::load(&file)
                 })
                 .await;
                 match read {

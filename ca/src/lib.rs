@@ -1,39 +1,32 @@
-//! Signet's certificate authority: an Istio-compatible `IstioCertificateService`.
+//! Signet's certificate authority, an Istio-compatible `IstioCertificateService`: a
+//! request comes in at one of two entry points (a CreateCertificate call, or a
+//! Kubernetes PodCertificateRequest), is authenticated, decided by policy and signed
+//! on the signing queue under the loaded key material ([`issue`] over [`keys`]),
+//! while the elected replica keeps the trust bundle in the API server
+//! ([`kubernetes`]).
 //!
-//! Major components:
-//! - [`cacerts`]: loads the operator's key material (Istio or cert-manager layout) or
-//!   a self-signed root from the state directory.
-//! - [`signer`]: checks key material and issues SPIFFE workload certificates.
-//! - [`reload`]: takes changed key material while serving, or refuses it.
-//! - [`csr`]: parses and verifies workload CSRs.
-//! - [`conns`]: who may hold the CA's connections and for how long (shares per peer,
-//!   deadlines, eviction of idle connections when the pool is full).
-//! - [`policy`]: decides identity, lifetime, impersonation and SANs of a request.
-//! - [`keys`]: private keys in PKCS#1, SEC1 or PKCS#8, and public key classification.
-//! - [`pki`]: `signet-ca pki`, roots and per-cluster intermediates for operators.
-//! - [`writers`]: what the elected replica keeps in the Kubernetes API server (root
-//!   ConfigMaps, ClusterTrustBundle, istiod's Secret) and the Lease that elects it.
+//! Folders, each importing only those listed after it (and the leaves):
+//! - [`cli`]: the command line: `serve`'s flags put together ([`cli::config`]) and the
+//!   `pki` subcommands for operators.
+//! - [`issue`]: the request path: the gRPC service and the pod certificate signer,
+//!   then [`issue::authn`], [`issue::csr`], [`issue::policy`], the signing queue and
+//!   the overload pushback.
+//! - [`kubernetes`]: the Kubernetes edge: the API client, the pod cache (node
+//!   impersonation), and the writers with their Lease.
+//! - [`keys`]: the key material: private keys, the `cacerts` layouts, the
+//!   [`keys::signer`], its reload, and the CA's own TLS.
+//!
+//! Beside them: [`server`] wires everything and serves; [`conns`] holds who may keep
+//! the CA's connections; the leaves `flags` (what every flag group shares), `sync`
+//! (poison-recovering locks) and `metrics` (Istio's names).
 #![forbid(unsafe_code)]
 
-pub mod authn;
-pub mod cacerts;
-pub mod config;
+pub mod cli;
 pub mod conns;
-pub mod csr;
 pub(crate) mod flags;
+pub mod issue;
 pub mod keys;
-pub(crate) mod kubeapi;
+pub mod kubernetes;
 pub(crate) mod metrics;
-pub mod pki;
-pub mod podcert;
-pub mod pods;
-pub mod policy;
-pub(crate) mod pushback;
-pub(crate) mod queue;
-pub(crate) mod reload;
 pub mod server;
-pub(crate) mod service;
-pub mod signer;
 pub(crate) mod sync;
-pub(crate) mod tls;
-pub mod writers;

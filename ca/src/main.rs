@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use signet_ca::config::{Cli, Command};
+use signet_ca::cli::config::{Cli, Command};
 use tokio::net::TcpListener;
 
 /// sysexits' EX_USAGE: bad flags or flag values.
@@ -30,7 +30,7 @@ fn main() -> ExitCode {
 
     match cli.command {
         Command::Pki(command) => {
-            match signet_ca::pki::run(command, time::OffsetDateTime::now_utc()) {
+            match signet_ca::cli::pki::run(command, time::OffsetDateTime::now_utc()) {
                 Ok(report) => {
                     print!("{report}");
                     ExitCode::SUCCESS

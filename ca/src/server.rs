@@ -21,19 +21,19 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
-    authn::{Authenticator, ClusterAuth},
-    cacerts::CaCertsError,
-    config::ServeConfig,
+    cli::config::ServeConfig,
     conns::{ActivityLayer, ConnInfo, Deadlines, Pool, Refused},
-    kubeapi::ApiAccess,
+    issue::authn::{Authenticator, ClusterAuth},
+    issue::policy::{NodeImpersonation, Policy},
+    issue::queue::SigningQueue,
+    issue::service::{CaService, MAX_REQUEST_BYTES},
+    keys::cacerts::CaCertsError,
+    keys::reload,
+    keys::signer::{SignError, Signer},
+    keys::tls::{TlsError, TlsState},
+    kubernetes::client::ApiAccess,
+    kubernetes::pods::PodCache,
     metrics::Metrics,
-    pods::PodCache,
-    policy::{NodeImpersonation, Policy},
-    queue::SigningQueue,
-    reload,
-    service::{CaService, MAX_REQUEST_BYTES},
-    signer::{SignError, Signer},
-    tls::{TlsError, TlsState},
 };
 
 /// How long a client gets to finish the TLS handshake.
@@ -59,16 +59,16 @@ pub enum ServeError {
     Authn {
         cluster: String,
         #[source]
-        source: crate::authn::BuildError,
+        source: crate::issue::authn::BuildError,
     },
     #[error("node impersonation: the pod watch of cluster {cluster}: {source}")]
     PodWatch {
         cluster: String,
         #[source]
-        source: crate::authn::KubeClientError,
+        source: crate::issue::authn::KubeClientError,
     },
     #[error("Kubernetes API access for the writers: {0}")]
-    Writers(#[source] crate::authn::KubeClientError),
+    Writers(#[source] crate::issue::authn::KubeClientError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("gRPC server: {0}")]
@@ -138,12 +138,15 @@ async fn node_impersonation(
         let id = id.to_owned();
         let mut stop = stop.clone();
         async move {
-            let client = crate::kubeapi::client(&access, crate::kubeapi::Retries::Kube)
-                .await
-                .map_err(|source| ServeError::PodWatch {
-                    cluster: id.clone(),
-                    source,
-                })?;
+            let client = crate::kubernetes::client::client(
+                &access,
+                crate::kubernetes::client::Retries::Kube,
+            )
+            .await
+            .map_err(|source| ServeError::PodWatch {
+                cluster: id.clone(),
+                source,
+            })?;
             tokio::spawn(async move {
                 tokio::select! {
                     _ = cache.watch(client, id) => {}
@@ -252,16 +255,19 @@ pub async fn run(
     ));
     let writers = match config.writers.clone() {
         Some(writers) => {
-            let client = crate::kubeapi::client(&writers.access, crate::kubeapi::Retries::Kube)
-                .await
-                .map_err(ServeError::Writers)?;
+            let client = crate::kubernetes::client::client(
+                &writers.access,
+                crate::kubernetes::client::Retries::Kube,
+            )
+            .await
+            .map_err(ServeError::Writers)?;
             // The pod certificate signer runs on the elected replica beside the writers.
-            let mut tasks: Vec<crate::writers::LeaderTask> = Vec::new();
+            let mut tasks: Vec<crate::kubernetes::writers::LeaderTask> = Vec::new();
             if let Some(pods) = pod_certificates {
                 let (client, signer, metrics) =
                     (client.clone(), signer_rx.clone(), metrics.clone());
                 tasks.push(Box::new(move || {
-                    Box::pin(crate::podcert::run(
+                    Box::pin(crate::issue::podcert::run(
                         client.clone(),
                         pods.clone(),
                         policy.clone(),
@@ -271,7 +277,7 @@ pub async fn run(
                     ))
                 }));
             }
-            Some(tokio::spawn(crate::writers::run(
+            Some(tokio::spawn(crate::kubernetes::writers::run(
                 writers,
                 client,
                 signer_rx.clone(),

@@ -14,8 +14,10 @@ use std::{
     sync::OnceLock,
 };
 
-use signet_agent::{filesecret::FilePolicy, names::SecretName, svid::check_answer};
-use signet_ca::authn::{JwksSource, JwtAuthenticator, JwtConfig, Token};
+use signet_agent::{
+    identity::svid::check_answer, secrets::filesecret::FilePolicy, secrets::names::SecretName,
+};
+use signet_ca::issue::authn::{JwksSource, JwtAuthenticator, JwtConfig, Token};
 use spiffe::SpiffeId;
 use time::OffsetDateTime;
 
@@ -51,10 +53,10 @@ pub fn parts(data: &[u8]) -> Vec<&[u8]> {
     out
 }
 
-/// `signet_ca::csr::check` on a PEM (or anything else).
+/// `signet_ca::issue::csr::check` on a PEM (or anything else).
 pub fn csr(data: &[u8]) {
     let pem = String::from_utf8_lossy(data);
-    if let Ok(checked) = signet_ca::csr::check(&pem) {
+    if let Ok(checked) = signet_ca::issue::csr::check(&pem) {
         assert!(!checked.spki.is_empty());
     }
 }
@@ -103,7 +105,7 @@ fn base64url(bytes: &[u8]) -> String {
 /// The JWT front end: the JWKS parser on the raw input, and the whole offline
 /// verification (header, key choice, signature, claims) on it as a token.
 pub fn jwt(data: &[u8]) {
-    let _ = signet_ca::authn::Jwks::parse(data);
+    let _ = signet_ca::issue::authn::Jwks::parse(data);
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
@@ -147,8 +149,8 @@ pub fn cacerts(data: &[u8]) {
                 }
             }
         }
-        if let Ok(Some(material)) = signet_ca::cacerts::load_dir(dir) {
-            let _ = signet_ca::signer::Signer::new(material, now());
+        if let Ok(Some(material)) = signet_ca::keys::cacerts::load_dir(dir) {
+            let _ = signet_ca::keys::signer::Signer::new(material, now());
         }
     });
 }
@@ -210,10 +212,12 @@ pub fn federation(data: &[u8]) {
         "pem"
     };
     let body = data.get(1..).unwrap_or_default();
-    if let Ok(Some((_, pem))) = signet_agent::federation::parse_file("b.example", ext, body) {
+    if let Ok(Some((_, pem))) =
+        signet_agent::secrets::federation::parse_file("b.example", ext, body)
+    {
         assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
     }
-    if let Ok(bundles) = signet_agent::federation::parse_map(data) {
+    if let Ok(bundles) = signet_agent::secrets::federation::parse_map(data) {
         for pem in bundles.values() {
             assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"));
         }

@@ -46,7 +46,7 @@ fn every_corpus_file_replays() {
 fn seeds_reach_the_accepting_paths() {
     let read = |target: &str, file: &str| std::fs::read(corpus(target).join(file)).unwrap();
     let csr = String::from_utf8(read("csr", "p256-san")).unwrap();
-    assert!(signet_ca::csr::check(&csr).is_ok());
+    assert!(signet_ca::issue::csr::check(&csr).is_ok());
     let answer: Vec<String> = signet_fuzz::parts(&read("ca_answer", "leaf-intermediate-root"))
         .into_iter()
         .map(|p| String::from_utf8(p.to_vec()).unwrap())
@@ -56,8 +56,14 @@ fn seeds_reach_the_accepting_paths() {
     let spki = rcgen::KeyPair::from_pem(signet_fuzz::WORKLOAD_KEY)
         .unwrap()
         .subject_public_key_info();
-    signet_agent::svid::check_answer(&answer, &id, &spki, String::new(), signet_fuzz::now())
-        .unwrap();
+    signet_agent::identity::svid::check_answer(
+        &answer,
+        &id,
+        &spki,
+        String::new(),
+        signet_fuzz::now(),
+    )
+    .unwrap();
     let set = read("cacerts", "p256-istio-set");
     let dir = tempfile_dir("seeds");
     for (part, name) in signet_fuzz::parts(&set).into_iter().zip([
@@ -68,9 +74,9 @@ fn seeds_reach_the_accepting_paths() {
     ]) {
         std::fs::write(dir.join(name), part).unwrap();
     }
-    let material = signet_ca::cacerts::load_dir(&dir).unwrap().unwrap();
-    signet_ca::signer::Signer::new(material, signet_fuzz::now()).unwrap();
-    assert!(signet_agent::federation::parse_map(&read("federation", "map")).is_ok());
+    let material = signet_ca::keys::cacerts::load_dir(&dir).unwrap().unwrap();
+    signet_ca::keys::signer::Signer::new(material, signet_fuzz::now()).unwrap();
+    assert!(signet_agent::secrets::federation::parse_map(&read("federation", "map")).is_ok());
     for seed in ["socket-path", "huffman-continuation"] {
         let out = signet_agent::sds::rewrite_client_bytes(&read("sds_authority", seed)).unwrap();
         assert!(out.len() > 24, "{seed}");
@@ -93,8 +99,8 @@ fn a_subject_with_an_unencodable_oid_is_refused_at_load() {
     ]) {
         std::fs::write(dir.join(name), part).unwrap();
     }
-    let material = signet_ca::cacerts::load_dir(&dir).unwrap().unwrap();
-    let err = signet_ca::signer::Signer::new(material, signet_fuzz::now())
+    let material = signet_ca::keys::cacerts::load_dir(&dir).unwrap().unwrap();
+    let err = signet_ca::keys::signer::Signer::new(material, signet_fuzz::now())
         .unwrap_err()
         .to_string();
     assert!(err.contains("attribute type"), "{err}");

@@ -334,9 +334,11 @@ struct OwnSteps {
 impl OwnSteps {
     fn measure(cacerts: &Path, dir: &Path, issuer: &JwtIssuer, csr_pem: &str) -> Self {
         use signet_ca::{
-            authn::{JwksSource, JwtAuthenticator, JwtConfig, Token},
-            cacerts, csr,
-            signer::Signer,
+            issue::{
+                authn::{JwksSource, JwtAuthenticator, JwtConfig, Token},
+                csr,
+            },
+            keys::{cacerts, signer::Signer},
         };
         let now = time::OffsetDateTime::now_utc();
         let signer = Signer::new(cacerts::load_dir(cacerts).unwrap().unwrap(), now).unwrap();
@@ -374,7 +376,10 @@ impl OwnSteps {
 /// What the CA answers: a leaf signed through `cacerts` for `csr_pem`, its chain and
 /// the root, as the floor servers answer every request.
 fn sample_answer(cacerts: &Path, csr_pem: &str) -> IstioCertificateResponse {
-    use signet_ca::{cacerts, csr, signer::Signer};
+    use signet_ca::{
+        issue::csr,
+        keys::{cacerts, signer::Signer},
+    };
     let now = time::OffsetDateTime::now_utc();
     let signer = Signer::new(cacerts::load_dir(cacerts).unwrap().unwrap(), now).unwrap();
     let id = spiffe::SpiffeId::new("spiffe://cluster.local/ns/bench/sa/x").unwrap();

@@ -14,9 +14,11 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use signet_ca::{
-    authn::{Caller, Method, PodRef},
-    pods::PodCache,
-    policy::{NodeImpersonation, Policy},
+    issue::{
+        authn::{Caller, Method, PodRef},
+        policy::{NodeImpersonation, Policy},
+    },
+    kubernetes::pods::PodCache,
 };
 use signet_spiffe::{ServiceAccount, TrustDomains};
 
@@ -129,7 +131,7 @@ fn main() {
         .unwrap()
         .pem()
         .unwrap();
-    let csr = signet_ca::csr::parse(&csr_pem).unwrap();
+    let csr = signet_ca::issue::csr::parse(&csr_pem).unwrap();
     let requests: Vec<(Caller, String)> = (NODES..NODES + 10_000)
         .map(|i| {
             let node = i % NODES;
@@ -155,7 +157,7 @@ fn main() {
     let started = Instant::now();
     for _ in 0..rounds {
         for (caller, target) in &requests {
-            let request = signet_ca::policy::Request::Istio {
+            let request = signet_ca::issue::policy::Request::Istio {
                 caller,
                 requested_secs: 0,
                 impersonate: Some(target),

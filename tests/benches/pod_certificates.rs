@@ -117,16 +117,17 @@ async fn main() {
 
     // The limit: the crypto of one answer (parse the CSR, sign the leaf) on one core,
     // with the CA's own signer and key material.
-    let material = signet_ca::cacerts::load_dir(&setup.cacerts)
+    let material = signet_ca::keys::cacerts::load_dir(&setup.cacerts)
         .unwrap()
         .unwrap();
-    let signer = signet_ca::signer::Signer::new(material, time::OffsetDateTime::now_utc()).unwrap();
+    let signer =
+        signet_ca::keys::signer::Signer::new(material, time::OffsetDateTime::now_utc()).unwrap();
     let pem = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", stub_der));
     let id = spiffe::SpiffeId::new("spiffe://cluster.local/ns/apps/sa/web").unwrap();
     let rounds = n.min(5_000);
     let sign_started = Instant::now();
     for _ in 0..rounds {
-        let csr = signet_ca::csr::parse(&pem).unwrap();
+        let csr = signet_ca::issue::csr::parse(&pem).unwrap();
         let window = signer
             .window(time::Duration::hours(24), time::OffsetDateTime::now_utc())
             .unwrap();

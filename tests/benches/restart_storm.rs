@@ -28,7 +28,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use signet_agent::{caclient::retry_pushback, schedule::Backoff};
+use signet_agent::{identity::caclient::retry_pushback, identity::schedule::Backoff};
 use signet_e2e::{
     JwtIssuer, TestRoot,
     kube::{KubeApi, TokenReviews},

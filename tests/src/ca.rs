@@ -13,9 +13,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 pub const SERVER_NAME: &str = "istiod.istio-system.svc";
 
 /// Parses `signet-ca serve` arguments exactly as the binary does.
-pub fn parse_serve(args: &[String]) -> signet_ca::config::ServeConfig {
+pub fn parse_serve(args: &[String]) -> signet_ca::cli::config::ServeConfig {
     use clap::Parser;
-    use signet_ca::config::{Cli, Command};
+    use signet_ca::cli::config::{Cli, Command};
     let mut full = vec!["signet-ca".to_string(), "serve".to_string()];
     full.extend_from_slice(args);
     let Command::Serve(serve) = Cli::try_parse_from(full).unwrap().command else {

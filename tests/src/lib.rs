@@ -124,7 +124,7 @@ pub fn serial(pem: &str) -> Vec<u8> {
 }
 
 /// A signed leaf as a CreateCertificate answer lists it: leaf, signing chain, roots.
-pub fn istio_chain(issued: signet_ca::signer::Issued) -> Vec<String> {
+pub fn istio_chain(issued: signet_ca::keys::signer::Issued) -> Vec<String> {
     std::iter::once(issued.leaf)
         .chain(issued.chain.into_iter().map(|c| c.pem))
         .chain([issued.roots])

@@ -10,13 +10,13 @@ use std::{
 };
 
 use signet_agent::{
-    caclient::{CaClient, CaError, SignFuture},
-    keys::KeyType,
+    identity::caclient::{CaClient, CaError, SignFuture},
+    identity::keys::KeyType,
+    identity::rotation::{Rotation, SystemClock},
     metrics::Metrics,
-    rotation::{Rotation, SystemClock},
-    store::SecretStore,
+    secrets::store::SecretStore,
 };
-use signet_ca::{cacerts, signer::Signer};
+use signet_ca::keys::{cacerts, signer::Signer};
 use spiffe::SpiffeId;
 use time::{Duration, OffsetDateTime};
 
@@ -70,7 +70,7 @@ impl CaClient for FakeCa {
                     script[0]
                 }
             };
-            let checked = signet_ca::csr::check(csr).unwrap();
+            let checked = signet_ca::issue::csr::check(csr).unwrap();
             let me = SpiffeId::new(&checked.uri_sans[0]).unwrap();
             let now = OffsetDateTime::now_utc();
             let sign = |signer: &Signer, spki: &[u8], id: &SpiffeId, at: OffsetDateTime| {
@@ -132,7 +132,7 @@ fn rotation(ca: Arc<FakeCa>, ttl: Duration) -> Rotation {
         ttl,
         grace_ratio: 0.5,
         metrics: Metrics::new().unwrap(),
-        ca_trust: signet_agent::catrust::CaTrust::System,
+        ca_trust: signet_agent::identity::catrust::CaTrust::System,
         trust_sync_timeout: std::time::Duration::from_secs(600),
     }
 }
@@ -177,10 +177,10 @@ async fn a_bad_renewal_leaves_the_held_certificate_in_place() {
     let task = tokio::spawn(r.run(stop));
     // Bounds are generous for a loaded machine; they cost nothing when it is fast.
     let started = std::time::Instant::now();
-    while store.svid().is_none() && started.elapsed() < StdDuration::from_secs(30) {
+    while store.current().is_none() && started.elapsed() < StdDuration::from_secs(30) {
         tokio::time::sleep(StdDuration::from_millis(20)).await;
     }
-    let first = store.svid().unwrap().serial.clone();
+    let first = store.current().unwrap().serial.clone();
     // The refresh point (about 2 s) passes; every renewal is refused. Polled rather
     // than slept: two refusals come about 2.5 s after the first certificate.
     let started = std::time::Instant::now();
@@ -192,7 +192,7 @@ async fn a_bad_renewal_leaves_the_held_certificate_in_place() {
         "{}",
         metrics.failed_requests.get()
     );
-    assert_eq!(store.svid().unwrap().serial, first);
+    assert_eq!(store.current().unwrap().serial, first);
     stop_tx.send(true).unwrap();
     task.await.unwrap();
 }
@@ -215,15 +215,18 @@ async fn an_overloaded_cas_pushback_replaces_the_backoff() {
     // Past the backoff's longest first step, well before the pushback ends.
     tokio::time::sleep(StdDuration::from_millis(1200)).await;
     assert!(
-        store.svid().is_none(),
+        store.current().is_none(),
         "asked again {:?} after the refusal, before its pushback of {PUSHBACK:?}",
         started.elapsed() - refused_at
     );
     assert_eq!(metrics.outgoing_requests.get(), 1);
-    while store.svid().is_none() && started.elapsed() < StdDuration::from_secs(30) {
+    while store.current().is_none() && started.elapsed() < StdDuration::from_secs(30) {
         tokio::time::sleep(StdDuration::from_millis(20)).await;
     }
-    assert!(store.svid().is_some(), "no certificate after the pushback");
+    assert!(
+        store.current().is_some(),
+        "no certificate after the pushback"
+    );
     // `refused_at` is when the poll above saw the refusal, up to a poll's interval
     // (and a busy machine's delay) after it: allowed for, far above the backoff's
     // 500 ms.
@@ -242,8 +245,8 @@ async fn an_overloaded_cas_pushback_replaces_the_backoff() {
 async fn an_unreachable_ca_is_a_connect_error_not_a_refusal() {
     use clap::Parser;
     use signet_agent::{
-        caclient::GrpcCaClient,
         config::{Cli, Command},
+        identity::caclient::GrpcCaClient,
     };
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();

@@ -186,7 +186,9 @@ async fn a_new_root_in_the_ca_trust_reaches_rootca_without_waiting_for_rotation(
 
 /// The roots an agent serves as `ROOTCA`, DER.
 async fn served_roots(socket: &std::path::Path) -> std::collections::BTreeSet<Vec<u8>> {
-    signet_agent::catrust::roots_of(roots(&fetch(socket, &["ROOTCA"]).await[0]).as_bytes())
+    signet_agent::identity::catrust::roots_of(
+        roots(&fetch(socket, &["ROOTCA"]).await[0]).as_bytes(),
+    )
 }
 
 fn der(pem: &str) -> Vec<u8> {

@@ -7,7 +7,7 @@
 use std::{fs, path::Path};
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-use signet_ca::{cacerts, signer::Signer};
+use signet_ca::keys::{cacerts, signer::Signer};
 use signet_e2e::{TestRoot, csr, openssl_verify, sh, uri_sans, workspace};
 use spiffe::SpiffeId;
 use time::{Duration, OffsetDateTime};

@@ -21,7 +21,9 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use signet_ca::authn::{JwksError, JwksSource, JwtAuthenticator, JwtConfig, ReviewError, Token};
+use signet_ca::issue::authn::{
+    JwksError, JwksSource, JwtAuthenticator, JwtConfig, ReviewError, Token,
+};
 use signet_e2e::{ISSUER, JwtIssuer, https_server};
 
 #[derive(Default)]

@@ -6,7 +6,7 @@
 use std::{fs, path::Path};
 
 use clap::Parser;
-use signet_ca::{
+use signet_ca::cli::{
     config::{Cli, Command},
     pki,
 };
@@ -96,8 +96,8 @@ fn root_and_sibling_intermediates_make_a_shared_trust() {
     }
     // Each cluster's leaf verifies against the other cluster's bundle.
     let now = OffsetDateTime::now_utc();
-    let east = signet_ca::signer::Signer::new(
-        signet_ca::cacerts::load_dir(&d.path().join("east"))
+    let east = signet_ca::keys::signer::Signer::new(
+        signet_ca::keys::cacerts::load_dir(&d.path().join("east"))
             .unwrap()
             .unwrap(),
         now,

@@ -242,8 +242,8 @@ async fn root_rotation_in_four_steps_without_a_failed_handshake() {
     let stale = {
         // A leaf under the old root, as served before step 3.
         let now = time::OffsetDateTime::now_utc();
-        let signer = signet_ca::signer::Signer::new(
-            signet_ca::cacerts::load_dir(&s.join("east2"))
+        let signer = signet_ca::keys::signer::Signer::new(
+            signet_ca::keys::cacerts::load_dir(&s.join("east2"))
                 .unwrap()
                 .unwrap(),
             now,

@@ -23,7 +23,9 @@ use super::{
     service::{Sds, Subscribed},
     transport::Outbound,
 };
-use crate::{filesecret::FileLease, names::SecretName, resources::Resolved};
+use crate::{
+    secrets::filesecret::FileLease, secrets::names::SecretName, secrets::resources::Resolved,
+};
 
 /// A request answering an older response than the last one sent is stale. Before
 /// this stream has sent anything, no nonce can be stale (a client may carry one over
@@ -282,7 +284,7 @@ impl Protocol for DeltaStream {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::{filesecret::FilePolicy, store::SecretStore};
+    use crate::{secrets::filesecret::FilePolicy, secrets::store::SecretStore};
     use envoy_types::pb::google::rpc::Status as RpcStatus;
 
     const PEM: &str = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n";

@@ -26,9 +26,9 @@ use super::{
     transport::Unboxed,
 };
 use crate::{
-    filesecret::{FileLease, FileSecretError, MAX_FILE_SECRETS_PER_STREAM},
-    names::SecretName,
-    store::SecretStore,
+    secrets::filesecret::{FileLease, FileSecretError, MAX_FILE_SECRETS_PER_STREAM},
+    secrets::names::SecretName,
+    secrets::store::SecretStore,
 };
 
 /// The SDS service.

@@ -1,0 +1,427 @@
+//! Keeping the certificate fresh: a short loop that fetches, publishes and sleeps
+//! until the time [`Schedule`] says. The loop reads the time through [`Clock`] so
+//! tests can run it on paused time.
+
+use std::{sync::Arc, time::Duration as StdDuration};
+
+use rand::Rng;
+use time::{Duration, OffsetDateTime};
+use tokio::sync::watch;
+
+use crate::{
+    flags::{ConfigError, DAY, between, lifetime_between},
+    identity::caclient::{CaClient, CaError},
+    identity::catrust::CaTrust,
+    identity::keys::{KeyError, KeyType, WorkloadKey},
+    identity::schedule::{Next, Schedule, TrustSyncEnd, Why},
+    identity::svid::{self, AnswerError, Svid},
+    metrics::Metrics,
+};
+
+/// Why one attempt to get a certificate failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The key or the CSR could not be made.
+    #[error("cannot make the key or CSR: {0}")]
+    Key(#[from] KeyError),
+    /// The key generation task died.
+    #[error("the key generation task failed: {0}")]
+    Task(String),
+    /// No answer from the CA, or a refusal.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The CA's answer failed a check.
+    #[error("refusing the CA's answer: {0}")]
+    Answer(#[from] AnswerError),
+}
+
+impl FetchError {
+    /// How long the CA asked to wait before the next attempt, if it did.
+    pub fn retry_in(&self) -> Option<StdDuration> {
+        match self {
+            Self::Ca(e) => e.retry_in(),
+            _ => None,
+        }
+    }
+}
+
+/// Longest single sleep: the wall clock is re-read at least this often, so a
+/// suspended machine or a clock jump cannot leave an expired certificate in place.
+pub const MAX_SLEEP: StdDuration = StdDuration::from_secs(5);
+
+/// Wall-clock time.
+pub trait Clock: Send + Sync {
+    /// Now.
+    fn now(&self) -> OffsetDateTime;
+}
+
+/// The system clock.
+#[derive(Debug, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> OffsetDateTime {
+        OffsetDateTime::now_utc()
+    }
+}
+
+/// Sleeps until `deadline` on the wall clock, re-reading it every [`MAX_SLEEP`] at
+/// most. Returns early (false) when `stop` turns true.
+pub async fn sleep_until(
+    clock: &dyn Clock,
+    deadline: OffsetDateTime,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    sleep_until_or(clock, deadline, stop, &mut || false).await
+}
+
+/// [`sleep_until`], also ending (true) as soon as `wake` says so; `wake` is asked
+/// after every nap.
+pub async fn sleep_until_or(
+    clock: &dyn Clock,
+    deadline: OffsetDateTime,
+    stop: &mut watch::Receiver<bool>,
+    wake: &mut (dyn FnMut() -> bool + Send),
+) -> bool {
+    loop {
+        let left = deadline - clock.now();
+        if left <= Duration::ZERO || wake() {
+            return true;
+        }
+        let nap = StdDuration::try_from(left)
+            .unwrap_or(MAX_SLEEP)
+            .min(MAX_SLEEP);
+        tokio::select! {
+            _ = tokio::time::sleep(nap) => {}
+            _ = stop.wait_for(|s| *s) => return false,
+        }
+    }
+}
+
+/// Flags of the identity asked for and its renewal (part of `signet-agent run`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct IdentityArgs {
+    /// The pod's namespace.
+    #[arg(long, env = "POD_NAMESPACE", value_parser = non_empty)]
+    pub namespace: String,
+
+    /// The pod's service account.
+    #[arg(long, env = "SERVICE_ACCOUNT", value_parser = non_empty)]
+    pub service_account: String,
+
+    /// Trust domain of the SPIFFE ID.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local", value_parser = signet_spiffe::trust_domain)]
+    pub trust_domain: spiffe::TrustDomain,
+
+    /// Certificate lifetime to ask for (1s to 365 days).
+    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = lifetime_between(StdDuration::from_secs(1), 365 * DAY), value_name = "DURATION")]
+    pub secret_ttl: Duration,
+
+    /// Rotate when this fraction of the lifetime is left (0 < r < 1).
+    #[arg(long, env = "SECRET_GRACE_PERIOD_RATIO", default_value_t = 0.5, value_parser = ratio)]
+    pub grace_ratio: f64,
+
+    /// After the CA trust file changes (a root rotation), keep asking the CA (with
+    /// backoff from 1 s to 30 s) until its bundle reflects the change, for at most
+    /// this long; then warn, count it, and return to the normal schedule (1s to 1
+    /// day).
+    #[arg(long, env = "TRUST_SYNC_TIMEOUT", default_value = "10m", value_parser = between(StdDuration::from_secs(1), DAY), value_name = "DURATION")]
+    pub trust_sync_timeout: StdDuration,
+
+    /// Type of the private key generated for each certificate.
+    #[arg(long, value_enum, default_value_t = KeyTypeArg::EcP256)]
+    pub key_type: KeyTypeArg,
+}
+
+/// Key types on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyTypeArg {
+    /// ECDSA P-256.
+    EcP256,
+    /// ECDSA P-384.
+    EcP384,
+    /// RSA 2048 bits.
+    Rsa2048,
+    /// RSA 3072 bits.
+    Rsa3072,
+    /// RSA 4096 bits.
+    Rsa4096,
+}
+
+impl From<KeyTypeArg> for KeyType {
+    fn from(k: KeyTypeArg) -> Self {
+        match k {
+            KeyTypeArg::EcP256 => Self::EcP256,
+            KeyTypeArg::EcP384 => Self::EcP384,
+            KeyTypeArg::Rsa2048 => Self::Rsa(2048),
+            KeyTypeArg::Rsa3072 => Self::Rsa(3072),
+            KeyTypeArg::Rsa4096 => Self::Rsa(4096),
+        }
+    }
+}
+
+/// A flag value that is not what it takes.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityFlagError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("{0:?} is not between 0 and 1")]
+    Ratio(String),
+}
+
+fn non_empty(s: &str) -> Result<String, IdentityFlagError> {
+    (!s.is_empty())
+        .then(|| s.to_owned())
+        .ok_or(IdentityFlagError::Empty)
+}
+
+fn ratio(s: &str) -> Result<f64, IdentityFlagError> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|r| *r > 0.0 && *r < 1.0)
+        .ok_or_else(|| IdentityFlagError::Ratio(s.to_owned()))
+}
+
+/// The identity asked for and its renewal, checked.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>`.
+    pub spiffe_id: spiffe::SpiffeId,
+    /// Its trust domain.
+    pub trust_domain: spiffe::TrustDomain,
+    /// Lifetime asked for.
+    pub ttl: Duration,
+    /// Renew when this fraction of the lifetime is left.
+    pub grace_ratio: f64,
+    /// How long to keep asking for a bundle that reflects a trust-file change.
+    pub trust_sync_timeout: StdDuration,
+    /// Key type generated.
+    pub key_type: KeyType,
+}
+
+impl IdentityArgs {
+    /// The SPIFFE ID these flags name, and the rest as given.
+    pub fn validate(self) -> Result<IdentityConfig, ConfigError> {
+        let spiffe_id = spiffe::SpiffeId::from_segments(
+            self.trust_domain.clone(),
+            &["ns", &self.namespace, "sa", &self.service_account],
+        )
+        .map_err(|e| {
+            ConfigError::new(
+                "--namespace/--service-account",
+                format!("not usable in a SPIFFE ID: {e}"),
+            )
+        })?;
+        Ok(IdentityConfig {
+            spiffe_id,
+            trust_domain: self.trust_domain,
+            ttl: self.secret_ttl,
+            grace_ratio: self.grace_ratio,
+            trust_sync_timeout: self.trust_sync_timeout,
+            key_type: self.key_type.into(),
+        })
+    }
+}
+
+/// Where certificates are published: the secret store, which serves them (the
+/// rotation never sees who reads them).
+pub trait Publish: Send + Sync {
+    /// Publishes a certificate that passed every check.
+    fn publish(&self, svid: Arc<Svid>);
+    /// The certificate published last, if any.
+    fn current(&self) -> Option<Arc<Svid>>;
+}
+
+/// What the rotation loop needs.
+pub struct Rotation {
+    /// The CA.
+    pub ca: Arc<dyn CaClient>,
+    /// Where certificates are published.
+    pub store: Arc<dyn Publish>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// Identity to ask for.
+    pub id: spiffe::SpiffeId,
+    /// Key type to generate.
+    pub key_type: KeyType,
+    /// Lifetime to ask for.
+    pub ttl: Duration,
+    /// Renew when this fraction of the lifetime is left.
+    pub grace_ratio: f64,
+    /// Counters.
+    pub metrics: Metrics,
+    /// What the CA is trusted with (`--ca-root-cert`): when that file changes, the
+    /// CA's trust has changed (a root rotation), so a new certificate and bundle are
+    /// fetched at once instead of at the next refresh.
+    pub ca_trust: CaTrust,
+    /// How long to keep asking for a bundle that reflects a trust-file change.
+    pub trust_sync_timeout: StdDuration,
+}
+
+impl Rotation {
+    /// Fetches a certificate now, then renews it for ever: at the refresh point after
+    /// a success, with backoff after a failure, sooner while the CA's bundle must come
+    /// to reflect a change of the trust file. The certificate being served is only
+    /// replaced by one that passed every check.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let mut schedule = Schedule::new(
+            self.grace_ratio,
+            self.trust_sync_timeout,
+            self.ca_trust.read().ok().flatten(),
+            Box::new(|| rand::rng().random::<f64>()),
+        );
+        loop {
+            let next = match self.fetch().await {
+                Ok(svid) => {
+                    let svid = Arc::new(svid);
+                    self.store.publish(svid.clone());
+                    let trust = self.ca_trust.read().ok().flatten();
+                    let next = schedule.after_success(&svid, trust, self.clock.now());
+                    tracing::info!(
+                        id = %svid.id, serial = %svid.serial, not_after = %svid.not_after,
+                        refresh_at = ?next.refresh, "certificate obtained"
+                    );
+                    next
+                }
+                Err(e) => {
+                    let next = schedule.after_failure(e.retry_in(), self.clock.now());
+                    self.failed(&e, &next);
+                    next
+                }
+            };
+            self.report(&next);
+            let woke = if next.why == Why::Refresh {
+                let trusted = schedule.trusted();
+                let mut trust_changed = || self.ca_trust.digest() != trusted;
+                let woke =
+                    sleep_until_or(self.clock.as_ref(), next.at, &mut stop, &mut trust_changed)
+                        .await;
+                if woke && self.ca_trust.digest() != trusted {
+                    tracing::info!(
+                        "the CA trust file changed; fetching a new certificate and bundle now"
+                    );
+                }
+                woke
+            } else {
+                sleep_until(self.clock.as_ref(), next.at, &mut stop).await
+            };
+            if !woke {
+                return;
+            }
+        }
+    }
+
+    /// Says how a wait for the CA's bundle goes.
+    fn report(&self, next: &Next) {
+        match &next.ended {
+            Some(TrustSyncEnd::Reflected) => {
+                tracing::info!("the CA's bundle now reflects the trust file");
+            }
+            Some(TrustSyncEnd::TimedOut(waited)) => {
+                tracing::warn!(
+                    waited = %waited,
+                    "the CA's bundle still does not reflect the change of the CA trust file; back to the normal schedule (is the CA's cacerts updated?)"
+                );
+                self.metrics.trust_sync_timeouts.inc();
+            }
+            None => {}
+        }
+        if let Why::TrustSync { delay } = next.why {
+            tracing::info!(
+                retry_in = ?delay,
+                "the CA's bundle does not reflect the changed CA trust file yet; asking again"
+            );
+        }
+    }
+
+    /// Says and counts a failed attempt.
+    fn failed(&self, error: &FetchError, next: &Next) {
+        let Why::Retry { delay, attempt } = next.why else {
+            return;
+        };
+        self.metrics.failed_requests.inc();
+        self.metrics.retries.inc();
+        let held = self.store.current().map(|s| s.not_after.to_string());
+        tracing::warn!(
+            error = %error, retry_in = ?delay, attempt,
+            serving_until = held.as_deref().unwrap_or("nothing held yet"),
+            "cannot renew the certificate; the one held keeps being served"
+        );
+    }
+
+    /// One attempt: a fresh key, a CSR, the CA's answer, its checks.
+    pub async fn fetch(&self) -> Result<Svid, FetchError> {
+        let key_type = self.key_type;
+        // RSA generation takes long enough to keep it off the reactor.
+        let key = tokio::task::spawn_blocking(move || WorkloadKey::generate(key_type))
+            .await
+            .map_err(|e| FetchError::Task(e.to_string()))??;
+        let csr = key.csr(&self.id)?;
+        let started = std::time::Instant::now();
+        self.metrics.outgoing_requests.inc();
+        let answer = self.ca.sign(&csr, self.ttl).await;
+        self.metrics
+            .outgoing_latency
+            .observe(started.elapsed().as_secs_f64());
+        let chain = answer?;
+        Ok(svid::check_answer(
+            &chain,
+            &self.id,
+            &key.spki(),
+            key.pkcs8_pem(),
+            self.clock.now(),
+        )?)
+    }
+}
+
+impl std::fmt::Debug for Rotation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rotation")
+            .field("id", &self.id.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(secs: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_800_000_000 + secs).unwrap()
+    }
+
+    /// Wall time that follows tokio's (pausable) clock.
+    struct TokioClock {
+        base: OffsetDateTime,
+        start: tokio::time::Instant,
+        jump: std::sync::Mutex<Duration>,
+    }
+    impl Clock for TokioClock {
+        fn now(&self) -> OffsetDateTime {
+            self.base
+                + Duration::try_from(self.start.elapsed()).unwrap()
+                + *self.jump.lock().unwrap()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sleeps_follow_the_wall_clock_not_the_timer() {
+        let clock = Arc::new(TokioClock {
+            base: t(0),
+            start: tokio::time::Instant::now(),
+            jump: Default::default(),
+        });
+        let (_stop_tx, mut stop) = watch::channel(false);
+        let c = clock.clone();
+        let sleeper =
+            tokio::spawn(async move { sleep_until(c.as_ref(), t(3600), &mut stop).await });
+        tokio::time::advance(StdDuration::from_secs(60)).await;
+        assert!(!sleeper.is_finished());
+        // The machine was suspended for two hours: the wall clock jumps past the
+        // deadline and the sleeper wakes within one MAX_SLEEP, not in an hour.
+        *clock.jump.lock().unwrap() = Duration::hours(2);
+        tokio::time::advance(MAX_SLEEP + StdDuration::from_millis(1)).await;
+        assert!(sleeper.await.unwrap());
+    }
+}

@@ -1,0 +1,6 @@
+//! The command line: [`config`] puts `signet-ca serve`'s flag groups together into
+//! one validated configuration; [`pki`] is `signet-ca pki`, roots and per-cluster
+//! intermediates for operators.
+
+pub mod config;
+pub mod pki;

@@ -1,0 +1,211 @@
+//! The CA's key material over its life: loaded at start (the cacerts directory, or the
+//! self-signed root in the state directory), then watched while the CA serves. When
+//! the cacerts directory changes, the new set takes over only if it is whole, proven
+//! (`Signer::new` signs and verifies a probe leaf) and keeps trusting what was issued
+//! before; otherwise it is refused (logged and counted) and the old set keeps serving.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use signet_fs::watch::{Poll, Reported};
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use crate::{
+    keys::cacerts::{self, CaCertsError},
+    keys::signer::{SignError, Signer},
+    keys::tls::TlsState,
+    metrics::Metrics,
+};
+
+/// How long to wait between the two reads that must agree.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// Why a changed set was refused (the current one keeps serving).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    CaCerts(#[from] CaCertsError),
+    #[error("the CA key material disappeared while being read")]
+    Vanished,
+    #[error(transparent)]
+    Signer(#[from] SignError),
+    #[error(transparent)]
+    Serving(#[from] crate::keys::tls::TlsError),
+    #[error(
+        "the new root bundle ({source_of_set}) does not include the root the current chain ends at; workloads holding current certificates would stop being trusted. Bundle old and new roots first, or pass --allow-root-change"
+    )]
+    RootChange { source_of_set: String },
+}
+
+/// The signer for the key material now in `dir`, when it differs from `current`'s:
+/// `Ok(None)` when nothing changed, the directory is empty (a deleted Secret must not
+/// stop the CA) or mid-update (two reads `SETTLE` apart disagree).
+pub(crate) async fn changed(
+    dir: &Path,
+    current: &Signer,
+    allow_root_change: bool,
+    now: OffsetDateTime,
+) -> Result<Option<Signer>, ReloadError> {
+    let Some(first) = cacerts::load_dir(dir)? else {
+        return Ok(None);
+    };
+    if first.digest == current.digest() {
+        return Ok(None);
+    }
+    // Kubernetes swaps the `..data` link atomically, but four reads are not atomic:
+    // take the set only when two reads a moment apart agree.
+    tokio::time::sleep(SETTLE).await;
+    let second = cacerts::load_dir(dir)?.ok_or(ReloadError::Vanished)?;
+    if second.digest != first.digest {
+        return Ok(None);
+    }
+    let new = Signer::new(second, now)?;
+    if !allow_root_change && !current.anchor_in(new.roots()) {
+        return Err(ReloadError::RootChange {
+            source_of_set: new.source().to_string(),
+        });
+    }
+    Ok(Some(new))
+}
+
+/// The key material to start with: the cacerts directory, or the self-signed root in
+/// `state_dir` (created on first use) when that directory holds none.
+pub(crate) fn initial(
+    cacerts_dir: &Path,
+    state_dir: &Path,
+    trust_domain: &str,
+    now: OffsetDateTime,
+) -> Result<Signer, ReloadError> {
+    let material = match cacerts::load_dir(cacerts_dir)? {
+        Some(m) => m,
+        None => {
+            tracing::info!(
+                cacerts = %cacerts_dir.display(),
+                state = %state_dir.display(),
+                "no CA key material in the cacerts directory; using a self-signed root"
+            );
+            cacerts::load_or_create_self_signed(state_dir, trust_domain, now)?
+        }
+    };
+    Ok(Signer::new(material, now)?)
+}
+
+/// Flags of the key material (part of `signet-ca serve`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct KeyArgs {
+    /// Directory with the CA key material: Istio's layout (ca-cert.pem, ca-key.pem,
+    /// cert-chain.pem, root-cert.pem) or cert-manager's (tls.crt, tls.key, ca.crt).
+    /// Watched for changes. When it holds none of these files, a self-signed root is
+    /// created in --state-dir.
+    #[arg(
+        long,
+        env = "ROOT_CA_DIR",
+        default_value = "./etc/cacerts",
+        value_name = "DIR"
+    )]
+    pub cacerts_dir: PathBuf,
+
+    /// Where the self-signed root (root-cert.pem, root-key.pem) is created and kept.
+    #[arg(
+        long,
+        env = "SIGNET_STATE_DIR",
+        default_value = "./var/lib/signet-ca",
+        value_name = "DIR"
+    )]
+    pub state_dir: PathBuf,
+
+    /// Accept new key material whose roots do not include the root of the chain in
+    /// use (workloads holding old certificates will fail to connect to new ones).
+    #[arg(long)]
+    pub allow_root_change: bool,
+
+    /// How often the cacerts directory is checked for changes (100ms to 24h).
+    #[arg(long, default_value = "2s", value_parser = crate::flags::between(Duration::from_millis(100), crate::flags::DAY), value_name = "DURATION")]
+    pub reload_interval: Duration,
+}
+
+impl KeyArgs {
+    /// What the reload loop needs.
+    pub(crate) fn settings(&self) -> Settings {
+        Settings {
+            cacerts_dir: self.cacerts_dir.clone(),
+            interval: self.reload_interval,
+            allow_root_change: self.allow_root_change,
+        }
+    }
+}
+
+/// What [`watch`] looks at.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    /// The cacerts directory.
+    pub cacerts_dir: PathBuf,
+    /// How often it is read.
+    pub interval: Duration,
+    /// `--allow-root-change`.
+    pub allow_root_change: bool,
+}
+
+/// Reads the cacerts directory every `interval`; a changed, valid set takes over for
+/// new requests and the serving certificate, an invalid one is refused (counted every
+/// time, logged once per distinct problem) while the old set keeps serving.
+pub(crate) async fn watch(
+    settings: Settings,
+    signer_tx: watch::Sender<Arc<Signer>>,
+    tls: Arc<TlsState>,
+    metrics: Metrics,
+    stop: watch::Receiver<bool>,
+) {
+    let mut poll = Poll::new(settings.interval, Some(stop));
+    let mut reported = Reported::default();
+    while poll.tick().await {
+        let current = signer_tx.borrow().clone();
+        let outcome = match changed(
+            &settings.cacerts_dir,
+            &current,
+            settings.allow_root_change,
+            OffsetDateTime::now_utc(),
+        )
+        .await
+        {
+            Ok(None) => continue,
+            Ok(Some(new)) => match tls.refresh(&new, OffsetDateTime::now_utc()) {
+                Err(e) => Err(ReloadError::from(e)),
+                Ok(()) => {
+                    tracing::info!(
+                        source = %new.source(),
+                        key = %new.key_kind(),
+                        signing_cert_expires = %new.signing_not_after(),
+                        "new CA key material loaded; it signs every request from now on"
+                    );
+                    metrics.set_expiries(new.root_not_after(), new.signing_not_after());
+                    signer_tx.send_replace(Arc::new(new));
+                    Ok(())
+                }
+            },
+            Err(e) => Err(e),
+        };
+        match outcome {
+            Ok(()) => {
+                metrics
+                    .cacerts_reloads
+                    .with_label_values(&["success"])
+                    .inc();
+                reported.clear();
+            }
+            Err(e) => {
+                metrics
+                    .cacerts_reloads
+                    .with_label_values(&["failure"])
+                    .inc();
+                if reported.is_new(&e) {
+                    tracing::error!(error = %e, "refusing new CA key material; the previous set keeps serving");
+                }
+            }
+        }
+    }
+}
