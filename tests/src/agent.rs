@@ -167,14 +167,12 @@ async fn ready_status(http: SocketAddr) -> Option<u16> {
 /// that failed its first requests (no token yet, the CA not up) retries with
 /// backoff (0.5 s doubling), and a loaded machine is slow to start.
 pub async fn wait_ready(http: SocketAddr) {
-    let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(60) {
-        if ready_status(http).await == Some(200) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("agent never became ready (60s)");
+    crate::eventually(
+        Duration::from_secs(60),
+        "the agent to be ready",
+        async || (ready_status(http).await == Some(200)).then_some(()),
+    )
+    .await;
 }
 
 /// Starts signet-agent in this process with `args` (flags of `signet-agent run`),

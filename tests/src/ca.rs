@@ -86,18 +86,11 @@ impl TestCa {
     /// until `/readyz` says 200. With node impersonation that includes the first
     /// list of the pods.
     async fn wait_ready(&self) {
-        let start = std::time::Instant::now();
-        while start.elapsed() < Duration::from_secs(60) {
-            if self
-                .http_get("/readyz")
-                .await
-                .is_ok_and(|(code, _)| code == 200)
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("CA not ready after 60s");
+        crate::eventually(Duration::from_secs(60), "the CA to be ready", async || {
+            let ready = self.http_get("/readyz").await;
+            ready.is_ok_and(|(code, _)| code == 200).then_some(())
+        })
+        .await;
     }
 
     /// GET a path of the HTTP listener: (status, body).

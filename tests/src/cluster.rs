@@ -4,31 +4,12 @@
 use std::{
     path::Path,
     process::{Child, Command, Stdio},
-    time::{Duration, Instant},
 };
 
 use rcgen::KeyPair;
 
+pub use crate::eventually;
 use crate::{JwtIssuer, TestCa, TestRoot, jwt_ca_args, kube::KubeApi, workspace};
-
-/// Polls `check` every 50 ms for up to `within`; panics with `what` on timeout.
-pub async fn eventually<T>(
-    within: Duration,
-    what: &str,
-    mut check: impl FnMut() -> Option<T>,
-) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            start.elapsed() < within,
-            "timed out after {within:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// Flags for a writing CA: key material in `cacerts`, JWT tokens, the API server.
 pub fn writer_args(dir: &Path, api: &KubeApi, cacerts: &Path, extra: &[&str]) -> Vec<String> {

@@ -123,6 +123,27 @@ pub fn serial(pem: &str) -> Vec<u8> {
     with_cert(pem, |c| c.tbs_certificate.raw_serial().to_vec())
 }
 
+/// Asks `check` every 50 ms until it gives a value, and returns it; fails the test,
+/// naming `what`, when `within` passes first. The one way tests wait for something to
+/// happen.
+pub async fn eventually<T>(
+    within: std::time::Duration,
+    what: &str,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < within,
+            "timed out after {within:?}: {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// A signed leaf as a CreateCertificate answer lists it: leaf, signing chain, roots.
 pub fn istio_chain(issued: signet_ca::keys::signer::Issued) -> Vec<String> {
     std::iter::once(issued.leaf)

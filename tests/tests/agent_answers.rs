@@ -176,22 +176,18 @@ async fn a_bad_renewal_leaves_the_held_certificate_in_place() {
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(r.run(stop));
     // Bounds are generous for a loaded machine; they cost nothing when it is fast.
-    let started = std::time::Instant::now();
-    while store.current().is_none() && started.elapsed() < StdDuration::from_secs(30) {
-        tokio::time::sleep(StdDuration::from_millis(20)).await;
-    }
-    let first = store.current().unwrap().serial.clone();
+    let first = signet_e2e::eventually(StdDuration::from_secs(30), "a certificate", async || {
+        store.current().map(|s| s.serial.clone())
+    })
+    .await;
     // The refresh point (about 2 s) passes; every renewal is refused. Polled rather
     // than slept: two refusals come about 2.5 s after the first certificate.
-    let started = std::time::Instant::now();
-    while metrics.failed_requests.get() < 2 && started.elapsed() < StdDuration::from_secs(30) {
-        tokio::time::sleep(StdDuration::from_millis(50)).await;
-    }
-    assert!(
-        metrics.failed_requests.get() >= 2,
-        "{}",
-        metrics.failed_requests.get()
-    );
+    signet_e2e::eventually(
+        StdDuration::from_secs(30),
+        "two refused renewals",
+        async || (metrics.failed_requests.get() >= 2).then_some(()),
+    )
+    .await;
     assert_eq!(store.current().unwrap().serial, first);
     stop_tx.send(true).unwrap();
     task.await.unwrap();

@@ -36,10 +36,10 @@ async fn missing_token_is_a_clear_error_and_the_agent_recovers() {
         let path = s.dir.path().join("out").join(f);
         // Written by its own task just after the certificate is published (30 s at
         // most: generous for a loaded machine).
-        let start = std::time::Instant::now();
-        while !path.exists() && start.elapsed() < Duration::from_secs(30) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        signet_e2e::eventually(Duration::from_secs(30), f, async || {
+            path.exists().then_some(())
+        })
+        .await;
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{f}");
     }

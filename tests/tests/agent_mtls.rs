@@ -93,15 +93,12 @@ async fn federated_trust_domains_through_the_spiffe_validator() {
     let b_root = std::fs::read_to_string(b.dir.path().join("state/root-cert.pem")).unwrap();
     std::fs::write(federation.join("b.example.pem"), &b_root).unwrap();
     // The directory is read every 2 s; 30 s at most, for a loaded machine.
-    let mut all = only_a;
-    let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        all = spiffe_bundles(&fetch(&a.socket("web"), &["ALL"]).await[0]);
-        if all.len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    drop(only_a);
+    let all = signet_e2e::eventually(Duration::from_secs(30), "both bundles in ALL", async || {
+        let all = spiffe_bundles(&fetch(&a.socket("web"), &["ALL"]).await[0]);
+        (all.len() == 2).then_some(all)
+    })
+    .await;
     assert_eq!(all.keys().collect::<Vec<_>>(), ["a.example", "b.example"]);
     let just_b = spiffe_bundles(&fetch(&a.socket("web"), &["spiffe://b.example"]).await[0]);
     assert_eq!(just_b.keys().collect::<Vec<_>>(), ["b.example"]);

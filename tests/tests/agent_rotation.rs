@@ -104,20 +104,15 @@ async fn keeps_serving_while_the_ca_is_down_then_recovers() {
     // The CA comes back (same root, same address): the agent renews by itself, at
     // its next retry (backoff from 0.5 s doubling: 60 s at most for a loaded machine).
     let ca = TestCa::start_at(&s.ca_args(), addr).await;
-    let mut renewed = None;
-    let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(60) {
-        let now = tls(&fetch(&s.socket("cart"), &["default"]).await[0]).0;
-        if serial(&now) != serial(&before) {
-            renewed = Some(now);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        renewed.is_some(),
-        "the agent did not recover after the CA came back"
-    );
+    signet_e2e::eventually(
+        Duration::from_secs(60),
+        "the agent to recover after the CA came back",
+        async || {
+            let now = tls(&fetch(&s.socket("cart"), &["default"]).await[0]).0;
+            (serial(&now) != serial(&before)).then_some(())
+        },
+    )
+    .await;
     agent.stop().await;
     ca.stop().await;
 }
@@ -198,20 +193,11 @@ fn der(pem: &str) -> Vec<u8> {
 /// Waits (`secs` at most) until the agent serves exactly `want` as `ROOTCA`.
 async fn until_rootca(socket: &std::path::Path, want: &[&str], secs: u64, what: &str) {
     let want: std::collections::BTreeSet<Vec<u8>> = want.iter().map(|p| der(p)).collect();
-    let started = std::time::Instant::now();
-    let mut got = Default::default();
-    while started.elapsed() < Duration::from_secs(secs) {
-        got = served_roots(socket).await;
-        if got == want {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "{what}: ROOTCA still has {} root(s), want {} after {secs}s",
-        got.len(),
-        want.len()
-    );
+    let what = format!("{what}: ROOTCA to hold the {} wanted root(s)", want.len());
+    signet_e2e::eventually(Duration::from_secs(secs), &what, async || {
+        (served_roots(socket).await == want).then_some(())
+    })
+    .await;
 }
 
 /// Waits (60 s at most) until `read` returns more than `before`. Generous: the agent
@@ -222,14 +208,10 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = f64>,
 {
-    let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(60) {
-        if read().await > before {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{what} never happened (60s)");
+    signet_e2e::eventually(Duration::from_secs(60), what, async || {
+        (read().await > before).then_some(())
+    })
+    .await;
 }
 
 /// One step of a root rotation: the CA's key material `set` and the pods' trust file

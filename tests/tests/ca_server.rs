@@ -163,9 +163,8 @@ async fn overload_is_refused_promptly_with_resource_exhausted() {
 /// Waits (60 s at most, generous for a loaded machine) until a new certificate is
 /// issued by `want`.
 async fn wait_for_issuer(ca: &TestCa, root: &str, jwt: &JwtIssuer, want: &str) -> String {
-    let mut last = String::new();
-    let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(60) {
+    let what = format!("a certificate issued by {want}");
+    signet_e2e::eventually(Duration::from_secs(60), &what, async || {
         let mut c = ca.client(root).await;
         let (_, pem) = csr(None);
         let chain = c
@@ -174,14 +173,13 @@ async fn wait_for_issuer(ca: &TestCa, root: &str, jwt: &JwtIssuer, want: &str) -
             .unwrap()
             .into_inner()
             .cert_chain;
-        last = issuer_cn(&chain[0]);
-        if last.contains(want) {
+        let issuer = issuer_cn(&chain[0]);
+        issuer.contains(want).then(|| {
             openssl_verify(&chain).unwrap();
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("issuer never became {want}; still {last}");
+            issuer
+        })
+    })
+    .await
 }
 
 /// The number of refused reloads the CA has counted.
@@ -194,14 +192,12 @@ async fn reload_failures(ca: &TestCa) -> f64 {
 /// Waits (60 s at most, generous for a loaded machine) until the CA has counted
 /// `more` refused reloads beyond `before`.
 async fn until_reload_failures(ca: &TestCa, before: f64, more: f64) {
-    let start = std::time::Instant::now();
-    while reload_failures(ca).await < before + more {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the CA did not look at the new set"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    signet_e2e::eventually(
+        Duration::from_secs(60),
+        "the CA to look at the new set",
+        async || (reload_failures(ca).await >= before + more).then_some(()),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

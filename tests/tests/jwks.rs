@@ -131,10 +131,10 @@ async fn a_slow_refresh_never_holds_up_verification() {
     );
     // One refresh went out (it may reach the server a moment after the tokens were
     // checked; 30 s at most, for a loaded machine), not one per token.
-    let waited = Instant::now();
-    while jwks.fetches.load(Ordering::SeqCst) < 2 && waited.elapsed() < Duration::from_secs(30) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    signet_e2e::eventually(Duration::from_secs(30), "the refresh", async || {
+        (jwks.fetches.load(Ordering::SeqCst) >= 2).then_some(())
+    })
+    .await;
     assert_eq!(
         jwks.fetches.load(Ordering::SeqCst),
         2,

@@ -47,7 +47,7 @@ async fn root_configmaps_follow_namespaces_edits_and_key_material() {
 
     // Every active namespace gets the bundle, labelled as istiod labels it.
     for ns in ["signet", "default", "kube-system", "apps"] {
-        let cm = eventually(Duration::from_secs(60), ns, || {
+        let cm = eventually(Duration::from_secs(60), ns, async || {
             api.get("configmaps", ns, CM)
         })
         .await;
@@ -61,7 +61,7 @@ async fn root_configmaps_follow_namespaces_edits_and_key_material() {
         0,
         "a write to a terminating namespace was tried"
     );
-    let ctb = eventually(Duration::from_secs(60), "ClusterTrustBundle", || {
+    let ctb = eventually(Duration::from_secs(60), "ClusterTrustBundle", async || {
         api.get("clustertrustbundles", "", BUNDLE_OBJECT)
     })
     .await;
@@ -82,7 +82,7 @@ async fn root_configmaps_follow_namespaces_edits_and_key_material() {
     eventually(
         Duration::from_secs(60),
         "ConfigMap in a new namespace",
-        || api.get("configmaps", "newcomer", CM),
+        async || api.get("configmaps", "newcomer", CM),
     )
     .await;
     let apps: Api<ConfigMap> = Api::namespaced(client.clone(), "apps");
@@ -90,7 +90,7 @@ async fn root_configmaps_follow_namespaces_edits_and_key_material() {
     eventually(
         Duration::from_secs(60),
         "deleted ConfigMap recreated",
-        || api.get("configmaps", "apps", CM),
+        async || api.get("configmaps", "apps", CM),
     )
     .await;
     let default: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
@@ -102,10 +102,14 @@ async fn root_configmaps_follow_namespaces_edits_and_key_material() {
         )
         .await
         .unwrap();
-    eventually(Duration::from_secs(60), "edited ConfigMap restored", || {
-        api.get("configmaps", "default", CM)
-            .filter(|cm| root_of(cm).as_deref() == Some(root.pem.as_str()))
-    })
+    eventually(
+        Duration::from_secs(60),
+        "edited ConfigMap restored",
+        async || {
+            api.get("configmaps", "default", CM)
+                .filter(|cm| root_of(cm).as_deref() == Some(root.pem.as_str()))
+        },
+    )
     .await;
     // A namespace editor makes it immutable: the next bundle change must still reach
     // that namespace (the ConfigMap is replaced, checked below).
@@ -133,18 +137,22 @@ async fn root_configmaps_follow_namespaces_edits_and_key_material() {
         &[&root.pem, &other.pem],
     );
     let both = format!("{}{}", root.pem, other.pem);
-    eventually(Duration::from_secs(60), "bundle update everywhere", || {
-        let all = ["signet", "default", "kube-system", "apps", "newcomer"]
-            .iter()
-            .all(|ns| {
-                api.get("configmaps", ns, CM)
-                    .and_then(|c| root_of(&c))
-                    .as_deref()
-                    == Some(both.as_str())
-            });
-        let ctb = api.get("clustertrustbundles", "", BUNDLE_OBJECT).unwrap();
-        (all && ctb["spec"]["trustBundle"] == both.as_str()).then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "bundle update everywhere",
+        async || {
+            let all = ["signet", "default", "kube-system", "apps", "newcomer"]
+                .iter()
+                .all(|ns| {
+                    api.get("configmaps", ns, CM)
+                        .and_then(|c| root_of(&c))
+                        .as_deref()
+                        == Some(both.as_str())
+                });
+            let ctb = api.get("clustertrustbundles", "", BUNDLE_OBJECT).unwrap();
+            (all && ctb["spec"]["trustBundle"] == both.as_str()).then_some(())
+        },
+    )
     .await;
     assert!(
         api.get("configmaps", "default", CM).unwrap()["immutable"].is_null(),
@@ -153,15 +161,11 @@ async fn root_configmaps_follow_namespaces_edits_and_key_material() {
 
     // It leads. (A machine stalled past the 2 s renew deadline makes it step down;
     // it takes the Lease back at its next try: polled, 30 s at most.)
-    let start = Instant::now();
-    let metrics = loop {
+    let metrics = eventually(Duration::from_secs(30), "it leads", async || {
         let metrics = ca.metrics().await;
-        if metric(&metrics, "signet_ca_leader") == Some(1.0) {
-            break metrics;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "{metrics}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        (metric(&metrics, "signet_ca_leader") == Some(1.0)).then_some(metrics)
+    })
+    .await;
     assert!(
         metric(
             &metrics,
@@ -208,26 +212,18 @@ async fn a_namespace_selector_limits_the_root_configmap() {
             "istio-injection=enabled",
         ])
         .await;
-    eventually(Duration::from_secs(60), "selected namespace", || {
+    eventually(Duration::from_secs(60), "selected namespace", async || {
         api.get("configmaps", "meshed", CM)
     })
     .await;
     // The sync that wrote it has finished (it would have written every namespace the
     // watch holds): what is not there now was left out by the selector.
-    let start = Instant::now();
-    while !ca.http_get("/metrics").await.is_ok_and(|(_, m)| {
-        metric(
-            &m,
-            "signet_ca_writer_last_sync_timestamp_seconds{writer=\"root-configmap\"}",
-        )
-        .is_some_and(|t| t > 0.0)
-    }) {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no completed sync"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(Duration::from_secs(60), "a completed sync", async || {
+        let metrics = ca.http_get("/metrics").await.ok()?.1;
+        let synced = "signet_ca_writer_last_sync_timestamp_seconds{writer=\"root-configmap\"}";
+        metric(&metrics, synced).filter(|t| *t > 0.0)
+    })
+    .await;
     assert!(api.get("configmaps", "plain", CM).is_none());
     assert!(api.get("configmaps", "signet", CM).is_none());
     ca.stop().await;
@@ -238,7 +234,7 @@ async fn conflicts_are_retried_with_fresh_reads() {
     let setup = Setup::new(&["apps"]).await;
     let (api, root) = (&setup.api, &setup.root);
     let ca = setup.ca(&["--root-configmap", CM]).await;
-    eventually(Duration::from_secs(60), "first write", || {
+    eventually(Duration::from_secs(60), "first write", async || {
         api.get("configmaps", "apps", CM)
     })
     .await;
@@ -248,10 +244,14 @@ async fn conflicts_are_retried_with_fresh_reads() {
     let mut cm = api.get("configmaps", "apps", CM).unwrap();
     cm["data"]["root-cert.pem"] = json!("someone else's");
     api.put("configmaps", cm);
-    eventually(Duration::from_secs(60), "restored after conflicts", || {
-        api.get("configmaps", "apps", CM)
-            .filter(|cm| root_of(cm).as_deref() == Some(root.pem.as_str()))
-    })
+    eventually(
+        Duration::from_secs(60),
+        "restored after conflicts",
+        async || {
+            api.get("configmaps", "apps", CM)
+                .filter(|cm| root_of(cm).as_deref() == Some(root.pem.as_str()))
+        },
+    )
     .await;
     let metrics = ca.metrics().await;
     assert!(
@@ -279,7 +279,7 @@ async fn cluster_trust_bundle_uses_the_version_the_server_serves() {
     let setup = Setup::with_api(KubeApi::start_with(kinds.clone()).await, &[]);
     let (api, root) = (&setup.api, &setup.root);
     let ca = setup.ca(&["--cluster-trust-bundle-signer", SIGNER]).await;
-    let ctb = eventually(Duration::from_secs(60), "v1beta1 bundle", || {
+    let ctb = eventually(Duration::from_secs(60), "v1beta1 bundle", async || {
         api.get("clustertrustbundles", "", BUNDLE_OBJECT)
     })
     .await;
@@ -299,9 +299,11 @@ async fn cluster_trust_bundle_uses_the_version_the_server_serves() {
             CM,
         ])
         .await;
-    eventually(Duration::from_secs(60), "ConfigMap without CTB", || {
-        api.get("configmaps", "apps", CM)
-    })
+    eventually(
+        Duration::from_secs(60),
+        "ConfigMap without CTB",
+        async || api.get("configmaps", "apps", CM),
+    )
     .await;
     assert_eq!(api.calls("POST clustertrustbundles"), 0);
     ca.stop().await;
@@ -336,7 +338,7 @@ async fn istiod_secret_is_created_renewed_and_restored() {
             "12s",
         ])
         .await;
-    let secret = eventually(Duration::from_secs(60), "istiod secret", || {
+    let secret = eventually(Duration::from_secs(60), "istiod secret", async || {
         api.get("secrets", "istio-system", "istiod-tls")
     })
     .await;
@@ -370,7 +372,7 @@ async fn istiod_secret_is_created_renewed_and_restored() {
 
     // Renewed at half-life (12 s lifetime); 60 s at most, for a loaded machine.
     let first = signet_e2e::serial(&crt);
-    eventually(Duration::from_secs(60), "renewal", || {
+    eventually(Duration::from_secs(60), "renewal", async || {
         let s = api.get("secrets", "istio-system", "istiod-tls")?;
         (signet_e2e::serial(&secret_files(&s).0) != first).then_some(())
     })
@@ -383,7 +385,7 @@ async fn istiod_secret_is_created_renewed_and_restored() {
         .delete("istiod-tls", &DeleteParams::default())
         .await
         .unwrap();
-    eventually(Duration::from_secs(60), "secret restored", || {
+    eventually(Duration::from_secs(60), "secret restored", async || {
         api.get("secrets", "istio-system", "istiod-tls")
     })
     .await;
@@ -455,8 +457,8 @@ async fn two_replicas_elect_one_writer_and_hand_over_when_it_dies() {
     let mut a = CaProcess::start(&args, free_port(), "replica-a");
     let mut b = CaProcess::start(&args, free_port(), "replica-b");
     // Two processes start and elect: 60 s at most, for a loaded machine.
-    let first = eventually(Duration::from_secs(60), "a leader", || holder(api)).await;
-    eventually(Duration::from_secs(60), "ConfigMap", || {
+    let first = eventually(Duration::from_secs(60), "a leader", async || holder(api)).await;
+    eventually(Duration::from_secs(60), "ConfigMap", async || {
         api.get("configmaps", "apps", CM)
     })
     .await;
@@ -488,7 +490,7 @@ async fn two_replicas_elect_one_writer_and_hand_over_when_it_dies() {
     dead.kill();
     let killed = Instant::now();
     // (The bound on `took` below is the check; this one is a backstop.)
-    let second = eventually(Duration::from_secs(30), "takeover", || {
+    let second = eventually(Duration::from_secs(30), "takeover", async || {
         holder(api).filter(|h| *h != first)
     })
     .await;
@@ -504,7 +506,7 @@ async fn two_replicas_elect_one_writer_and_hand_over_when_it_dies() {
         .delete(CM, &DeleteParams::default())
         .await
         .unwrap();
-    eventually(Duration::from_secs(60), "new leader restores", || {
+    eventually(Duration::from_secs(60), "new leader restores", async || {
         api.get("configmaps", "apps", CM)
     })
     .await;
@@ -524,7 +526,7 @@ async fn two_replicas_elect_one_writer_and_hand_over_when_it_dies() {
     let released = Instant::now();
     let _c = CaProcess::start(&args, free_port(), "replica-c");
     // (The bound on the elapsed time below is the check; this one is a backstop.)
-    eventually(Duration::from_secs(30), "newcomer leads", || {
+    eventually(Duration::from_secs(30), "newcomer leads", async || {
         holder(api).filter(|h| h == "replica-c")
     })
     .await;

@@ -174,9 +174,9 @@ async fn requests_are_issued_or_denied_once_and_chain_to_the_trust_bundle() {
     };
     // Bounds generous for a loaded machine; they cost nothing when it is fast.
     for name in ["p256", "rsa3072", "ed25519", "annotated", "later", "pkix"] {
-        eventually(Duration::from_secs(60), name, || answered(name)).await;
+        eventually(Duration::from_secs(60), name, async || answered(name)).await;
     }
-    let bundle = eventually(Duration::from_secs(60), "trust bundle", || {
+    let bundle = eventually(Duration::from_secs(60), "trust bundle", async || {
         api.get("clustertrustbundles", "", BUNDLE_OBJECT)
     })
     .await;
@@ -261,15 +261,11 @@ async fn requests_are_issued_or_denied_once_and_chain_to_the_trust_bundle() {
         )
         .unwrap_or(0.0)
     };
-    let start = std::time::Instant::now();
-    let metrics = loop {
+    let metrics = eventually(Duration::from_secs(30), "the answers counted", async || {
         let metrics = ca.metrics().await;
-        if count(&metrics, "issued") >= 4.0 && count(&metrics, "denied") >= 2.0 {
-            break metrics;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "{metrics}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        (count(&metrics, "issued") >= 4.0 && count(&metrics, "denied") >= 2.0).then_some(metrics)
+    })
+    .await;
     assert_eq!(
         metric(
             &metrics,
@@ -314,7 +310,7 @@ async fn policy_excludes_namespaces_and_service_accounts() {
         ("apps", "admin", "Denied"),
         ("secret", "x", "Denied"),
     ] {
-        let p = eventually(Duration::from_secs(60), name, || {
+        let p = eventually(Duration::from_secs(60), name, async || {
             api.get(PLURAL, ns, name).filter(|p| condition(p).is_some())
         })
         .await;
@@ -369,7 +365,7 @@ async fn a_request_gets_only_the_identity_of_the_pod_it_names() {
         ("moved", "Denied", "node-b"),
         ("real", "Issued", ""),
     ] {
-        let p = eventually(Duration::from_secs(60), name, || {
+        let p = eventually(Duration::from_secs(60), name, async || {
             api.get(PLURAL, "apps", name)
                 .filter(|p| condition(p).is_some())
         })
@@ -410,7 +406,7 @@ async fn two_replicas_answer_each_request_exactly_once() {
     let _a = CaProcess::start(&args, free_port(), "replica-a");
     let _b = CaProcess::start(&args, free_port(), "replica-b");
     // Two processes start, elect, and answer: 90 s at most, for a loaded machine.
-    eventually(Duration::from_secs(90), "all answered", || {
+    eventually(Duration::from_secs(90), "all answered", async || {
         (0..n)
             .all(|i| {
                 api.get(PLURAL, "apps", &format!("p{i}"))
@@ -441,7 +437,8 @@ async fn a_request_made_while_the_ca_was_down_is_answered_when_it_is_back() {
         PLURAL,
         pcr("apps", "before", "web", SIGNER, &key, 3600, json!({})),
     );
-    let got = eventually(Duration::from_secs(60), "answered", answered("before")).await;
+    let before = answered("before");
+    let got = eventually(Duration::from_secs(60), "answered", async || before()).await;
     assert_eq!(got, "Issued");
     ca.stop().await;
     // Made while no CA runs: nobody answers it.
@@ -452,7 +449,8 @@ async fn a_request_made_while_the_ca_was_down_is_answered_when_it_is_back() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(answered("while-down")().is_none());
     let ca = setup.ca(&["--pod-certificate-signer", SIGNER]).await;
-    let got = eventually(Duration::from_secs(60), "answered", answered("while-down")).await;
+    let while_down = answered("while-down");
+    let got = eventually(Duration::from_secs(60), "answered", async || while_down()).await;
     assert_eq!(got, "Issued");
     // The request answered before the restart was not answered again.
     tokio::time::sleep(Duration::from_millis(500)).await;
