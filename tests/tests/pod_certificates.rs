@@ -18,27 +18,81 @@ const SIGNER: &str = "signet.dev/pods";
 const BUNDLE_OBJECT: &str = "signet.dev:pods:bundle";
 const PLURAL: &str = "podcertificaterequests";
 
-/// A request as the kubelet makes it for a pod of `ns/sa`.
-fn pcr(
-    ns: &str,
-    name: &str,
-    sa: &str,
-    signer: &str,
-    stub: &[u8],
+/// A PodCertificateRequest named `name` over the key of `stub`: by default in
+/// `apps`, from service account `web`, for [`SIGNER`], lasting an hour, without
+/// annotations; a test changes what it is about.
+fn pcr(name: &str, stub: &[u8]) -> Pcr {
+    Pcr {
+        ns: "apps".into(),
+        name: name.into(),
+        sa: "web".into(),
+        signer: SIGNER.into(),
+        stub: stub.to_vec(),
+        max_secs: 3600,
+        annotations: json!({}),
+    }
+}
+
+/// The parts of a PodCertificateRequest the tests vary.
+struct Pcr {
+    ns: String,
+    name: String,
+    sa: String,
+    signer: String,
+    stub: Vec<u8>,
     max_secs: i64,
     annotations: Value,
-) -> Value {
-    json!({
-        "metadata": {"namespace": ns, "name": name},
-        "spec": {
-            "signerName": signer, "podName": format!("{name}-pod"), "podUID": "pod-uid",
-            "serviceAccountName": sa, "serviceAccountUID": "sa-uid",
-            "nodeName": "node-a", "nodeUID": "node-uid",
-            "maxExpirationSeconds": max_secs,
-            "stubPKCS10Request": base64::engine::general_purpose::STANDARD.encode(stub),
-            "unverifiedUserAnnotations": annotations,
-        },
-    })
+}
+
+impl Pcr {
+    fn ns(mut self, ns: &str) -> Self {
+        self.ns = ns.into();
+        self
+    }
+
+    fn sa(mut self, sa: &str) -> Self {
+        self.sa = sa.into();
+        self
+    }
+
+    fn signer(mut self, signer: &str) -> Self {
+        self.signer = signer.into();
+        self
+    }
+
+    fn max_secs(mut self, secs: i64) -> Self {
+        self.max_secs = secs;
+        self
+    }
+
+    fn annotations(mut self, annotations: Value) -> Self {
+        self.annotations = annotations;
+        self
+    }
+
+    /// The object, its pod fields naming `<name>-pod` on node-a.
+    fn json(self) -> Value {
+        let Self {
+            ns,
+            name,
+            sa,
+            signer,
+            stub,
+            max_secs,
+            annotations,
+        } = self;
+        json!({
+            "metadata": {"namespace": ns, "name": name},
+            "spec": {
+                "signerName": signer, "podName": format!("{name}-pod"), "podUID": "pod-uid",
+                "serviceAccountName": sa, "serviceAccountUID": "sa-uid",
+                "nodeName": "node-a", "nodeUID": "node-uid",
+                "maxExpirationSeconds": max_secs,
+                "stubPKCS10Request": base64::engine::general_purpose::STANDARD.encode(stub),
+                "unverifiedUserAnnotations": annotations,
+            },
+        })
+    }
 }
 
 fn stub(alg: &'static rcgen::SignatureAlgorithm) -> Vec<u8> {
@@ -79,70 +133,41 @@ async fn requests_are_issued_or_denied_once_and_chain_to_the_trust_bundle() {
     let api = &setup.api;
     let work = setup.dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let none = json!({});
     // Created while no CA runs.
     api.put_bound_request(
         PLURAL,
-        pcr(
-            "apps",
-            "p256",
-            "web",
-            SIGNER,
-            &stub(&rcgen::PKCS_ECDSA_P256_SHA256),
-            7200,
-            none.clone(),
-        ),
+        pcr("p256", &stub(&rcgen::PKCS_ECDSA_P256_SHA256))
+            .max_secs(7200)
+            .json(),
     );
     api.put_bound_request(
         PLURAL,
-        pcr(
-            "apps",
-            "rsa3072",
-            "web",
-            SIGNER,
-            &rsa_stub(3072, &work),
-            86400,
-            none.clone(),
-        ),
+        pcr("rsa3072", &rsa_stub(3072, &work))
+            .max_secs(86400)
+            .json(),
     );
     api.put_bound_request(
         PLURAL,
-        pcr(
-            "apps",
-            "ed25519",
-            "web",
-            SIGNER,
-            &stub(&rcgen::PKCS_ED25519),
-            86400,
-            none.clone(),
-        ),
+        pcr("ed25519", &stub(&rcgen::PKCS_ED25519))
+            .max_secs(86400)
+            .json(),
     );
     api.put_bound_request(
         PLURAL,
-        pcr(
-            "apps",
-            "annotated",
-            "web",
-            SIGNER,
-            &stub(&rcgen::PKCS_ECDSA_P256_SHA256),
-            86400,
-            json!({"example.com/wish": "x"}),
-        ),
+        pcr("annotated", &stub(&rcgen::PKCS_ECDSA_P256_SHA256))
+            .max_secs(86400)
+            .annotations(json!({"example.com/wish": "x"}))
+            .json(),
     );
     api.put_bound_request(
         PLURAL,
-        pcr(
-            "apps",
-            "elsewhere",
-            "web",
-            "other.example/signer",
-            &stub(&rcgen::PKCS_ECDSA_P256_SHA256),
-            86400,
-            none.clone(),
-        ),
+        pcr("elsewhere", &stub(&rcgen::PKCS_ECDSA_P256_SHA256))
+            .signer("other.example/signer")
+            .max_secs(86400)
+            .json(),
     );
     // As Kubernetes 1.35 sends it: the public key, no PKCS#10 stub.
-    let mut old_style = pcr("apps", "pkix", "web", SIGNER, b"", 7200, json!({}));
+    let mut old_style = pcr("pkix", b"").max_secs(7200).json();
     let spec = old_style["spec"].as_object_mut().unwrap();
     spec.remove("stubPKCS10Request");
     let key = rcgen::KeyPair::generate().unwrap();
@@ -157,15 +182,9 @@ async fn requests_are_issued_or_denied_once_and_chain_to_the_trust_bundle() {
     // And one while it runs.
     api.put_bound_request(
         PLURAL,
-        pcr(
-            "apps",
-            "later",
-            "db",
-            SIGNER,
-            &stub(&rcgen::PKCS_ECDSA_P384_SHA384),
-            3600,
-            none,
-        ),
+        pcr("later", &stub(&rcgen::PKCS_ECDSA_P384_SHA384))
+            .sa("db")
+            .json(),
     );
 
     let answered = |name: &str| {
@@ -293,7 +312,7 @@ async fn policy_excludes_namespaces_and_service_accounts() {
         ("apps", "admin", "admin"),
         ("secret", "x", "x"),
     ] {
-        api.put_bound_request(PLURAL, pcr(ns, name, sa, SIGNER, &key, 3600, json!({})));
+        api.put_bound_request(PLURAL, pcr(name, &key).ns(ns).sa(sa).json());
     }
     let ca = setup
         .ca(&[
@@ -330,33 +349,18 @@ async fn a_request_gets_only_the_identity_of_the_pod_it_names() {
     api.service_account("apps", "admin", "sa-uid");
     // A pod that runs as `web`, asked for as `admin`.
     api.pod("apps", "impostor-pod", "pod-uid", "web", "node-a");
-    api.put(
-        PLURAL,
-        pcr("apps", "impostor", "admin", SIGNER, &key, 3600, json!({})),
-    );
+    api.put(PLURAL, pcr("impostor", &key).sa("admin").json());
     // A pod that does not exist.
-    api.put(
-        PLURAL,
-        pcr("apps", "ghost", "admin", SIGNER, &key, 3600, json!({})),
-    );
+    api.put(PLURAL, pcr("ghost", &key).sa("admin").json());
     // A pod that has finished, and one on another node than the request says.
-    api.put_bound_request(
-        PLURAL,
-        pcr("apps", "done", "admin", SIGNER, &key, 3600, json!({})),
-    );
+    api.put_bound_request(PLURAL, pcr("done", &key).sa("admin").json());
     let mut done = api.get("pods", "apps", "done-pod").unwrap();
     done["status"]["phase"] = json!("Succeeded");
     api.put("pods", done);
-    api.put_bound_request(
-        PLURAL,
-        pcr("apps", "moved", "admin", SIGNER, &key, 3600, json!({})),
-    );
+    api.put_bound_request(PLURAL, pcr("moved", &key).sa("admin").json());
     api.pod("apps", "moved-pod", "pod-uid", "admin", "node-b");
     // The real pod of `admin` still gets its certificate.
-    api.put_bound_request(
-        PLURAL,
-        pcr("apps", "real", "admin", SIGNER, &key, 3600, json!({})),
-    );
+    api.put_bound_request(PLURAL, pcr("real", &key).sa("admin").json());
     let ca = setup.ca(&["--pod-certificate-signer", SIGNER]).await;
     for (name, want, why) in [
         ("impostor", "Denied", "runs as service account \"web\""),
@@ -389,18 +393,7 @@ async fn two_replicas_answer_each_request_exactly_once() {
     let key = stub(&rcgen::PKCS_ECDSA_P256_SHA256);
     let n = 20;
     for i in 0..n {
-        api.put_bound_request(
-            PLURAL,
-            pcr(
-                "apps",
-                &format!("p{i}"),
-                "web",
-                SIGNER,
-                &key,
-                3600,
-                json!({}),
-            ),
-        );
+        api.put_bound_request(PLURAL, pcr(&format!("p{i}"), &key).json());
     }
     let args = setup.args(&["--pod-certificate-signer", SIGNER]);
     let _a = CaProcess::start(&args, free_port(), "replica-a");
@@ -433,19 +426,13 @@ async fn a_request_made_while_the_ca_was_down_is_answered_when_it_is_back() {
         }
     };
     let ca = setup.ca(&["--pod-certificate-signer", SIGNER]).await;
-    api.put_bound_request(
-        PLURAL,
-        pcr("apps", "before", "web", SIGNER, &key, 3600, json!({})),
-    );
+    api.put_bound_request(PLURAL, pcr("before", &key).json());
     let before = answered("before");
     let got = eventually(Duration::from_secs(60), "answered", async || before()).await;
     assert_eq!(got, "Issued");
     ca.stop().await;
     // Made while no CA runs: nobody answers it.
-    api.put_bound_request(
-        PLURAL,
-        pcr("apps", "while-down", "web", SIGNER, &key, 3600, json!({})),
-    );
+    api.put_bound_request(PLURAL, pcr("while-down", &key).json());
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(answered("while-down")().is_none());
     let ca = setup.ca(&["--pod-certificate-signer", SIGNER]).await;
@@ -469,7 +456,7 @@ fn the_test_api_server_checks_answers_as_kube_apiserver_does() {
         .unwrap()
         .der()
         .to_vec();
-    let request = pcr("apps", "p", "web", SIGNER, &stub_der, 7200, json!({}));
+    let request = pcr("p", &stub_der).max_secs(7200).json();
     let spec = &request["spec"];
     let nb = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap() - time::Duration::minutes(2);
     let leaf = |key: &rcgen::KeyPair, hours: i64| {
