@@ -142,60 +142,16 @@ impl Signer {
     fn checked(m: KeyMaterial, now: OffsetDateTime) -> Result<Self, SignError> {
         let cert_path = m.signing_cert_path.display().to_string();
         let roots_path = m.roots_path.display().to_string();
-        let material = |path: &str, problem: String| SignError::Material {
-            path: path.to_owned(),
-            problem,
-        };
         let (_, signing) = X509Certificate::from_der(&m.signing_cert)
             .map_err(|e| material(&cert_path, format!("malformed certificate: {e}")))?;
-        if signing.public_key().subject_public_key.data.as_ref() != m.key.pair.public_key_raw() {
-            return Err(material(
-                &cert_path,
-                "the private key does not match this certificate's public key".into(),
-            ));
-        }
-        match signing.basic_constraints() {
-            Ok(Some(bc)) if bc.value.ca => {}
-            _ => {
-                return Err(material(
-                    &cert_path,
-                    "not a CA certificate (basicConstraints CA:TRUE is missing)".into(),
-                ));
-            }
-        }
-        if let Ok(Some(ku)) = signing.key_usage()
-            && !ku.value.key_cert_sign()
-        {
-            return Err(material(
-                &cert_path,
-                "keyUsage lacks keyCertSign, so it may not sign certificates".into(),
-            ));
-        }
-        check_time(&signing, now).map_err(|p| material(&cert_path, p.to_string()))?;
+        check_signing_cert(&signing, &m.key, &cert_path, now)?;
         let signing_not_after = signing.validity().not_after.to_datetime();
-        let mut leaf_not_after_limit = signing_not_after;
-        for cert in &m.chain {
-            let (_, c) = X509Certificate::from_der(cert)
-                .map_err(|e| material(&cert_path, format!("malformed chain certificate: {e}")))?;
-            check_time(&c, now).map_err(|p| {
-                material(
-                    &cert_path,
-                    format!("chain certificate {}: {p}", c.subject()),
-                )
-            })?;
-            leaf_not_after_limit = leaf_not_after_limit.min(c.validity().not_after.to_datetime());
-        }
-        let mut anchors = Vec::with_capacity(m.roots.len());
-        for root in &m.roots {
-            let anchor = webpki::anchor_from_trusted_cert(root)
-                .map_err(|e| material(&roots_path, format!("unusable root certificate: {e:?}")))?;
-            anchors.push(anchor.to_owned());
-        }
+        let leaf_not_after_limit = chain_not_after(&m.chain, signing_not_after, &cert_path, now)?;
+        let anchors = trust_anchors(&m.roots, &roots_path)?;
         let first_anchor = anchors
             .first()
             .cloned()
             .ok_or_else(|| material(&roots_path, "no root certificate".into()))?;
-        check_name_oids(signing.subject()).map_err(|p| material(&cert_path, p.to_string()))?;
         let issuer = Issuer::from_ca_cert_der(&m.signing_cert, m.key.pair).map_err(|e| {
             material(
                 &cert_path,
@@ -236,16 +192,28 @@ impl Signer {
             root_not_after: signing_not_after,
             leaf_not_after_limit,
         };
+        signer.prove(&anchors, &cert_path, &roots_path, now)?;
+        Ok(signer)
+    }
 
-        // The probe: a real leaf, verified with webpki exactly as a peer would.
+    /// The probe: signs a real leaf with the very code that signs requests and
+    /// verifies it with webpki exactly as a peer would, through the chain to a root of
+    /// the bundle; then bounds every leaf by the root the chain ends at.
+    fn prove(
+        &mut self,
+        anchors: &[TrustAnchor<'static>],
+        cert_path: &str,
+        roots_path: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), SignError> {
         let probe_key = crate::keys::generate_p256()
             .map_err(|e| SignError::Internal(format!("probe key: {e}")))?;
         let probe_id = SpiffeId::new("spiffe://signet.invalid/probe")
             .map_err(|e| SignError::Internal(e.to_string()))?;
-        let probe = signer.sign(
+        let probe = self.sign(
             &probe_key.pair.subject_public_key_info(),
             &probe_id,
-            &signer.window(Duration::minutes(1), now)?,
+            &self.window(Duration::minutes(1), now)?,
         )?;
         let leaf = CertificateDer::from(
             pem::parse(&probe.leaf)
@@ -257,11 +225,11 @@ impl Signer {
         let verify_time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
             u64::try_from(now.unix_timestamp()).unwrap_or(0),
         ));
-        let chain_certs = signer.chain_certs();
+        let chain_certs = self.chain_certs();
         let path = ee
             .verify_for_usage(
                 webpki::ALL_VERIFICATION_ALGS,
-                &anchors,
+                anchors,
                 &chain_certs,
                 verify_time,
                 webpki::KeyUsage::client_auth(),
@@ -270,7 +238,7 @@ impl Signer {
             )
             .map_err(|e| {
                 material(
-                    &roots_path,
+                    roots_path,
                     format!(
                         "the signing chain from {cert_path} does not verify to a root in this bundle: {}",
                         describe_webpki(&e)
@@ -285,7 +253,7 @@ impl Signer {
         // same key and name): the one valid now that lasts longest is the chain's end.
         let root_not_after = anchors
             .iter()
-            .zip(&signer.roots)
+            .zip(&self.roots)
             .filter(|(a, _)| **a == anchor)
             .filter_map(|(_, der)| X509Certificate::from_der(der).ok().map(|(_, c)| c))
             .filter(|c| check_time(c, now).is_ok())
@@ -293,14 +261,14 @@ impl Signer {
             .max()
             .ok_or_else(|| {
                 material(
-                    &roots_path,
+                    roots_path,
                     "the root the signing chain ends at is not valid at this time".into(),
                 )
             })?;
-        signer.root_not_after = root_not_after;
-        signer.leaf_not_after_limit = signer.leaf_not_after_limit.min(signer.root_not_after);
-        signer.anchor = anchor;
-        Ok(signer)
+        self.root_not_after = root_not_after;
+        self.leaf_not_after_limit = self.leaf_not_after_limit.min(root_not_after);
+        self.anchor = anchor;
+        Ok(())
     }
 
     /// Signs a workload leaf for `id` over the public key `spki_der`, valid exactly
@@ -501,6 +469,82 @@ impl Signer {
     pub fn leaf_not_after_limit(&self) -> OffsetDateTime {
         self.leaf_not_after_limit
     }
+}
+
+fn material(path: &str, problem: String) -> SignError {
+    SignError::Material {
+        path: path.to_owned(),
+        problem,
+    }
+}
+
+/// The signing certificate can sign with this key: the key is its key, it is a CA
+/// allowed to sign certificates, valid now, and its name can be written into leaves.
+fn check_signing_cert(
+    signing: &X509Certificate<'_>,
+    key: &crate::keys::SigningKey,
+    cert_path: &str,
+    now: OffsetDateTime,
+) -> Result<(), SignError> {
+    if signing.public_key().subject_public_key.data.as_ref() != key.pair.public_key_raw() {
+        return Err(material(
+            cert_path,
+            "the private key does not match this certificate's public key".into(),
+        ));
+    }
+    match signing.basic_constraints() {
+        Ok(Some(bc)) if bc.value.ca => {}
+        _ => {
+            return Err(material(
+                cert_path,
+                "not a CA certificate (basicConstraints CA:TRUE is missing)".into(),
+            ));
+        }
+    }
+    if let Ok(Some(ku)) = signing.key_usage()
+        && !ku.value.key_cert_sign()
+    {
+        return Err(material(
+            cert_path,
+            "keyUsage lacks keyCertSign, so it may not sign certificates".into(),
+        ));
+    }
+    check_time(signing, now).map_err(|p| material(cert_path, p.to_string()))?;
+    check_name_oids(signing.subject()).map_err(|p| material(cert_path, p.to_string()))
+}
+
+/// The latest NotAfter a leaf can get under `chain`, from the signing certificate's
+/// `signing_not_after`; every chain certificate must be valid now.
+fn chain_not_after(
+    chain: &[CertificateDer<'static>],
+    signing_not_after: OffsetDateTime,
+    cert_path: &str,
+    now: OffsetDateTime,
+) -> Result<OffsetDateTime, SignError> {
+    let mut limit = signing_not_after;
+    for cert in chain {
+        let (_, c) = X509Certificate::from_der(cert)
+            .map_err(|e| material(cert_path, format!("malformed chain certificate: {e}")))?;
+        check_time(&c, now)
+            .map_err(|p| material(cert_path, format!("chain certificate {}: {p}", c.subject())))?;
+        limit = limit.min(c.validity().not_after.to_datetime());
+    }
+    Ok(limit)
+}
+
+/// The bundle's roots as webpki trust anchors, in order.
+fn trust_anchors(
+    roots: &[CertificateDer<'static>],
+    roots_path: &str,
+) -> Result<Vec<TrustAnchor<'static>>, SignError> {
+    roots
+        .iter()
+        .map(|root| {
+            webpki::anchor_from_trusted_cert(root)
+                .map(|a| a.to_owned())
+                .map_err(|e| material(roots_path, format!("unusable root certificate: {e:?}")))
+        })
+        .collect()
 }
 
 /// rcgen writes the issuer's name anew into every certificate it signs, and its DER

@@ -1,28 +1,27 @@
-//! Wires everything together: key material, authenticators, the TLS gRPC server,
-//! the HTTP side (metrics and health), key-material reload and certificate renewal.
+//! Wires everything together: key material, authenticators, the TLS gRPC server
+//! (the accept loop in `accept`), the HTTP side (`health`: metrics and health),
+//! key-material reload and certificate renewal.
 
-use std::{
-    future::Future,
-    pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
-    time::Duration as StdDuration,
-};
+mod accept;
+mod health;
 
-use axum::{Router, http::StatusCode, routing::get};
+use std::{future::Future, sync::Arc, time::Duration as StdDuration};
+
 use signet_proto::IstioCertificateServiceServer;
 use time::OffsetDateTime;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::TcpListener,
     sync::{mpsc, watch},
 };
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
+
+use accept::{Conn, accept_tls};
+use health::{PodReadiness, serve_http};
 
 use crate::{
     cli::config::ServeConfig,
-    conns::{ActivityLayer, ConnInfo, Deadlines, Pool, Refused},
+    conns::{ActivityLayer, Pool},
     issue::authn::{Authenticator, ClusterAuth},
     issue::policy::{NodeImpersonation, Policy},
     issue::queue::SigningQueue,
@@ -206,19 +205,7 @@ pub async fn run(
     let (ready_tx, ready_rx) = watch::channel(false);
 
     let impersonation = node_impersonation(&config, &stop_rx).await?;
-    let mut policy = Policy::new(
-        config.policy.trust_domains.clone(),
-        config.policy.default_ttl,
-        config.policy.max_ttl,
-    );
-    if let Some(imp) = &impersonation {
-        policy = policy.with_impersonation(imp.clone());
-    }
-    let pod_certificates = config.pods.clone();
-    if let Some(pods) = &pod_certificates {
-        policy = policy.with_pods(pods.rules.clone());
-    }
-    let policy = Arc::new(policy);
+    let policy = policy(&config, impersonation.as_ref());
     // One queue for both entry points: CreateCertificate calls and pod certificates.
     let queue = SigningQueue::new(config.queue)?;
     let service = CaService::new(
@@ -253,41 +240,15 @@ pub async fn run(
         metrics.clone(),
         stop_rx.clone(),
     ));
-    let writers = match config.writers.clone() {
-        Some(writers) => {
-            let client = crate::kubernetes::client::client(
-                &writers.access,
-                crate::kubernetes::client::Retries::Kube,
-            )
-            .await
-            .map_err(ServeError::Writers)?;
-            // The pod certificate signer runs on the elected replica beside the writers.
-            let mut tasks: Vec<crate::kubernetes::writers::LeaderTask> = Vec::new();
-            if let Some(pods) = pod_certificates {
-                let (client, signer, metrics) =
-                    (client.clone(), signer_rx.clone(), metrics.clone());
-                tasks.push(Box::new(move || {
-                    Box::pin(crate::issue::podcert::run(
-                        client.clone(),
-                        pods.clone(),
-                        policy.clone(),
-                        queue.clone(),
-                        signer.clone(),
-                        metrics.clone(),
-                    ))
-                }));
-            }
-            Some(tokio::spawn(crate::kubernetes::writers::run(
-                writers,
-                client,
-                signer_rx.clone(),
-                metrics.clone(),
-                tasks,
-                stop_rx.clone(),
-            )))
-        }
-        None => None,
-    };
+    let writers = spawn_writers(
+        &config,
+        signer_rx.clone(),
+        &metrics,
+        policy,
+        queue,
+        stop_rx.clone(),
+    )
+    .await?;
     tokio::spawn(renew_serving_cert(
         signer_rx,
         tls,
@@ -295,26 +256,11 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
-    // Aliases of the local cluster share its cache; each cache is reported once.
-    let pod_caches: Vec<(String, PodCache)> = impersonation
-        .as_ref()
-        .map(|imp| {
-            imp.pods
-                .iter()
-                .filter(|(c, _)| !config.authn.cluster_aliases.contains(c))
-                .map(|(c, p)| (c.clone(), p.clone()))
-                .collect()
-        })
-        .unwrap_or_default();
     let http_server = tokio::spawn(serve_http(
         http,
         metrics,
         ready_rx,
-        PodReadiness {
-            caches: pod_caches,
-            local: config.authn.cluster_id.clone(),
-            started: std::time::Instant::now(),
-        },
+        pod_readiness(&config, impersonation.as_ref()),
         stop_rx.clone(),
     ));
 
@@ -360,6 +306,86 @@ pub async fn run(
     Ok(())
 }
 
+/// Policy as configured: node impersonation when there are pod caches, the pod
+/// certificate rules when that signer is on.
+fn policy(config: &ServeConfig, impersonation: Option<&NodeImpersonation>) -> Arc<Policy> {
+    let mut policy = Policy::new(
+        config.policy.trust_domains.clone(),
+        config.policy.default_ttl,
+        config.policy.max_ttl,
+    );
+    if let Some(imp) = impersonation {
+        policy = policy.with_impersonation(imp.clone());
+    }
+    if let Some(pods) = &config.pods {
+        policy = policy.with_pods(pods.rules.clone());
+    }
+    Arc::new(policy)
+}
+
+/// The elected replica's work, when anything is to be written: the writers, and the
+/// pod certificate signer beside them (on the request path, handed in as a leader
+/// task with the policy and queue every request uses).
+async fn spawn_writers(
+    config: &ServeConfig,
+    signer: watch::Receiver<Arc<Signer>>,
+    metrics: &Metrics,
+    policy: Arc<Policy>,
+    queue: SigningQueue,
+    stop: watch::Receiver<bool>,
+) -> Result<Option<tokio::task::JoinHandle<()>>, ServeError> {
+    let Some(writers) = config.writers.clone() else {
+        return Ok(None);
+    };
+    let client = crate::kubernetes::client::client(
+        &writers.access,
+        crate::kubernetes::client::Retries::Kube,
+    )
+    .await
+    .map_err(ServeError::Writers)?;
+    let mut tasks: Vec<crate::kubernetes::writers::LeaderTask> = Vec::new();
+    if let Some(pods) = config.pods.clone() {
+        let (client, signer, metrics) = (client.clone(), signer.clone(), metrics.clone());
+        tasks.push(Box::new(move || {
+            Box::pin(crate::issue::podcert::run(
+                client.clone(),
+                pods.clone(),
+                policy.clone(),
+                queue.clone(),
+                signer.clone(),
+                metrics.clone(),
+            ))
+        }));
+    }
+    Ok(Some(tokio::spawn(crate::kubernetes::writers::run(
+        writers,
+        client,
+        signer,
+        metrics.clone(),
+        tasks,
+        stop,
+    ))))
+}
+
+/// What `/readyz` watches: the pod caches (aliases of the local cluster share its
+/// cache; each cache is reported once).
+fn pod_readiness(config: &ServeConfig, impersonation: Option<&NodeImpersonation>) -> PodReadiness {
+    let caches = impersonation
+        .map(|imp| {
+            imp.pods
+                .iter()
+                .filter(|(c, _)| !config.authn.cluster_aliases.contains(c))
+                .map(|(c, p)| (c.clone(), p.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    PodReadiness {
+        caches,
+        local: config.authn.cluster_id.clone(),
+        started: std::time::Instant::now(),
+    }
+}
+
 /// tonic reports a message over the size limit as OUT_OF_RANGE; gRPC's status code
 /// table (and grpc-go, which Istio's clients use) says RESOURCE_EXHAUSTED. Our
 /// handlers never return OUT_OF_RANGE, so every such status comes from that limit.
@@ -376,168 +402,6 @@ fn oversize_is_resource_exhausted<B>(mut response: http::Response<B>) -> http::R
         }
     }
     response
-}
-
-/// Accepts TCP connections and completes TLS handshakes concurrently, so one slow
-/// client cannot hold up the others. Each connection holds a slot of `pool` from
-/// accept to close (see [`crate::conns`]); a connection still open `cut_after` its
-/// handshake is cut.
-async fn accept_tls(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    cut_after: StdDuration,
-    pool: Arc<Pool>,
-    metrics: Metrics,
-    conns: mpsc::Sender<Result<Conn, std::io::Error>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                // Typically out of file descriptors: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(StdDuration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let slot = match pool.admit(peer) {
-            Ok(slot) => slot,
-            Err(refused) => {
-                let limit = match refused {
-                    Refused::PeerShare(_) => "connections_per_peer",
-                    Refused::Full(_) => "connections",
-                };
-                metrics.limit_rejections.with_label_values(&[limit]).inc();
-                tracing::debug!(%peer, reason = %refused, "closing a new connection");
-                continue;
-            }
-        };
-        if slot.evicted {
-            metrics
-                .connections_closed
-                .with_label_values(&[crate::conns::Cut::Evicted.label()])
-                .inc();
-        }
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let conns = conns.clone();
-        let closed = metrics.connections_closed.clone();
-        tokio::spawn(async move {
-            let evicted = Deadlines::evicted(&slot);
-            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
-            tokio::select! {
-                _ = evicted => tracing::debug!(%peer, "evicted during its TLS handshake"),
-                done = handshake => match done {
-                    Ok(Ok(tls)) => {
-                        let _ = conns
-                            .send(Ok(Conn {
-                                tls,
-                                deadlines: Deadlines::start(slot, cut_after),
-                                closed,
-                                counted: false,
-                            }))
-                            .await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                },
-            }
-        });
-    }
-}
-
-/// A TLS connection and its deadlines (with the pool slot it holds until dropped).
-/// tonic closes a connection gracefully at its maximum age; one evicted, silent, idle
-/// or past the grace period after its maximum age gets its reads and writes failed
-/// here, which closes it.
-#[derive(Debug)]
-struct Conn {
-    tls: TlsStream<TcpStream>,
-    deadlines: Deadlines,
-    closed: prometheus::IntCounterVec,
-    counted: bool,
-}
-
-impl Conn {
-    fn cut(&mut self, cx: &mut Context<'_>) -> Option<std::io::Error> {
-        let cut = self.deadlines.poll_cut(cx)?;
-        if !self.counted {
-            self.counted = true;
-            // An evicted connection was counted when it was chosen.
-            if cut != crate::conns::Cut::Evicted {
-                self.closed.with_label_values(&[cut.label()]).inc();
-            }
-            if let Ok(peer) = self.tls.get_ref().0.peer_addr() {
-                tracing::debug!(%peer, reason = cut.label(), "connection closed by the CA");
-            }
-        }
-        Some(Deadlines::error(cut))
-    }
-}
-
-impl tonic::transport::server::Connected for Conn {
-    type ConnectInfo = ConnInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        ConnInfo {
-            tls: self.tls.connect_info(),
-            conn: self.deadlines.conn().clone(),
-        }
-    }
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if let Some(e) = self.cut(cx) {
-            return Poll::Ready(Err(e));
-        }
-        Pin::new(&mut self.tls).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        if let Some(e) = self.cut(cx) {
-            return Poll::Ready(Err(e));
-        }
-        Pin::new(&mut self.tls).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        if let Some(e) = self.cut(cx) {
-            return Poll::Ready(Err(e));
-        }
-        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.tls.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tls).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tls).poll_shutdown(cx)
-    }
 }
 
 /// Renews the CA's own serving certificate at half its life, and keeps the expiry
@@ -563,83 +427,4 @@ async fn renew_serving_cert(
             }
         }
     }
-}
-
-/// How long a replica stays unready waiting for its local pod cache: long enough
-/// for a first list, short enough that an API server outage at start does not keep
-/// it from signing workload certificates.
-const POD_SYNC_GRACE: StdDuration = StdDuration::from_secs(60);
-
-/// What `/readyz` says of the pod caches behind node impersonation.
-#[derive(Debug, Clone)]
-struct PodReadiness {
-    caches: Vec<(String, PodCache)>,
-    local: String,
-    started: std::time::Instant,
-}
-
-impl PodReadiness {
-    /// Not ready while the local cluster's cache has not synced (for at most
-    /// [`POD_SYNC_GRACE`]); ready otherwise, naming any cluster whose impersonation
-    /// requests are still answered UNAVAILABLE.
-    fn readiness(&self) -> (StatusCode, String) {
-        let unsynced: Vec<&str> = self
-            .caches
-            .iter()
-            .filter(|(_, pods)| !pods.synced())
-            .map(|(cluster, _)| cluster.as_str())
-            .collect();
-        if unsynced.is_empty() {
-            return (StatusCode::OK, "ready\n".to_owned());
-        }
-        let why = format!(
-            "the pod cache for node impersonation is not synced (cluster {})",
-            unsynced.join(", ")
-        );
-        if unsynced.contains(&self.local.as_str()) && self.started.elapsed() < POD_SYNC_GRACE {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: {why}\n"),
-            )
-        } else {
-            (
-                StatusCode::OK,
-                format!("ready; {why}: impersonation requests get UNAVAILABLE\n"),
-            )
-        }
-    }
-}
-
-async fn serve_http(
-    listener: TcpListener,
-    metrics: Metrics,
-    ready: watch::Receiver<bool>,
-    pods: PodReadiness,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), std::io::Error> {
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = metrics.clone();
-                async move { metrics.render() }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let answer = if *ready.borrow() {
-                    pods.readiness()
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
-                };
-                async move { answer }
-            }),
-        );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await
 }

@@ -1,0 +1,88 @@
+//! The plain HTTP side: `/metrics`, `/healthz`, and `/readyz`, which also says
+//! whether the pod caches behind node impersonation have synced.
+
+use std::time::Duration as StdDuration;
+
+use axum::{Router, http::StatusCode, routing::get};
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{kubernetes::pods::PodCache, metrics::Metrics};
+
+/// How long a replica stays unready waiting for its local pod cache: long enough
+/// for a first list, short enough that an API server outage at start does not keep
+/// it from signing workload certificates.
+const POD_SYNC_GRACE: StdDuration = StdDuration::from_secs(60);
+
+/// What `/readyz` says of the pod caches behind node impersonation.
+#[derive(Debug, Clone)]
+pub(super) struct PodReadiness {
+    pub(super) caches: Vec<(String, PodCache)>,
+    pub(super) local: String,
+    pub(super) started: std::time::Instant,
+}
+
+impl PodReadiness {
+    /// Not ready while the local cluster's cache has not synced (for at most
+    /// [`POD_SYNC_GRACE`]); ready otherwise, naming any cluster whose impersonation
+    /// requests are still answered UNAVAILABLE.
+    fn readiness(&self) -> (StatusCode, String) {
+        let unsynced: Vec<&str> = self
+            .caches
+            .iter()
+            .filter(|(_, pods)| !pods.synced())
+            .map(|(cluster, _)| cluster.as_str())
+            .collect();
+        if unsynced.is_empty() {
+            return (StatusCode::OK, "ready\n".to_owned());
+        }
+        let why = format!(
+            "the pod cache for node impersonation is not synced (cluster {})",
+            unsynced.join(", ")
+        );
+        if unsynced.contains(&self.local.as_str()) && self.started.elapsed() < POD_SYNC_GRACE {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            )
+        } else {
+            (
+                StatusCode::OK,
+                format!("ready; {why}: impersonation requests get UNAVAILABLE\n"),
+            )
+        }
+    }
+}
+
+pub(super) async fn serve_http(
+    listener: TcpListener,
+    metrics: Metrics,
+    ready: watch::Receiver<bool>,
+    pods: PodReadiness,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), std::io::Error> {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move { metrics.render() }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let answer = if *ready.borrow() {
+                    pods.readiness()
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
+                };
+                async move { answer }
+            }),
+        );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
+}
