@@ -12,128 +12,18 @@ use time::{Duration, OffsetDateTime};
 
 use signet_spiffe::{IdentityError, ServiceAccount, TrustDomains};
 
+mod flags;
+mod pods;
+
 pub use crate::keys::signer::{MAX_BACKDATE, Validity};
 use crate::{
     issue::authn::{Caller, Method},
     issue::csr::ParsedCsr,
-    keys::KeyKind,
-    keys::signer::{self, seconds},
+    keys::signer,
     kubernetes::pods::PodCache,
 };
-
-/// The Kubernetes API's floor for a pod certificate's lifetime.
-pub const MIN_POD_LIFETIME: Duration = Duration::hours(1);
-/// A pod certificate's lifetime when the request sets no `maxExpirationSeconds`.
-const DEFAULT_POD_LIFETIME: Duration = Duration::hours(24);
-/// The key types pod certificates are signed for, in the API's names.
-pub const POD_KEY_TYPES: &str = "RSA3072, RSA4096, ECDSAP256, ECDSAP384";
-
-/// Flags of policy (part of `signet-ca serve`).
-#[derive(Debug, Clone, clap::Args)]
-pub struct PolicyArgs {
-    /// Trust domain of issued SPIFFE IDs: spiffe://<trust-domain>/ns/<ns>/sa/<sa>.
-    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local", value_parser = trust_domain)]
-    pub trust_domain: spiffe::TrustDomain,
-
-    /// A trust domain accepted as an alias of --trust-domain in CSRs and client
-    /// certificates; certificates always carry the primary one (repeatable).
-    #[arg(long = "trust-domain-alias", value_name = "DOMAIN", value_parser = trust_domain)]
-    pub trust_domain_aliases: Vec<spiffe::TrustDomain>,
-
-    /// Lifetime of a certificate when the request asks for none (1s to 100 years).
-    #[arg(long, env = "DEFAULT_WORKLOAD_CERT_TTL", default_value = "24h", value_parser = ttl_flag(), value_name = "DURATION")]
-    pub default_ttl: Duration,
-
-    /// Longest lifetime issued; longer requests are shortened to this (1s to 100
-    /// years, at least --default-ttl).
-    #[arg(long, env = "MAX_WORKLOAD_CERT_TTL", default_value = "2160h", value_parser = ttl_flag(), value_name = "DURATION")]
-    pub max_ttl: Duration,
-
-    /// Service accounts (`<namespace>/<name>`, comma separated) that may ask for the
-    /// identities of the pods on their own node, as ztunnel does in Istio's ambient
-    /// mode (Istio's default: istio-system/ztunnel). Needs API access to watch pods.
-    #[arg(
-        long,
-        env = "CA_TRUSTED_NODE_ACCOUNTS",
-        value_delimiter = ',',
-        value_name = "NS/SA"
-    )]
-    pub trusted_node_accounts: Vec<String>,
-}
-
-fn trust_domain(s: &str) -> Result<spiffe::TrustDomain, IdentityError> {
-    signet_spiffe::trust_domain(s)
-}
-
-fn ttl_flag() -> impl Fn(&str) -> Result<Duration, crate::flags::DurationError> + Clone + Send + Sync
-{
-    crate::flags::lifetime_between(
-        std::time::Duration::from_secs(1),
-        36_525 * crate::flags::DAY,
-    )
-}
-
-/// Policy's settings, checked.
-#[derive(Debug, Clone)]
-pub struct PolicyConfig {
-    /// Our trust domain and its aliases.
-    pub trust_domains: TrustDomains,
-    /// Lifetime when none is asked.
-    pub default_ttl: Duration,
-    /// Longest lifetime.
-    pub max_ttl: Duration,
-    /// Who may act for the pods on their node (empty: nobody).
-    pub trusted_node_accounts: Vec<ServiceAccount>,
-}
-
-impl PolicyArgs {
-    /// Checks what one flag alone cannot say; `api_access`: whether the API server
-    /// is reachable (node impersonation watches pods).
-    pub fn validate(self, api_access: bool) -> Result<PolicyConfig, crate::flags::ConfigError> {
-        use crate::flags::ConfigError;
-        if self.max_ttl < self.default_ttl {
-            return Err(ConfigError::new(
-                "--max-ttl",
-                format!(
-                    "{} is shorter than --default-ttl {}",
-                    self.max_ttl, self.default_ttl
-                ),
-            ));
-        }
-        // Parsed here rather than by clap: an empty CA_TRUSTED_NODE_ACCOUNTS (as a
-        // chart renders an empty list) means nobody, not an error.
-        let mut trusted_node_accounts = Vec::new();
-        for spec in self
-            .trusted_node_accounts
-            .iter()
-            .map(|s| s.trim())
-            .filter(|s| !s.is_empty())
-        {
-            let account = spec
-                .split_once('/')
-                .and_then(|(ns, sa)| ServiceAccount::new(ns, sa).ok())
-                .ok_or_else(|| {
-                    ConfigError::new(
-                        "--trusted-node-accounts",
-                        format!("{spec:?}: want <namespace>/<service account>"),
-                    )
-                })?;
-            trusted_node_accounts.push(account);
-        }
-        if !trusted_node_accounts.is_empty() && !api_access {
-            return Err(ConfigError::new(
-                "--trusted-node-accounts",
-                "node impersonation watches pods: give --kubeconfig or run in a pod",
-            ));
-        }
-        Ok(PolicyConfig {
-            trust_domains: TrustDomains::new(self.trust_domain, self.trust_domain_aliases),
-            default_ttl: self.default_ttl,
-            max_ttl: self.max_ttl,
-            trusted_node_accounts,
-        })
-    }
-}
+pub use flags::{PolicyArgs, PolicyConfig};
+pub use pods::{MIN_POD_LIFETIME, POD_KEY_TYPES, PodRequest, PodRules, Scope};
 
 /// Why policy refused a request.
 #[derive(Debug, thiserror::Error)]
@@ -207,21 +97,6 @@ pub enum Request<'a> {
     Pod(&'a PodRequest),
 }
 
-/// A PodCertificateRequest as policy sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodRequest {
-    /// The pod's namespace.
-    pub namespace: String,
-    /// The pod's service account.
-    pub service_account: String,
-    /// The pod's public key.
-    pub key: KeyKind,
-    /// `spec.maxExpirationSeconds`.
-    pub max_expiration: Option<Duration>,
-    /// The keys of `spec.unverifiedUserAnnotations`.
-    pub annotations: Vec<String>,
-}
-
 /// The decision for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
@@ -234,30 +109,6 @@ pub struct Decision {
     /// Whose share of the signing queue the request takes: the service account, or
     /// for a node agent acting for its node's pods, the account on that node.
     pub share: String,
-}
-
-/// A namespace, or a namespace and service account, in an allow or deny list.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Scope {
-    /// The namespace.
-    pub namespace: String,
-    /// The service account; `None` for all of the namespace.
-    pub service_account: Option<String>,
-}
-
-impl Scope {
-    fn covers(&self, namespace: &str, sa: &str) -> bool {
-        self.namespace == namespace && self.service_account.as_deref().is_none_or(|s| s == sa)
-    }
-}
-
-/// Which pods get pod certificates.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PodRules {
-    /// When not empty, only these namespaces or service accounts are served.
-    pub allow: Vec<Scope>,
-    /// These are denied.
-    pub deny: Vec<Scope>,
 }
 
 /// Who may ask for the identities of the pods on their node (ztunnel), and the pods
@@ -369,71 +220,6 @@ impl Policy {
             validity: validity(now, lifetime, limit)?,
             node,
             share,
-        })
-    }
-
-    /// Kubernetes' rules for pod certificates and Signet's: no unknown annotations,
-    /// the pod's account in scope, a key type of the API's list, and a lifetime of
-    /// `min(maxExpirationSeconds or 24 h, --max-ttl, what the chain leaves)` that is
-    /// at least an hour. The lifetime is the whole window, NotAfter - NotBefore: the
-    /// backdating is taken from it, so the window stays within `maxExpirationSeconds`.
-    fn decide_pod(
-        &self,
-        pod: &PodRequest,
-        limit: OffsetDateTime,
-        now: OffsetDateTime,
-    ) -> Result<Decision, PolicyError> {
-        if !pod.annotations.is_empty() {
-            let mut names: Vec<&str> = pod.annotations.iter().map(String::as_str).collect();
-            names.sort_unstable();
-            // Bounded: the API refuses long condition messages.
-            let mut listed = names
-                .iter()
-                .take(10)
-                .copied()
-                .collect::<Vec<_>>()
-                .join(", ");
-            listed.truncate(1000);
-            let more = names.len().saturating_sub(10);
-            if more > 0 {
-                listed.push_str(&format!(" and {more} more"));
-            }
-            return Err(PolicyError::UnknownAnnotations(listed));
-        }
-        let (namespace, sa) = (pod.namespace.as_str(), pod.service_account.as_str());
-        let rules = &self.pods;
-        if rules.deny.iter().any(|s| s.covers(namespace, sa))
-            || (!rules.allow.is_empty() && !rules.allow.iter().any(|s| s.covers(namespace, sa)))
-        {
-            return Err(PolicyError::PodNotAllowed {
-                namespace: namespace.to_owned(),
-                service_account: sa.to_owned(),
-            });
-        }
-        let account = ServiceAccount::new(namespace, sa).map_err(PolicyError::Identity)?;
-        if matches!(pod.key, KeyKind::Rsa(bits) if bits != 3072 && bits != 4096) {
-            return Err(PolicyError::PodKeyType(pod.key.to_string()));
-        }
-        let id = account
-            .spiffe_id(self.trust_domains.primary())
-            .map_err(PolicyError::Identity)?;
-        let allowed = pod.max_expiration.unwrap_or(DEFAULT_POD_LIFETIME);
-        let left = limit - now;
-        let total = allowed.min(self.max_ttl).min(left);
-        let backdate = (total / 10_i32).min(MAX_BACKDATE);
-        let not_before = seconds(now - backdate);
-        let not_after = seconds(not_before + total);
-        if not_after - not_before < MIN_POD_LIFETIME {
-            return Err(PolicyError::PodLifetime { left, allowed });
-        }
-        Ok(Decision {
-            id,
-            validity: Validity {
-                not_before,
-                not_after,
-            },
-            node: None,
-            share: account.to_string(),
         })
     }
 
@@ -568,6 +354,7 @@ pub fn validity(
 mod tests {
     use super::*;
     use crate::issue::authn::Method;
+    use crate::keys::KeyKind;
     use signet_spiffe::ServiceAccount;
 
     fn policy() -> Policy {
