@@ -3,6 +3,7 @@
 //! `reload` while serving, and the CA's own serving certificate (`tls`).
 
 pub mod cacerts;
+mod checks;
 mod key;
 pub(crate) mod reload;
 pub mod signer;
