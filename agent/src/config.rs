@@ -7,13 +7,14 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration as StdDuration};
 
 use clap::{Args, Parser, Subcommand};
 
-pub use crate::{flags::ConfigError, identity::catrust::CaTrust};
+pub use crate::identity::catrust::CaTrust;
 use crate::{
-    flags::between,
     identity::caclient::{CaArgs, CaConfig},
     identity::rotation::{IdentityArgs, IdentityConfig},
     secrets::filesecret::FilePolicy,
 };
+pub use signet_flags::ConfigError;
+use signet_flags::between;
 
 /// Signet's workload agent: keys, certificates and Envoy SDS for one pod or node.
 #[derive(Debug, Parser)]

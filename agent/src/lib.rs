@@ -13,11 +13,10 @@
 //!
 //! Beside them: [`server`] wires everything; [`config`] puts `signet-agent run`'s
 //! flag groups together; [`inspect`] is an SDS client for operators; the leaves
-//! [`flags`], `sync` and [`metrics`].
+//! `sync` and [`metrics`] (and `signet-flags`, shared with the CA).
 #![forbid(unsafe_code)]
 
 pub mod config;
-pub mod flags;
 pub mod identity;
 pub mod inspect;
 pub mod metrics;

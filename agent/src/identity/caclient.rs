@@ -7,7 +7,9 @@ use signet_proto::{IstioCertificateRequest, IstioCertificateServiceClient};
 use time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
-use crate::{flags::ConfigError, identity::catrust::CaTrust};
+use signet_flags::ConfigError;
+
+use crate::identity::catrust::CaTrust;
 
 /// Flags of the CA client (part of `signet-agent run`).
 #[derive(Debug, Clone, clap::Args)]

@@ -9,7 +9,6 @@ use time::{Duration, OffsetDateTime};
 use tokio::sync::watch;
 
 use crate::{
-    flags::{ConfigError, DAY, between, lifetime_between},
     identity::caclient::{CaClient, CaError},
     identity::catrust::CaTrust,
     identity::keys::{KeyError, KeyType, WorkloadKey},
@@ -17,6 +16,7 @@ use crate::{
     identity::svid::{self, AnswerError, Svid},
     metrics::Metrics,
 };
+use signet_flags::{ConfigError, DAY, between, lifetime_between};
 
 /// Why one attempt to get a certificate failed.
 #[derive(Debug, thiserror::Error)]

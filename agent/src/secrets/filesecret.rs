@@ -74,7 +74,7 @@ impl FilePolicy {
 
     /// The policy for `--file-secret-dir`s as given: each made absolute; `/` refused,
     /// since it would expose every file the agent can read; empty ones skipped.
-    pub fn from_flags(dirs: Vec<PathBuf>) -> Result<Self, crate::flags::ConfigError> {
+    pub fn from_flags(dirs: Vec<PathBuf>) -> Result<Self, signet_flags::ConfigError> {
         let flag = "--file-secret-dir";
         let mut absolute = Vec::new();
         for dir in dirs {
@@ -82,13 +82,13 @@ impl FilePolicy {
                 continue;
             }
             if dir == std::path::Path::new("/") {
-                return Err(crate::flags::ConfigError::new(
+                return Err(signet_flags::ConfigError::new(
                     flag,
                     "/ would expose every file the agent can read",
                 ));
             }
             absolute.push(std::path::absolute(&dir).map_err(|e| {
-                crate::flags::ConfigError::new(flag, format!("{}: {e}", dir.display()))
+                signet_flags::ConfigError::new(flag, format!("{}: {e}", dir.display()))
             })?);
         }
         Ok(Self::new(absolute))

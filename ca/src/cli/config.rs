@@ -16,10 +16,10 @@ use crate::{
     kubernetes::writers::flags::WriterArgs,
 };
 pub use crate::{
-    flags::ConfigError,
     issue::authn::flags::{AuthnConfig, RemoteCluster},
     kubernetes::client::ApiAccess,
 };
+pub use signet_flags::ConfigError;
 
 /// Signet's certificate authority: Istio's CreateCertificate API, served over TLS.
 #[derive(Debug, Parser)]

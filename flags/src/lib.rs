@@ -1,6 +1,8 @@
-//! What the flag groups share: the error that names a flag, and durations (`24h`,
-//! `90m`, `8s`) within the bounds a flag's help states. A leaf: `caclient`,
-//! `rotation`, `filesecret` and `config` use it.
+//! What the command-line flags of both programs share: [`ConfigError`], the error
+//! that names a flag and its problem (one line, exit code 64), and durations
+//! (`24h`, `90m`, `8s`, `1h30m`) within the bounds a flag's help states, as clap value
+//! parsers.
+#![forbid(unsafe_code)]
 
 use std::time::Duration as StdDuration;
 
@@ -16,7 +18,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     /// `flag` cannot take its value, because of `problem`.
-    pub(crate) fn new(flag: &'static str, problem: impl Into<String>) -> Self {
+    pub fn new(flag: &'static str, problem: impl Into<String>) -> Self {
         Self {
             flag,
             problem: problem.into(),
@@ -39,14 +41,26 @@ pub enum DurationError {
     },
 }
 
-/// A value parser for durations from `min` to `max` (both included).
+/// Seconds in a day, for bounds.
+pub const DAY: StdDuration = StdDuration::from_secs(86_400);
+
+/// Parses `24h`, `90m`, `8s`, `1h30m` into a duration.
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    let d = parse_std(s)?;
+    Duration::try_from(d).map_err(|_| DurationError::TooLong(s.to_owned()))
+}
+
+fn parse_std(s: &str) -> Result<StdDuration, DurationError> {
+    humantime::parse_duration(s.trim()).map_err(|e| DurationError::Syntax(s.to_owned(), e))
+}
+
+/// A value parser for run-time intervals from `min` to `max` (both included).
 pub fn between(
     min: StdDuration,
     max: StdDuration,
 ) -> impl Fn(&str) -> Result<StdDuration, DurationError> + Clone + Send + Sync + 'static {
     move |s| {
-        let d = humantime::parse_duration(s.trim())
-            .map_err(|e| DurationError::Syntax(s.to_owned(), e))?;
+        let d = parse_std(s)?;
         if d < min || d > max {
             return Err(DurationError::OutOfRange {
                 input: s.to_owned(),
@@ -70,20 +84,20 @@ pub fn lifetime_between(
     }
 }
 
-/// Seconds in a day, for bounds.
-pub const DAY: StdDuration = StdDuration::from_secs(86_400);
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
-    fn bounded_durations() {
-        let d = between(StdDuration::from_secs(1), DAY);
-        assert_eq!(d("90m").unwrap(), StdDuration::from_secs(5400));
-        for bad in ["0s", "2d", "soon", "-1s"] {
-            assert!(d(bad).is_err(), "{bad}");
+    fn durations() {
+        assert_eq!(parse_duration("90m").unwrap(), Duration::minutes(90));
+        assert_eq!(parse_duration("8s").unwrap(), Duration::seconds(8));
+        assert!(parse_duration("-1s").is_err());
+        let bounded = between(StdDuration::from_millis(100), DAY);
+        assert_eq!(bounded("2s").unwrap(), StdDuration::from_secs(2));
+        for bad in ["50ms", "25h", "soon", "0s"] {
+            assert!(bounded(bad).is_err(), "{bad}");
         }
         let l = lifetime_between(StdDuration::from_secs(1), DAY);
         assert_eq!(l("8s").unwrap(), Duration::seconds(8));
