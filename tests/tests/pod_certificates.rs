@@ -128,7 +128,7 @@ fn condition(pcr: &Value) -> Option<(String, String, String)> {
 }
 
 #[tokio::test]
-async fn requests_are_issued_or_denied_once_and_chain_to_the_trust_bundle() {
+async fn issued_requests_chain_to_the_trust_bundle_and_last_as_asked() {
     let setup = Setup::new(&["apps"]).await;
     let api = &setup.api;
     let work = setup.dir.path().join("work");
@@ -143,26 +143,6 @@ async fn requests_are_issued_or_denied_once_and_chain_to_the_trust_bundle() {
     api.put_bound_request(
         PLURAL,
         pcr("rsa3072", &rsa_stub(3072, &work))
-            .max_secs(86400)
-            .json(),
-    );
-    api.put_bound_request(
-        PLURAL,
-        pcr("ed25519", &stub(&rcgen::PKCS_ED25519))
-            .max_secs(86400)
-            .json(),
-    );
-    api.put_bound_request(
-        PLURAL,
-        pcr("annotated", &stub(&rcgen::PKCS_ECDSA_P256_SHA256))
-            .max_secs(86400)
-            .annotations(json!({"example.com/wish": "x"}))
-            .json(),
-    );
-    api.put_bound_request(
-        PLURAL,
-        pcr("elsewhere", &stub(&rcgen::PKCS_ECDSA_P256_SHA256))
-            .signer("other.example/signer")
             .max_secs(86400)
             .json(),
     );
@@ -192,7 +172,7 @@ async fn requests_are_issued_or_denied_once_and_chain_to_the_trust_bundle() {
             .filter(|p| condition(p).is_some())
     };
     // Bounds generous for a loaded machine; they cost nothing when it is fast.
-    for name in ["p256", "rsa3072", "ed25519", "annotated", "later", "pkix"] {
+    for name in ["p256", "rsa3072", "later", "pkix"] {
         eventually(Duration::from_secs(60), name, async || answered(name)).await;
     }
     let bundle = eventually(Duration::from_secs(60), "trust bundle", async || {
@@ -252,6 +232,59 @@ async fn requests_are_issued_or_denied_once_and_chain_to_the_trust_bundle() {
             "{name}: refresh {refresh} vs half-life {half}"
         );
     }
+    // Counted once each, once the status write has been answered (a moment after the
+    // API server stored it): polled until the count is in (30 s at most), then exact.
+    let metrics = eventually(Duration::from_secs(30), "the answers counted", async || {
+        let metrics = ca.metrics().await;
+        (answers(&metrics, "issued") >= 4.0).then_some(metrics)
+    })
+    .await;
+    assert_eq!(answers(&metrics, "issued"), 4.0);
+    assert_eq!(answers(&metrics, "denied"), 0.0);
+    ca.stop().await;
+}
+
+/// `signet_ca_pod_certificates_total` for `result` (0 when absent).
+fn answers(metrics: &str, result: &str) -> f64 {
+    metric(
+        metrics,
+        &format!("signet_ca_pod_certificates_total{{result=\"{result}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn unusable_requests_are_denied_once_with_the_apis_reasons_and_others_are_left_alone() {
+    let setup = Setup::new(&["apps"]).await;
+    let api = &setup.api;
+    api.put_bound_request(
+        PLURAL,
+        pcr("ed25519", &stub(&rcgen::PKCS_ED25519))
+            .max_secs(86400)
+            .json(),
+    );
+    api.put_bound_request(
+        PLURAL,
+        pcr("annotated", &stub(&rcgen::PKCS_ECDSA_P256_SHA256))
+            .max_secs(86400)
+            .annotations(json!({"example.com/wish": "x"}))
+            .json(),
+    );
+    api.put_bound_request(
+        PLURAL,
+        pcr("elsewhere", &stub(&rcgen::PKCS_ECDSA_P256_SHA256))
+            .signer("other.example/signer")
+            .max_secs(86400)
+            .json(),
+    );
+    let ca = setup.ca(&["--pod-certificate-signer", SIGNER]).await;
+    let answered = |name: &str| {
+        api.get(PLURAL, "apps", name)
+            .filter(|p| condition(p).is_some())
+    };
+    for name in ["ed25519", "annotated"] {
+        eventually(Duration::from_secs(60), name, async || answered(name)).await;
+    }
     let (kind, reason, message) = condition(&api.get(PLURAL, "apps", "ed25519").unwrap()).unwrap();
     assert_eq!(
         (kind.as_str(), reason.as_str()),
@@ -270,35 +303,13 @@ async fn requests_are_issued_or_denied_once_and_chain_to_the_trust_bundle() {
         api.get(PLURAL, "apps", "elsewhere").unwrap()["status"].is_null(),
         "another signer's request"
     );
-
-    // Counted once the status write has been answered, a moment after the API
-    // server stored it: polled until both counts are in (30 s at most), then exact.
-    let count = |metrics: &str, result: &str| {
-        metric(
-            metrics,
-            &format!("signet_ca_pod_certificates_total{{result=\"{result}\"}}"),
-        )
-        .unwrap_or(0.0)
-    };
     let metrics = eventually(Duration::from_secs(30), "the answers counted", async || {
         let metrics = ca.metrics().await;
-        (count(&metrics, "issued") >= 4.0 && count(&metrics, "denied") >= 2.0).then_some(metrics)
+        (answers(&metrics, "denied") >= 2.0).then_some(metrics)
     })
     .await;
-    assert_eq!(
-        metric(
-            &metrics,
-            "signet_ca_pod_certificates_total{result=\"issued\"}"
-        ),
-        Some(4.0)
-    );
-    assert_eq!(
-        metric(
-            &metrics,
-            "signet_ca_pod_certificates_total{result=\"denied\"}"
-        ),
-        Some(2.0)
-    );
+    assert_eq!(answers(&metrics, "denied"), 2.0);
+    assert_eq!(answers(&metrics, "issued"), 0.0);
     ca.stop().await;
 }
 
