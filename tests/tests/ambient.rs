@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::Method;
 use signet_e2e::{
@@ -189,20 +189,16 @@ async fn ztunnel_gets_the_identities_of_its_nodes_pods_and_nothing_else() {
     // for a loaded machine).
     mesh.api.remove("pods", "apps", "web-1");
     mesh.api.pod("apps", "db-2", "uid-d2", "db", "node-a");
-    let start = Instant::now();
-    loop {
+    let refusal = signet_e2e::eventually(Duration::from_secs(30), "pod changes seen", async || {
         let web_now = ask(&mut client, &token, web).await;
         let db_now = ask(&mut client, &token, db).await;
-        if let (Err(refusal), Ok(_)) = (&web_now, &db_now) {
-            assert_eq!(refusal.code(), Code::PermissionDenied);
-            break;
+        match (web_now, db_now) {
+            (Err(refusal), Ok(_)) => Some(refusal),
+            _ => None,
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "pod changes not seen"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    assert_eq!(refusal.code(), Code::PermissionDenied);
     ca.stop().await;
 }
 
@@ -211,20 +207,17 @@ async fn until_the_pods_are_listed_impersonation_is_unavailable_and_readyz_says_
     let mesh = mesh().await;
     mesh.api.inject(Method::GET, "pods", 500, 1_000_000);
     let ca = TestCa::start_unready(&mesh.args, "127.0.0.1:0".parse().unwrap()).await;
-    let start = Instant::now();
-    let body = loop {
-        if let Ok((503, body)) = ca.http_get("/readyz").await
-            && body.contains("pod cache")
-        {
-            break body;
-        }
-        // Well inside the 60 s the CA stays unready waiting for its pod cache.
-        assert!(
-            start.elapsed() < Duration::from_secs(45),
-            "no readiness answer"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // Well inside the 60 s the CA stays unready waiting for its pod cache.
+    let body =
+        signet_e2e::eventually(
+            Duration::from_secs(45),
+            "a readiness answer",
+            async || match ca.http_get("/readyz").await {
+                Ok((503, body)) if body.contains("pod cache") => Some(body),
+                _ => None,
+            },
+        )
+        .await;
     assert!(body.contains("Kubernetes"), "{body}");
     let mut client = ca.client(&mesh.root.pem).await;
     refused(
@@ -294,17 +287,17 @@ async fn a_remote_clusters_ztunnel_is_judged_by_that_clusters_pods() {
     let cart = "spiffe://cluster.local/ns/apps/sa/cart";
     let web = "spiffe://cluster.local/ns/apps/sa/web";
     // Wait for west's pod cache (the CA is ready once the local one is synced).
-    let start = Instant::now();
-    let chain = loop {
-        match ask_in(&mut client, &token, cart, "west").await {
-            Ok(chain) => break chain,
-            Err(s) if s.code() == Code::Unavailable => {
-                assert!(start.elapsed() < Duration::from_secs(60), "{s:?}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(s) => panic!("{s:?}"),
-        }
-    };
+    let chain =
+        signet_e2e::eventually(
+            Duration::from_secs(60),
+            "west's pod cache",
+            async || match ask_in(&mut client, &token, cart, "west").await {
+                Ok(chain) => Some(chain),
+                Err(s) if s.code() == Code::Unavailable => None,
+                Err(s) => panic!("{s:?}"),
+            },
+        )
+        .await;
     assert_eq!(uri_sans(&chain[0]), [cart]);
     // The local cluster's pod on node-a is not west's to ask for, and west's node is
     // not known to the local cluster.

@@ -158,23 +158,23 @@ async fn after_a_root_change_old_connections_cannot_renew() {
     mount.publish(&staged.join("new"));
     // Wait for the reload (60 s at most, generous for a loaded machine): a token
     // request is answered by the new intermediate.
-    let mut reloaded = false;
-    let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(60) {
-        let (_, pem) = csr(None);
-        let chain = c
-            .create_certificate(request(&pem, Some(&jwt.token("ns", "sa")), 0))
-            .await
-            .unwrap()
-            .into_inner()
-            .cert_chain;
-        if signet_e2e::with_cert(&chain[0], |c| c.issuer().to_string()).contains("New") {
-            reloaded = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(reloaded, "the CA never loaded the new set");
+    signet_e2e::eventually(
+        Duration::from_secs(60),
+        "the CA to load the new set",
+        async || {
+            let (_, pem) = csr(None);
+            let chain = c
+                .create_certificate(request(&pem, Some(&jwt.token("ns", "sa")), 0))
+                .await
+                .unwrap()
+                .into_inner()
+                .cert_chain;
+            signet_e2e::with_cert(&chain[0], |c| c.issuer().to_string())
+                .contains("New")
+                .then_some(())
+        },
+    )
+    .await;
     // The old-root certificate on the old connection no longer renews.
     let e = c.create_certificate(renewal()).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
@@ -204,18 +204,12 @@ async fn a_revoked_serial_cannot_renew() {
     write_crl(&staged.join("a"), &ca_key, &[serial(&revoked)]);
     mount.publish(&staged.join("a"));
     // Until the reload brings the list in (60 s at most, for a loaded machine).
-    let mut refused = None;
-    let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(60) {
-        match c_revoked.create_certificate(renewal()).await {
-            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(e) => {
-                refused = Some(e);
-                break;
-            }
-        }
-    }
-    let e = refused.expect("the revoked certificate kept renewing");
+    let e = signet_e2e::eventually(
+        Duration::from_secs(60),
+        "the revoked certificate to be refused",
+        async || c_revoked.create_certificate(renewal()).await.err(),
+    )
+    .await;
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     assert!(e.message().to_lowercase().contains("revoked"), "{e:?}");
     let after = ca.metrics().await;
@@ -268,21 +262,17 @@ async fn connections_are_closed_at_their_maximum_age() {
     // channel makes a new one, which answers. Polled rather than slept, for a loaded
     // machine, but bounded well below the hard cut at max age + 30 s grace, which would
     // pass too. A request racing the close may fail; the next one reconnects.
-    let start = std::time::Instant::now();
-    loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let (_, pem) = csr(None);
-        let answered = c.create_certificate(request(&pem, Some(&token), 0)).await;
-        if tls.connections() >= 2 && answered.is_ok() {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the old connection was not closed: {} connection(s), last error {:?}",
-            tls.connections(),
-            answered.err()
-        );
-    }
+    signet_e2e::eventually(
+        Duration::from_secs(20),
+        "the old connection to be closed and a new one to answer",
+        async || {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let (_, pem) = csr(None);
+            let answered = c.create_certificate(request(&pem, Some(&token), 0)).await;
+            (tls.connections() >= 2 && answered.is_ok()).then_some(())
+        },
+    )
+    .await;
     ca.stop().await;
 }
 
@@ -453,16 +443,12 @@ async fn connections_with_a_request_open_are_never_evicted() {
     );
     // A slot comes back when a connection closes.
     watches.remove(0);
-    let mut ok = false;
-    let start = std::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(30) {
-        if bounded(tls.client(), "a connection").await.is_ok() {
-            ok = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ok, "the slot of a closed connection was not given back");
+    signet_e2e::eventually(
+        Duration::from_secs(30),
+        "the slot of a closed connection to be given back",
+        async || bounded(tls.client(), "a connection").await.ok().map(drop),
+    )
+    .await;
     drop(watches);
     bounded(ca.stop(), "stopping the CA").await;
 }
@@ -519,17 +505,15 @@ async fn idle_connections_are_cut_and_clients_reconnect() {
         .await
         .unwrap();
     let start = std::time::Instant::now();
-    while ca
-        .metric(r#"signet_ca_connections_closed_total{reason="idle_timeout"}"#)
-        .await
-        != Some(1.0)
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the idle connection stayed open"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    signet_e2e::eventually(
+        Duration::from_secs(20),
+        "the idle connection to be closed",
+        async || {
+            let closed = ca.metric(r#"signet_ca_connections_closed_total{reason="idle_timeout"}"#);
+            (closed.await == Some(1.0)).then_some(())
+        },
+    )
+    .await;
     assert!(start.elapsed() >= Duration::from_millis(800));
     // The next call reconnects by itself.
     let (_, pem) = csr(None);
