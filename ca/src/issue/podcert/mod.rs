@@ -230,27 +230,61 @@ fn uid(pcr: &PodCertificateRequest) -> String {
     pcr.uid().unwrap_or_default()
 }
 
+/// What reconciling one request comes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Answered (by anyone): nothing to do, and nothing to remember.
+    Forget,
+    /// Answered by this writer, the watch not caught up yet: nothing to do.
+    Skip,
+    /// Its answers were refused too often: failed as unanswerable.
+    GiveUp,
+    /// Decide, sign and write it.
+    Answer,
+}
+
+/// The step for a request that is `answered` or `settled` (answered here), whose
+/// answers the API server has `refused` so many times.
+fn step(answered: bool, settled: bool, refused: u32) -> Step {
+    if answered {
+        Step::Forget
+    } else if settled {
+        Step::Skip
+    } else if refused + 1 >= MAX_ATTEMPTS {
+        Step::GiveUp
+    } else {
+        Step::Answer
+    }
+}
+
+impl RetryError {
+    /// Whether the API server refused the answer itself (400, 403, 422), which counts
+    /// toward failing the request; an unreachable or busy API server, or a busy
+    /// signing queue, does not.
+    fn is_refusal(&self) -> bool {
+        matches!(self, Self::Api(WriteError::Api { source, .. })
+            if matches!(status(source), Some(400 | 403 | 422)))
+    }
+}
+
 /// Answers one request, unless it is answered already.
 async fn reconcile(
     pcr: Arc<PodCertificateRequest>,
     ctx: Arc<Context>,
 ) -> Result<Action, RetryError> {
     let uid = uid(&pcr);
-    if answered(&pcr) {
-        ctx.forget(&uid);
-        return Ok(Action::await_change());
-    }
-    if ctx.is_settled(&uid) {
-        return Ok(Action::await_change());
-    }
     let refused = crate::sync::lock(&ctx.refused)
         .get(&uid)
         .copied()
         .unwrap_or(0);
-    let answer = if refused + 1 >= MAX_ATTEMPTS {
-        Err(Refusal::Unanswerable(refused))
-    } else {
-        ctx.answer(&pcr).await?
+    let answer = match step(answered(&pcr), ctx.is_settled(&uid), refused) {
+        Step::Forget => {
+            ctx.forget(&uid);
+            return Ok(Action::await_change());
+        }
+        Step::Skip => return Ok(Action::await_change()),
+        Step::GiveUp => Err(Refusal::Unanswerable(refused)),
+        Step::Answer => ctx.answer(&pcr).await?,
     };
     let written = ctx.write((*pcr).clone(), &answer).await?;
     ctx.settle(&uid);
@@ -282,8 +316,7 @@ async fn reconcile(
 /// 429, timeouts) or the signing queue is busy, it waits, unanswered.
 fn error_policy(pcr: Arc<PodCertificateRequest>, error: &RetryError, ctx: Arc<Context>) -> Action {
     let uid = uid(&pcr);
-    let refused = matches!(error, RetryError::Api(WriteError::Api { source, .. })
-        if matches!(status(source), Some(400 | 403 | 422)));
+    let refused = error.is_refusal();
     {
         let pending: Vec<String> = ctx.requests.state().iter().map(|p| self::uid(p)).collect();
         let mut counts = crate::sync::lock(&ctx.refused);
@@ -338,4 +371,41 @@ pub(crate) async fn run(
         controller.run(reconcile, error_policy, ctx),
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reconciling a request, from plain values.
+    #[test]
+    fn a_request_is_answered_once_and_given_up_after_its_refusals() {
+        assert_eq!(step(true, false, 0), Step::Forget);
+        assert_eq!(step(true, true, 3), Step::Forget);
+        assert_eq!(step(false, true, 0), Step::Skip);
+        assert_eq!(step(false, false, 0), Step::Answer);
+        assert_eq!(step(false, false, MAX_ATTEMPTS - 2), Step::Answer);
+        assert_eq!(step(false, false, MAX_ATTEMPTS - 1), Step::GiveUp);
+    }
+
+    #[test]
+    fn only_the_api_servers_refusals_count_toward_giving_up() {
+        let api = |code: u16| {
+            RetryError::Api(WriteError::api(
+                "PodCertificateRequest apps/p",
+                kube::Error::Api(
+                    kube::core::Status::failure("no", "Reason")
+                        .with_code(code)
+                        .boxed(),
+                ),
+            ))
+        };
+        for code in [400, 403, 422] {
+            assert!(api(code).is_refusal(), "{code}");
+        }
+        for code in [409, 429, 500, 503] {
+            assert!(!api(code).is_refusal(), "{code}");
+        }
+        assert!(!RetryError::Queue(QueueError::Full(8)).is_refusal());
+    }
 }

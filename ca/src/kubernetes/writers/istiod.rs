@@ -278,3 +278,80 @@ pub(super) async fn run(
     });
     drain(writer, controller.run(reconcile, error_policy, ctx)).await;
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn signer(now: OffsetDateTime) -> (tempfile::TempDir, Signer) {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = crate::keys::reload::initial(
+            &dir.path().join("cacerts"),
+            &dir.path().join("state"),
+            "cluster.local",
+            now,
+        )
+        .unwrap();
+        (dir, signer)
+    }
+
+    fn config() -> IstiodSecret {
+        IstiodSecret {
+            namespace: "istio-system".into(),
+            name: "istiod-tls".into(),
+            dns_names: vec!["istiod.istio-system.svc".into()],
+            ttl: time::Duration::hours(24),
+        }
+    }
+
+    /// Reconciling the Secret, from plain values: what is there decides whether a
+    /// certificate is issued, kept until its renewal point, or left for a human.
+    #[test]
+    fn the_secret_is_issued_kept_until_half_life_and_reissued_when_it_must_be() {
+        let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        let (_dir, signer) = signer(now);
+        let config = config();
+        let names = &config.dns_names;
+        assert!(
+            matches!(judge(None, &signer, names, now), State::Reissue(why) if why == "missing")
+        );
+        let fresh = issue(&signer, &config, now).unwrap();
+        let secret = desired(None, &config, signer.roots_pem(), Some(&fresh)).unwrap();
+        assert_eq!(secret.type_.as_deref(), Some(TLS_TYPE));
+        let State::Good { renew_at } = judge(Some(&secret), &signer, names, now) else {
+            panic!("a fresh certificate must be good");
+        };
+        let half = renew_at - now;
+        assert!(
+            (half - time::Duration::hours(12)).abs() < time::Duration::minutes(3),
+            "{half}"
+        );
+        // As it should be: nothing to write.
+        assert!(desired(Some(&secret), &config, signer.roots_pem(), None).is_none());
+        // Half its life over: issued again.
+        let later = now + time::Duration::hours(13);
+        assert!(matches!(
+            judge(Some(&secret), &signer, names, later),
+            State::Reissue(_)
+        ));
+        // Other names, or another CA's key material: issued again.
+        let other_names = vec!["istiod.other.svc".to_owned()];
+        assert!(matches!(
+            judge(Some(&secret), &signer, &other_names, now),
+            State::Reissue(_)
+        ));
+        let (_other_dir, other) = self::signer(now);
+        assert!(matches!(
+            judge(Some(&secret), &other, names, now),
+            State::Reissue(_)
+        ));
+        // A Secret of another type under the name cannot be fixed by a write.
+        let mut opaque = secret.clone();
+        opaque.type_ = Some("Opaque".into());
+        assert!(matches!(
+            judge(Some(&opaque), &signer, names, now),
+            State::Stuck(_)
+        ));
+    }
+}

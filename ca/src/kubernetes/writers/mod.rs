@@ -415,7 +415,19 @@ pub(crate) async fn discover(
 
 #[cfg(test)]
 mod signer_name_tests {
-    use super::{backoff, check_signer_name};
+    use super::{backoff, check_signer_name, jitter};
+    use std::time::Duration;
+
+    #[test]
+    fn jitter_stays_within_a_fifth() {
+        for _ in 0..1000 {
+            let j = jitter(Duration::from_secs(100));
+            assert!(
+                j >= Duration::from_secs(80) && j <= Duration::from_secs(120),
+                "{j:?}"
+            );
+        }
+    }
 
     #[test]
     fn backoff_doubles_to_a_minute() {

@@ -269,4 +269,29 @@ mod tests {
             "true"
         );
     }
+
+    /// Reconciling a namespace, from plain values: a terminating one is left alone,
+    /// an active one gets the ConfigMap when it is missing or differs.
+    #[test]
+    fn terminating_namespaces_are_left_and_active_ones_get_the_bundle() {
+        let ns = |phase: Option<&str>, deleting: bool| -> Namespace {
+            let mut ns = Namespace::default();
+            ns.metadata.name = Some("apps".into());
+            if deleting {
+                ns.metadata.deletion_timestamp =
+                    Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                    ));
+            }
+            ns.status = phase.map(|p| k8s_openapi::api::core::v1::NamespaceStatus {
+                phase: Some(p.into()),
+                ..Default::default()
+            });
+            ns
+        };
+        assert!(terminating(&ns(Some("Terminating"), false)));
+        assert!(terminating(&ns(None, true)));
+        assert!(!terminating(&ns(Some("Active"), false)));
+        assert!(desired(None, "istio-ca-root-cert", "apps", "PEM").is_some());
+    }
 }
