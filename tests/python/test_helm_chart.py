@@ -215,6 +215,24 @@ def test_examples_validate(path):
             kubernetes_validate.validate(d, version, strict=True)
 
 
+@pytest.mark.parametrize("values", [
+    {"replicas": 2},
+    {"image": {"registry": "example.com"}},
+    {"tokenAuth": {"mode": "tokenreview"}},
+    {"replicaCount": 0},
+    {"rootConfigMap": {"enable": False}},
+    {"logFormat": "xml"},
+])
+def test_unknown_or_misspelt_values_are_errors(chart, values):
+    """values.schema.json: a typo or an unknown key fails lint and rendering instead of
+    being ignored."""
+    report = helm_python.lint(CHART, values, strict=True, namespace=NS)
+    assert report["errors"] or [m for m in report["messages"] if m["severity"] >= 2], (values, report)
+    with pytest.raises(helm_python.HelmValuesError) as e:
+        render(chart, values)
+    assert "schema" in str(e.value).lower(), str(e.value)
+
+
 def test_self_signed_with_two_replicas_refuses_to_render(chart):
     with pytest.raises(helm_python.HelmRenderError) as e:
         render(chart, {"cacerts": {"selfSigned": True}, "replicaCount": 2})
