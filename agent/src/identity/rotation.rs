@@ -123,8 +123,8 @@ pub struct IdentityArgs {
 
     /// After the CA trust file changes (a root rotation), keep asking the CA (with
     /// backoff from 1 s to 30 s) until its bundle reflects the change, for at most
-    /// this long; then warn, count it, and return to the normal schedule (1s to 1
-    /// day).
+    /// this long (1s to 1 day); then warn, count it, and return to the normal
+    /// schedule.
     #[arg(long, env = "TRUST_SYNC_TIMEOUT", default_value = "10m", value_parser = between(StdDuration::from_secs(1), DAY), value_name = "DURATION")]
     pub trust_sync_timeout: StdDuration,
 
@@ -280,7 +280,8 @@ impl Rotation {
                     let next = schedule.after_success(&svid, trust, self.clock.now());
                     tracing::info!(
                         id = %svid.id, serial = %svid.serial, not_after = %svid.not_after,
-                        refresh_at = ?next.refresh, "certificate obtained"
+                        refresh_at = %next.refresh.map(|r| r.to_string()).unwrap_or_default(),
+                        "certificate obtained"
                     );
                     next
                 }

@@ -143,7 +143,7 @@ impl ServeArgs {
             keys: self.keys,
             policy,
             authn,
-            serving_dns_names: self.tls.serving_dns_names,
+            serving_dns_names: self.tls.names()?,
             queue: self.queue.config(),
             conns: self.conns.limits(),
             pods,

@@ -28,10 +28,34 @@ pub struct TlsArgs {
         long,
         env = "SERVING_DNS_NAMES",
         value_delimiter = ',',
-        value_parser = crate::flags::dns_name,
         default_value = "istiod.istio-system.svc,istiod.istio-system.svc.cluster.local,istiod.istio-system,istiod"
     )]
     pub serving_dns_names: Vec<String>,
+}
+
+impl TlsArgs {
+    /// The names, blank entries dropped (a trailing comma in the variable); at least
+    /// one, each a DNS name.
+    pub fn names(&self) -> Result<Vec<String>, crate::flags::ConfigError> {
+        let flag = "--serving-dns-names";
+        let names: Vec<String> = self
+            .serving_dns_names
+            .iter()
+            .map(|n| n.trim())
+            .filter(|n| !n.is_empty())
+            .map(|n| {
+                crate::flags::dns_name(n)
+                    .map_err(|e| crate::flags::ConfigError::new(flag, e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        if names.is_empty() {
+            return Err(crate::flags::ConfigError::new(
+                flag,
+                "at least one name is needed",
+            ));
+        }
+        Ok(names)
+    }
 }
 
 /// Lifetime of the CA's own serving certificate; renewed at half of it.

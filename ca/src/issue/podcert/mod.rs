@@ -18,7 +18,7 @@
 //! by the elected replica only.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::{Arc, Mutex},
     time::{Duration as StdDuration, Instant},
 };
@@ -62,7 +62,8 @@ pub type PodCertificateRequest = Object<PodCertificateRequestSpec, PodCertificat
 
 /// Requests answered at once.
 const IN_FLIGHT: u16 = 32;
-/// Refused answers (400, 403, 422) before a request is failed instead.
+/// Attempts to answer a request: after `MAX_ATTEMPTS - 1` refused answers (400, 403,
+/// 422), the next attempt writes `Failed` (`Unanswerable`) instead.
 const MAX_ATTEMPTS: u32 = 5;
 /// How long a request this writer answered is skipped while the watch catches up.
 const SETTLED_FOR: StdDuration = StdDuration::from_secs(600);
@@ -94,7 +95,14 @@ struct Context {
     /// Requests this writer answered, by UID, whose answer the watch may not show
     /// yet: skipped, so a reconcile that starts before the watch catches up neither
     /// signs them again nor spends a write on a conflict.
-    settled: Mutex<HashMap<String, Instant>>,
+    settled: Mutex<Settled>,
+}
+
+/// Requests this writer answered, by UID, and when; and when the expired ones were
+/// last dropped.
+struct Settled {
+    at: HashMap<String, Instant>,
+    pruned: Instant,
 }
 
 impl Context {
@@ -195,7 +203,9 @@ impl Context {
                         .await
                         .map_err(|e| WriteError::api(what(), e))?
                     {
-                        Some(fresh) if !answered(&fresh) => pcr = fresh,
+                        // The same request (not one made anew under its name), still
+                        // unanswered: the answer was decided for its key and pod.
+                        Some(fresh) if fresh.uid() == pcr.uid() && !answered(&fresh) => pcr = fresh,
                         // Answered meanwhile, or gone.
                         _ => return Ok(false),
                     }
@@ -208,19 +218,27 @@ impl Context {
     }
 
     fn is_settled(&self, uid: &str) -> bool {
-        crate::sync::lock(&self.settled).contains_key(uid)
+        crate::sync::lock(&self.settled).at.contains_key(uid)
     }
 
     fn settle(&self, uid: &str) {
         let mut settled = crate::sync::lock(&self.settled);
         let now = Instant::now();
-        settled.retain(|_, at| now.duration_since(*at) < SETTLED_FOR);
-        settled.insert(uid.to_owned(), now);
+        // Entries normally go when the watch shows the answer (`forget`); what a
+        // deleted request left is dropped here, once a settling period at most, not
+        // at every answer of a burst.
+        if settled.pruned + SETTLED_FOR <= now {
+            settled
+                .at
+                .retain(|_, at| now.duration_since(*at) < SETTLED_FOR);
+            settled.pruned = now;
+        }
+        settled.at.insert(uid.to_owned(), now);
     }
 
     /// Forgets a request that is answered (by anyone).
     fn forget(&self, uid: &str) {
-        crate::sync::lock(&self.settled).remove(uid);
+        crate::sync::lock(&self.settled).at.remove(uid);
         crate::sync::lock(&self.refused).remove(uid);
         self.failures.succeeded(uid);
     }
@@ -316,15 +334,14 @@ async fn reconcile(
 /// 429, timeouts) or the signing queue is busy, it waits, unanswered.
 fn error_policy(pcr: Arc<PodCertificateRequest>, error: &RetryError, ctx: Arc<Context>) -> Action {
     let uid = uid(&pcr);
-    let refused = error.is_refusal();
-    {
-        let pending: Vec<String> = ctx.requests.state().iter().map(|p| self::uid(p)).collect();
+    if error.is_refusal() {
+        // Entries are only added here, so requests gone meanwhile are forgotten here
+        // too: not on every failure, which during an API server outage would walk
+        // every pending request for each of them.
+        let pending: HashSet<String> = ctx.requests.state().iter().map(|p| self::uid(p)).collect();
         let mut counts = crate::sync::lock(&ctx.refused);
-        // Requests gone meanwhile are forgotten.
         counts.retain(|u, _| pending.contains(u));
-        if refused {
-            *counts.entry(uid.clone()).or_insert(0) += 1;
-        }
+        *counts.entry(uid.clone()).or_insert(0) += 1;
     }
     ctx.tally.error();
     let wait = ctx.failures.failed(&uid);
@@ -364,7 +381,10 @@ pub(crate) async fn run(
         failures: Failures::default(),
         requests: controller.store(),
         refused: Mutex::default(),
-        settled: Mutex::default(),
+        settled: Mutex::new(Settled {
+            at: HashMap::new(),
+            pruned: Instant::now(),
+        }),
     });
     drain(
         "pod-certificates",

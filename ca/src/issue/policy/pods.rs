@@ -78,7 +78,11 @@ impl Policy {
                 .copied()
                 .collect::<Vec<_>>()
                 .join(", ");
-            listed.truncate(1000);
+            let mut end = listed.len().min(1000);
+            while !listed.is_char_boundary(end) {
+                end -= 1;
+            }
+            listed.truncate(end);
             let more = names.len().saturating_sub(10);
             if more > 0 {
                 listed.push_str(&format!(" and {more} more"));

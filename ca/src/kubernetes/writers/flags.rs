@@ -64,13 +64,12 @@ pub struct LeaseArgs {
         long,
         env = "POD_NAMESPACE",
         default_value = "istio-system",
-        value_name = "NAMESPACE",
-        value_parser = object_name
+        value_name = "NAMESPACE"
     )]
     pub leader_election_namespace: String,
 
     /// Name of that Lease.
-    #[arg(long, default_value = "signet-ca-writer", value_name = "NAME", value_parser = object_name)]
+    #[arg(long, default_value = "signet-ca-writer", value_name = "NAME")]
     pub leader_election_lease: String,
 
     /// This replica's name in the Lease (default: the host name and a random suffix;
@@ -272,9 +271,13 @@ impl LeaseArgs {
     /// client-go's rules: the lease outlives the renew deadline, which leaves room
     /// for more than one retry; a Lease records whole seconds.
     pub fn validate(self) -> Result<LeaseConfig, ConfigError> {
+        // Checked here, not by clap: POD_NAMESPACE is set in every pod, and a value
+        // no writer uses must not stop a CA that writes nothing.
         let lease = LeaseConfig {
-            namespace: self.leader_election_namespace,
-            name: self.leader_election_lease,
+            namespace: object_name(&self.leader_election_namespace)
+                .map_err(|e| ConfigError::new("--leader-election-namespace", e.to_string()))?,
+            name: object_name(&self.leader_election_lease)
+                .map_err(|e| ConfigError::new("--leader-election-lease", e.to_string()))?,
             identity: parse_set(
                 "--leader-election-identity",
                 &self.leader_election_identity,

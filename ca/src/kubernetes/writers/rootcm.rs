@@ -3,7 +3,7 @@
 //! Created when a namespace appears, recreated when deleted, restored when edited,
 //! updated when the key material changes; terminating namespaces are skipped.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration as StdDuration};
+use std::{collections::BTreeMap, sync::Arc};
 
 use futures::FutureExt;
 
@@ -89,16 +89,19 @@ struct Context {
 
 /// Makes namespace `ns`'s root ConfigMap hold the current trust bundle.
 async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, WriteError> {
+    let namespace = ns.name_any();
     if terminating(&ns) {
+        ctx.failures.succeeded(&namespace);
         return Ok(Action::await_change());
     }
     // A ConfigMap is known absent only once its watch has listed them all. Not
     // awaited: kube-runtime's store keeps one oneshot receiver behind a lock, so of
     // several reconciles waiting at once only the last one polled would be woken.
+    // Asked again with the namespace's backoff, so a watch that never lists (no
+    // RBAC to list ConfigMaps) does not keep every namespace cycling at 100 ms.
     if ctx.configmaps.wait_until_ready().now_or_never().is_none() {
-        return Ok(Action::requeue(StdDuration::from_millis(100)));
+        return Ok(Action::requeue(ctx.failures.failed(&namespace)));
     }
-    let namespace = ns.name_any();
     let name = &ctx.config.name;
     let bundle = ctx.signer.borrow().roots_pem().to_owned();
     let known = ctx
@@ -123,6 +126,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Writ
         Err(WriteError::Api { source, .. })
             if matches!(status(&source), Some(403 | 404)) && is_namespace_gone(&source) =>
         {
+            ctx.failures.succeeded(&namespace);
             return Ok(Action::await_change());
         }
         // Refused for good (e.g. an admission policy): said, counted, and tried again
@@ -130,6 +134,7 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Context>) -> Result<Action, Writ
         Err(WriteError::Api { what, source }) if status(&source) == Some(422) => {
             ctx.tally.error();
             tracing::warn!(object = %what, error = %source, "cannot write the root ConfigMap; fix or delete it");
+            ctx.failures.succeeded(&namespace);
             return Ok(requeue(None));
         }
         Err(e) => return Err(e),
