@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Renders the `cacerts` Secret (namespace istio-system) for one cluster from a cacerts
-# directory, with kubectl. Prints the YAML; with --apply, applies it instead.
+# Renders the `cacerts` Secret for one cluster from a cacerts directory, with kubectl.
+# Prints the YAML; with --apply, applies it instead. The namespace is signet-ca's (the
+# chart's release namespace, signet-system in the docs); istiod reads its own from
+# istio-system (`--namespace istio-system`).
 #
 # usage: scripts/render-cacerts-secret.sh CACERTS_DIR [--namespace NS] [--context CTX] [--apply]
 set -euo pipefail
 dir="${1:?usage: $0 CACERTS_DIR [--namespace NS] [--context CTX] [--apply]}"; shift
-namespace=istio-system
+namespace=signet-system
 context=()
 apply=false
 while [ $# -gt 0 ]; do

@@ -42,7 +42,7 @@ def client(tmp_path, agent, port, backend_port, name, expect="backend", per_conn
     listener = http_listener("outbound", port, route)
     ctx = tls_context(agent.socket, peer=spiffe(expect), client=sds_client, api_type=api_type)
     if curves:
-        ctx["tls_params"] = {"ecdh_curves": curves}
+        ctx["tls_params"]["ecdh_curves"] = curves
     upstream = upstream_cluster("backend", backend_port, ctx, per_connection)
     return Envoy(tmp_path, name, [listener], [sds_cluster(agent.socket), upstream])
 
@@ -106,6 +106,10 @@ def test_mutual_tls_with_san_matchers_and_a_refused_third(ca, cluster, tmp_path,
     assert status == 503
     after = int(b.stats("fail_verify_san")["listener.127.0.0.1_%d.ssl.fail_verify_san" % bport])
     assert after > before, "refused by the SAN matcher, not by anything else"
+    # Mesh mutual TLS is TLS 1.3, as in Istio (Envoy's client alone would stop at 1.2).
+    versions = b.stats(r"ssl\.versions\.")
+    assert int(versions.get("listener.127.0.0.1_%d.ssl.versions.TLSv1.3" % bport, "0")) >= 1, versions
+    assert "listener.127.0.0.1_%d.ssl.versions.TLSv1.2" % bport not in versions, versions
     for e in (b, f, i):
         s = e.stats(r"^sds\.")
         assert s["sds.default.update_rejected"] == "0" and s["sds.ROOTCA.update_rejected"] == "0"

@@ -31,7 +31,8 @@ MODES = {
     "tokenreview": {"tokenAuth": {"mode": "tokenReview"}},
     "jwks": {"tokenAuth": {"mode": "jwks"}},
     "root-configmap-off": {"rootConfigMap": {"enabled": False}},
-    "istiod-secret": {"istiodCert": {"enabled": True, "dnsNames": ["istiod.istio-system.svc.cluster.local"]}},
+    "istiod-secret": {"istiodCert": {"enabled": True, "revisions": ["canary"],
+                                      "dnsNames": ["istiod.istio-system.svc.cluster.local"]}},
     "cluster-trust-bundle": {"clusterTrustBundle": {"enabled": True}},
     "self-signed": {"cacerts": {"selfSigned": True}, "replicaCount": 1},
     "ambient": {"ambient": {"trustedNodeAccounts": ["istio-system/ztunnel"]}},
@@ -118,7 +119,7 @@ EXPECTED_ARGS = {
     "jwks": COMMON_ARGS + [SERVING] + TTLS + JWKS_ARGS + ROOT_CM_ARGS + LEASE_ARGS,
     "root-configmap-off": COMMON_ARGS + [SERVING] + TTLS,
     "istiod-secret": COMMON_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + [
-        ISTIOD_ARGS[0], "--istiod-cert-dns-names=istiod.istio-system.svc.cluster.local", ISTIOD_ARGS[1],
+        ISTIOD_ARGS[0], "--istiod-cert-dns-names=istiod-canary.istio-system.svc,istiod.istio-system.svc.cluster.local", ISTIOD_ARGS[1],
     ] + LEASE_ARGS,
     "cluster-trust-bundle": COMMON_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + CTB_ARGS + LEASE_ARGS,
     "self-signed": COMMON_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + LEASE_ARGS,

@@ -37,7 +37,8 @@ def test_two_clusters_one_root_and_their_secrets():
         doc = yaml.safe_load(r.stdout)
         assert doc["apiVersion"] == "v1" and doc["kind"] == "Secret"
         assert doc["metadata"]["name"] == "cacerts"
-        assert doc["metadata"]["namespace"] == "istio-system"
+        # The chart's namespace in the docs, where signet-ca mounts it from.
+        assert doc["metadata"]["namespace"] == "signet-system"
         assert set(doc["data"]) == {"ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem"}
         for key, value in doc["data"].items():
             assert base64.b64decode(value) == (out / "east" / key).read_bytes(), key

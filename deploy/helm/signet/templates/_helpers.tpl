@@ -139,8 +139,13 @@ true
 {{- end }}
 {{- if .Values.istiodCert.enabled }}
 - {{ printf "--istiod-cert-secret=%v/%s" (.Values.istiodCert.secretNamespace) (.Values.istiodCert.secretName) | quote }}
-{{- if .Values.istiodCert.dnsNames }}
-- {{ printf "--istiod-cert-dns-names=%v" (join "," .Values.istiodCert.dnsNames) | quote }}
+{{- $istiodNames := list }}
+{{- range .Values.istiodCert.revisions }}
+{{- $istiodNames = append $istiodNames (printf "istiod-%s.%s.svc" . $.Values.istiodCert.secretNamespace) }}
+{{- end }}
+{{- $istiodNames = concat $istiodNames .Values.istiodCert.dnsNames }}
+{{- if $istiodNames }}
+- {{ printf "--istiod-cert-dns-names=%v" (join "," $istiodNames) | quote }}
 {{- end }}
 - {{ printf "--istiod-cert-ttl=%v" (.Values.istiodCert.ttl) | quote }}
 {{- end }}
