@@ -12,6 +12,9 @@ cd "$root"
 what=("$@")
 [ ${#what[@]} -gt 0 ] || what=(ca agent)
 host="$(rustc -vV | sed -n 's/^host: //p')"
+# The revision the binaries report (`*_build_info{revision}`).
+SIGNET_REVISION="${SIGNET_REVISION:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+export SIGNET_REVISION
 mkdir -p target/dist
 for w in "${what[@]}"; do
     case "$w" in

@@ -1,4 +1,6 @@
-//! Prometheus metrics under the names Istio dashboards already query (contract §6).
+//! Prometheus metrics: istiod's CA names (no `_total`, as istiod serves them) where
+//! Istio's dashboards query them (contract §6), Signet's own names with `_total` on
+//! every counter, and the process and build metrics every exporter has.
 
 use prometheus::{
     Gauge, GaugeVec, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
@@ -10,6 +12,11 @@ pub struct Metrics {
     registry: Registry,
     /// Every CreateCertificate request.
     pub csr_count: IntCounter,
+    /// Requests whose CSR could not be parsed or whose signature did not verify.
+    pub csr_parsing_err_count: IntCounter,
+    /// Requests whose caller's identity could not be made a SPIFFE ID (or whose
+    /// impersonation target is not one).
+    pub id_extraction_err_count: IntCounter,
     /// Requests whose caller could not be authenticated.
     pub authentication_failure_count: IntCounter,
     /// Failed signings, by reason.
@@ -38,6 +45,10 @@ pub struct Metrics {
     pub connections_closed: IntCounterVec,
     /// 1 while this replica holds the writer Lease, else 0.
     pub leader: IntGauge,
+    /// 1 when the local API server answered the last probe, else 0.
+    pub api_server_up: IntGauge,
+    /// Probes of the local API server that got no answer.
+    pub api_server_probe_failures: IntCounter,
     /// Objects created or updated in the API server, by writer.
     pub writer_writes: IntCounterVec,
     /// Writes refused with 409 Conflict (and retried), by writer.
@@ -53,7 +64,7 @@ pub struct Metrics {
 impl Metrics {
     /// Registers every metric in a fresh registry.
     pub fn new() -> Result<Self, prometheus::Error> {
-        let registry = Registry::new();
+        let registry = signet_telemetry::registry("signet_ca", env!("CARGO_PKG_VERSION"))?;
         let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
             let c = IntCounter::new(name, help)?;
             registry.register(Box::new(c.clone()))?;
@@ -85,7 +96,7 @@ impl Metrics {
         registry.register(Box::new(request_latency.clone()))?;
         let cacerts_reloads = IntCounterVec::new(
             Opts::new(
-                "signet_ca_cacerts_reload_count",
+                "signet_ca_cacerts_reloads_total",
                 "Attempts to load changed CA key material, by result (success or failure).",
             ),
             &["result"],
@@ -93,7 +104,7 @@ impl Metrics {
         registry.register(Box::new(cacerts_reloads.clone()))?;
         let limit_rejections = IntCounterVec::new(
             Opts::new(
-                "signet_ca_limit_rejections",
+                "signet_ca_limit_rejections_total",
                 "Connections and requests turned away by a limit, by limit.",
             ),
             &["limit"],
@@ -145,10 +156,26 @@ impl Metrics {
             "1 while this replica holds the writer Lease (it alone writes to the API server).",
         )?;
         registry.register(Box::new(leader.clone()))?;
+        let api_server_up = IntGauge::new(
+            "signet_ca_api_server_up",
+            "1 when the local Kubernetes API server answered the last probe (GET /version every 10s), 0 when it did not.",
+        )?;
+        let api_server_probe_failures = IntCounter::new(
+            "signet_ca_api_server_probe_failures_total",
+            "Probes of the local Kubernetes API server that got no answer.",
+        )?;
         Ok(Self {
             csr_count: counter(
                 "citadel_server_csr_count",
                 "CreateCertificate requests received.",
+            )?,
+            csr_parsing_err_count: counter(
+                "citadel_server_csr_parsing_err_count",
+                "The number of errors occurred when parsing the CSR.",
+            )?,
+            id_extraction_err_count: counter(
+                "citadel_server_id_extraction_err_count",
+                "The number of errors occurred when extracting the ID from the caller or the request.",
             )?,
             authentication_failure_count: counter(
                 "citadel_server_authentication_failure_count",
@@ -175,7 +202,7 @@ impl Metrics {
                 "Seconds until the signing certificate expires.",
             )?,
             overloaded: counter(
-                "signet_ca_overload_rejections",
+                "signet_ca_overload_rejections_total",
                 "Requests refused with RESOURCE_EXHAUSTED because the signing queue was full.",
             )?,
             csr_sign_err_count,
@@ -184,6 +211,8 @@ impl Metrics {
             limit_rejections,
             connections_closed,
             leader,
+            api_server_up,
+            api_server_probe_failures,
             writer_writes,
             writer_conflicts,
             writer_errors,
@@ -204,6 +233,14 @@ impl Metrics {
             .set((root - now).as_seconds_f64());
         self.cert_chain_expiry_seconds
             .set((chain - now).as_seconds_f64());
+    }
+
+    /// Serves the API server probe's metrics, which exist only with API access.
+    pub(crate) fn register_api_server_probe(&self) -> Result<(), prometheus::Error> {
+        self.registry
+            .register(Box::new(self.api_server_up.clone()))?;
+        self.registry
+            .register(Box::new(self.api_server_probe_failures.clone()))
     }
 
     /// The text exposition format.

@@ -99,6 +99,35 @@ pub fn escape_control(s: &str) -> String {
     out
 }
 
+/// The source revision the binary was built from: `SIGNET_REVISION` at build time
+/// (`scripts/build-release.sh` sets it from git), else `unknown`.
+pub const REVISION: &str = match option_env!("SIGNET_REVISION") {
+    Some(r) => r,
+    None => "unknown",
+};
+
+/// A registry holding what every Prometheus exporter serves: the `process_*` metrics
+/// (CPU seconds, resident and virtual memory, open and maximum file descriptors,
+/// threads, start time; Linux only) and `<prefix>_build_info{version,revision}`,
+/// always 1.
+pub fn registry(prefix: &str, version: &str) -> Result<prometheus::Registry, prometheus::Error> {
+    let registry = prometheus::Registry::new();
+    #[cfg(target_os = "linux")]
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::for_self(),
+    ))?;
+    let build = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            format!("{prefix}_build_info"),
+            "Always 1; the labels say which build this is.",
+        ),
+        &["version", "revision"],
+    )?;
+    build.with_label_values(&[version, REVISION]).set(1);
+    registry.register(Box::new(build))?;
+    Ok(registry)
+}
+
 /// The Prometheus text exposition of `registry`.
 pub fn render_metrics(registry: &prometheus::Registry) -> String {
     let mut out = Vec::new();

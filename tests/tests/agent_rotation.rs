@@ -84,7 +84,7 @@ async fn keeps_serving_while_the_ca_is_down_then_recovers() {
     let failed = || async {
         metric(
             &agent.metrics().await,
-            "istio_agent_num_failed_outgoing_requests",
+            r#"istio_agent_num_failed_outgoing_requests{request_type="csr"}"#,
         )
         .unwrap_or(0.0)
     };
@@ -159,7 +159,7 @@ async fn a_new_root_in_the_ca_trust_reaches_rootca_without_waiting_for_rotation(
     // pods mount is updated. The 24-hour certificate is nowhere near its refresh.
     let reloads = || async {
         let m = ca.metrics().await;
-        metric(&m, r#"signet_ca_cacerts_reload_count{result="success"}"#).unwrap_or(0.0)
+        metric(&m, r#"signet_ca_cacerts_reloads_total{result="success"}"#).unwrap_or(0.0)
     };
     let before = reloads().await;
     mount.publish(&staged.join("b"));
@@ -228,11 +228,15 @@ async fn step(
     trust_file_first: bool,
 ) {
     let requests = || async {
-        metric(&agent.metrics().await, "istio_agent_num_outgoing_requests").unwrap_or(0.0)
+        metric(
+            &agent.metrics().await,
+            r#"istio_agent_num_outgoing_requests{request_type="csr"}"#,
+        )
+        .unwrap_or(0.0)
     };
     let reloads = || async {
         let m = ca.metrics().await;
-        metric(&m, r#"signet_ca_cacerts_reload_count{result="success"}"#).unwrap_or(0.0)
+        metric(&m, r#"signet_ca_cacerts_reloads_total{result="success"}"#).unwrap_or(0.0)
     };
     if trust_file_first {
         let before = requests().await;
@@ -302,13 +306,13 @@ async fn bundle_converges(trust_file_first: bool) {
     until_rootca(&socket, &both, 60, "step 2 (new root added)").await;
     // Step 3: the CA alone switches to an intermediate under the new root.
     let m = ca.metrics().await;
-    let reloads = metric(&m, r#"signet_ca_cacerts_reload_count{result="success"}"#).unwrap_or(0.0);
+    let reloads = metric(&m, r#"signet_ca_cacerts_reloads_total{result="success"}"#).unwrap_or(0.0);
     mount.publish(&staged.join("3"));
     until_more(
         reloads,
         || async {
             let m = ca.metrics().await;
-            metric(&m, r#"signet_ca_cacerts_reload_count{result="success"}"#).unwrap_or(0.0)
+            metric(&m, r#"signet_ca_cacerts_reloads_total{result="success"}"#).unwrap_or(0.0)
         },
         "the CA's reload of step 3",
     )
@@ -361,7 +365,11 @@ async fn a_trust_change_the_ca_never_reflects_is_given_up_on_and_counted() {
     until_more(
         0.0,
         || async {
-            metric(&agent.metrics().await, "signet_agent_trust_sync_timeouts").unwrap_or(0.0)
+            metric(
+                &agent.metrics().await,
+                "signet_agent_trust_sync_timeouts_total",
+            )
+            .unwrap_or(0.0)
         },
         "giving up on the trust change",
     )

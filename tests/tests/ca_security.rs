@@ -234,11 +234,11 @@ async fn a_revoked_serial_cannot_renew() {
     ca.stop().await;
 }
 
-/// The value of `signet_ca_cacerts_reload_count{result=...}` (0 when absent).
+/// The value of `signet_ca_cacerts_reloads_total{result=...}` (0 when absent).
 fn reloads(metrics: &str, result: &str) -> f64 {
     metric(
         metrics,
-        &format!("signet_ca_cacerts_reload_count{{result=\"{result}\"}}"),
+        &format!("signet_ca_cacerts_reloads_total{{result=\"{result}\"}}"),
     )
     .unwrap_or(0.0)
 }
@@ -353,7 +353,7 @@ async fn one_peer_cannot_hold_every_connection() {
     assert_eq!(
         metric(
             &metrics,
-            r#"signet_ca_limit_rejections{limit="connections_per_peer"}"#
+            r#"signet_ca_limit_rejections_total{limit="connections_per_peer"}"#
         ),
         Some(1.0),
         "{metrics}"
@@ -428,7 +428,7 @@ async fn connections_with_a_request_open_are_never_evicted() {
     assert_eq!(
         metric(
             &metrics,
-            r#"signet_ca_limit_rejections{limit="connections"}"#
+            r#"signet_ca_limit_rejections_total{limit="connections"}"#
         ),
         Some(1.0),
         "{metrics}"

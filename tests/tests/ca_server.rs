@@ -150,10 +150,10 @@ async fn overload_is_refused_promptly_with_resource_exhausted() {
     let metrics = ca.metrics().await;
     // Each refusal is counted once: as a full queue, or as the caller's share of it
     // (all 64 requests come from one service account).
-    let full = metric(&metrics, "signet_ca_overload_rejections").unwrap_or(0.0);
+    let full = metric(&metrics, "signet_ca_overload_rejections_total").unwrap_or(0.0);
     let share = metric(
         &metrics,
-        r#"signet_ca_limit_rejections{limit="caller_share"}"#,
+        r#"signet_ca_limit_rejections_total{limit="caller_share"}"#,
     )
     .unwrap_or(0.0);
     assert_eq!(full + share, exhausted as f64, "{metrics}");
@@ -184,7 +184,7 @@ async fn wait_for_issuer(ca: &TestCa, root: &str, jwt: &JwtIssuer, want: &str) -
 
 /// The number of refused reloads the CA has counted.
 async fn reload_failures(ca: &TestCa) -> f64 {
-    ca.metric(r#"signet_ca_cacerts_reload_count{result="failure"}"#)
+    ca.metric(r#"signet_ca_cacerts_reloads_total{result="failure"}"#)
         .await
         .unwrap_or(0.0)
 }
@@ -242,14 +242,14 @@ async fn reload_swaps_valid_sets_and_refuses_bad_ones() {
     let metrics = ca.metrics().await;
     let failures = metric(
         &metrics,
-        r#"signet_ca_cacerts_reload_count{result="failure"}"#,
+        r#"signet_ca_cacerts_reloads_total{result="failure"}"#,
     );
     assert!(failures.is_some_and(|n| n >= 1.0), "{metrics}");
     // One successful reload so far: B (A was loaded at start, not reloaded).
     assert_eq!(
         metric(
             &metrics,
-            r#"signet_ca_cacerts_reload_count{result="success"}"#
+            r#"signet_ca_cacerts_reloads_total{result="success"}"#
         ),
         Some(1.0),
         "{metrics}"

@@ -8,7 +8,7 @@ use std::{path::Path, time::Duration};
 
 use axum::http::Method;
 use signet_e2e::{
-    JwtIssuer, TestCa, csr,
+    JwtIssuer, TestCa, csr, eventually,
     kube::{KubeApi, TokenReviews},
     openssl_verify, request, uri_sans,
 };
@@ -23,16 +23,19 @@ async fn api_server(issuer: &JwtIssuer, reviews: TokenReviews) -> KubeApi {
     api
 }
 
-async fn start_ca(dir: &Path, kubeconfig: &Path) -> (TestCa, String) {
-    let ca = TestCa::start(&[
+fn ca_args(dir: &Path, kubeconfig: &Path) -> Vec<String> {
+    vec![
         "--cacerts-dir".into(),
         dir.join("none").display().to_string(),
         "--state-dir".into(),
         dir.join("state").display().to_string(),
         "--kubeconfig".into(),
         kubeconfig.display().to_string(),
-    ])
-    .await;
+    ]
+}
+
+async fn start_ca(dir: &Path, kubeconfig: &Path) -> (TestCa, String) {
+    let ca = TestCa::start(&ca_args(dir, kubeconfig)).await;
     let root = std::fs::read_to_string(dir.join("state/root-cert.pem")).unwrap();
     (ca, root)
 }
@@ -169,9 +172,14 @@ async fn api_server_trouble_is_unavailable_never_success() {
         status.message()
     );
     assert!(api.calls("POST tokenreviews") >= 1);
+    // The API server answers its probe (refusing reviews is the CA's RBAC, not an
+    // outage): ready.
+    assert_eq!(ca.metric("signet_ca_api_server_up").await, Some(1.0));
     ca.stop().await;
 
-    // The API server is gone: UNAVAILABLE.
+    // The API server is gone: the CA is not ready, so the Service sends callers to
+    // replicas that can review their tokens; the probe's metrics say why; a request
+    // that still arrives gets UNAVAILABLE.
     let dir = tempfile::tempdir().unwrap();
     let closed = TcpListener::bind("127.0.0.1:0")
         .await
@@ -186,7 +194,29 @@ async fn api_server_trouble_is_unavailable_never_success() {
         text.replace(&api.addr.to_string(), &closed.to_string()),
     )
     .unwrap();
-    let (ca, root) = start_ca(dir.path(), &kubeconfig).await;
+    let ca = TestCa::start_unready(
+        &ca_args(dir.path(), &kubeconfig),
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await;
+    let why = eventually(
+        Duration::from_secs(30),
+        "/readyz to name the API server",
+        async || {
+            let (code, body) = ca.http_get("/readyz").await.ok()?;
+            (code == 503 && body.contains("API server")).then_some(body)
+        },
+    )
+    .await;
+    assert!(why.contains("tokens cannot be reviewed"), "{why}");
+    assert_eq!(ca.metric("signet_ca_api_server_up").await, Some(0.0));
+    assert!(
+        ca.metric("signet_ca_api_server_probe_failures_total")
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    let root = std::fs::read_to_string(dir.path().join("state/root-cert.pem")).unwrap();
     let mut client = ca.client(&root).await;
     let status = client
         .create_certificate(request(&pem, Some(&token), 0))

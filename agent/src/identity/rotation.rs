@@ -362,9 +362,7 @@ impl Rotation {
         let started = std::time::Instant::now();
         self.metrics.outgoing_requests.inc();
         let answer = self.ca.sign(&csr, self.ttl).await;
-        self.metrics
-            .outgoing_latency
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.observe_csr(started.elapsed());
         let chain = answer?;
         Ok(svid::check_answer(
             &chain,

@@ -358,6 +358,10 @@ impl CaService {
                 .inc();
         }
         match e {
+            RequestError::Csr(_) => self.metrics.csr_parsing_err_count.inc(),
+            RequestError::Policy(PolicyError::Identity(_) | PolicyError::BadTarget { .. }) => {
+                self.metrics.id_extraction_err_count.inc();
+            }
             RequestError::Queue(QueueError::Full(_)) => self.metrics.overloaded.inc(),
             RequestError::Queue(QueueError::Share(_)) => self
                 .metrics

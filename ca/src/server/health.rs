@@ -1,31 +1,44 @@
 //! The plain HTTP side: `/metrics`, `/healthz`, and `/readyz`, which also says
-//! whether the pod caches behind node impersonation have synced.
+//! whether the API server answers (where TokenReview needs it) and whether the pod
+//! caches behind node impersonation have synced.
 
-use std::time::Duration as StdDuration;
+use std::{sync::Arc, time::Duration as StdDuration};
 
 use axum::{Router, http::StatusCode, routing::get};
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{kubernetes::pods::PodCache, metrics::Metrics};
+use crate::{
+    kubernetes::{pods::PodCache, reachability::Reachability},
+    metrics::Metrics,
+};
 
 /// How long a replica stays unready waiting for its local pod cache: long enough
 /// for a first list, short enough that an API server outage at start does not keep
 /// it from signing workload certificates.
 const POD_SYNC_GRACE: StdDuration = StdDuration::from_secs(60);
 
-/// What `/readyz` says of the pod caches behind node impersonation.
+/// What `/readyz` says beyond "serving": the API server, the pod caches behind node
+/// impersonation.
 #[derive(Debug, Clone)]
-pub(super) struct PodReadiness {
+pub(super) struct Readiness {
+    pub(super) api: Option<Arc<Reachability>>,
     pub(super) caches: Vec<(String, PodCache)>,
     pub(super) local: String,
     pub(super) started: std::time::Instant,
 }
 
-impl PodReadiness {
-    /// Not ready while the local cluster's cache has not synced (for at most
+impl Readiness {
+    /// Not ready while the API server does not answer where TokenReview needs it, or
+    /// while the local cluster's pod cache has not synced (for at most
     /// [`POD_SYNC_GRACE`]); ready otherwise, naming any cluster whose impersonation
     /// requests are still answered UNAVAILABLE.
     fn readiness(&self) -> (StatusCode, String) {
+        if let Some(why) = self.api.as_ref().and_then(|api| api.unready_reason()) {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            );
+        }
         let unsynced: Vec<&str> = self
             .caches
             .iter()
@@ -57,7 +70,7 @@ pub(super) async fn serve_http(
     listener: TcpListener,
     metrics: Metrics,
     ready: watch::Receiver<bool>,
-    pods: PodReadiness,
+    pods: Readiness,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), std::io::Error> {
     let app = Router::new()

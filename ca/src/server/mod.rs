@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
 use accept::{Conn, accept_tls};
-use health::{PodReadiness, serve_http};
+use health::{Readiness, serve_http};
 
 use crate::{
     cli::config::ServeConfig,
@@ -32,6 +32,7 @@ use crate::{
     keys::tls::{TlsError, TlsState},
     kubernetes::client::ApiAccess,
     kubernetes::pods::PodCache,
+    kubernetes::reachability::{self, Reachability},
     metrics::Metrics,
 };
 
@@ -68,6 +69,8 @@ pub enum ServeError {
     },
     #[error("Kubernetes API access for the writers: {0}")]
     Writers(#[source] crate::issue::authn::KubeClientError),
+    #[error("Kubernetes API access: {0}")]
+    ApiProbe(#[source] crate::issue::authn::KubeClientError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("gRPC server: {0}")]
@@ -204,6 +207,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(false);
 
+    let api = api_probe(&config, &metrics, &stop_rx).await?;
     let impersonation = node_impersonation(&config, &stop_rx).await?;
     let policy = policy(&config, impersonation.as_ref());
     // One queue for both entry points: CreateCertificate calls and pod certificates.
@@ -260,7 +264,7 @@ pub async fn run(
         http,
         metrics,
         ready_rx,
-        pod_readiness(&config, impersonation.as_ref()),
+        readiness(&config, impersonation.as_ref(), api),
         stop_rx.clone(),
     ));
 
@@ -367,9 +371,39 @@ async fn spawn_writers(
     ))))
 }
 
-/// What `/readyz` watches: the pod caches (aliases of the local cluster share its
-/// cache; each cache is reported once).
-fn pod_readiness(config: &ServeConfig, impersonation: Option<&NodeImpersonation>) -> PodReadiness {
+/// With API access, the probe of the local API server; readiness depends on it where
+/// local tokens are checked by TokenReview.
+async fn api_probe(
+    config: &ServeConfig,
+    metrics: &Metrics,
+    stop: &watch::Receiver<bool>,
+) -> Result<Option<Arc<Reachability>>, ServeError> {
+    let Some(access) = &config.api_access else {
+        return Ok(None);
+    };
+    let client =
+        crate::kubernetes::client::client(access, crate::kubernetes::client::Retries::Never)
+            .await
+            .map_err(ServeError::ApiProbe)?;
+    metrics.register_api_server_probe()?;
+    let reach = Reachability::new(config.authn.reviews.is_some());
+    tokio::spawn(reachability::probe(
+        client,
+        reach.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
+    Ok(Some(reach))
+}
+
+/// What `/readyz` watches: the API server where TokenReview needs it, and the pod
+/// caches (aliases of the local cluster share its cache; each cache is reported
+/// once).
+fn readiness(
+    config: &ServeConfig,
+    impersonation: Option<&NodeImpersonation>,
+    api: Option<Arc<Reachability>>,
+) -> Readiness {
     let caches = impersonation
         .map(|imp| {
             imp.pods
@@ -379,7 +413,8 @@ fn pod_readiness(config: &ServeConfig, impersonation: Option<&NodeImpersonation>
                 .collect()
         })
         .unwrap_or_default();
-    PodReadiness {
+    Readiness {
+        api,
         caches,
         local: config.authn.cluster_id.clone(),
         started: std::time::Instant::now(),

@@ -94,7 +94,19 @@ impl KubeApi {
                 }
             }
         };
-        let (addr, ca_pem) = crate::https_server(axum::Router::new().fallback(handler)).await;
+        // `/version` is public on a real API server (system:public-info-viewer).
+        let version = axum::routing::get(|| async {
+            axum::Json(serde_json::json!({
+                "major": "1", "minor": "35", "gitVersion": "v1.35.0",
+                "gitCommit": "0000000000000000000000000000000000000000",
+                "gitTreeState": "clean", "buildDate": "2026-08-26T00:00:00Z",
+                "goVersion": "go1.25.0", "compiler": "gc", "platform": "linux/amd64",
+            }))
+        });
+        let router = axum::Router::new()
+            .route("/version", version)
+            .fallback(handler);
+        let (addr, ca_pem) = crate::https_server(router).await;
         Self {
             addr,
             ca_pem,
