@@ -66,8 +66,14 @@ pub struct RunArgs {
     #[arg(long, env = "OUTPUT_CERTS", value_name = "DIR")]
     pub output_certs: Option<PathBuf>,
 
-    /// Address of the HTTP listener for /healthz/ready and /metrics.
-    #[arg(long, default_value = "0.0.0.0:15020", value_name = "ADDR")]
+    /// Address of the HTTP listener for /healthz/ready and /metrics (`[::]`: IPv4
+    /// and IPv6).
+    #[arg(
+        long,
+        env = "SIGNET_HTTP_ADDR",
+        default_value = "[::]:15020",
+        value_name = "ADDR"
+    )]
     pub http_addr: SocketAddr,
 
     /// Bundles of other trust domains, served through Envoy's SPIFFE validator as
@@ -136,9 +142,10 @@ impl RunArgs {
         self,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<RunConfig, ConfigError> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
         Ok(RunConfig {
+            identity: self.identity.validate(&env)?,
             ca: self.ca.validate(env)?,
-            identity: self.identity.validate()?,
             socket: self.socket,
             output_certs: self.output_certs,
             http_addr: self.http_addr,
@@ -231,10 +238,91 @@ mod tests {
                 .contains("--trust-domain")
         );
         assert!(parse(&["--key-type", "dsa"], &[]).is_err());
+        for (addr, says) in [
+            ("http://ca:15012", "plain HTTP"),
+            ("grpc://ca:15012", "other than https"),
+            ("https://ca:15012/x", "path"),
+            ("ca.example", "port is needed"),
+        ] {
+            let e = parse(&["--ca-addr", addr], &[]).unwrap_err();
+            assert!(e.contains("--ca-addr") && e.contains(says), "{addr}: {e}");
+        }
+        for (var, value) in [
+            ("ECC_SIGNATURE_ALGORITHM", "RSA"),
+            ("WORKLOAD_RSA_KEY_SIZE", "1024"),
+            ("FILE_MOUNTED_CERTS", "true"),
+        ] {
+            let e = parse(&[], &[(var, value)]).unwrap_err();
+            assert!(e.contains(var), "{var}: {e}");
+        }
         assert!(
-            parse(&[], &[("CA_HEADER_BAD", "a\nb")])
-                .unwrap_err()
-                .contains("CA_HEADER")
+            parse(
+                &[],
+                &[("ECC_SIGNATURE_ALGORITHM", "ECDSA"), ("ECC_CURVE", "P521")]
+            )
+            .unwrap_err()
+            .contains("ECC_CURVE")
         );
+        assert!(
+            parse(&["--grace-ratio-jitter", "0.5"], &[])
+                .unwrap_err()
+                .contains("--grace-ratio-jitter")
+        );
+    }
+
+    #[test]
+    fn https_ca_addresses_and_other_spellings_are_understood() {
+        let c = parse(&["--ca-addr", "https://ca.example:15012/"], &[]).unwrap();
+        assert_eq!(c.ca.addr, "ca.example:15012");
+        assert_eq!(c.ca.server_name, "ca.example");
+        use crate::identity::keys::KeyType;
+        for (spelling, want) in [
+            ("rsa-2048", KeyType::Rsa(2048)),
+            ("rsa2048", KeyType::Rsa(2048)),
+            ("rsa-4096", KeyType::Rsa(4096)),
+            ("ec-p384", KeyType::EcP384),
+        ] {
+            let c = parse(&["--key-type", spelling], &[]).unwrap();
+            assert_eq!(c.identity.key_type, want, "{spelling}");
+        }
+    }
+
+    #[test]
+    fn pilot_agents_key_variables_apply_unless_the_flag_is_given() {
+        use crate::identity::keys::KeyType;
+        let key = |args: &[&str], env: &[(&str, &str)]| parse(args, env).unwrap().identity.key_type;
+        assert_eq!(
+            key(&[], &[("ECC_SIGNATURE_ALGORITHM", "ECDSA")]),
+            KeyType::EcP256
+        );
+        assert_eq!(
+            key(
+                &[],
+                &[("ECC_SIGNATURE_ALGORITHM", "ECDSA"), ("ECC_CURVE", "P384")]
+            ),
+            KeyType::EcP384
+        );
+        assert_eq!(
+            key(&[], &[("WORKLOAD_RSA_KEY_SIZE", "3072")]),
+            KeyType::Rsa(3072)
+        );
+        assert_eq!(
+            key(
+                &["--key-type", "ec-p256"],
+                &[("WORKLOAD_RSA_KEY_SIZE", "3072")]
+            ),
+            KeyType::EcP256
+        );
+        assert_eq!(
+            key(&[], &[("FILE_MOUNTED_CERTS", "false")]),
+            KeyType::EcP256
+        );
+    }
+
+    #[test]
+    fn the_refresh_jitter_is_pilot_agents() {
+        assert_eq!(parse(&[], &[]).unwrap().identity.grace_jitter, 0.01);
+        let none = parse(&["--grace-ratio-jitter", "0"], &[]).unwrap();
+        assert_eq!(none.identity.grace_jitter, 0.0);
     }
 }

@@ -195,8 +195,8 @@ fn certs(pem: &[u8], now: OffsetDateTime) -> Vec<CertInfo> {
                 serial: hex::encode(c.raw_serial()),
                 key_id,
                 issuer_key_id,
-                not_before: c.validity().not_before.to_string(),
-                not_after: c.validity().not_after.to_string(),
+                not_before: signet_telemetry::rfc3339(c.validity().not_before.to_datetime()),
+                not_after: signet_telemetry::rfc3339(not_after),
                 seconds_left: (not_after - now).whole_seconds(),
                 sha256_fingerprint: hex::encode(Sha256::digest(&der)),
             })

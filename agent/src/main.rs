@@ -13,11 +13,9 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
-            let rendered = e.render().to_string();
-            eprintln!(
-                "{} (see --help)",
-                rendered.lines().next().unwrap_or("invalid arguments")
-            );
+            // clap's whole message: the problem, a similar flag or the accepted
+            // values where it knows them, the usage line and where help is.
+            let _ = e.print();
             return ExitCode::from(EX_USAGE);
         }
         Err(e) => {
@@ -50,14 +48,13 @@ fn main() -> ExitCode {
             };
             let result: anyhow::Result<()> = runtime.block_on(async {
                 let socket = signet_agent::sds::bind(&config.socket)?;
-                let http = tokio::net::TcpListener::bind(config.http_addr)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.http_addr))?;
+                let http = bind_http(config.http_addr).await?;
                 signet_agent::server::run(config, socket, http, shutdown_signal()).await?;
                 Ok(())
             });
             if let Err(e) = result {
-                eprintln!("error: {e:#}");
+                // Once, through the log (stderr, in the chosen format).
+                tracing::error!("cannot run: {}", signet_telemetry::error_chain(e.as_ref()));
                 return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS
@@ -81,11 +78,32 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    eprintln!("error: {}", signet_telemetry::error_chain(&e));
                     ExitCode::FAILURE
                 }
             }
         }
+    }
+}
+
+/// The HTTP listener. `[::]` (the default) takes IPv4 and IPv6; where the kernel has
+/// no IPv6 at all it cannot be bound, and `0.0.0.0` on the same port is, with a
+/// warning.
+async fn bind_http(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => Ok(listener),
+        Err(e)
+            if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                && e.kind() != std::io::ErrorKind::AddrInUse =>
+        {
+            let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port());
+            tracing::warn!(error = %e, "cannot listen on {addr}; listening on {v4} (IPv4 only)");
+            tokio::net::TcpListener::bind(v4)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} or {v4}: {e}"))
+        }
+        Err(e) => Err(anyhow::anyhow!("cannot listen on {addr}: {e}")),
     }
 }
 

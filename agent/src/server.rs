@@ -63,7 +63,7 @@ pub async fn run_with(
     if config.identity.key_type == crate::identity::keys::KeyType::EcP384 {
         // Seen with Envoy 1.40 (tests/python/test_envoy_mesh.py): the handshake fails.
         tracing::warn!(
-            "--key-type ec-p384: Envoy's default client curves (X25519, P-256) refuse a P-384 server certificate; peers must list P-384 in ecdh_curves of their UpstreamTlsContext (docs/agent.md, \"Key types and Envoy\"), or use ec-p256 or an RSA key"
+            "--key-type ec-p384: Envoy clients on TLS 1.2 (Envoy's client default; Istio's sidecars use TLS 1.3) with their default curves (X25519, P-256) refuse a P-384 server certificate; such peers must allow TLS 1.3 or list P-384 in ecdh_curves of their UpstreamTlsContext (docs/agent.md, \"Key types and Envoy\"), or use ec-p256 or an RSA key"
         );
     }
     let store = SecretStore::with_file_policy(config.file_secrets.clone());
@@ -77,6 +77,7 @@ pub async fn run_with(
         key_type: config.identity.key_type,
         ttl: config.identity.ttl,
         grace_ratio: config.identity.grace_ratio,
+        grace_jitter: config.identity.grace_jitter,
         metrics: metrics.clone(),
         ca_trust: config.ca.trust.clone(),
         trust_sync_timeout: config.identity.trust_sync_timeout,

@@ -13,10 +13,9 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => {
-            // One line: clap's first line names the flag and the problem.
-            let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("{first} (see --help)");
+            // clap's whole message: the problem, a similar flag or the accepted
+            // values where it knows them, the usage line and where help is.
+            let _ = e.print();
             return ExitCode::from(EX_USAGE);
         }
         Err(e) => {
@@ -36,14 +35,14 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("error: {e}");
+                    eprintln!("error: {}", signet_telemetry::error_chain(&e));
                     ExitCode::FAILURE
                 }
             }
         }
         Command::Serve(args) => {
             let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
-            let check_only = args.check_config;
+            let (check_only, flags_only) = (args.check_config, args.check_flags);
             let config = match args.validate(in_cluster) {
                 Ok(c) => c,
                 Err(e) => {
@@ -51,8 +50,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_USAGE);
                 }
             };
-            if check_only {
-                println!("signet-ca serve: the configuration is valid");
+            if flags_only {
+                println!("signet-ca serve: the flags are valid");
                 return ExitCode::SUCCESS;
             }
             let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -65,6 +64,22 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            if check_only {
+                let now = time::OffsetDateTime::now_utc();
+                return match runtime.block_on(signet_ca::cli::check::check(&config, now)) {
+                    Ok(seen) => {
+                        for line in seen {
+                            println!("ok: {line}");
+                        }
+                        println!("signet-ca serve: the configuration is valid");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {}", signet_telemetry::error_chain(&e));
+                        ExitCode::from(EX_USAGE)
+                    }
+                };
+            }
             let result = runtime.block_on(async {
                 let grpc = TcpListener::bind(config.grpc_addr)
                     .await
@@ -79,8 +94,11 @@ fn main() -> ExitCode {
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("error: {e:#}");
+                    // Once, through the log (stderr, in the chosen format).
+                    tracing::error!(
+                        "cannot serve: {}",
+                        signet_telemetry::error_chain(e.as_ref())
+                    );
                     ExitCode::FAILURE
                 }
             }

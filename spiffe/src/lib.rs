@@ -29,6 +29,9 @@ pub enum IdentityError {
         #[source]
         source: spiffe::SpiffeIdError,
     },
+    /// A trust domain written as something else: a URI, a path, upper case.
+    #[error("invalid trust domain {name:?}: {reason}")]
+    TrustDomainName { name: String, reason: &'static str },
     /// A Kubernetes username that is not `system:serviceaccount:<ns>:<sa>`.
     #[error(
         "{0:?} is not a service account username (want system:serviceaccount:<namespace>:<name>)"
@@ -155,10 +158,23 @@ impl TrustDomains {
 
 /// Parses and validates a trust domain name such as `cluster.local`.
 pub fn trust_domain(name: &str) -> Result<TrustDomain, IdentityError> {
-    if name.contains('/') || name.contains(':') {
-        return Err(IdentityError::TrustDomain {
+    let reason = if name.is_empty() {
+        Some("it is empty; Istio's default is cluster.local")
+    } else if name.contains("://") {
+        Some("give the bare name, without a scheme: cluster.local, not spiffe://cluster.local")
+    } else if name.contains('/') {
+        Some("a trust domain has no path ('/'): cluster.local, not cluster.local/ns/default")
+    } else if name.contains(':') {
+        Some("a trust domain has no port or ':'")
+    } else if name.chars().any(|c| c.is_ascii_uppercase()) {
+        Some("SPIFFE trust domains are lower case (cluster.local, not Cluster.Local)")
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        return Err(IdentityError::TrustDomainName {
             name: name.into(),
-            source: spiffe::SpiffeIdError::Empty,
+            reason,
         });
     }
     TrustDomain::new(name).map_err(|source| IdentityError::TrustDomain {
@@ -260,14 +276,17 @@ mod tests {
 
     #[test]
     fn bad_trust_domains() {
-        for bad in ["", "spiffe://x", "a/b", "a b", "a:b"] {
-            assert!(trust_domain(bad).is_err(), "{bad}");
+        for (bad, says) in [
+            ("", "empty"),
+            ("spiffe://cluster.local", "without a scheme"),
+            ("cluster.local/ns/x", "no path"),
+            ("cluster.local:443", "no port"),
+            ("Cluster.Local", "lower case"),
+            ("a b", "invalid trust domain \"a b\""),
+        ] {
+            let e = trust_domain(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
         }
-        // SPIFFE trust domains are lowercase; the library normalises.
-        assert_eq!(
-            trust_domain("Cluster.Local").unwrap().as_str(),
-            "cluster.local"
-        );
     }
 
     #[test]

@@ -99,6 +99,33 @@ pub fn escape_control(s: &str) -> String {
     out
 }
 
+/// `t` as RFC 3339 in UTC (`2026-12-07T06:13:48Z`), the form of every time in
+/// Signet's logs and JSON.
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
+        .replace_nanosecond(0)
+        .unwrap_or(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// `error` and its sources as one line, `outer: inner: innermost`, each message
+/// once: a source whose text the line already holds (an error that writes its
+/// source into its own message) is not repeated.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = e.source();
+    }
+    line
+}
+
 /// The source revision the binary was built from: `SIGNET_REVISION` at build time
 /// (`scripts/build-release.sh` sets it from git), else `unknown`.
 pub const REVISION: &str = match option_env!("SIGNET_REVISION") {
@@ -211,6 +238,30 @@ mod tests {
             );
         }
         assert!(lines(LogFormat::Text)[0].contains(r"RS256\u{1b}[2K\r\n2026"));
+    }
+
+    #[test]
+    fn error_chains_say_each_message_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("JWKS file /x: {0}")]
+        struct Outer(#[source] std::io::Error);
+        #[derive(Debug, thiserror::Error)]
+        #[error("cluster c")]
+        struct Top(#[source] Outer);
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        assert_eq!(error_chain(&Outer(io())), "JWKS file /x: no such file");
+        assert_eq!(
+            error_chain(&Top(Outer(io()))),
+            "cluster c: JWKS file /x: no such file"
+        );
+    }
+
+    #[test]
+    fn times_are_rfc3339_in_utc() {
+        let t = time::OffsetDateTime::from_unix_timestamp(2_111_111_111)
+            .unwrap()
+            .to_offset(time::UtcOffset::from_hms(2, 0, 0).unwrap());
+        assert_eq!(rfc3339(t), "2036-11-24T03:45:11Z");
     }
 
     #[test]

@@ -211,7 +211,8 @@ class Agent:
         return Path(self.log.name).read_text(errors="replace")
 
 
-def start_agent(ca, cluster, ns="default", sa="bookinfo", extra_args=(), workdir=None):
+def start_agent(ca, cluster, ns="default", sa="bookinfo", extra_args=(), workdir=None,
+                http_host="127.0.0.1"):
     """Starts the real signet-agent against `ca` and waits for /healthz/ready.
     The working directory is a short one under /tmp so the socket path stays short."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="sds", dir="/tmp"))
@@ -223,7 +224,7 @@ def start_agent(ca, cluster, ns="default", sa="bookinfo", extra_args=(), workdir
             "--ca-addr", f"localhost:{ca.grpc_port}",
             "--ca-root-cert", str(Path(ca.workdir) / "state" / "root-cert.pem"),
             "--token-file", str(token), "--namespace", ns, "--service-account", sa,
-            "--socket", str(sock), "--http-addr", f"127.0.0.1:{http_port}", *extra_args]
+            "--socket", str(sock), "--http-addr", f"{http_host}:{http_port}", *extra_args]
     log = open(workdir / "agent.log", "w+")
     env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)

@@ -35,14 +35,17 @@ def backend(tmp_path, agent, port, allowed="frontend", validation="ROOTCA", name
 
 
 def client(tmp_path, agent, port, backend_port, name, expect="backend", per_connection=False,
-           curves=None, sds_client="envoy_grpc", api_type="GRPC"):
+           curves=None, sds_client="envoy_grpc", api_type="GRPC", tls12=False):
     """Envoy beside a caller: plain HTTP in, mutual TLS out to the backend, which must
-    present the identity `expect`; `curves` sets the upstream `ecdh_curves`."""
+    present the identity `expect`; `curves` sets the upstream `ecdh_curves`; `tls12`
+    leaves the upstream at Envoy's own default, TLS 1.2 at most."""
     route = {"match": {"prefix": "/"}, "route": {"cluster": "backend"}}
     listener = http_listener("outbound", port, route)
     ctx = tls_context(agent.socket, peer=spiffe(expect), client=sds_client, api_type=api_type)
     if curves:
         ctx["tls_params"]["ecdh_curves"] = curves
+    if tls12:
+        del ctx["tls_params"]["tls_maximum_protocol_version"]
     upstream = upstream_cluster("backend", backend_port, ctx, per_connection)
     return Envoy(tmp_path, name, [listener], [sds_cluster(agent.socket), upstream])
 
@@ -189,18 +192,22 @@ def test_rsa_workload_certificates_work_with_envoys_defaults(ca, cluster, tmp_pa
 
 
 def test_a_p384_server_certificate_needs_p384_in_the_clients_curves(ca, cluster, tmp_path, started):
-    """As docs/agent.md says: with Envoy's default curves (X25519, P-256) a P-384
-    server certificate fails the handshake; listing P-384 in the client's
-    `ecdh_curves` makes it work. P-384 as a client certificate needs nothing."""
+    """As docs/agent.md says: with Istio's mesh TLS (1.3) a P-384 server certificate
+    works; a client on TLS 1.2 (Envoy's own default) with its default curves (X25519,
+    P-256) fails the handshake, and listing P-384 in its `ecdh_curves` makes it work.
+    P-384 as a client certificate needs nothing."""
     fa = start_agent(ca, cluster, ns=NS, sa="frontend", extra_args=("--key-type", "ec-p384"))
     ba = start_agent(ca, cluster, ns=NS, sa="backend", extra_args=("--key-type", "ec-p384"))
     started.extend([fa, ba])
-    bport, default_port, p384_port = free_port(), free_port(), free_port()
+    bport, mesh_port, default_port, p384_port = free_port(), free_port(), free_port(), free_port()
     b = backend(tmp_path, ba, bport)
-    plain = client(tmp_path, fa, default_port, bport, "default-curves")
-    listed = client(tmp_path, fa, p384_port, bport, "p384-curves", curves=["X25519", "P-256", "P-384"])
-    started.extend([b, plain, listed])
-    for e in (b, plain, listed):
+    mesh = client(tmp_path, fa, mesh_port, bport, "mesh-tls")
+    plain = client(tmp_path, fa, default_port, bport, "default-curves", tls12=True)
+    listed = client(tmp_path, fa, p384_port, bport, "p384-curves", curves=["X25519", "P-256", "P-384"],
+                    tls12=True)
+    started.extend([b, mesh, plain, listed])
+    for e in (b, mesh, plain, listed):
         e.wait_ready()
+    assert get(mesh_port) == (200, "hello from backend")
     assert get(default_port)[0] == 503
     assert get(p384_port) == (200, "hello from backend")

@@ -5,6 +5,7 @@ without `_total` as Istio serves them), `_total` on every other counter, the
 CSRs and identities that cannot be extracted."""
 
 import tomllib
+import urllib.request
 
 import grpc
 import pytest
@@ -106,5 +107,18 @@ def test_agent_metrics(ca, cluster):
         assert fams["istio_agent_cert_expiry_seconds"][0] == "gauge"
         assert value(fams, "istio_agent_cert_expiry_seconds", resource_name="default") > 3600
         assert fams["signet_agent_csr_duration_seconds"][0] == "histogram"
+    finally:
+        stop_agent(agent)
+
+
+def test_listeners_on_the_ipv6_wildcard_take_both_families(ca, cluster):
+    """The agent's default `--http-addr [::]:15020` (and the chart's listeners): one
+    socket answers over IPv4 and over IPv6."""
+    agent = start_agent(ca, cluster, http_host="[::]")
+    try:
+        for host in ("127.0.0.1", "[::1]"):
+            url = f"http://{host}:{agent.http_port}/healthz/ready"
+            with urllib.request.urlopen(url, timeout=10) as r:
+                assert r.status == 200, host
     finally:
         stop_agent(agent)

@@ -915,3 +915,30 @@ def test_file_names_are_released_when_no_stream_holds_them(channel, streams):
         time.sleep(0.1)
     assert not isinstance(item, Ended), f"the slots were not given back: {item}"
     assert the_secret(item).validation_context.trusted_ca.inline_bytes == root
+
+
+def test_inspect_json_gives_rfc3339_times(ca, cluster):
+    """`signet-agent inspect --json`, as a script would read it: the SPIFFE ID and
+    times that any RFC 3339 parser takes, in UTC."""
+    import datetime
+    import json
+    import subprocess
+
+    from conftest import binary, start_agent, stop_agent
+    agent = start_agent(ca, cluster)
+    try:
+        out = subprocess.run([binary("signet-agent"), "inspect", "--socket", str(agent.socket), "--json"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        secrets = json.loads(out)
+        text = json.dumps(secrets)
+        times = []
+        for s in secrets:
+            for cert in ([s["leaf"]] if s.get("leaf") else []) + s.get("roots", []):
+                times += [cert["not_before"], cert["not_after"]]
+        assert len(times) >= 4, text
+        for t in times:
+            parsed = datetime.datetime.fromisoformat(t)
+            assert parsed.utcoffset() == datetime.timedelta(0) and t.endswith("Z"), t
+        assert "spiffe://cluster.local/ns/default/sa/bookinfo" in text
+    finally:
+        stop_agent(agent)

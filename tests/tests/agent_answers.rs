@@ -131,6 +131,7 @@ fn rotation(ca: Arc<FakeCa>, ttl: Duration) -> Rotation {
         key_type: KeyType::EcP256,
         ttl,
         grace_ratio: 0.5,
+        grace_jitter: 0.01,
         metrics: Metrics::new().unwrap(),
         ca_trust: signet_agent::identity::catrust::CaTrust::System,
         trust_sync_timeout: std::time::Duration::from_secs(600),

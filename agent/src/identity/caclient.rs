@@ -35,6 +35,7 @@ pub struct CaArgs {
     /// Service account token sent to the CA, re-read for every request.
     #[arg(
         long,
+        env = "SIGNET_TOKEN_FILE",
         default_value = "./var/run/secrets/tokens/istio-token",
         value_name = "FILE"
     )]
@@ -47,13 +48,45 @@ pub struct CaArgs {
 
 /// A `--ca-addr` that is not `host:port`.
 #[derive(Debug, thiserror::Error)]
-#[error("{0:?} is not host:port")]
-pub struct HostPortError(String);
+#[error("{given:?} {why}")]
+pub struct HostPortError {
+    given: String,
+    why: &'static str,
+}
 
+/// `host:port`; `https://host:port` (with or without a trailing `/`) is understood as
+/// the same, any other scheme or a path is refused with what to write instead.
 fn host_port(s: &str) -> Result<String, HostPortError> {
-    match s.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(s.to_owned()),
-        _ => Err(HostPortError(s.to_owned())),
+    let refuse = |why| HostPortError {
+        given: s.to_owned(),
+        why,
+    };
+    let bare = match s.split_once("://") {
+        Some(("https", rest)) => rest.strip_suffix('/').unwrap_or(rest),
+        Some(("http", _)) => {
+            return Err(refuse(
+                "names plain HTTP; the CA is reached over TLS: give host:port (as istiod.istio-system.svc:15012)",
+            ));
+        }
+        Some(_) => {
+            return Err(refuse(
+                "has a scheme other than https://; give host:port (as istiod.istio-system.svc:15012)",
+            ));
+        }
+        None => s,
+    };
+    if bare.contains('/') {
+        return Err(refuse(
+            "has a path; give host:port (as istiod.istio-system.svc:15012)",
+        ));
+    }
+    match bare.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+            Ok(bare.to_owned())
+        }
+        _ => Err(refuse(
+            "is not host:port; the port is needed (istiod's is 15012)",
+        )),
     }
 }
 

@@ -121,6 +121,12 @@ pub struct IdentityArgs {
     #[arg(long, env = "SECRET_GRACE_PERIOD_RATIO", default_value_t = 0.5, value_parser = ratio)]
     pub grace_ratio: f64,
 
+    /// Moves each refresh point by a random part of the lifetime of up to this much
+    /// either way (0 to 0.1), as pilot-agent does: agents started together then do
+    /// not all renew at the same moment.
+    #[arg(long, env = "SECRET_GRACE_PERIOD_RATIO_JITTER", default_value_t = 0.01, value_parser = jitter)]
+    pub grace_ratio_jitter: f64,
+
     /// After the CA trust file changes (a root rotation), keep asking the CA (with
     /// backoff from 1 s to 30 s) until its bundle reflects the change, for at most
     /// this long (1s to 1 day); then warn, count it, and return to the normal
@@ -128,23 +134,30 @@ pub struct IdentityArgs {
     #[arg(long, env = "TRUST_SYNC_TIMEOUT", default_value = "10m", value_parser = between(StdDuration::from_secs(1), DAY), value_name = "DURATION")]
     pub trust_sync_timeout: StdDuration,
 
-    /// Type of the private key generated for each certificate.
-    #[arg(long, value_enum, default_value_t = KeyTypeArg::EcP256)]
-    pub key_type: KeyTypeArg,
+    /// Type of the private key generated for each certificate [default: ec-p256].
+    /// Without it, pilot-agent's variables are read: ECC_SIGNATURE_ALGORITHM=ECDSA
+    /// (with ECC_CURVE P256 or P384), else WORKLOAD_RSA_KEY_SIZE.
+    #[arg(long, env = "SIGNET_KEY_TYPE", value_enum)]
+    pub key_type: Option<KeyTypeArg>,
 }
 
-/// Key types on the command line.
+/// Key types on the command line (`rsa-2048` is the same as `rsa2048`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum KeyTypeArg {
     /// ECDSA P-256.
+    #[value(alias = "ec-p-256", alias = "p256")]
     EcP256,
     /// ECDSA P-384.
+    #[value(alias = "ec-p-384", alias = "p384")]
     EcP384,
     /// RSA 2048 bits.
+    #[value(alias = "rsa-2048")]
     Rsa2048,
     /// RSA 3072 bits.
+    #[value(alias = "rsa-3072")]
     Rsa3072,
     /// RSA 4096 bits.
+    #[value(alias = "rsa-4096")]
     Rsa4096,
 }
 
@@ -167,12 +180,60 @@ pub enum IdentityFlagError {
     Empty,
     #[error("{0:?} is not between 0 and 1")]
     Ratio(String),
+    #[error("{0:?} is not between 0 and 0.1")]
+    Jitter(String),
 }
 
 fn non_empty(s: &str) -> Result<String, IdentityFlagError> {
     (!s.is_empty())
         .then(|| s.to_owned())
         .ok_or(IdentityFlagError::Empty)
+}
+
+fn jitter(s: &str) -> Result<f64, IdentityFlagError> {
+    s.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|j| (0.0..=crate::identity::schedule::MAX_JITTER).contains(j))
+        .ok_or_else(|| IdentityFlagError::Jitter(s.to_owned()))
+}
+
+/// The key type from pilot-agent's variables in `env`, when they name one:
+/// `ECC_SIGNATURE_ALGORITHM=ECDSA` (curve `ECC_CURVE`, P256 by default), else
+/// `WORKLOAD_RSA_KEY_SIZE`.
+fn pilot_agent_key_type(env: &[(String, String)]) -> Result<Option<KeyType>, ConfigError> {
+    let var = |name: &str| {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.trim())
+            .filter(|v| !v.is_empty())
+    };
+    if let Some(algorithm) = var("ECC_SIGNATURE_ALGORITHM") {
+        if !algorithm.eq_ignore_ascii_case("ECDSA") {
+            return Err(ConfigError::new(
+                "ECC_SIGNATURE_ALGORITHM",
+                format!("{algorithm:?} is not ECDSA (the one value pilot-agent knows)"),
+            ));
+        }
+        return match var("ECC_CURVE").map(str::to_ascii_uppercase).as_deref() {
+            None | Some("P256") => Ok(Some(KeyType::EcP256)),
+            Some("P384") => Ok(Some(KeyType::EcP384)),
+            Some(other) => Err(ConfigError::new(
+                "ECC_CURVE",
+                format!("{other:?} is not P256 or P384"),
+            )),
+        };
+    }
+    match var("WORKLOAD_RSA_KEY_SIZE") {
+        None => Ok(None),
+        Some("2048") => Ok(Some(KeyType::Rsa(2048))),
+        Some("3072") => Ok(Some(KeyType::Rsa(3072))),
+        Some("4096") => Ok(Some(KeyType::Rsa(4096))),
+        Some(other) => Err(ConfigError::new(
+            "WORKLOAD_RSA_KEY_SIZE",
+            format!("{other:?} is not 2048, 3072 or 4096"),
+        )),
+    }
 }
 
 fn ratio(s: &str) -> Result<f64, IdentityFlagError> {
@@ -194,6 +255,8 @@ pub struct IdentityConfig {
     pub ttl: Duration,
     /// Renew when this fraction of the lifetime is left.
     pub grace_ratio: f64,
+    /// ... moved by up to this fraction of the lifetime either way.
+    pub grace_jitter: f64,
     /// How long to keep asking for a bundle that reflects a trust-file change.
     pub trust_sync_timeout: StdDuration,
     /// Key type generated.
@@ -202,7 +265,19 @@ pub struct IdentityConfig {
 
 impl IdentityArgs {
     /// The SPIFFE ID these flags name, and the rest as given.
-    pub fn validate(self) -> Result<IdentityConfig, ConfigError> {
+    pub fn validate(self, env: &[(String, String)]) -> Result<IdentityConfig, ConfigError> {
+        let var = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.trim());
+        if var("FILE_MOUNTED_CERTS").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+            return Err(ConfigError::new(
+                "FILE_MOUNTED_CERTS",
+                "certificates mounted at /etc/certs are pilot-agent's mode; signet-agent gets them from the CA. Leave such pods to pilot-agent, or serve the files with --file-secret-dir (Istio's file-cert: names)",
+            ));
+        }
+        let key_type = match self.key_type {
+            Some(k) => k.into(),
+            None => pilot_agent_key_type(env)?.unwrap_or(KeyType::EcP256),
+        };
+
         let spiffe_id = spiffe::SpiffeId::from_segments(
             self.trust_domain.clone(),
             &["ns", &self.namespace, "sa", &self.service_account],
@@ -218,8 +293,9 @@ impl IdentityArgs {
             trust_domain: self.trust_domain,
             ttl: self.secret_ttl,
             grace_ratio: self.grace_ratio,
+            grace_jitter: self.grace_ratio_jitter,
             trust_sync_timeout: self.trust_sync_timeout,
-            key_type: self.key_type.into(),
+            key_type,
         })
     }
 }
@@ -249,6 +325,8 @@ pub struct Rotation {
     pub ttl: Duration,
     /// Renew when this fraction of the lifetime is left.
     pub grace_ratio: f64,
+    /// ... moved by up to this fraction of the lifetime either way.
+    pub grace_jitter: f64,
     /// Counters.
     pub metrics: Metrics,
     /// What the CA is trusted with (`--ca-root-cert`): when that file changes, the
@@ -267,6 +345,7 @@ impl Rotation {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let mut schedule = Schedule::new(
             self.grace_ratio,
+            self.grace_jitter,
             self.trust_sync_timeout,
             self.ca_trust.read().ok().flatten(),
             Box::new(|| rand::rng().random::<f64>()),
@@ -279,8 +358,8 @@ impl Rotation {
                     let trust = self.ca_trust.read().ok().flatten();
                     let next = schedule.after_success(&svid, trust, self.clock.now());
                     tracing::info!(
-                        id = %svid.id, serial = %svid.serial, not_after = %svid.not_after,
-                        refresh_at = %next.refresh.map(|r| r.to_string()).unwrap_or_default(),
+                        id = %svid.id, serial = %svid.serial, not_after = %signet_telemetry::rfc3339(svid.not_after),
+                        refresh_at = %next.refresh.map(signet_telemetry::rfc3339).unwrap_or_default(),
                         "certificate obtained"
                     );
                     next
@@ -343,7 +422,10 @@ impl Rotation {
         };
         self.metrics.failed_requests.inc();
         self.metrics.retries.inc();
-        let held = self.store.current().map(|s| s.not_after.to_string());
+        let held = self
+            .store
+            .current()
+            .map(|s| signet_telemetry::rfc3339(s.not_after));
         tracing::warn!(
             error = %error, retry_in = ?delay, attempt,
             serving_until = held.as_deref().unwrap_or("nothing held yet"),

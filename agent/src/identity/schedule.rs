@@ -13,9 +13,9 @@ use crate::{
     identity::svid::Svid,
 };
 
-/// Jitter on the refresh point: ±1 % of the lifetime, so a fleet does not renew in
-/// lockstep.
-pub const JITTER: f64 = 0.01;
+/// The most the refresh point may move either way, as a fraction of the lifetime
+/// (`--grace-ratio-jitter` is at most this; pilot-agent's default is 0.01).
+pub const MAX_JITTER: f64 = 0.1;
 /// First retry delay after a failure.
 pub const BACKOFF_MIN: StdDuration = StdDuration::from_millis(500);
 /// Longest retry delay.
@@ -42,7 +42,7 @@ pub fn trust_sync_backoff(unit: f64) -> Backoff {
 
 /// When to renew a certificate valid from `not_before` to `not_after`: when
 /// `grace_ratio` of its lifetime is left, moved by `jitter` (a fraction of the
-/// lifetime, within ±[`JITTER`]).
+/// lifetime, within ±[`MAX_JITTER`]).
 pub fn refresh_at(
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
@@ -50,7 +50,7 @@ pub fn refresh_at(
     jitter: f64,
 ) -> OffsetDateTime {
     let lifetime = not_after - not_before;
-    let jitter = jitter.clamp(-JITTER, JITTER);
+    let jitter = jitter.clamp(-MAX_JITTER, MAX_JITTER);
     not_after - lifetime * grace_ratio + lifetime * jitter
 }
 
@@ -140,6 +140,7 @@ struct TrustSync {
 /// The rotation's timing state between attempts.
 pub struct Schedule {
     grace_ratio: f64,
+    jitter: f64,
     trust_sync_timeout: StdDuration,
     backoff: Backoff,
     retries: u64,
@@ -160,17 +161,20 @@ impl std::fmt::Debug for Schedule {
 }
 
 impl Schedule {
-    /// Renewing when `grace_ratio` of a lifetime is left, asking for a bundle that
-    /// reflects a trust-file change for at most `trust_sync_timeout`; `trust` is the
-    /// trust file as read at start, `draw` the source of randomness.
+    /// Renewing when `grace_ratio` of a lifetime is left, give or take up to `jitter`
+    /// of it, asking for a bundle that reflects a trust-file change for at most
+    /// `trust_sync_timeout`; `trust` is the trust file as read at start, `draw` the
+    /// source of randomness.
     pub fn new(
         grace_ratio: f64,
+        jitter: f64,
         trust_sync_timeout: StdDuration,
         trust: Option<Bundle>,
         draw: Box<dyn FnMut() -> f64 + Send>,
     ) -> Self {
         Self {
             grace_ratio,
+            jitter,
             trust_sync_timeout,
             backoff: Backoff::default(),
             retries: 0,
@@ -198,7 +202,7 @@ impl Schedule {
     ) -> Next {
         self.backoff.reset();
         self.retries = 0;
-        let jitter = (2.0 * (self.draw)() - 1.0) * JITTER;
+        let jitter = (2.0 * (self.draw)() - 1.0) * self.jitter;
         let refresh = refresh_at(svid.not_before, svid.not_after, self.grace_ratio, jitter);
         let digest = |b: &Option<Bundle>| b.as_ref().map(|b| b.digest);
         if digest(&trust) != digest(&self.known) {
@@ -275,8 +279,8 @@ mod tests {
         assert_eq!(refresh_at(t(0), t(86_400), 0.5, 0.0), t(43_200));
         assert_eq!(refresh_at(t(0), t(86_400), 0.5, 0.01), t(43_200 + 864));
         assert_eq!(refresh_at(t(0), t(86_400), 0.5, -0.01), t(43_200 - 864));
-        // Jitter beyond 1 % is clamped.
-        assert_eq!(refresh_at(t(0), t(86_400), 0.5, 0.5), t(43_200 + 864));
+        // Jitter beyond 10 % is clamped.
+        assert_eq!(refresh_at(t(0), t(86_400), 0.5, 0.5), t(43_200 + 8_640));
         assert_eq!(refresh_at(t(0), t(100), 0.25, 0.0), t(75));
     }
 
@@ -344,7 +348,13 @@ mod tests {
 
     /// Draws always in the middle: no jitter, mid-range backoff steps.
     fn schedule(trust: Option<Bundle>) -> Schedule {
-        Schedule::new(0.5, StdDuration::from_secs(600), trust, Box::new(|| 0.5))
+        Schedule::new(
+            0.5,
+            0.01,
+            StdDuration::from_secs(600),
+            trust,
+            Box::new(|| 0.5),
+        )
     }
 
     #[test]

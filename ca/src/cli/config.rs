@@ -54,11 +54,17 @@ pub enum Command {
 /// Flags of `signet-ca serve`. Durations are written like `24h`, `90m` or `8s`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Check the flags (and their environment variables) and exit: 0 when `serve`
-    /// would accept them, 64 with the reason otherwise. Nothing is read, bound or
-    /// contacted, so key material and the API server need not be there.
+    /// Check the configuration and exit: 0 when `serve` would start with it, 64 with
+    /// the reason otherwise. The flags and their environment variables, the key
+    /// material, every kubeconfig and every JWKS file are read and checked; no port
+    /// is bound and nothing is contacted (a JWKS URL is not fetched).
     #[arg(long)]
     pub check_config: bool,
+
+    /// Check only the flags and their environment variables and exit (0, or 64 with
+    /// the reason): nothing is read, so the files they name need not exist here.
+    #[arg(long, conflicts_with = "check_config")]
+    pub check_flags: bool,
 
     /// Address of the gRPC (TLS) listener.
     #[arg(long, default_value = "0.0.0.0:15012", value_name = "ADDR")]

@@ -316,10 +316,7 @@ impl IstioCertificateService for CaService {
                     serial = %issued.serial,
                     spiffe_id = %decision.id,
                     public_key_sha256 = %issued.public_key_sha256,
-                    not_after = %issued
-                        .not_after
-                        .format(&time::format_description::well_known::Rfc3339)
-                        .unwrap_or_default(),
+                    not_after = %signet_telemetry::rfc3339(issued.not_after),
                     peer = %peer,
                     method = %caller.method,
                     cluster = %caller.cluster,

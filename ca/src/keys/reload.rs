@@ -39,6 +39,10 @@ pub enum ReloadError {
         "the new root bundle ({source_of_set}) does not include the root the current chain ends at; workloads holding current certificates would stop being trusted. Bundle old and new roots first, or pass --allow-root-change"
     )]
     RootChange { source_of_set: String },
+    #[error(
+        "--require-cacerts: {0} holds no CA key material (Istio's ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem, or cert-manager's tls.crt, tls.key, ca.crt)"
+    )]
+    NoCaCerts(String),
 }
 
 /// The signer for the key material now in `dir`, when it differs from `current`'s:
@@ -72,16 +76,29 @@ pub(crate) async fn changed(
     Ok(Some(new))
 }
 
-/// The key material to start with: the cacerts directory, or the self-signed root in
-/// `state_dir` (created on first use) when that directory holds none.
+/// The key material to start with: the cacerts directory, or (unless
+/// `--require-cacerts`) the self-signed root in the state directory, created on first
+/// use, when that directory holds none. A cacerts directory that does not exist at
+/// all is worth a warning: a mistyped path or a missing mount looks just like that.
 pub(crate) fn initial(
-    cacerts_dir: &Path,
-    state_dir: &Path,
+    keys: &KeyArgs,
     trust_domain: &str,
     now: OffsetDateTime,
 ) -> Result<Signer, ReloadError> {
+    let (cacerts_dir, state_dir) = (&keys.cacerts_dir, &keys.state_dir);
     let material = match cacerts::load_dir(cacerts_dir)? {
         Some(m) => m,
+        None if keys.require_cacerts => {
+            return Err(ReloadError::NoCaCerts(cacerts_dir.display().to_string()));
+        }
+        None if !cacerts_dir.exists() => {
+            tracing::warn!(
+                cacerts = %cacerts_dir.display(),
+                state = %state_dir.display(),
+                "the cacerts directory does not exist; using a self-signed root instead (--require-cacerts makes this an error)"
+            );
+            cacerts::load_or_create_self_signed(state_dir, trust_domain, now)?
+        }
         None => {
             tracing::info!(
                 cacerts = %cacerts_dir.display(),
@@ -122,6 +139,12 @@ pub struct KeyArgs {
     /// use (workloads holding old certificates will fail to connect to new ones).
     #[arg(long)]
     pub allow_root_change: bool,
+
+    /// Refuse to start without key material in --cacerts-dir instead of creating a
+    /// self-signed root (several replicas, or clusters sharing a root, need the
+    /// operator's). The chart sets it unless `cacerts.selfSigned`.
+    #[arg(long, env = "REQUIRE_CACERTS", value_parser = clap::builder::FalseyValueParser::new())]
+    pub require_cacerts: bool,
 
     /// How often the cacerts directory is checked for changes (100ms to 24h).
     #[arg(long, default_value = "2s", value_parser = crate::flags::between(Duration::from_millis(100), crate::flags::DAY), value_name = "DURATION")]
@@ -179,7 +202,7 @@ pub(crate) async fn watch(
                     tracing::info!(
                         source = %new.source(),
                         key = %new.key_kind(),
-                        signing_cert_expires = %new.signing_not_after(),
+                        signing_cert_expires = %signet_telemetry::rfc3339(new.signing_not_after()),
                         "new CA key material loaded; it signs every request from now on"
                     );
                     metrics.set_expiries(new.root_not_after(), new.signing_not_after());

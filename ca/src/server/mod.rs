@@ -188,15 +188,14 @@ pub async fn run(
     let metrics = Metrics::new()?;
     let now = OffsetDateTime::now_utc();
     let signer = reload::initial(
-        &config.keys.cacerts_dir,
-        &config.keys.state_dir,
+        &config.keys,
         config.policy.trust_domains.primary().as_str(),
         now,
     )?;
     tracing::info!(
         source = %signer.source(),
         key = %signer.key_kind(),
-        signing_cert_expires = %signer.signing_not_after(),
+        signing_cert_expires = %signet_telemetry::rfc3339(signer.signing_not_after()),
         "CA key material loaded"
     );
     metrics.set_expiries(signer.root_not_after(), signer.signing_not_after());

@@ -153,6 +153,27 @@ enum Client {
 }
 
 impl KeySource {
+    /// What `serve --check-config` can know of `source` without contacting anything:
+    /// a file is read and parsed; for a URL or the API server the client is made
+    /// (its CA file read, its kubeconfig parsed), nothing is fetched.
+    pub(super) async fn check(source: JwksSource) -> Result<String, JwksError> {
+        let keys = Self::new(source).await?;
+        Ok(match &keys.source {
+            JwksSource::File(path) => {
+                let jwks = fetch(&keys.source, &keys.client).await?;
+                format!(
+                    "JWKS file {}: {} usable key(s)",
+                    path.display(),
+                    jwks.0.len()
+                )
+            }
+            JwksSource::Url { url, .. } => format!("JWKS {url}: fetched at start"),
+            JwksSource::ApiServer { path, .. } => {
+                format!("JWKS {path} on the API server: fetched at start")
+            }
+        })
+    }
+
     /// The client for `source`; refused when it cannot be made (a non-https URL, an
     /// unusable CA file, no API access).
     pub(super) async fn new(source: JwksSource) -> Result<Self, JwksError> {

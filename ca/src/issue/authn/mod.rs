@@ -19,6 +19,12 @@ use signet_spiffe::{ServiceAccount, TrustDomains};
 
 pub use crate::kubernetes::client::KubeClientError;
 pub use jwks::{Jwks, JwksError, JwksSource};
+
+/// `serve --check-config`'s look at a JWKS source: a file read and parsed, the
+/// client of a URL or of the API server made, nothing fetched.
+pub(crate) async fn check_jwks(source: JwksSource) -> Result<String, JwksError> {
+    jwks::KeySource::check(source).await
+}
 pub use jwt::{JwtAuthenticator, JwtConfig};
 pub use token::Token;
 pub use tokenreview::{

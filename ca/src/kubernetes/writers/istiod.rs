@@ -286,13 +286,13 @@ mod tests {
 
     fn signer(now: OffsetDateTime) -> (tempfile::TempDir, Signer) {
         let dir = tempfile::tempdir().unwrap();
-        let signer = crate::keys::reload::initial(
-            &dir.path().join("cacerts"),
+        let material = crate::keys::cacerts::load_or_create_self_signed(
             &dir.path().join("state"),
             "cluster.local",
             now,
         )
         .unwrap();
+        let signer = Signer::new(material, now).unwrap();
         (dir, signer)
     }
 
