@@ -48,6 +48,7 @@ step "cargo test --doc" cargo test --workspace --locked --doc
 python="$("$root/scripts/python-env.sh")"
 step "python tests (grpcio, cryptography, PyJWT, prometheus-client, openssl, Envoy)" \
     "$python" -m pytest -q "$root/tests/python"
+step "package the chart (target/dist/signet-<version>.tgz)" ./scripts/package-chart.sh
 # The README's first command, on the binaries built above.
 step "./scripts/demo.sh (the README's first command)" env SIGNET_DEMO_PROFILE=dev ./scripts/demo.sh
 

@@ -38,6 +38,18 @@ MODES = {
     "ambient": {"ambient": {"trustedNodeAccounts": ["istio-system/ztunnel"]}},
     "pod-certificates": {"podCertificates": {"enabled": True, "allow": ["apps", "payments/api"],
                                              "deny": ["apps/legacy"]}},
+    "multi-cluster": {
+        "multiCluster": {
+            "clusterAliases": ["east-alias"], "trustDomainAliases": ["old.example"],
+            "remoteClusters": [
+                {"id": "west", "kubeconfigSecret": "west-kubeconfig"},
+                {"id": "north", "jwks": {"issuer": "https://north.example", "configMap": "north-jwks"}},
+                {"id": "south", "kubeconfigSecret": "south-kubeconfig",
+                 "jwks": {"issuer": "https://south.example", "url": "https://south.example/jwks"}},
+            ]},
+        "limits": {"maxConnections": 8192, "maxTokenReviews": 128, "signingThreads": 4},
+        "extraArgs": ["--max-streams-per-connection=50"],
+    },
     "everything": {
         "tokenAuth": {"mode": "jwks"},
         "rootConfigMap": {"namespaceSelector": "istio-injection in (enabled)"},
@@ -88,6 +100,7 @@ EXPECTED_RULES = {
     "self-signed": ROOT_CONFIGMAPS | LEASE,
     "ambient": ROOT_CONFIGMAPS | PODS | LEASE,
     "pod-certificates": ROOT_CONFIGMAPS | POD_CERTS | TRUST_BUNDLE | LEASE,
+    "multi-cluster": ROOT_CONFIGMAPS | LEASE,
     "everything": JWKS | ROOT_CONFIGMAPS | PODS | TRUST_BUNDLE | POD_CERTS | ISTIOD_SECRET | LEASE,
 }
 # The modes whose RBAC may name pods at all.
@@ -95,10 +108,12 @@ PODS_MODES = {"ambient", "everything"}
 POD_CERT_MODES = {"pod-certificates", "everything"}
 
 COMMON_ARGS = [
-    "serve", "--cacerts-dir=/etc/cacerts", "--state-dir=/var/lib/signet-ca",
-    "--grpc-addr=0.0.0.0:15012", "--http-addr=0.0.0.0:15014",
+    "serve", "--cacerts-dir=/etc/cacerts", "--require-cacerts", "--state-dir=/var/lib/signet-ca",
+    "--grpc-addr=[::]:15012", "--http-addr=[::]:15014",
     "--trust-domain=cluster.local", "--cluster-id=Kubernetes", "--token-audiences=istio-ca",
 ]
+# A self-signed root is the one mode that runs without the cacerts Secret.
+SELF_SIGNED_ARGS = [a for a in COMMON_ARGS if a != "--require-cacerts"]
 SERVING = "--serving-dns-names=signet-ca.signet-system.svc,signet-ca.signet-system.svc.cluster.local"
 TTLS = ["--default-ttl=24h", "--max-ttl=2160h", "--max-connections-per-peer=64"]
 JWKS_ARGS = ["--jwt-issuer=https://kubernetes.default.svc.cluster.local",
@@ -122,12 +137,20 @@ EXPECTED_ARGS = {
         ISTIOD_ARGS[0], "--istiod-cert-dns-names=istiod-canary.istio-system.svc,istiod.istio-system.svc.cluster.local", ISTIOD_ARGS[1],
     ] + LEASE_ARGS,
     "cluster-trust-bundle": COMMON_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + CTB_ARGS + LEASE_ARGS,
-    "self-signed": COMMON_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + LEASE_ARGS,
+    "self-signed": SELF_SIGNED_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + LEASE_ARGS,
     "ambient": COMMON_ARGS + [SERVING] + TTLS + AMBIENT_ARGS + ROOT_CM_ARGS + LEASE_ARGS,
     "pod-certificates": COMMON_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + POD_CERT_ARGS + [
         "--pod-certificate-allow=apps", "--pod-certificate-allow=payments/api",
         "--pod-certificate-deny=apps/legacy",
     ] + LEASE_ARGS,
+    "multi-cluster": COMMON_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + [
+        "--cluster-alias=east-alias", "--trust-domain-alias=old.example",
+        "--remote-cluster=west=/etc/signet/remote/west/kubeconfig",
+        "--remote-jwks=north=https://north.example,/etc/signet/remote/north/jwks.json",
+        "--remote-cluster=south=/etc/signet/remote/south/kubeconfig",
+        "--remote-jwks=south=https://south.example,https://south.example/jwks",
+        "--max-connections=8192", "--max-token-reviews=128", "--signing-threads=4",
+    ] + LEASE_ARGS + ["--max-streams-per-connection=50"],
     "everything": COMMON_ARGS + [SERVING + ",ca.example.internal"] + TTLS + [
         "--peer-connection-share=10.0.8.15/32=unlimited", "--peer-connection-share=10.1.0.0/16=512",
     ] + JWKS_ARGS + [
@@ -188,8 +211,11 @@ def test_renders_and_validates_against_kubernetes_schemas(chart, mode):
     objs = render(chart, MODES[mode])
     kinds = {o["kind"] for o in objs}
     assert {"Deployment", "Service", "ServiceAccount"} <= kinds
+    # The chart's floor is 1.31; modes with newer APIs are checked from their own floor.
+    floor = {"cluster-trust-bundle": "1.33", "pod-certificates": "1.36", "everything": "1.36"}
+    versions = [floor.get(mode, "1.31"), *KUBE_VERSIONS]
     for o in objs:
-        for version in KUBE_VERSIONS:
+        for version in versions:
             try:
                 kubernetes_validate.validate(o, version, strict=True)
             except kubernetes_validate.ValidationError as e:
@@ -218,7 +244,7 @@ def test_examples_validate(path):
 
 @pytest.mark.parametrize("values", [
     {"replicas": 2},
-    {"image": {"registry": "example.com"}},
+    {"image": {"registy": "example.com"}},
     {"tokenAuth": {"mode": "tokenreview"}},
     {"replicaCount": 0},
     {"rootConfigMap": {"enable": False}},
@@ -340,18 +366,19 @@ def test_every_rendered_flag_is_accepted_by_the_binary(chart):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_rendered_args_and_env_pass_the_binarys_own_checks(chart, mode):
-    """`signet-ca serve --check-config` with exactly the container's args and plain
+    """`signet-ca serve --check-flags` with exactly the container's args and plain
     env values, in a pod's environment: every value the chart renders (durations,
-    selectors, signer names, accounts) is one the binary accepts."""
+    selectors, signer names, accounts) is one the binary accepts. (`--check-config`
+    would also read the pod's files, which are not here.)"""
     exe = binary("signet-ca")
     c = container(render(chart, MODES[mode]))
     env = {e["name"]: e["value"] for e in c.get("env", ()) if "value" in e}
     env.update({"PATH": os.environ.get("PATH", ""), "KUBERNETES_SERVICE_HOST": "10.0.0.1",
                 "KUBERNETES_SERVICE_PORT": "443"})
-    proc = subprocess.run([exe, *c.get("command", [])[1:], *c["args"], "--check-config"],
+    proc = subprocess.run([exe, *c.get("command", [])[1:], *c["args"], "--check-flags"],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, (mode, c["args"], proc.stderr)
-    assert "configuration is valid" in proc.stdout
+    assert "flags are valid" in proc.stdout
 
 
 def test_ambient_alone_renders_the_cluster_role(chart):
@@ -431,3 +458,164 @@ def test_malformed_pod_certificate_values_refuse_to_render(chart, values, messag
     with pytest.raises(helm_python.HelmRenderError) as e:
         render(chart, {"podCertificates": {"enabled": True, **values}})
     assert message in str(e.value)
+
+
+def pod_spec(objs):
+    return one(objs, "Deployment")["spec"]["template"]["spec"]
+
+
+def test_multi_cluster_mounts_each_remote_clusters_files(chart):
+    """Each remote cluster's kubeconfig Secret and JWKS ConfigMap land where its flags
+    point; a JWKS given by URL needs no volume."""
+    spec = pod_spec(render(chart, MODES["multi-cluster"]))
+    mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    assert mounts["remote-west"] == "/etc/signet/remote/west"
+    assert mounts["remote-north"] == "/etc/signet/remote/north"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    sources = lambda name: volumes[name]["projected"]["sources"]  # noqa: E731
+    assert sources("remote-west") == [{"secret": {"name": "west-kubeconfig", "items": [
+        {"key": "kubeconfig", "path": "kubeconfig"}]}}]
+    assert sources("remote-north") == [{"configMap": {"name": "north-jwks", "items": [
+        {"key": "jwks.json", "path": "jwks.json"}]}}]
+    assert [list(s) for s in sources("remote-south")] == [["secret"]]
+
+
+@pytest.mark.parametrize("remote, message", [
+    ({"id": "Kubernetes", "kubeconfigSecret": "k"}, "is this cluster"),
+    ({"id": "west"}, "needs kubeconfigSecret"),
+    ({"id": "west", "jwks": {"issuer": "https://w", "url": "https://w/j", "configMap": "c"}},
+     "exactly one of url and configMap"),
+])
+def test_malformed_remote_clusters_refuse_to_render(chart, remote, message):
+    with pytest.raises(helm_python.HelmRenderError) as e:
+        render(chart, {"multiCluster": {"remoteClusters": [remote]}})
+    assert message in str(e.value)
+
+
+def test_escape_hatches_and_openshift_uids(chart):
+    """What operators add: flags, variables, volumes, annotations, a priority class;
+    and the security contexts with the UIDs left to OpenShift's restricted-v2."""
+    values = {
+        "extraArgs": ["--max-pending=1024"],
+        "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+        "extraVolumes": [{"name": "jwks-ca", "configMap": {"name": "corp-ca"}}],
+        "extraVolumeMounts": [{"name": "jwks-ca", "mountPath": "/etc/corp-ca", "readOnly": True}],
+        "podAnnotations": {"example.com/team": "mesh"},
+        "priorityClassName": "system-cluster-critical",
+        "podSecurityContext": {"runAsUser": None, "runAsGroup": None, "fsGroup": None},
+        "containerSecurityContext": {"runAsUser": None, "runAsGroup": None},
+    }
+    objs = render(chart, values)
+    for o in objs:
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(o, version, strict=True)
+    spec = pod_spec(objs)
+    c = spec["containers"][0]
+    assert c["args"][-1] == "--max-pending=1024"
+    assert {"name": "HTTPS_PROXY", "value": "http://proxy:3128"} in c["env"]
+    assert {"name": "jwks-ca", "mountPath": "/etc/corp-ca", "readOnly": True} in c["volumeMounts"]
+    assert {"name": "jwks-ca", "configMap": {"name": "corp-ca"}} in spec["volumes"]
+    assert one(objs, "Deployment")["spec"]["template"]["metadata"]["annotations"]["example.com/team"] == "mesh"
+    assert spec["priorityClassName"] == "system-cluster-critical"
+    # No UID or GID is set, and the rest of the hardening stays.
+    assert spec["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert c["securityContext"] == {
+        "runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+        "privileged": False, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+    with pytest.raises(helm_python.HelmValuesError):
+        render(chart, {"extraArgs": ["serve"]})
+
+
+def test_scheduling_defaults(chart):
+    """Linux nodes; several replicas spread over zones; one replica is not spread; a
+    startup probe guards liveness."""
+    spec = pod_spec(render(chart, {}))
+    assert spec["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    [zones] = spec["topologySpreadConstraints"]
+    assert zones["topologyKey"] == "topology.kubernetes.io/zone"
+    assert zones["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert zones["labelSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "signet-ca", "app.kubernetes.io/instance": RELEASE}
+    assert "topologySpreadConstraints" not in pod_spec(render(chart, MODES["self-signed"]))
+    own = [{"maxSkew": 2, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
+            "labelSelector": {"matchLabels": {"a": "b"}}}]
+    assert pod_spec(render(chart, {"topologySpreadConstraints": own}))["topologySpreadConstraints"] == own
+    probe = spec["containers"][0]["startupProbe"]
+    assert probe["httpGet"] == {"path": "/healthz", "port": "http-metrics"}
+
+
+@pytest.mark.parametrize("image, want", [
+    ({}, "signet-ca:0.1.0"),
+    ({"registry": "registry.example/mesh", "tag": "1.2.3"}, "registry.example/mesh/signet-ca:1.2.3"),
+    ({"registry": "registry.example", "tag": "1.2.3", "digest": "sha256:" + "ab" * 32},
+     "registry.example/signet-ca@sha256:" + "ab" * 32),
+])
+def test_image_reference(chart, image, want):
+    assert container(render(chart, {"image": image}))["image"] == want
+
+
+def test_a_malformed_digest_is_refused(chart):
+    with pytest.raises(helm_python.HelmValuesError):
+        render(chart, {"image": {"digest": "latest"}})
+
+
+def test_monitors_and_network_policy(chart):
+    objs = render(chart, {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+                          "podMonitor": {"enabled": True},
+                          "networkPolicy": {"enabled": True}})
+    service = one(objs, "Service")
+    sm = one(objs, "ServiceMonitor")
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["labels"]["release"] == "kps"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["http-metrics"]
+    assert "http-metrics" in {p["name"] for p in service["spec"]["ports"]}
+    pm = one(objs, "PodMonitor")
+    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["http-metrics"]
+    pod_ports = {p["name"] for p in container(objs)["ports"]}
+    assert "http-metrics" in pod_ports
+    np = one(objs, "NetworkPolicy")
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(np, version, strict=True)
+    ingress = {r["ports"][0]["port"]: r.get("from") for r in np["spec"]["ingress"]}
+    assert ingress[15012] == [{"namespaceSelector": {}}]
+    assert ingress[15014] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    egress_ports = {p["port"] for r in np["spec"]["egress"] for p in r["ports"]}
+    assert egress_ports == {443, 6443, 53}
+    assert not [o for o in render(chart, {}) if o["kind"] in ("ServiceMonitor", "PodMonitor", "NetworkPolicy")]
+
+
+def test_features_newer_than_the_floor_are_refused_by_name(capfd):
+    """The basic modes work on Kubernetes 1.31 (the chart's floor); ClusterTrustBundle
+    needs 1.33 and pod certificates 1.36, and the refusal names the feature, not the
+    chart. Helm renders for another Kubernetes version only when linting, and there
+    its engine logs a template's `fail` instead of raising it: the message is read
+    from that log."""
+    def refusals(values, version):
+        capfd.readouterr()
+        report = helm_python.lint(CHART, values, strict=True, namespace=NS, kube_version=version)
+        errors = [m["error"] for m in report["messages"] if m["severity"] == 3] + report["errors"]
+        return errors + [line for line in capfd.readouterr().err.splitlines() if "fail message" in line]
+
+    for mode in ("default", "jwks", "ambient", "istiod-secret", "multi-cluster"):
+        assert refusals(MODES[mode], "v1.31.0") == [], mode
+    [ctb] = refusals(MODES["cluster-trust-bundle"], "v1.32.0")
+    assert "clusterTrustBundle.enabled needs Kubernetes 1.33" in ctb and "v1.32.0" in ctb
+    assert refusals(MODES["cluster-trust-bundle"], "v1.33.0") == []
+    [pcr] = refusals(MODES["pod-certificates"], "v1.35.0")
+    assert "podCertificates.enabled needs Kubernetes 1.36" in pcr
+    assert refusals(MODES["pod-certificates"], "v1.36.0") == []
+    # The chart's own floor, which `helm install` checks against the cluster.
+    assert yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"] == ">=1.31.0-0"
+
+
+def test_the_chart_packages_and_the_archive_renders(tmp_path):
+    """scripts/package-chart.sh, as CI runs it: a .tgz that Helm loads and renders."""
+    out = tmp_path / "dist"
+    r = subprocess.run([ROOT / "scripts" / "package-chart.sh", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    [archive] = out.glob("signet-*.tgz")
+    assert archive.name == "signet-0.1.0.tgz"
+    with helm_python.Chart.load(archive) as packaged:
+        objs = render(packaged, {})
+    assert container(objs)["image"] == "signet-ca:0.1.0"

@@ -40,6 +40,23 @@ app.kubernetes.io/component: certificate-authority
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 }}
 {{- end -}}
 
+{{/* The image: [<registry>/]<repository>, then @<digest> when a digest pins it,
+     else :<tag> (the chart's appVersion by default). */}}
+{{- define "signet.image" -}}
+{{- $repo := .Values.image.repository -}}
+{{- with .Values.image.registry }}{{ $repo = printf "%s/%s" (trimSuffix "/" .) $repo }}{{ end -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" $repo .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repo (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where a remote cluster's kubeconfig or JWKS is mounted. */}}
+{{- define "signet.remoteDir" -}}
+{{- printf "/etc/signet/remote/%s" . -}}
+{{- end -}}
+
 {{/* Whether any writer (and so leader election) is on: "true" or "". */}}
 {{- define "signet.writes" -}}
 {{- if or .Values.rootConfigMap.enabled .Values.clusterTrustBundle.enabled .Values.istiodCert.enabled .Values.podCertificates.enabled -}}
@@ -82,6 +99,33 @@ true
 {{- fail (printf "%s=%q: signer names under kubernetes.io are reserved" $value $signer) -}}
 {{- end -}}
 {{- end -}}
+{{- /* Features newer than the chart's floor (Kubernetes 1.31): refused on older
+     clusters with the feature named, instead of the whole chart refusing. */ -}}
+{{- $kube := .Capabilities.KubeVersion.Version -}}
+{{- if and .Values.clusterTrustBundle.enabled (semverCompare "<1.33.0-0" $kube) -}}
+{{- fail (printf "clusterTrustBundle.enabled needs Kubernetes 1.33 or newer (certificates.k8s.io/v1beta1 ClusterTrustBundle); this cluster is %s. The other modes work on 1.31." $kube) -}}
+{{- end -}}
+{{- if and .Values.podCertificates.enabled (semverCompare "<1.36.0-0" $kube) -}}
+{{- fail (printf "podCertificates.enabled needs Kubernetes 1.36 or newer (PodCertificateRequest; 1.36 with its feature gates, 1.37 by default); this cluster is %s. The other modes work on 1.31." $kube) -}}
+{{- end -}}
+{{- $ids := dict -}}
+{{- range .Values.multiCluster.remoteClusters -}}
+{{- if hasKey $ids .id -}}
+{{- fail (printf "multiCluster.remoteClusters: %q appears twice" .id) -}}
+{{- end -}}
+{{- $_ := set $ids .id true -}}
+{{- if or (eq .id $.Values.clusterId) (has .id $.Values.multiCluster.clusterAliases) -}}
+{{- fail (printf "multiCluster.remoteClusters: %q is this cluster (clusterId or an alias)" .id) -}}
+{{- end -}}
+{{- if not (or .kubeconfigSecret .jwks) -}}
+{{- fail (printf "multiCluster.remoteClusters: %q needs kubeconfigSecret (TokenReview through its API server) or jwks (offline)" .id) -}}
+{{- end -}}
+{{- with .jwks -}}
+{{- if ne (len (compact (list (.url | default "") (.configMap | default "")))) 1 -}}
+{{- fail "multiCluster.remoteClusters[].jwks: give exactly one of url and configMap" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- range $list := list "allow" "deny" -}}
 {{- range (get $.Values.podCertificates $list) -}}
 {{- if not (regexMatch "^[^/,[:space:]]+(/[^/,[:space:]]+)?$" (toString .)) -}}
@@ -98,9 +142,12 @@ true
 {{- $dns := concat (list (printf "%s.%s.svc" $fullname $ns) (printf "%s.%s.svc.cluster.local" $fullname $ns)) .Values.extraServingDnsNames -}}
 - serve
 - --cacerts-dir=/etc/cacerts
+{{- if not .Values.cacerts.selfSigned }}
+- --require-cacerts
+{{- end }}
 - --state-dir=/var/lib/signet-ca
-- --grpc-addr=0.0.0.0:15012
-- --http-addr=0.0.0.0:15014
+- {{ printf "--grpc-addr=%s:15012" .Values.listenAddress | quote }}
+- {{ printf "--http-addr=%s:15014" .Values.listenAddress | quote }}
 - {{ printf "--trust-domain=%v" (.Values.trustDomain) | quote }}
 - {{ printf "--cluster-id=%v" (.Values.clusterId) | quote }}
 - {{ printf "--token-audiences=%v" (join "," .Values.tokenAuth.audiences) | quote }}
@@ -149,6 +196,39 @@ true
 {{- end }}
 - {{ printf "--istiod-cert-ttl=%v" (.Values.istiodCert.ttl) | quote }}
 {{- end }}
+{{- range .Values.multiCluster.clusterAliases }}
+- {{ printf "--cluster-alias=%v" . | quote }}
+{{- end }}
+{{- range .Values.multiCluster.trustDomainAliases }}
+- {{ printf "--trust-domain-alias=%v" . | quote }}
+{{- end }}
+{{- range .Values.multiCluster.remoteClusters }}
+{{- $id := .id }}
+{{- $dir := include "signet.remoteDir" .id }}
+{{- if .kubeconfigSecret }}
+- {{ printf "--remote-cluster=%s=%s/kubeconfig" $id $dir | quote }}
+{{- end }}
+{{- with .jwks }}
+- {{ printf "--remote-jwks=%s=%s,%s" $id .issuer (.url | default (printf "%s/jwks.json" $dir)) | quote }}
+{{- end }}
+{{- end }}
+{{- with .Values.limits }}
+{{- if .maxConnections }}
+- {{ printf "--max-connections=%v" .maxConnections | quote }}
+{{- end }}
+{{- if .maxTokenReviews }}
+- {{ printf "--max-token-reviews=%v" .maxTokenReviews | quote }}
+{{- end }}
+{{- if .maxPending }}
+- {{ printf "--max-pending=%v" .maxPending | quote }}
+{{- end }}
+{{- if .maxPendingPerCaller }}
+- {{ printf "--max-pending-per-caller=%v" .maxPendingPerCaller | quote }}
+{{- end }}
+{{- if .signingThreads }}
+- {{ printf "--signing-threads=%v" .signingThreads | quote }}
+{{- end }}
+{{- end }}
 {{- if include "signet.writes" . }}
 - {{ printf "--leader-election-namespace=%v" ($ns) | quote }}
 - {{ printf "--leader-election-lease=%v" (include "signet.leaseName" .) | quote }}
@@ -156,5 +236,8 @@ true
 - {{ printf "--lease-duration=%v" (.Values.leaderElection.leaseDuration) | quote }}
 - {{ printf "--lease-renew-deadline=%v" (.Values.leaderElection.renewDeadline) | quote }}
 - {{ printf "--lease-retry-period=%v" (.Values.leaderElection.retryPeriod) | quote }}
+{{- end }}
+{{- range .Values.extraArgs }}
+- {{ . | quote }}
 {{- end }}
 {{- end -}}
