@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Builds the binaries as they ship, into target/dist/:
-#   signet-ca     the release profile (fat LTO, stripped), linked against the system glibc;
-#   signet-agent  the agent profile (the same, optimised for size), linked statically
-#                 (glibc's static libc: only the parts it calls are loaded, which is
-#                 most of the agent's memory saving; docs/performance.md).
+# Builds the binaries as they ship, into target/dist/, both linked statically (glibc's
+# static libc, 2.34 or newer, which has DNS and /etc/hosts look-ups built in: nothing
+# is loaded at run time, so they run on an empty image, scripts/build-images.sh):
+#   signet-ca     the release profile (fat LTO, stripped);
+#   signet-agent  the agent profile (the same, optimised for size; only the parts of
+#                 libc it calls are loaded, which is most of the agent's memory
+#                 saving; docs/performance.md).
 # `scripts/build-release.sh agent` builds the agent only, `... ca` the CA only.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -16,19 +18,19 @@ host="$(rustc -vV | sed -n 's/^host: //p')"
 SIGNET_REVISION="${SIGNET_REVISION:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 export SIGNET_REVISION
 mkdir -p target/dist
+# --target keeps crt-static off build scripts and proc macros, which run on the host
+# and cannot be static.
+flags="${RUSTFLAGS:-}"
+case "$host" in
+*-linux-gnu) flags="$flags -C target-feature=+crt-static" ;;
+esac
 for w in "${what[@]}"; do
     case "$w" in
     ca)
-        cargo build --release --locked -p signet-ca
-        cp target/release/signet-ca target/dist/
+        RUSTFLAGS="$flags" cargo build --release --locked -p signet-ca --target "$host"
+        cp "target/$host/release/signet-ca" target/dist/
         ;;
     agent)
-        # --target keeps crt-static off build scripts and proc macros, which run on
-        # the host and cannot be static.
-        flags="${RUSTFLAGS:-}"
-        case "$host" in
-        *-linux-gnu) flags="$flags -C target-feature=+crt-static" ;;
-        esac
         RUSTFLAGS="$flags" cargo build --profile agent --locked -p signet-agent --target "$host"
         cp "target/$host/agent/signet-agent" target/dist/
         ;;

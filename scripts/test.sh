@@ -45,6 +45,11 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 step "cargo nextest run (each test killed after 5 minutes)" cargo nextest run --workspace --locked
 step "cargo test --doc" cargo test --workspace --locked --doc
+# The images as they ship (static release binaries, OCI layouts): in CI, where the
+# Python tests then inspect them; elsewhere on demand (scripts/build-images.sh).
+if [ "${CI:-}" = "true" ]; then
+    step "build the images (scripts/build-images.sh)" ./scripts/build-images.sh
+fi
 python="$("$root/scripts/python-env.sh")"
 step "python tests (grpcio, cryptography, PyJWT, prometheus-client, openssl, Envoy)" \
     "$python" -m pytest -q "$root/tests/python"
