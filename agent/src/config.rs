@@ -268,6 +268,11 @@ mod tests {
                 .unwrap_err()
                 .contains("--grace-ratio-jitter")
         );
+        assert!(
+            parse(&[], &[("CA_HEADER_BAD", "a\nb")])
+                .unwrap_err()
+                .contains("CA_HEADER")
+        );
     }
 
     #[test]

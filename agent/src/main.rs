@@ -48,7 +48,12 @@ fn main() -> ExitCode {
             };
             let result: anyhow::Result<()> = runtime.block_on(async {
                 let socket = signet_agent::sds::bind(&config.socket)?;
-                let http = bind_http(config.http_addr).await?;
+                let (http, fallback) = signet_flags::bind_listener(config.http_addr)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.http_addr))?;
+                if let Some(warning) = fallback {
+                    tracing::warn!("{warning}");
+                }
                 signet_agent::server::run(config, socket, http, shutdown_signal()).await?;
                 Ok(())
             });
@@ -83,27 +88,6 @@ fn main() -> ExitCode {
                 }
             }
         }
-    }
-}
-
-/// The HTTP listener. `[::]` (the default) takes IPv4 and IPv6; where the kernel has
-/// no IPv6 at all it cannot be bound, and `0.0.0.0` on the same port is, with a
-/// warning.
-async fn bind_http(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-    match tokio::net::TcpListener::bind(addr).await {
-        Ok(listener) => Ok(listener),
-        Err(e)
-            if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-                && e.kind() != std::io::ErrorKind::AddrInUse =>
-        {
-            let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port());
-            tracing::warn!(error = %e, "cannot listen on {addr}; listening on {v4} (IPv4 only)");
-            tokio::net::TcpListener::bind(v4)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} or {v4}: {e}"))
-        }
-        Err(e) => Err(anyhow::anyhow!("cannot listen on {addr}: {e}")),
     }
 }
 

@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use signet_ca::cli::config::{Cli, Command};
-use tokio::net::TcpListener;
 
 /// sysexits' EX_USAGE: bad flags or flag values.
 const EX_USAGE: u8 = 64;
@@ -81,12 +80,8 @@ fn main() -> ExitCode {
                 };
             }
             let result = runtime.block_on(async {
-                let grpc = TcpListener::bind(config.grpc_addr)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.grpc_addr))?;
-                let http = TcpListener::bind(config.http_addr)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.http_addr))?;
+                let grpc = listen(config.grpc_addr).await?;
+                let http = listen(config.http_addr).await?;
                 signet_ca::server::run(config, grpc, http, shutdown_signal())
                     .await
                     .map_err(anyhow::Error::from)
@@ -104,6 +99,17 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// A listener at `addr`; `[::]` falls back to IPv4 where the kernel has no IPv6.
+async fn listen(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let (listener, fallback) = signet_flags::bind_listener(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    if let Some(warning) = fallback {
+        tracing::warn!("{warning}");
+    }
+    Ok(listener)
 }
 
 async fn shutdown_signal() {

@@ -1,7 +1,7 @@
 //! What the command-line flags of both programs share: [`ConfigError`], the error
-//! that names a flag and its problem (one line, exit code 64), and durations
-//! (`24h`, `90m`, `8s`, `1h30m`) within the bounds a flag's help states, as clap value
-//! parsers.
+//! that names a flag and its problem (one line, exit code 64), durations (`24h`,
+//! `90m`, `8s`, `1h30m`) within the bounds a flag's help states, as clap value
+//! parsers, and [`bind_listener`] for the `--*-addr` flags.
 #![forbid(unsafe_code)]
 
 use std::time::Duration as StdDuration;
@@ -81,6 +81,32 @@ pub fn lifetime_between(
     move |s| {
         let d = parse(s)?;
         Duration::try_from(d).map_err(|_| DurationError::TooLong(s.to_owned()))
+    }
+}
+
+/// A TCP listener at `addr` (a `--*-addr` flag). `[::]` takes IPv4 and IPv6; where the
+/// kernel has no IPv6 at all it cannot be bound, and `0.0.0.0` on the same port is
+/// bound instead: the second value then says so, for the caller to log as a warning.
+pub async fn bind_listener(
+    addr: std::net::SocketAddr,
+) -> std::io::Result<(tokio::net::TcpListener, Option<String>)> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => Ok((listener, None)),
+        Err(e)
+            if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                && e.kind() != std::io::ErrorKind::AddrInUse =>
+        {
+            let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), addr.port());
+            let listener = tokio::net::TcpListener::bind(v4).await?;
+            Ok((
+                listener,
+                Some(format!(
+                    "cannot listen on {addr} ({e}); listening on {v4}, IPv4 only"
+                )),
+            ))
+        }
+        Err(e) => Err(e),
     }
 }
 

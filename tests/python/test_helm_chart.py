@@ -469,15 +469,32 @@ def test_multi_cluster_mounts_each_remote_clusters_files(chart):
     point; a JWKS given by URL needs no volume."""
     spec = pod_spec(render(chart, MODES["multi-cluster"]))
     mounts = {m["name"]: m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
-    assert mounts["remote-west"] == "/etc/signet/remote/west"
-    assert mounts["remote-north"] == "/etc/signet/remote/north"
+    assert mounts["remote-0"] == "/etc/signet/remote/west"
+    assert mounts["remote-1"] == "/etc/signet/remote/north"
     volumes = {v["name"]: v for v in spec["volumes"]}
     sources = lambda name: volumes[name]["projected"]["sources"]  # noqa: E731
-    assert sources("remote-west") == [{"secret": {"name": "west-kubeconfig", "items": [
+    assert sources("remote-0") == [{"secret": {"name": "west-kubeconfig", "items": [
         {"key": "kubeconfig", "path": "kubeconfig"}]}}]
-    assert sources("remote-north") == [{"configMap": {"name": "north-jwks", "items": [
+    assert sources("remote-1") == [{"configMap": {"name": "north-jwks", "items": [
         {"key": "jwks.json", "path": "jwks.json"}]}}]
-    assert [list(s) for s in sources("remote-south")] == [["secret"]]
+    assert [list(s) for s in sources("remote-2")] == [["secret"]]
+
+
+def test_cluster_ids_that_are_no_volume_names_and_large_limits_render_valid_objects(chart):
+    """Istio cluster names may have upper case, `_` and `.`; limits up to the binary's
+    maximum come through as integers, not `1e+06`."""
+    values = {"multiCluster": {"remoteClusters": [{"id": "US_East.1", "kubeconfigSecret": "k"}]},
+              "limits": {"maxConnections": 1000000, "maxPending": 1000000},
+              "connections": {"maxPerPeer": 1000000}}
+    objs = render(chart, values)
+    for o in objs:
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(o, version, strict=True)
+    args = container(objs)["args"]
+    assert "--remote-cluster=US_East.1=/etc/signet/remote/US_East.1/kubeconfig" in args
+    for flag in ("--max-connections=1000000", "--max-pending=1000000",
+                 "--max-connections-per-peer=1000000"):
+        assert flag in args, args
 
 
 @pytest.mark.parametrize("remote, message", [

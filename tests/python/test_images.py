@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import platform
 import subprocess
 import tarfile
 import tomllib
@@ -71,7 +72,8 @@ def interpreter(elf):
 @pytest.mark.parametrize("name, command", [("signet-ca", ["serve"]), ("signet-agent", ["run"])])
 def test_image(name, command, tmp_path):
     config, files = image(name)
-    assert config["os"] == "linux" and config["architecture"] == "amd64"
+    goarch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    assert config["os"] == "linux" and config["architecture"] == goarch
     c = config["config"]
     assert c["Entrypoint"] == [f"/usr/local/bin/{name}"] and c["Cmd"] == command
     user, _, group = c["User"].partition(":")

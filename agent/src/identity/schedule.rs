@@ -51,7 +51,11 @@ pub fn refresh_at(
 ) -> OffsetDateTime {
     let lifetime = not_after - not_before;
     let jitter = jitter.clamp(-MAX_JITTER, MAX_JITTER);
-    not_after - lifetime * grace_ratio + lifetime * jitter
+    // The part of the lifetime still left at the refresh point, kept inside the
+    // lifetime as pilot-agent keeps it: a small ratio with a large jitter must not
+    // move the refresh past expiry, nor a large one before issue.
+    let left = (grace_ratio - jitter).clamp(0.01, 0.99);
+    not_after - lifetime * left
 }
 
 /// Exponential backoff with jitter: 500 ms doubling to 60 s, each delay drawn
@@ -282,6 +286,9 @@ mod tests {
         // Jitter beyond 10 % is clamped.
         assert_eq!(refresh_at(t(0), t(86_400), 0.5, 0.5), t(43_200 + 8_640));
         assert_eq!(refresh_at(t(0), t(100), 0.25, 0.0), t(75));
+        // Never past expiry nor before issue, whatever the ratio and jitter.
+        assert_eq!(refresh_at(t(0), t(100_000), 0.05, 0.1), t(99_000));
+        assert_eq!(refresh_at(t(0), t(100_000), 0.95, -0.1), t(1_000));
     }
 
     #[test]

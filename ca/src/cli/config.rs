@@ -125,7 +125,7 @@ pub struct ServeConfig {
     pub pods: Option<crate::issue::podcert::PodCertificates>,
     /// What the elected replica keeps in the API server; `None` when nothing.
     pub writers: Option<crate::kubernetes::writers::WriterConfig>,
-    /// Access to the local API server; `None` without.
+    /// Access to the local API server; `None` without, or when nothing uses it.
     pub api_access: Option<ApiAccess>,
 }
 
@@ -143,6 +143,18 @@ impl ServeArgs {
         let pod_signer = pods.as_ref().map(|p| p.signer.as_str());
         let writers = self.writers.validate(pod_signer, api_access.as_ref())?;
         let authn = self.authn.validate(api_access.as_ref())?;
+        // API access that nothing uses is dropped: a JWKS-only CA in a pod neither
+        // needs the pod's credentials nor probes the API server.
+        let jwks_on_api = matches!(
+            authn.jwt.as_ref().map(|j| &j.source),
+            Some(crate::issue::authn::JwksSource::ApiServer { .. })
+        );
+        let used = authn.reviews.is_some()
+            || jwks_on_api
+            || writers.is_some()
+            || pods.is_some()
+            || !policy.trusted_node_accounts.is_empty();
+        let api_access = api_access.filter(|_| used);
         Ok(ServeConfig {
             grpc_addr: self.grpc_addr,
             http_addr: self.http_addr,
@@ -178,6 +190,26 @@ mod tests {
             unreachable!()
         };
         args.validate(false).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn api_access_nothing_uses_is_dropped() {
+        // JWKS from a file, no TokenReview, no writers: the kubeconfig is not used.
+        let c = parse(&["--kubeconfig", "/kc", "--no-token-review"]).unwrap();
+        assert_eq!(c.api_access, None);
+        // TokenReview uses it.
+        let c = parse(&["--kubeconfig", "/kc"]).unwrap();
+        assert_eq!(c.api_access, Some(ApiAccess::Kubeconfig("/kc".into())));
+        // So do the writers.
+        let c = parse(&[
+            "--kubeconfig",
+            "/kc",
+            "--no-token-review",
+            "--root-configmap",
+            "istio-ca-root-cert",
+        ])
+        .unwrap();
+        assert!(c.api_access.is_some());
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! Whether the local API server answers. A replica with API access asks for
+//! Whether the local API server answers. A replica that uses API access asks for
 //! `GET /version` every [`PROBE_EVERY`]; `signet_ca_api_server_up` says how the last
-//! probe went. Where every token needs the API server (TokenReview), `/readyz` turns
-//! 503 once it has not answered for [`UNREADY_AFTER`], so the Service sends callers to
-//! replicas that can authenticate them; the probes go on and readiness comes back
-//! with the first answer.
+//! probe went. Where TokenReview is the only way the local cluster's tokens are
+//! checked, a replica starting without an answer is not ready, for at most
+//! [`START_GRACE`]: it would refuse every new workload. Later outages leave it ready
+//! (every replica shares the API server, and unready replicas would also turn away
+//! client-certificate renewals and other clusters' callers); `/readyz` and the
+//! metric say so.
 
 use std::{
     sync::{Arc, Mutex},
@@ -18,14 +20,19 @@ use crate::metrics::Metrics;
 pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(10);
 /// How long one probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Without an answer for this long, a replica that needs one is not ready.
-pub(crate) const UNREADY_AFTER: Duration = Duration::from_secs(30);
+/// How long a starting replica that needs the API server waits for its first answer
+/// before it is ready anyway (as long as the pod cache's wait, `POD_SYNC_GRACE`).
+pub(crate) const START_GRACE: Duration = Duration::from_secs(60);
+/// Without an answer for this long, `/readyz` says the API server is down.
+pub(crate) const DOWN_AFTER: Duration = Duration::from_secs(30);
 
 /// What the probes found.
 #[derive(Debug)]
 pub(crate) struct Reachability {
-    /// Readiness depends on it (TokenReview is how local tokens are checked).
+    /// Start-up readiness depends on it (TokenReview is the only way local tokens
+    /// are checked).
     pub(crate) needed_for_readiness: bool,
+    started: Instant,
     state: Mutex<State>,
 }
 
@@ -39,27 +46,38 @@ impl Reachability {
     pub(crate) fn new(needed_for_readiness: bool) -> Arc<Self> {
         Arc::new(Self {
             needed_for_readiness,
+            started: Instant::now(),
             state: Mutex::default(),
         })
     }
 
-    /// Why this replica is not ready, if the API server is the reason.
+    /// Why this replica is not ready, if the API server is the reason: it needs it,
+    /// has never had an answer, and started less than [`START_GRACE`] ago.
     pub(crate) fn unready_reason(&self) -> Option<String> {
-        if !self.needed_for_readiness {
+        let state = crate::sync::lock(&self.state);
+        if !self.needed_for_readiness
+            || state.last_answer.is_some()
+            || self.started.elapsed() >= START_GRACE
+        {
             return None;
         }
-        let state = crate::sync::lock(&self.state);
         let error = state.last_error.as_deref().unwrap_or("no answer yet");
-        match state.last_answer {
-            Some(at) if at.elapsed() < UNREADY_AFTER => None,
-            Some(at) => Some(format!(
-                "the Kubernetes API server has not answered for {}s ({error}); tokens cannot be reviewed",
-                at.elapsed().as_secs()
-            )),
-            None => Some(format!(
-                "the Kubernetes API server has not answered yet ({error}); tokens cannot be reviewed"
-            )),
-        }
+        Some(format!(
+            "the Kubernetes API server has not answered yet ({error}); tokens cannot be reviewed"
+        ))
+    }
+
+    /// What a ready replica says of the API server when it is down.
+    pub(crate) fn down_note(&self) -> Option<String> {
+        let state = crate::sync::lock(&self.state);
+        let error = state.last_error.as_deref()?;
+        let since = state.last_answer.unwrap_or(self.started).elapsed();
+        (since >= DOWN_AFTER || state.last_answer.is_none()).then(|| {
+            format!(
+                "the Kubernetes API server has not answered for {}s ({error}): token reviews and the writers fail",
+                since.as_secs()
+            )
+        })
     }
 
     fn record(&self, result: Result<(), String>, metrics: &Metrics) {
@@ -114,30 +132,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn readiness_follows_the_last_answer_only_where_it_is_needed() {
+    fn only_a_start_without_any_answer_is_unready() {
         let metrics = Metrics::new().unwrap();
         let reach = Reachability::new(true);
         assert!(reach.unready_reason().unwrap().contains("no answer yet"));
         reach.record(Err("connection refused".into()), &metrics);
-        assert!(
-            reach
-                .unready_reason()
-                .unwrap()
-                .contains("connection refused")
-        );
+        let why = reach.unready_reason().unwrap();
+        assert!(why.contains("connection refused"), "{why}");
+        assert!(reach.down_note().unwrap().contains("connection refused"));
         assert_eq!(metrics.api_server_up.get(), 0);
         reach.record(Ok(()), &metrics);
         assert_eq!(reach.unready_reason(), None);
+        assert_eq!(reach.down_note(), None);
         assert_eq!(metrics.api_server_up.get(), 1);
-        // An error after a recent answer: still ready until UNREADY_AFTER passes.
+        // An outage later: still ready; after DOWN_AFTER the note says so.
         reach.record(Err("timeout".into()), &metrics);
         assert_eq!(reach.unready_reason(), None);
+        assert_eq!(reach.down_note(), None);
         crate::sync::lock(&reach.state).last_answer =
-            Some(Instant::now() - UNREADY_AFTER - Duration::from_secs(1));
-        let why = reach.unready_reason().unwrap();
-        assert!(why.contains("has not answered for 31s (timeout)"), "{why}");
+            Some(Instant::now() - DOWN_AFTER - Duration::from_secs(1));
+        let note = reach.down_note().unwrap();
+        assert!(
+            note.contains("has not answered for 31s (timeout)"),
+            "{note}"
+        );
+        assert_eq!(reach.unready_reason(), None);
         assert_eq!(metrics.api_server_probe_failures.get(), 2);
 
+        // Past the start-up grace without any answer: ready, with the note.
+        let late = Arc::new(Reachability {
+            needed_for_readiness: true,
+            started: Instant::now() - START_GRACE,
+            state: Mutex::default(),
+        });
+        late.record(Err("refused".into()), &metrics);
+        assert_eq!(late.unready_reason(), None);
+        assert!(late.down_note().is_some());
+
+        // Where local tokens have another way in, never unready.
         let not_needed = Reachability::new(false);
         not_needed.record(Err("refused".into()), &metrics);
         assert_eq!(not_needed.unready_reason(), None);

@@ -28,10 +28,10 @@ pub(super) struct Readiness {
 }
 
 impl Readiness {
-    /// Not ready while the API server does not answer where TokenReview needs it, or
-    /// while the local cluster's pod cache has not synced (for at most
-    /// [`POD_SYNC_GRACE`]); ready otherwise, naming any cluster whose impersonation
-    /// requests are still answered UNAVAILABLE.
+    /// Not ready while a starting replica that needs the API server has no answer
+    /// from it, or while the local cluster's pod cache has not synced (each for at
+    /// most a minute); ready otherwise, naming an API server that is down or any
+    /// cluster whose impersonation requests are still answered UNAVAILABLE.
     fn readiness(&self) -> (StatusCode, String) {
         if let Some(why) = self.api.as_ref().and_then(|api| api.unready_reason()) {
             return (
@@ -39,6 +39,15 @@ impl Readiness {
                 format!("not ready: {why}\n"),
             );
         }
+        let (code, body) = self.pods_readiness();
+        match self.api.as_ref().and_then(|api| api.down_note()) {
+            Some(note) if code == StatusCode::OK => (code, format!("ready; {note}\n")),
+            _ => (code, body),
+        }
+    }
+
+    /// The pod caches' part of [`Self::readiness`].
+    fn pods_readiness(&self) -> (StatusCode, String) {
         let unsynced: Vec<&str> = self
             .caches
             .iter()

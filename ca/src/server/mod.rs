@@ -370,8 +370,8 @@ async fn spawn_writers(
     ))))
 }
 
-/// With API access, the probe of the local API server; readiness depends on it where
-/// local tokens are checked by TokenReview.
+/// With API access, the probe of the local API server; start-up readiness depends on
+/// it where TokenReview is the only way local tokens are checked.
 async fn api_probe(
     config: &ServeConfig,
     metrics: &Metrics,
@@ -385,7 +385,7 @@ async fn api_probe(
             .await
             .map_err(ServeError::ApiProbe)?;
     metrics.register_api_server_probe()?;
-    let reach = Reachability::new(config.authn.reviews.is_some());
+    let reach = Reachability::new(config.authn.reviews.is_some() && config.authn.jwt.is_none());
     tokio::spawn(reachability::probe(
         client,
         reach.clone(),

@@ -154,7 +154,7 @@ true
 - {{ printf "--serving-dns-names=%v" (join "," $dns) | quote }}
 - {{ printf "--default-ttl=%v" (.Values.defaultTtl) | quote }}
 - {{ printf "--max-ttl=%v" (.Values.maxTtl) | quote }}
-- {{ printf "--max-connections-per-peer=%v" (.Values.connections.maxPerPeer) | quote }}
+- {{ printf "--max-connections-per-peer=%d" (int64 .Values.connections.maxPerPeer) | quote }}
 {{- range .Values.connections.peerShares }}
 - {{ printf "--peer-connection-share=%v" . | quote }}
 {{- end }}
@@ -214,19 +214,19 @@ true
 {{- end }}
 {{- with .Values.limits }}
 {{- if .maxConnections }}
-- {{ printf "--max-connections=%v" .maxConnections | quote }}
+- {{ printf "--max-connections=%d" (int64 .maxConnections) | quote }}
 {{- end }}
 {{- if .maxTokenReviews }}
-- {{ printf "--max-token-reviews=%v" .maxTokenReviews | quote }}
+- {{ printf "--max-token-reviews=%d" (int64 .maxTokenReviews) | quote }}
 {{- end }}
 {{- if .maxPending }}
-- {{ printf "--max-pending=%v" .maxPending | quote }}
+- {{ printf "--max-pending=%d" (int64 .maxPending) | quote }}
 {{- end }}
 {{- if .maxPendingPerCaller }}
-- {{ printf "--max-pending-per-caller=%v" .maxPendingPerCaller | quote }}
+- {{ printf "--max-pending-per-caller=%d" (int64 .maxPendingPerCaller) | quote }}
 {{- end }}
 {{- if .signingThreads }}
-- {{ printf "--signing-threads=%v" .signingThreads | quote }}
+- {{ printf "--signing-threads=%d" (int64 .signingThreads) | quote }}
 {{- end }}
 {{- end }}
 {{- if include "signet.writes" . }}
