@@ -198,16 +198,19 @@ fn jitter(s: &str) -> Result<f64, IdentityFlagError> {
         .ok_or_else(|| IdentityFlagError::Jitter(s.to_owned()))
 }
 
+/// The value of the variable `name` in `env`, trimmed; `None` when unset or empty.
+fn env_var<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    env.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
 /// The key type from pilot-agent's variables in `env`, when they name one:
 /// `ECC_SIGNATURE_ALGORITHM=ECDSA` (curve `ECC_CURVE`, P256 by default), else
 /// `WORKLOAD_RSA_KEY_SIZE`.
 fn pilot_agent_key_type(env: &[(String, String)]) -> Result<Option<KeyType>, ConfigError> {
-    let var = |name: &str| {
-        env.iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.trim())
-            .filter(|v| !v.is_empty())
-    };
+    let var = |name| env_var(env, name);
     if let Some(algorithm) = var("ECC_SIGNATURE_ALGORITHM") {
         if !algorithm.eq_ignore_ascii_case("ECDSA") {
             return Err(ConfigError::new(
@@ -266,8 +269,7 @@ pub struct IdentityConfig {
 impl IdentityArgs {
     /// The SPIFFE ID these flags name, and the rest as given.
     pub fn validate(self, env: &[(String, String)]) -> Result<IdentityConfig, ConfigError> {
-        let var = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.trim());
-        if var("FILE_MOUNTED_CERTS").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        if env_var(env, "FILE_MOUNTED_CERTS").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
             return Err(ConfigError::new(
                 "FILE_MOUNTED_CERTS",
                 "certificates mounted at /etc/certs are pilot-agent's mode; signet-agent gets them from the CA. Leave such pods to pilot-agent, or serve the files with --file-secret-dir (Istio's file-cert: names)",
