@@ -264,3 +264,21 @@ pub fn sds_authority(data: &[u8]) {
         rest = &rest[9 + len..];
     }
 }
+
+/// A peer's X25519MLKEM768 key share (`signet_tls`), as a client's share on the
+/// CA's side and as a server's answer to a client in progress: never a panic; a
+/// client share is taken only at 1216 bytes (answered with 1120 and a 64-byte
+/// secret), an answer only at 1120.
+pub fn kx_share(data: &[u8]) {
+    if let Ok(done) = signet_tls::X25519MLKEM768.start_and_complete(data) {
+        assert_eq!(data.len(), 1184 + 32);
+        assert_eq!(done.pub_key.len(), 1088 + 32);
+        assert_eq!(done.secret.secret_bytes().len(), 64);
+    }
+    let Ok(client) = signet_tls::X25519MLKEM768.start() else {
+        return;
+    };
+    if client.complete(data).is_ok() {
+        assert_eq!(data.len(), 1088 + 32);
+    }
+}

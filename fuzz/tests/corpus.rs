@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 7] = [
+const TARGETS: [(&str, Target); 8] = [
     ("csr", signet_fuzz::csr),
     ("jwt", signet_fuzz::jwt),
     ("cacerts", signet_fuzz::cacerts),
@@ -16,6 +16,7 @@ const TARGETS: [(&str, Target); 7] = [
     ("ca_answer", signet_fuzz::ca_answer),
     ("federation", signet_fuzz::federation),
     ("sds_authority", signet_fuzz::sds_authority),
+    ("kx_share", signet_fuzz::kx_share),
 ];
 
 fn corpus(target: &str) -> PathBuf {
@@ -82,6 +83,10 @@ fn seeds_reach_the_accepting_paths() {
         assert!(out.len() > 24, "{seed}");
     }
     std::fs::remove_dir_all(dir).unwrap();
+    let answer = signet_tls::X25519MLKEM768
+        .start_and_complete(&read("kx_share", "client-share"))
+        .unwrap();
+    assert_eq!(answer.pub_key.len(), read("kx_share", "server-share").len());
 }
 
 /// Found by the `cacerts` target: a signing certificate whose subject holds an object
@@ -171,6 +176,19 @@ fn write_sds_authority_seeds() {
     write_corpus("sds_authority", "huffman-continuation", &seed);
 }
 
+/// Writes the `kx_share` seeds: a client's X25519MLKEM768 share and a server's
+/// answer to it.
+#[test]
+#[ignore]
+fn write_kx_share_seeds() {
+    let client = signet_tls::X25519MLKEM768.start().unwrap();
+    let answer = signet_tls::X25519MLKEM768
+        .start_and_complete(client.pub_key())
+        .unwrap();
+    write_corpus("kx_share", "client-share", client.pub_key());
+    write_corpus("kx_share", "server-share", &answer.pub_key);
+}
+
 fn write_corpus(target: &str, file: &str, bytes: &[u8]) {
     let dir = corpus(target);
     std::fs::create_dir_all(&dir).unwrap();
@@ -182,6 +200,7 @@ fn write_corpus(target: &str, file: &str, bytes: &[u8]) {
 #[ignore]
 fn write_seeds() {
     write_sds_authority_seeds();
+    write_kx_share_seeds();
     use rcgen::{CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose, SanType};
     let write = |target: &str, file: &str, bytes: &[u8]| {
         let dir = corpus(target);
