@@ -24,7 +24,6 @@ fn main() -> ExitCode {
         }
     };
     signet_telemetry::init_logging(cli.log_format);
-    let _ = rustls::crypto::ring::default_provider().install_default();
     // One identity is light work: a single-threaded runtime keeps the agent small
     // (one stack, one malloc arena). RSA key generation runs on a blocking thread.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -46,6 +45,9 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_USAGE);
                 }
             };
+            // The CA client's TLS (tonic takes the process default): X25519MLKEM768
+            // offered first, and what COMPLIANCE_POLICY allows.
+            let _ = signet_tls::provider(config.ca.compliance_policy).install_default();
             let result: anyhow::Result<()> = runtime.block_on(async {
                 let socket = signet_agent::sds::bind(&config.socket)?;
                 let (http, fallback) = signet_flags::bind_listener(config.http_addr)

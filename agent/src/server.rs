@@ -157,7 +157,13 @@ pub async fn run_with(
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
     });
-    tracing::info!(id = %config.identity.spiffe_id, socket = %config.socket.display(), ca = %config.ca.addr, "signet-agent running");
+    tracing::info!(
+        id = %config.identity.spiffe_id,
+        socket = %config.socket.display(),
+        ca = %config.ca.addr,
+        compliance_policy = %config.ca.compliance_policy,
+        "signet-agent running"
+    );
     sds.await?;
     match http_server.await {
         Ok(result) => result?,

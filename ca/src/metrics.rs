@@ -43,6 +43,10 @@ pub struct Metrics {
     /// Connections the CA closed of its own accord, by reason (`evicted`,
     /// `first_request_timeout`, `idle_timeout`, `max_age`).
     pub connections_closed: IntCounterVec,
+    /// Completed TLS handshakes by listener, key-exchange group and TLS version.
+    pub tls_handshakes: IntCounterVec,
+    /// Failed TLS handshakes by listener and reason.
+    pub tls_handshake_failures: IntCounterVec,
     /// 1 while this replica holds the writer Lease, else 0.
     pub leader: IntGauge,
     /// 1 when the local API server answered the last probe, else 0.
@@ -118,6 +122,22 @@ impl Metrics {
             &["reason"],
         )?;
         registry.register(Box::new(connections_closed.clone()))?;
+        let tls_handshakes = IntCounterVec::new(
+            Opts::new(
+                "signet_ca_tls_handshakes_total",
+                "Completed TLS handshakes, by listener, negotiated key-exchange group (X25519MLKEM768, X25519, P-256, P-384) and TLS version: when every client is on X25519MLKEM768, COMPLIANCE_POLICY=pqc refuses nobody.",
+            ),
+            &["listener", "group", "version"],
+        )?;
+        registry.register(Box::new(tls_handshakes.clone()))?;
+        let tls_handshake_failures = IntCounterVec::new(
+            Opts::new(
+                "signet_ca_tls_handshake_failures_total",
+                "Failed TLS handshakes, by listener and reason: no_shared_group, no_shared_cipher_suite, protocol_version, certificate, timeout, other.",
+            ),
+            &["listener", "reason"],
+        )?;
+        registry.register(Box::new(tls_handshake_failures.clone()))?;
         let by_writer = |name: &str, help: &str| -> Result<IntCounterVec, prometheus::Error> {
             let c = IntCounterVec::new(Opts::new(name, help), &["writer"])?;
             registry.register(Box::new(c.clone()))?;
@@ -210,6 +230,8 @@ impl Metrics {
             cacerts_reloads,
             limit_rejections,
             connections_closed,
+            tls_handshakes,
+            tls_handshake_failures,
             leader,
             api_server_up,
             api_server_probe_failures,

@@ -212,7 +212,7 @@ class Agent:
 
 
 def start_agent(ca, cluster, ns="default", sa="bookinfo", extra_args=(), workdir=None,
-                http_host="127.0.0.1"):
+                http_host="127.0.0.1", env=None):
     """Starts the real signet-agent against `ca` and waits for /healthz/ready.
     The working directory is a short one under /tmp so the socket path stays short."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="sds", dir="/tmp"))
@@ -226,8 +226,9 @@ def start_agent(ca, cluster, ns="default", sa="bookinfo", extra_args=(), workdir
             "--token-file", str(token), "--namespace", ns, "--service-account", sa,
             "--socket", str(sock), "--http-addr", f"{http_host}:{http_port}", *extra_args]
     log = open(workdir / "agent.log", "w+")
-    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
+    full_env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
+    full_env.update(env or {})
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=workdir)
     agent = Agent(proc, sock, http_port, workdir, log, ns, sa)
     # 60 s at most: generous for a loaded machine (the first certificate may need a
     # retry with backoff), free when it is fast.

@@ -59,6 +59,7 @@ MODES = {
         "ambient": {"trustedNodeAccounts": ["istio-system/ztunnel", "kube-system/ztunnel"]},
         "podCertificates": {"enabled": True, "deny": ["kube-system"]},
         "connections": {"peerShares": ["10.0.8.15/32=unlimited", "10.1.0.0/16=512"]},
+        "compliancePolicy": "pqc",
     },
 }
 
@@ -249,6 +250,7 @@ def test_examples_validate(path):
     {"replicaCount": 0},
     {"rootConfigMap": {"enable": False}},
     {"logFormat": "xml"},
+    {"compliancePolicy": "PQC"},
 ])
 def test_unknown_or_misspelt_values_are_errors(chart, values):
     """values.schema.json: a typo or an unknown key fails lint and rendering instead of
@@ -274,6 +276,9 @@ def test_container_args_per_mode(chart, mode):
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    # Istio's variable, only when the value is set.
+    policy = MODES[mode].get("compliancePolicy")
+    assert env.get("COMPLIANCE_POLICY", {}).get("value") == policy, env
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -35,7 +35,7 @@ VALUES = yaml.safe_load((ROOT / "deploy" / "istio" / "signet-injection-values.ya
 SOCKET_DIR = "/var/run/secrets/workload-spiffe-uds"
 
 
-def render_template(values, mesh_config, proxy_metadata=None):
+def render_template(values, mesh_config, proxy_metadata=None, compliance_policy=""):
     """The `signet` template, executed as Istio's injector would (Helm's engine)."""
     with tempfile.TemporaryDirectory() as d:
         chart = Path(d) / "inject"
@@ -46,10 +46,11 @@ def render_template(values, mesh_config, proxy_metadata=None):
             + "\n{{- end -}}\n")
         (chart / "templates" / "out.yaml").write_text(
             '{{ include "signet" (dict "Values" .Values.istio "MeshConfig" .Values.meshConfig'
-            ' "ProxyConfig" .Values.proxyConfig) }}\n')
+            ' "ProxyConfig" .Values.proxyConfig "CompliancePolicy" .Values.compliancePolicy) }}\n')
         with helm_python.Chart.load(chart) as c:
             out = c.render({"istio": values, "meshConfig": mesh_config,
-                            "proxyConfig": {"ProxyMetadata": proxy_metadata or {}}},
+                            "proxyConfig": {"ProxyMetadata": proxy_metadata or {}},
+                            "compliancePolicy": compliance_policy},
                            name="x", namespace="y")
     return yaml.safe_load(out["inject/templates/out.yaml"])
 
@@ -166,6 +167,22 @@ def test_without_a_ca_address_the_revisions_istiod_is_used():
     values["revision"] = ""
     agent = render_template(values, {})["spec"]["initContainers"][0]
     assert {e["name"]: e.get("value") for e in agent["env"]}["CA_ADDR"] == "istiod.istio-system.svc:15012"
+
+
+def test_istiods_compliance_policy_reaches_the_agent():
+    """Istio's injector hands istiod's COMPLIANCE_POLICY to the template
+    (`.CompliancePolicy`); it wins over a proxyMetadata entry of the same name, and
+    without it proxyMetadata's reaches the agent."""
+    def env(**kw):
+        agent = render_template(VALUES, {}, **kw)["spec"]["initContainers"][0]
+        names = [e["name"] for e in agent["env"]]
+        assert names.count("COMPLIANCE_POLICY") <= 1, names
+        return {e["name"]: e.get("value") for e in agent["env"]}
+    assert "COMPLIANCE_POLICY" not in env()
+    assert env(compliance_policy="pqc")["COMPLIANCE_POLICY"] == "pqc"
+    assert env(compliance_policy="pqc",
+               proxy_metadata={"COMPLIANCE_POLICY": "fips-140-3"})["COMPLIANCE_POLICY"] == "pqc"
+    assert env(proxy_metadata={"COMPLIANCE_POLICY": "fips-140-3"})["COMPLIANCE_POLICY"] == "fips-140-3"
 
 
 def test_the_rendered_container_runs_and_its_startup_probe_waits_for_the_socket(injected, ca, cluster):

@@ -44,6 +44,9 @@ pub struct CaArgs {
     /// Cluster id sent to the CA in the `clusterid` header.
     #[arg(long, env = "ISTIO_META_CLUSTER_ID", default_value = "Kubernetes")]
     pub cluster_id: String,
+
+    #[command(flatten)]
+    pub compliance: signet_tls::ComplianceArgs,
 }
 
 /// A `--ca-addr` that is not `host:port`.
@@ -105,6 +108,10 @@ pub struct CaConfig {
     pub cluster_id: String,
     /// Extra request headers from `CA_HEADER_<NAME>` variables.
     pub headers: std::collections::BTreeMap<String, String>,
+    /// Istio's `COMPLIANCE_POLICY`: what the TLS client offers. tonic builds its TLS
+    /// from the process's default rustls provider, so `main` installs
+    /// [`signet_tls::provider`] of this before the first connection.
+    pub compliance_policy: signet_tls::CompliancePolicy,
 }
 
 impl CaArgs {
@@ -163,6 +170,7 @@ impl CaArgs {
             token_file: self.token_file,
             cluster_id: self.cluster_id,
             headers,
+            compliance_policy: self.compliance.compliance_policy,
         })
     }
 }

@@ -117,6 +117,8 @@ pub struct ServeConfig {
     pub authn: AuthnConfig,
     /// Names in the CA's serving certificate.
     pub serving_dns_names: Vec<String>,
+    /// Istio's `COMPLIANCE_POLICY`: what the TLS listeners accept.
+    pub compliance_policy: signet_tls::CompliancePolicy,
     /// The signing queue's sizes.
     pub queue: crate::issue::queue::QueueConfig,
     /// Connection limits.
@@ -162,6 +164,7 @@ impl ServeArgs {
             policy,
             authn,
             serving_dns_names: self.tls.names()?,
+            compliance_policy: self.tls.compliance.compliance_policy,
             queue: self.queue.config(),
             conns: self.conns.limits(),
             pods,

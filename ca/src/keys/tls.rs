@@ -31,6 +31,9 @@ pub struct TlsArgs {
         default_value = "istiod.istio-system.svc,istiod.istio-system.svc.cluster.local,istiod.istio-system,istiod"
     )]
     pub serving_dns_names: Vec<String>,
+
+    #[command(flatten)]
+    pub compliance: signet_tls::ComplianceArgs,
 }
 
 impl TlsArgs {
@@ -116,24 +119,30 @@ impl TlsState {
         not_after - SERVING_CERT_LIFETIME / 2
     }
 
-    /// A rustls server configuration that reads the current certificate and trust.
+    /// The rustls server configurations under `policy` (see
+    /// [`signet_tls::ServerConfigs`]), each reading the current certificate and trust.
     ///
     /// Session resumption is off: a resumed session restores the peer's certificates
     /// from the ticket without running the verifier, which would let a client
     /// certificate authenticate after it expired. gRPC clients keep one connection
     /// open, so a full handshake per connection costs nothing that matters.
-    pub(crate) fn server_config(self: &Arc<Self>) -> Result<ServerConfig, TlsError> {
-        let mut config = ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Rustls(e.to_string()))?
-            .with_client_cert_verifier(Arc::new(DynamicClientVerifier(self.clone())))
-            .with_cert_resolver(Arc::new(DynamicCert(self.clone())));
-        config.alpn_protocols = vec![b"h2".to_vec()];
-        // No session cache and no TLS 1.3 tickets; the builder's ticketer already
-        // never produces TLS 1.2 tickets.
-        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-        config.send_tls13_tickets = 0;
-        Ok(config)
+    pub(crate) fn server_configs(
+        self: &Arc<Self>,
+        policy: signet_tls::CompliancePolicy,
+    ) -> Result<signet_tls::ServerConfigs, TlsError> {
+        signet_tls::ServerConfigs::new(policy, |provider, versions| {
+            let mut config = ServerConfig::builder_with_provider(provider)
+                .with_protocol_versions(versions)?
+                .with_client_cert_verifier(Arc::new(DynamicClientVerifier(self.clone())))
+                .with_cert_resolver(Arc::new(DynamicCert(self.clone())));
+            config.alpn_protocols = vec![b"h2".to_vec()];
+            // No session cache and no TLS 1.3 tickets; the builder's ticketer already
+            // never produces TLS 1.2 tickets.
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+            Ok(config)
+        })
+        .map_err(|e| TlsError::Rustls(e.to_string()))
     }
 
     /// Checks a client certificate chain again, at `now`, against the trust bundle

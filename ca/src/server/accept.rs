@@ -9,12 +9,13 @@ use std::{
     time::Duration as StdDuration,
 };
 
+use signet_tls::{HandshakeFailure, Negotiated, ServerConfigs};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     sync::{mpsc, watch},
 };
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_rustls::server::TlsStream;
 
 use super::HANDSHAKE_TIMEOUT;
 use crate::{
@@ -22,13 +23,17 @@ use crate::{
     metrics::Metrics,
 };
 
+/// The gRPC listener's name in the TLS metrics.
+const LISTENER: &str = "grpc";
+
 /// Accepts TCP connections and completes TLS handshakes concurrently, so one slow
 /// client cannot hold up the others. Each connection holds a slot of `pool` from
 /// accept to close (see [`crate::conns`]); a connection still open `cut_after` its
-/// handshake is cut.
+/// handshake is cut. Each handshake is counted by the group it settled on, or by why
+/// it failed.
 pub(super) async fn accept_tls(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    tls: Arc<ServerConfigs>,
     cut_after: StdDuration,
     pool: Arc<Pool>,
     metrics: Metrics,
@@ -68,31 +73,65 @@ pub(super) async fn accept_tls(
                 .inc();
         }
         let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let tls = tls.clone();
         let conns = conns.clone();
-        let closed = metrics.connections_closed.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let evicted = Deadlines::evicted(&slot);
-            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
-            tokio::select! {
-                _ = evicted => tracing::debug!(%peer, "evicted during its TLS handshake"),
-                done = handshake => match done {
-                    Ok(Ok(tls)) => {
-                        let _ = conns
-                            .send(Ok(Conn {
-                                tls,
-                                deadlines: Deadlines::start(slot, cut_after),
-                                closed,
-                                counted: false,
-                            }))
-                            .await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                },
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, signet_tls::accept(&tls, tcp));
+            let done = tokio::select! {
+                _ = evicted => {
+                    tracing::debug!(%peer, "evicted during its TLS handshake");
+                    return;
+                }
+                done = handshake => done,
+            };
+            if let Some(tls) = handshake_done(done, peer, &metrics) {
+                let _ = conns
+                    .send(Ok(Conn {
+                        tls,
+                        deadlines: Deadlines::start(slot, cut_after),
+                        closed: metrics.connections_closed.clone(),
+                        counted: false,
+                    }))
+                    .await;
             }
         });
     }
+}
+
+/// Counts and logs a handshake's outcome: the group and version it settled on, or why
+/// it failed.
+fn handshake_done(
+    done: Result<std::io::Result<TlsStream<TcpStream>>, tokio::time::error::Elapsed>,
+    peer: std::net::SocketAddr,
+    metrics: &Metrics,
+) -> Option<TlsStream<TcpStream>> {
+    let reason = match done {
+        Ok(Ok(tls)) => {
+            let Negotiated { group, version } = Negotiated::of(tls.get_ref().1);
+            metrics
+                .tls_handshakes
+                .with_label_values(&[LISTENER, group, version])
+                .inc();
+            tracing::debug!(%peer, listener = %LISTENER, %group, %version, "TLS handshake complete");
+            return Some(tls);
+        }
+        Ok(Err(e)) => {
+            let reason = HandshakeFailure::of(&e).label();
+            tracing::debug!(%peer, listener = %LISTENER, %reason, error = %e, "TLS handshake failed");
+            reason
+        }
+        Err(_) => {
+            tracing::debug!(%peer, listener = %LISTENER, "TLS handshake timed out");
+            "timeout"
+        }
+    };
+    metrics
+        .tls_handshake_failures
+        .with_label_values(&[LISTENER, reason])
+        .inc();
+    None
 }
 
 /// A TLS connection and its deadlines (with the pool slot it holds until dropped).

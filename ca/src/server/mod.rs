@@ -13,7 +13,6 @@ use tokio::{
     net::TcpListener,
     sync::{mpsc, watch},
 };
-use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
 use accept::{Conn, accept_tls};
@@ -201,7 +200,7 @@ pub async fn run(
     metrics.set_expiries(signer.root_not_after(), signer.signing_not_after());
     let authn = Arc::new(authenticator(&config).await?);
     let tls = TlsState::new(&signer, config.serving_dns_names.clone(), now)?;
-    let acceptor = TlsAcceptor::from(Arc::new(tls.server_config()?));
+    let tls_configs = Arc::new(tls.server_configs(config.compliance_policy)?);
     let (signer_tx, signer_rx) = watch::channel(Arc::new(signer));
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(false);
@@ -229,7 +228,7 @@ pub async fn run(
     let pool = Pool::new(config.conns.clone());
     tokio::spawn(accept_tls(
         grpc,
-        acceptor,
+        tls_configs,
         max_age + CONNECTION_AGE_GRACE,
         pool.clone(),
         metrics.clone(),
@@ -296,7 +295,12 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     let _ = ready_tx.send(true);
-    tracing::info!(grpc = %config.grpc_addr, http = %config.http_addr, "signet-ca serving");
+    tracing::info!(
+        grpc = %config.grpc_addr,
+        http = %config.http_addr,
+        compliance_policy = %config.compliance_policy,
+        "signet-ca serving"
+    );
     grpc_server.await?;
     if let Some(writers) = writers {
         // Gives the writer Lease up, so another replica takes over at once.
