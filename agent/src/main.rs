@@ -47,7 +47,13 @@ fn main() -> ExitCode {
             };
             // The CA client's TLS (tonic takes the process default): X25519MLKEM768
             // offered first, and what COMPLIANCE_POLICY allows.
-            let _ = signet_tls::provider(config.ca.compliance_policy).install_default();
+            if signet_tls::provider(config.ca.compliance_policy)
+                .install_default()
+                .is_err()
+            {
+                eprintln!("error: a TLS provider was installed before COMPLIANCE_POLICY's");
+                return ExitCode::FAILURE;
+            }
             let result: anyhow::Result<()> = runtime.block_on(async {
                 let socket = signet_agent::sds::bind(&config.socket)?;
                 let (http, fallback) = signet_flags::bind_listener(config.http_addr)

@@ -268,7 +268,10 @@ pub fn sds_authority(data: &[u8]) {
 /// A peer's X25519MLKEM768 key share (`signet_tls`), as a client's share on the
 /// CA's side and as a server's answer to a client in progress: never a panic; a
 /// client share is taken only at 1216 bytes (answered with 1120 and a 64-byte
-/// secret), an answer only at 1120.
+/// secret), an answer only at 1120. Key pairs and encapsulations draw fresh
+/// randomness on each run, as in a handshake; what decides acceptance (lengths, the
+/// encapsulation key's modulus check) depends on the input alone. Random inputs
+/// almost never pass the modulus check: the `client-share` seed covers that path.
 pub fn kx_share(data: &[u8]) {
     if let Ok(done) = signet_tls::X25519MLKEM768.start_and_complete(data) {
         assert_eq!(data.len(), 1184 + 32);

@@ -69,7 +69,7 @@ fn main() {
         .map_or_else(|| ca_binary(&profile), std::path::PathBuf::from);
     let phase = Duration::from_secs(secs);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    signet_e2e::install_tls_provider();
     let me = std::process::id();
     let all_cores = if cores >= 2 { "0,1" } else { "0" };
 

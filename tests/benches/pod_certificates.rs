@@ -53,7 +53,7 @@ async fn main() {
     if pinned {
         pin(std::process::id(), "1");
     }
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    signet_e2e::install_tls_provider();
     let setup = Setup::new(&["apps"]).await;
     let api = &setup.api;
     let key = rcgen::KeyPair::generate().unwrap();

@@ -56,7 +56,7 @@ fn main() {
     // Another build to hold against this one (the commit before a change, say).
     let binary = std::env::var_os("SIGNET_BENCH_CA")
         .map_or_else(|| ca_binary("release"), std::path::PathBuf::from);
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    signet_e2e::install_tls_provider();
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
 
     let dir = tempfile::tempdir().unwrap();

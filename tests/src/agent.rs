@@ -180,7 +180,7 @@ pub async fn wait_ready(http: SocketAddr) {
 async fn start_agent(args: &[String]) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<()>) {
     use clap::Parser;
     use signet_agent::config::{Cli, Command};
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::install_tls_provider();
     let mut full = vec!["signet-agent".to_string(), "run".to_string()];
     full.extend_from_slice(args);
     let Command::Run(run) = Cli::try_parse_from(full).unwrap().command else {

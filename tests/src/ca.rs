@@ -43,7 +43,7 @@ impl TestCa {
     /// Starts a CA whose gRPC listener is at `grpc` (to restart one where it was),
     /// without waiting for it to be ready.
     pub async fn start_unready(args: &[String], grpc: SocketAddr) -> Self {
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        crate::install_tls_provider();
         let grpc_listener = TcpListener::bind(grpc).await.unwrap();
         let http_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc = grpc_listener.local_addr().unwrap();

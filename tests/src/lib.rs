@@ -40,6 +40,13 @@ use tokio::net::TcpListener;
 
 /// A multi-threaded runtime whose threads are named `name` (the benches tell the CA's
 /// CPU from the load generator's by thread name).
+/// Installs rustls's process-wide default provider as signet-agent's `main` does with
+/// no compliance policy (the hybrid group first), so in-process agents' CA clients
+/// and our own tonic clients run on what ships; the first call wins.
+pub fn install_tls_provider() {
+    let _ = signet_tls::provider(signet_tls::CompliancePolicy::Unset).install_default();
+}
+
 pub fn named_runtime(name: &str) -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .thread_name(name)

@@ -245,7 +245,7 @@ async fn an_unreachable_ca_is_a_connect_error_not_a_refusal() {
         config::{Cli, Command},
         identity::caclient::GrpcCaClient,
     };
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    signet_e2e::install_tls_provider();
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "a.b.c").unwrap();

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use rustls::{
-    CommonState, NamedGroup, ProtocolVersion, ServerConfig, SupportedProtocolVersion,
+    CipherSuite, CommonState, NamedGroup, ProtocolVersion, ServerConfig, SupportedProtocolVersion,
     crypto::CryptoProvider, server::ClientHello, version::TLS13,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -63,14 +63,27 @@ impl ServerConfigs {
 
     /// The configuration for a client that sent `hello`.
     pub fn for_hello(&self, hello: &ClientHello<'_>) -> Arc<ServerConfig> {
-        let offers_hybrid = hello
-            .named_groups()
-            .is_some_and(|groups| groups.contains(&NamedGroup::X25519MLKEM768));
         match &self.hybrid {
-            Some(hybrid) if offers_hybrid => hybrid.clone(),
+            Some(hybrid) if offers_hybrid(hello.named_groups(), hello.cipher_suites()) => {
+                hybrid.clone()
+            }
             _ => self.fallback.clone(),
         }
     }
+}
+
+/// Whether a ClientHello can be served by the hybrid configuration: it lists
+/// X25519MLKEM768 and a TLS 1.3 AES-GCM suite (which every policy allowing the
+/// hybrid group holds). A client that lists the group but speaks only TLS 1.2 is
+/// broken, yet keeps the fallback it had before.
+fn offers_hybrid(groups: Option<&[NamedGroup]>, suites: &[CipherSuite]) -> bool {
+    groups.is_some_and(|groups| groups.contains(&NamedGroup::X25519MLKEM768))
+        && suites.iter().any(|s| {
+            matches!(
+                s,
+                CipherSuite::TLS13_AES_128_GCM_SHA256 | CipherSuite::TLS13_AES_256_GCM_SHA384
+            )
+        })
 }
 
 /// Completes a server handshake on `io`, choosing the configuration by its ClientHello.
@@ -288,6 +301,21 @@ mod tests {
         assert_eq!((got.group, got.version), ("P-256", "TLSv1.2"));
         let got = handshake(&server, vec![X25519MLKEM768], &[&TLS13]).await;
         assert_eq!(got, Err(HandshakeFailure::ProtocolVersion));
+    }
+
+    #[test]
+    fn the_hybrid_configuration_needs_the_group_and_a_tls13_suite() {
+        let hybrid = [NamedGroup::X25519, NamedGroup::X25519MLKEM768];
+        let tls13 = [
+            CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            CipherSuite::TLS13_AES_256_GCM_SHA384,
+        ];
+        let tls12 = [CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256];
+        assert!(offers_hybrid(Some(&hybrid), &tls13));
+        // The group listed by a client that offers no TLS 1.3 suite: the fallback.
+        assert!(!offers_hybrid(Some(&hybrid), &tls12));
+        assert!(!offers_hybrid(Some(&[NamedGroup::X25519]), &tls13));
+        assert!(!offers_hybrid(None, &tls13));
     }
 
     #[tokio::test]

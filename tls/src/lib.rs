@@ -17,4 +17,4 @@ mod policy;
 
 pub use accept::{HandshakeFailure, Negotiated, ServerConfigs, accept};
 pub use hybrid::X25519MLKEM768;
-pub use policy::{ComplianceArgs, CompliancePolicy, UnknownPolicy, group_name, provider};
+pub use policy::{ComplianceArgs, CompliancePolicy, UnknownPolicy, follows, group_name, provider};

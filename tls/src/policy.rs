@@ -8,9 +8,11 @@
 //! | `fips-140-3`  | 1.2, 1.3  | X25519MLKEM768, P-256, P-384          | AES-GCM, ECDHE in 1.2    |
 //! | `fips-140-2`  | 1.2       | P-256                                 | ECDHE AES-GCM            |
 //!
-//! `fips-140-3` allows what Go's FIPS 140-3 mode allows of what ring has: X25519 alone
-//! is not an approved group, the hybrid is (its ML-KEM part is). It restricts the
-//! algorithms; ring is not a validated module, so it does not make Signet one.
+//! `fips-140-3` is Istio's (P-256, P-384, AES-GCM) plus the hybrid group, which the
+//! agent offers first under every policy that can carry it and Go's FIPS 140-3 mode
+//! allows (its key comes from ML-KEM; X25519 alone is not an approved group). It
+//! restricts the algorithms; ring is not a validated module, so it does not make Signet
+//! one.
 //! Istio only warns on an unknown value; Signet refuses to start.
 
 use std::{fmt, str::FromStr};
@@ -163,6 +165,20 @@ pub fn provider(policy: CompliancePolicy) -> CryptoProvider {
     }
 }
 
+/// Whether `provider` offers what `policy` allows, groups and suites in the same
+/// order: for code that relies on rustls's process-wide default provider (tonic's
+/// client TLS does).
+pub fn follows(policy: CompliancePolicy, provider: &CryptoProvider) -> bool {
+    let groups = |list: &[&'static dyn SupportedKxGroup]| -> Vec<NamedGroup> {
+        list.iter().map(|g| g.name()).collect()
+    };
+    let suites = |list: &[SupportedCipherSuite]| -> Vec<CipherSuite> {
+        list.iter().map(|s| s.suite()).collect()
+    };
+    groups(&provider.kx_groups) == groups(&policy.kx_groups())
+        && suites(&provider.cipher_suites) == suites(&policy.cipher_suites())
+}
+
 /// A group's name as Envoy's `ssl.curves.*` statistics and OpenSSL spell it, for
 /// metric labels and logs.
 pub fn group_name(group: NamedGroup) -> &'static str {
@@ -226,6 +242,19 @@ mod tests {
         }
         assert_eq!(CompliancePolicy::Fips1403.cipher_suites().len(), 6);
         assert_eq!(CompliancePolicy::Fips1402.cipher_suites().len(), 4);
+    }
+
+    #[test]
+    fn a_provider_follows_only_its_own_policy() {
+        assert!(follows(
+            CompliancePolicy::Pqc,
+            &provider(CompliancePolicy::Pqc)
+        ));
+        assert!(!follows(
+            CompliancePolicy::Pqc,
+            &provider(CompliancePolicy::Unset)
+        ));
+        assert!(!follows(CompliancePolicy::Unset, &ring::default_provider()));
     }
 
     #[test]

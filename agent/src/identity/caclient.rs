@@ -273,6 +273,16 @@ impl GrpcCaClient {
             addr: addr.clone(),
             problem,
         };
+        // tonic builds its client TLS from rustls's process default: it must be the
+        // policy's, or the policy would silently not apply.
+        let policy = self.config.compliance_policy;
+        if !rustls::crypto::CryptoProvider::get_default()
+            .is_some_and(|p| signet_tls::follows(policy, p))
+        {
+            return Err(connect(format!(
+                "the process's TLS provider is not what COMPLIANCE_POLICY={policy} allows (install signet_tls::provider as rustls's default first)"
+            )));
+        }
         let channel = Channel::from_shared(format!("https://{addr}"))
             .map_err(|e| connect(e.to_string()))?
             .tls_config(tls.domain_name(self.config.server_name.clone()))

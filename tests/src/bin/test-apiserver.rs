@@ -19,7 +19,7 @@ async fn main() {
         eprintln!("usage: test-apiserver <objects.json> <dir>");
         std::process::exit(64);
     };
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    signet_e2e::install_tls_provider();
     let objects: Vec<Value> =
         serde_json::from_str(&std::fs::read_to_string(&objects).unwrap()).unwrap();
     let api = KubeApi::start().await;
