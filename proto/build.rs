@@ -10,7 +10,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .compile_with_config(
             config,
-            &[std::path::PathBuf::from("proto/istio/v1/auth/ca.proto")],
+            &[
+                std::path::PathBuf::from("proto/istio/v1/auth/ca.proto"),
+                std::path::PathBuf::from("proto/spiffe/workload.proto"),
+            ],
             &[std::path::PathBuf::from("proto"), include],
         )?;
     Ok(())

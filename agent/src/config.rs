@@ -62,6 +62,12 @@ pub struct RunArgs {
     )]
     pub socket: PathBuf,
 
+    /// Also serve the SPIFFE Workload API (X.509-SVIDs and bundles) on this Unix
+    /// socket (mode 0660), for workloads without Envoy; they find it through
+    /// SPIFFE_ENDPOINT_SOCKET=unix://<path>.
+    #[arg(long, env = "SIGNET_WORKLOAD_API_SOCKET", value_name = "PATH")]
+    pub workload_api_socket: Option<PathBuf>,
+
     /// Also write key.pem, cert-chain.pem and root-cert.pem here (mode 0600).
     #[arg(long, env = "OUTPUT_CERTS", value_name = "DIR")]
     pub output_certs: Option<PathBuf>,
@@ -128,6 +134,8 @@ pub struct RunConfig {
     /// The identity asked for and its renewal.
     pub identity: IdentityConfig,
     pub socket: PathBuf,
+    /// The SPIFFE Workload API's socket, when served.
+    pub workload_api_socket: Option<PathBuf>,
     pub output_certs: Option<PathBuf>,
     pub http_addr: SocketAddr,
     pub federated_bundles: Option<PathBuf>,
@@ -143,10 +151,20 @@ impl RunArgs {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<RunConfig, ConfigError> {
         let env: Vec<(String, String)> = env.into_iter().collect();
+        let workload_api_socket = self
+            .workload_api_socket
+            .filter(|p| !p.as_os_str().is_empty());
+        if workload_api_socket.as_ref() == Some(&self.socket) {
+            return Err(ConfigError::new(
+                "--workload-api-socket",
+                "is the SDS socket (--socket); give the Workload API a socket of its own",
+            ));
+        }
         Ok(RunConfig {
             identity: self.identity.validate(&env)?,
             ca: self.ca.validate(env)?,
             socket: self.socket,
+            workload_api_socket,
             output_certs: self.output_certs,
             http_addr: self.http_addr,
             federated_bundles: self.federated_bundles,
@@ -194,6 +212,27 @@ mod tests {
         assert_eq!(c.identity.ttl, time::Duration::hours(24));
         assert_eq!(c.identity.key_type, crate::identity::keys::KeyType::EcP256);
         assert_eq!(c.http_addr.port(), 15020);
+    }
+
+    #[test]
+    fn the_workload_api_needs_a_socket_of_its_own() {
+        assert_eq!(parse(&[], &[]).unwrap().workload_api_socket, None);
+        let c = parse(&["--workload-api-socket", "/run/spiffe/agent.sock"], &[]).unwrap();
+        assert_eq!(
+            c.workload_api_socket,
+            Some(PathBuf::from("/run/spiffe/agent.sock"))
+        );
+        let err = parse(
+            &[
+                "--socket",
+                "/run/s.sock",
+                "--workload-api-socket",
+                "/run/s.sock",
+            ],
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.contains("--workload-api-socket"), "{err}");
     }
 
     #[test]

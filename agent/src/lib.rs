@@ -24,3 +24,4 @@ pub mod sds;
 pub mod secrets;
 pub mod server;
 pub(crate) mod sync;
+pub mod workload;

@@ -62,7 +62,16 @@ fn main() -> ExitCode {
                 if let Some(warning) = fallback {
                     tracing::warn!("{warning}");
                 }
-                signet_agent::server::run(config, socket, http, shutdown_signal()).await?;
+                let workload_api = match &config.workload_api_socket {
+                    Some(path) => Some(signet_agent::sds::bind_as(path, "Workload API socket")?),
+                    None => None,
+                };
+                let listeners = signet_agent::server::Listeners {
+                    sds: socket,
+                    http,
+                    workload_api,
+                };
+                signet_agent::server::run(config, listeners, shutdown_signal()).await?;
                 Ok(())
             });
             if let Err(e) = result {

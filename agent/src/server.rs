@@ -1,5 +1,6 @@
-//! Runs the agent: the rotation loop, the SDS server on the Unix socket, the HTTP
-//! listener for readiness and metrics, and `--output-certs`.
+//! Runs the agent: the rotation loop, the SDS server on the Unix socket, the SPIFFE
+//! Workload API on its own socket when asked, the HTTP listener for readiness and
+//! metrics, and `--output-certs`.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -38,16 +39,27 @@ pub enum RunError {
     Http(#[from] std::io::Error),
 }
 
-/// Runs until `shutdown`, on listeners the caller bound (see [`crate::sds::bind`]).
+/// The agent's listeners, bound by the caller (see [`crate::sds::bind`]), so tests
+/// can use port 0 and temporary sockets.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The SDS socket.
+    pub sds: UnixListener,
+    /// `/healthz/ready` and `/metrics`.
+    pub http: TcpListener,
+    /// The SPIFFE Workload API's socket (`--workload-api-socket`).
+    pub workload_api: Option<UnixListener>,
+}
+
+/// Runs until `shutdown`.
 pub async fn run(
     config: RunConfig,
-    socket: UnixListener,
-    http: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
     let config = Arc::new(config);
     let ca: Arc<dyn CaClient> = Arc::new(GrpcCaClient::new(config.ca.clone()));
-    run_with(config, ca, Arc::new(SystemClock), socket, http, shutdown).await
+    run_with(config, ca, Arc::new(SystemClock), listeners, shutdown).await
 }
 
 /// [`run`] with the CA and the clock supplied (tests use fakes).
@@ -55,10 +67,14 @@ pub async fn run_with(
     config: Arc<RunConfig>,
     ca: Arc<dyn CaClient>,
     clock: Arc<dyn Clock>,
-    socket: UnixListener,
-    http: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RunError> {
+    let Listeners {
+        sds: socket,
+        http,
+        workload_api,
+    } = listeners;
     let metrics = Metrics::new()?;
     if config.identity.key_type == crate::identity::keys::KeyType::EcP384 {
         // Seen with Envoy 1.40 (tests/python/test_envoy_mesh.py): the handshake fails.
@@ -139,6 +155,24 @@ pub async fn run_with(
         clock,
         stop_rx.clone(),
     ));
+    let workload_api = workload_api.map(|listener| {
+        let mut api_stop = stop_rx.clone();
+        let service = crate::workload::WorkloadApi::new(store.clone(), stop_rx.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .max_concurrent_streams(Some(SDS_MAX_STREAMS))
+                .add_service(service.into_service())
+                // gRPC C-core clients (grpcio, and py-spiffe with it) send the
+                // socket path as `:authority`, which h2 refuses: the same adapter
+                // as the SDS socket's.
+                .serve_with_incoming_shutdown(
+                    UnixListenerStream::new(listener).map(|conn| conn.map(Normalized::new)),
+                    async move {
+                        let _ = api_stop.wait_for(|s| *s).await;
+                    },
+                ),
+        )
+    });
     let mut sds_stop = stop_rx.clone();
     let sds = tonic::transport::Server::builder()
         // tonic leaves a connection's streams unlimited (hyper's own default is
@@ -161,10 +195,17 @@ pub async fn run_with(
         id = %config.identity.spiffe_id,
         socket = %config.socket.display(),
         ca = %config.ca.addr,
+        workload_api = ?config.workload_api_socket.as_ref().map(|p| p.display().to_string()),
         compliance_policy = %config.ca.compliance_policy,
         "signet-agent running"
     );
     sds.await?;
+    if let Some(api) = workload_api {
+        match api.await {
+            Ok(result) => result?,
+            Err(e) => tracing::warn!(error = %e, "Workload API task failed"),
+        }
+    }
     match http_server.await {
         Ok(result) => result?,
         Err(e) => tracing::warn!(error = %e, "HTTP task failed"),

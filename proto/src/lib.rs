@@ -1,4 +1,6 @@
-//! Istio's `istio.v1.auth` certificate service: messages, client and server.
+//! The gRPC APIs Signet speaks: Istio's `istio.v1.auth` certificate service, and the
+//! SPIFFE Workload API (package-less, as the standard's file is); messages, clients
+//! and servers.
 #![forbid(unsafe_code)]
 
 /// Generated from `proto/istio/v1/auth/ca.proto`.
@@ -12,6 +14,12 @@ pub use istio_auth::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
 pub use istio_auth::{IstioCertificateRequest, IstioCertificateResponse};
+
+/// Generated from `proto/spiffe/workload.proto`: the SPIFFE Workload API.
+#[allow(unreachable_pub, missing_debug_implementations, clippy::all)]
+pub mod workload {
+    tonic::include_proto!("_");
+}
 
 /// Full gRPC path of the one method, as clients send it.
 pub const CREATE_CERTIFICATE_PATH: &str =

@@ -187,12 +187,18 @@ async fn start_agent(args: &[String]) -> (SocketAddr, oneshot::Sender<()>, JoinH
         unreachable!()
     };
     let config = run.validate(Vec::new()).unwrap();
-    let socket = signet_agent::sds::bind(&config.socket).unwrap();
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = http.local_addr().unwrap();
+    let listeners = signet_agent::server::Listeners {
+        sds: signet_agent::sds::bind(&config.socket).unwrap(),
+        http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        workload_api: config
+            .workload_api_socket
+            .as_ref()
+            .map(|p| signet_agent::sds::bind_as(p, "Workload API socket").unwrap()),
+    };
+    let addr = listeners.http.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
-        signet_agent::server::run(config, socket, http, async move {
+        signet_agent::server::run(config, listeners, async move {
             let _ = stopped.await;
         })
         .await

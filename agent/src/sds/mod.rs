@@ -24,7 +24,7 @@ mod transport;
 #[doc(hidden)]
 pub use authority::rewrite as rewrite_client_bytes;
 pub use service::Sds;
-pub use socket::{SocketError, bind};
+pub use socket::{SocketError, bind, bind_as};
 pub use transport::{SdsServer, Unboxed};
 
 /// The only resource type served.

@@ -1,5 +1,6 @@
-//! The SDS socket: where Envoy (and pilot-agent's check for an external agent)
-//! expects it, with a clear error for every path that cannot work.
+//! The agent's Unix sockets: the SDS socket where Envoy (and pilot-agent's check for
+//! an external agent) expects it, and the Workload API's; a clear error for every
+//! path that cannot work.
 
 use std::path::Path;
 
@@ -8,16 +9,26 @@ use tokio::net::UnixListener;
 /// Why the socket could not be served.
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
-    #[error("SDS socket {path}: {problem}")]
-    Path { path: String, problem: String },
+    #[error("{what} {path}: {problem}")]
+    Path {
+        what: &'static str,
+        path: String,
+        problem: String,
+    },
 }
 
 /// Prepares the socket path and listens: creates the directory, refuses a path that
 /// is a directory or held by a live server, replaces a stale socket file, and sets
 /// mode 0660.
 pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    bind_as(path, "SDS socket")
+}
+
+/// [`bind`] for the socket named `what` in errors.
+pub fn bind_as(path: &Path, what: &'static str) -> Result<UnixListener, SocketError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let err = |problem: String| SocketError::Path {
+        what,
         path: path.display().to_string(),
         problem,
     };

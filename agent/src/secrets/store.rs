@@ -75,6 +75,14 @@ impl SecretStore {
         Some(all)
     }
 
+    /// The certificate and the other trust domains' bundles (trust domain -> PEM), for
+    /// the Workload API; `None` before the first certificate.
+    pub fn x509_context(&self) -> Option<(Arc<Svid>, crate::secrets::federation::Bundles)> {
+        let svid = self.svid()?;
+        let federated = crate::sync::lock(&self.federated).clone();
+        Some((svid, federated))
+    }
+
     /// Watches the certificate.
     pub fn watch_svid(&self) -> watch::Receiver<Option<Arc<Svid>>> {
         self.svid.subscribe()

@@ -1,0 +1,223 @@
+//! The SPIFFE Workload API (`SpiffeWorkloadAPI`, the SPIFFE standard's service) on a
+//! Unix socket of its own, for workloads without Envoy: go-spiffe, java-spiffe,
+//! py-spiffe and rust-spiffe clients get the pod's X.509-SVID, its key and the trust
+//! bundles, and a new message on every rotation or bundle change.
+//!
+//! What the standard requires of every call is checked first: the
+//! `workload.spiffe.io: true` metadata (else `INVALID_ARGUMENT`). The agent holds one
+//! identity, its pod's, so every caller that can open the socket (mode 0660, like the
+//! SDS socket) gets it; there is no per-caller attestation. The JWT methods answer
+//! `UNIMPLEMENTED` until signet-ca mints JWT-SVIDs.
+
+use std::{collections::BTreeMap, pin::Pin, sync::Arc};
+
+use sha2::{Digest, Sha256};
+use signet_proto::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
+    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
+    X509svidResponse,
+    spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer},
+};
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::{identity::svid::Svid, secrets::store::SecretStore};
+
+/// The metadata every Workload API call must carry (the standard's guard against
+/// server-side request forgery through a proxy).
+const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// Responses a stream may have waiting for a slow reader; one suffices, since each
+/// message holds everything current.
+const STREAM_BUFFER: usize = 1;
+
+/// The Workload API service over the agent's secrets.
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    store: Arc<SecretStore>,
+    stop: watch::Receiver<bool>,
+}
+
+impl WorkloadApi {
+    /// Serves `store`'s identity and bundles; open streams end when `stop` turns true.
+    pub fn new(store: Arc<SecretStore>, stop: watch::Receiver<bool>) -> Self {
+        Self { store, stop }
+    }
+
+    /// The tonic service.
+    pub fn into_service(self) -> SpiffeWorkloadApiServer<Self> {
+        SpiffeWorkloadApiServer::new(self)
+    }
+
+    /// A stream that sends `build(svid, federated)` now (once there is an identity)
+    /// and again whenever the secrets change and the message differs from the last.
+    fn watch<T>(
+        &self,
+        build: fn(&Svid, &BTreeMap<String, String>) -> Result<T, Status>,
+    ) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>
+    where
+        T: prost::Message + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
+        let store = self.store.clone();
+        let mut stop = self.stop.clone();
+        tokio::spawn(async move {
+            let mut changes = store.changes();
+            // A digest of the last message sent, not the message: it holds the key.
+            let mut last: Option<[u8; 32]> = None;
+            loop {
+                changes.borrow_and_update();
+                if let Some((svid, federated)) = store.x509_context() {
+                    match build(&svid, &federated) {
+                        Ok(message) => {
+                            let digest: [u8; 32] = Sha256::digest(message.encode_to_vec()).into();
+                            if last == Some(digest) {
+                                // Nothing this stream shows changed (a rotation,
+                                // on the bundles-only stream).
+                            } else if tx.send(Ok(message)).await.is_err() {
+                                return;
+                            } else {
+                                last = Some(digest);
+                            }
+                        }
+                        Err(status) => {
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                    }
+                }
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return },
+                    _ = stop.wait_for(|s| *s) => return,
+                    () = tx.closed() => return,
+                }
+            }
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+    }
+}
+
+/// `INVALID_ARGUMENT` unless the call carries `workload.spiffe.io: true`.
+fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
+    match request.metadata().get(SECURITY_HEADER) {
+        Some(v) if v == "true" => Ok(()),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request: the SPIFFE Workload API requires the metadata `workload.spiffe.io: true`",
+        )),
+    }
+}
+
+/// DER certificates of a PEM bundle, concatenated (the standard's encoding of
+/// `x509_svid` and of bundles).
+fn certificates_der(pem_text: &str) -> Result<Vec<u8>, Status> {
+    let blocks = pem::parse_many(pem_text)
+        .map_err(|e| Status::internal(format!("held certificates do not parse: {e}")))?;
+    Ok(blocks
+        .iter()
+        .filter(|b| b.tag() == "CERTIFICATE")
+        .flat_map(|b| b.contents().iter().copied())
+        .collect())
+}
+
+/// Trust domain name -> `spiffe://<trust domain>`, the standard's bundle keys.
+fn bundle_key(trust_domain: &str) -> String {
+    format!("spiffe://{trust_domain}")
+}
+
+fn x509_svid_response(
+    svid: &Svid,
+    federated: &BTreeMap<String, String>,
+) -> Result<X509svidResponse, Status> {
+    let key = pem::parse(&svid.key_pem)
+        .map_err(|_| Status::internal("the held private key does not parse"))?;
+    let own = svid.id.trust_domain_name();
+    let mut federated_bundles = std::collections::HashMap::new();
+    for (td, pem_text) in federated.iter().filter(|(td, _)| td.as_str() != own) {
+        federated_bundles.insert(bundle_key(td), certificates_der(pem_text)?);
+    }
+    Ok(X509svidResponse {
+        svids: vec![X509svid {
+            spiffe_id: svid.id.to_string(),
+            x509_svid: certificates_der(&svid.chain_pem)?,
+            x509_svid_key: key.into_contents(),
+            bundle: certificates_der(&svid.roots_pem)?,
+            hint: String::new(),
+        }],
+        crl: Vec::new(),
+        federated_bundles,
+    })
+}
+
+fn x509_bundles_response(
+    svid: &Svid,
+    federated: &BTreeMap<String, String>,
+) -> Result<X509BundlesResponse, Status> {
+    let mut bundles = std::collections::HashMap::new();
+    for (td, pem_text) in federated {
+        bundles.insert(bundle_key(td), certificates_der(pem_text)?);
+    }
+    bundles.insert(
+        bundle_key(svid.id.trust_domain_name()),
+        certificates_der(&svid.roots_pem)?,
+    );
+    Ok(X509BundlesResponse {
+        crl: Vec::new(),
+        bundles,
+    })
+}
+
+fn no_jwt() -> Status {
+    Status::unimplemented(
+        "signet-agent serves X.509-SVIDs and bundles; it does not serve JWT-SVIDs yet",
+    )
+}
+
+type Watch<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = Watch<X509svidResponse>;
+    type FetchX509BundlesStream = Watch<X509BundlesResponse>;
+    type FetchJWTBundlesStream = Watch<JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_header(&request)?;
+        Ok(Response::new(self.watch(x509_svid_response)))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        check_header(&request)?;
+        Ok(Response::new(self.watch(x509_bundles_response)))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        check_header(&request)?;
+        Err(no_jwt())
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_header(&request)?;
+        Err(no_jwt())
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        check_header(&request)?;
+        Err(no_jwt())
+    }
+}
