@@ -1,7 +1,7 @@
 //! signet-agent figures: time from process start to the first `default` answer over
 //! SDS (with the CA round trip measured separately), resident memory while holding
-//! one identity with 100 open SDS streams, how long a rotation takes to reach
-//! all 100 streams, and the agent under hostile header blocks on its socket (CPU per
+//! one identity with 100 open SDS streams (and with 100 Workload API streams), how
+//! long a rotation takes to reach all 100 streams, and the agent under hostile header blocks on its socket (CPU per
 //! MiB, peak and after memory, `default` latency meanwhile). The agent runs as the shipped binary (`scripts/build-release.sh
 //! agent`: the agent profile, statically linked) in its own process; the CA runs in
 //! this process on 127.0.0.1.
@@ -128,6 +128,18 @@ fn spawn_agent(
     ttl: &str,
     name: &str,
 ) -> Agent {
+    spawn_agent_with(bin, dir, ca, jwt, ttl, name, &[])
+}
+
+fn spawn_agent_with(
+    bin: &Path,
+    dir: &Path,
+    ca: &TestCa,
+    jwt: &JwtIssuer,
+    ttl: &str,
+    name: &str,
+    extra: &[&str],
+) -> Agent {
     let token = dir.join("token");
     std::fs::write(&token, jwt.token("bench", "web")).unwrap();
     let socket = dir.join(format!("{name}/socket"));
@@ -148,6 +160,7 @@ fn spawn_agent(
         .arg("--socket")
         .arg(&socket)
         .args(["--http-addr", "127.0.0.1:0"])
+        .args(extra)
         .env("SIGNET_LOG", "warn")
         .stderr(Stdio::null())
         .spawn()
@@ -320,8 +333,64 @@ async fn main() {
         spread.as_secs_f64() * 1e3
     );
     drop(agent);
+    workload_api(&bin, dir.path(), &ca, &jwt, rss_one_conn).await;
     attack(&bin, dir.path(), &ca, &jwt).await;
     ca.stop().await;
+}
+
+/// Resident memory of an agent serving the SPIFFE Workload API with one and with
+/// `STREAMS` `FetchX509SVID` streams on one connection, against the SDS figure of the
+/// same run (`sds_kib`, SDS streams on one connection).
+async fn workload_api(bin: &Path, dir: &Path, ca: &TestCa, jwt: &JwtIssuer, sds_kib: u64) {
+    use signet_proto::workload::{
+        X509svidRequest, spiffe_workload_api_client::SpiffeWorkloadApiClient,
+    };
+    let api_socket = dir.join("api/workload.sock");
+    let api_arg = api_socket.display().to_string();
+    let agent = spawn_agent_with(
+        bin,
+        dir,
+        ca,
+        jwt,
+        "24h",
+        "api",
+        &["--workload-api-socket", &api_arg],
+    );
+    let channel = loop {
+        match signet_agent::inspect::connect(&api_socket).await {
+            Ok(channel) => break channel,
+            Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+        }
+    };
+    let open = |channel: tonic::transport::Channel| async move {
+        let mut request = tonic::Request::new(X509svidRequest::default());
+        request
+            .metadata_mut()
+            .insert("workload.spiffe.io", "true".parse().unwrap());
+        let mut stream = SpiffeWorkloadApiClient::new(channel)
+            .fetch_x509svid(request)
+            .await
+            .unwrap()
+            .into_inner();
+        stream.message().await.unwrap().unwrap();
+        stream
+    };
+    let _first = open(channel.clone()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_one = rss_kib(agent.child.id());
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        streams.push(open(channel.clone()).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_many = rss_kib(agent.child.id());
+    println!(
+        "  SPIFFE Workload API (another agent, --workload-api-socket): {:.1} MiB with one FetchX509SVID stream; {:.1} MiB ({rss_many} KiB) with {STREAMS} on one connection; {STREAMS} SDS streams on one connection above: {sds_kib} KiB",
+        rss_one as f64 / 1024.0,
+        rss_many as f64 / 1024.0,
+    );
+    drop(streams);
+    drop(agent);
 }
 
 /// CPU seconds (user + system) process `pid` has used.

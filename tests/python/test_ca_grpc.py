@@ -263,3 +263,40 @@ def test_overload_refusals_carry_a_retry_pushback_that_spreads_callers(cluster):
     assert max(ms for _, ms in pushed) > 2_000, pushed[-5:]
     first, last = pushed[0], pushed[-1]
     assert last[0] + last[1] / 1e3 > first[0] + first[1] / 1e3, (first, last)
+
+
+def test_subject_cn_profile_for_client_certificate_sts(cluster):
+    """--subject-cn-template: a Subject CN in the chosen namespaces (MinIO's
+    AssumeRoleWithCertificate names its policy by it), the SPIFFE URI SAN and
+    clientAuth unchanged; none elsewhere. As openssl reads the leaf."""
+    flags = ["--subject-cn-template", "{ns}-{sa}", "--subject-cn-namespaces", "default"]
+    with tempfile.TemporaryDirectory() as d:
+        ca = start_ca(d, cluster, extra_args=flags)
+        try:
+            _, csr = make_csr(uri=SPIFFE)
+            chain = list(request(ca.stub(), csr, cluster.token()).cert_chain)
+            shown = subprocess.run(
+                ["openssl", "x509", "-noout", "-subject", "-ext",
+                 "extendedKeyUsage,subjectAltName"],
+                input=chain[0], capture_output=True, text=True, check=True).stdout
+            assert "CN=default-bookinfo" in shown.replace(" = ", "="), shown
+            assert "TLS Web Client Authentication" in shown, shown
+            assert f"URI:{SPIFFE}" in shown, shown
+            with tempfile.TemporaryDirectory() as v:
+                verified = openssl_verify(chain[-1], chain, v)
+                assert verified.returncode == 0, verified.stdout + verified.stderr
+            # Another namespace: the empty subject of every other certificate.
+            other = "spiffe://cluster.local/ns/shop/sa/web"
+            _, csr = make_csr(uri=other)
+            chain = list(request(ca.stub(), csr, cluster.token(ns="shop", sa="web")).cert_chain)
+            assert leaf_of(chain).subject == x509.Name([])
+        finally:
+            stop_ca(ca)
+    for bad, problem in [(["--subject-cn-template", "{name}", "--subject-cn-namespaces", "*"],
+                          "unknown placeholder"),
+                         (["--subject-cn-namespaces", "default"], "needs --subject-cn-template"),
+                         (["--subject-cn-template", "{sa}"], "name the namespaces")]:
+        out = subprocess.run([binary("signet-ca"), "serve", "--check-flags", "--jwks", "/x",
+                              "--jwt-issuer", "i", *bad], capture_output=True, text=True)
+        assert out.returncode == 64, (bad, out.stderr)
+        assert problem in out.stderr, (bad, out.stderr)

@@ -60,6 +60,7 @@ MODES = {
         "podCertificates": {"enabled": True, "deny": ["kube-system"]},
         "connections": {"peerShares": ["10.0.8.15/32=unlimited", "10.1.0.0/16=512"]},
         "compliancePolicy": "pqc",
+        "subjectCn": {"template": "{ns}-{sa}", "namespaces": ["minio-users", "etl"]},
     },
 }
 
@@ -251,6 +252,7 @@ def test_examples_validate(path):
     {"rootConfigMap": {"enable": False}},
     {"logFormat": "xml"},
     {"compliancePolicy": "PQC"},
+    {"subjectCn": {"template": "{sa}", "namespace": ["a"]}},
 ])
 def test_unknown_or_misspelt_values_are_errors(chart, values):
     """values.schema.json: a typo or an unknown key fails lint and rendering instead of
@@ -279,6 +281,10 @@ def test_container_args_per_mode(chart, mode):
     # Istio's variable, only when the value is set.
     policy = MODES[mode].get("compliancePolicy")
     assert env.get("COMPLIANCE_POLICY", {}).get("value") == policy, env
+    subject = MODES[mode].get("subjectCn")
+    assert env.get("SIGNET_SUBJECT_CN_TEMPLATE", {}).get("value") == (subject or {}).get("template")
+    if subject:
+        assert env["SIGNET_SUBJECT_CN_NAMESPACES"]["value"] == "minio-users,etl"
 
 
 @pytest.mark.parametrize("mode", MODES)

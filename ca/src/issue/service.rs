@@ -257,7 +257,12 @@ impl CaService {
             .queue
             .run_as(&decision.share, move || -> Result<Issued, RequestError> {
                 csr.verify()?;
-                Ok(signer.sign(&csr.spki, &decision.id, &decision.validity)?)
+                Ok(signer.sign_named(
+                    &csr.spki,
+                    &decision.id,
+                    &decision.validity,
+                    decision.subject_cn.as_deref(),
+                )?)
             })
             .await??;
         Ok((caller, decided, issued))

@@ -288,6 +288,18 @@ impl Signer {
         id: &SpiffeId,
         validity: &Validity,
     ) -> Result<Issued, SignError> {
+        self.sign_named(spki_der, id, validity, None)
+    }
+
+    /// [`Self::sign`] with a Subject common name (`--subject-cn-template`); without
+    /// one the subject is empty and the SAN extension critical, as RFC 5280 wants.
+    pub fn sign_named(
+        &self,
+        spki_der: &[u8],
+        id: &SpiffeId,
+        validity: &Validity,
+        subject_cn: Option<&str>,
+    ) -> Result<Issued, SignError> {
         let uri = id
             .to_string()
             .try_into()
@@ -296,7 +308,7 @@ impl Signer {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        self.issue(spki_der, vec![SanType::URI(uri)], eku, validity)
+        self.issue(spki_der, vec![SanType::URI(uri)], eku, validity, subject_cn)
     }
 
     /// Signs the CA's own TLS serving certificate for `dns_names`.
@@ -322,6 +334,7 @@ impl Signer {
             sans,
             vec![ExtendedKeyUsagePurpose::ServerAuth],
             &validity,
+            None,
         )
     }
 
@@ -338,6 +351,7 @@ impl Signer {
         sans: Vec<SanType>,
         eku: Vec<ExtendedKeyUsagePurpose>,
         validity: &Validity,
+        subject_cn: Option<&str>,
     ) -> Result<Issued, SignError> {
         let Validity {
             not_before,
@@ -349,6 +363,11 @@ impl Signer {
         let mut params = CertificateParams::default();
         // An empty subject makes rcgen mark the SAN extension critical (RFC 5280).
         params.distinguished_name = DistinguishedName::new();
+        if let Some(cn) = subject_cn {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+        }
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![

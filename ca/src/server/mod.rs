@@ -327,6 +327,9 @@ fn policy(config: &ServeConfig, impersonation: Option<&NodeImpersonation>) -> Ar
     if let Some(pods) = &config.pods {
         policy = policy.with_pods(pods.rules.clone());
     }
+    if let Some(subject_cn) = &config.policy.subject_cn {
+        policy = policy.with_subject_cn(subject_cn.clone());
+    }
     Arc::new(policy)
 }
 

@@ -164,7 +164,12 @@ impl Context {
         let signed = self
             .queue
             .run_as(&share, move || {
-                signer.sign(&spki, &decision.id, &decision.validity)
+                signer.sign_named(
+                    &spki,
+                    &decision.id,
+                    &decision.validity,
+                    decision.subject_cn.as_deref(),
+                )
             })
             .await;
         match signed {

@@ -36,6 +36,23 @@ pub struct PolicyArgs {
         value_name = "NS/SA"
     )]
     pub trusted_node_accounts: Vec<String>,
+
+    /// A Subject common name for issued certificates, from a template of text and
+    /// {ns}, {sa}, {td}, for client-certificate STS (MinIO's
+    /// AssumeRoleWithCertificate names its policy by the CN); only in the namespaces
+    /// of --subject-cn-namespaces. A name past 64 characters is left out.
+    #[arg(long, env = "SIGNET_SUBJECT_CN_TEMPLATE", value_name = "TEMPLATE")]
+    pub subject_cn_template: Option<String>,
+
+    /// Namespaces whose certificates carry the --subject-cn-template name (comma
+    /// separated; `*` for all).
+    #[arg(
+        long,
+        env = "SIGNET_SUBJECT_CN_NAMESPACES",
+        value_delimiter = ',',
+        value_name = "NS"
+    )]
+    pub subject_cn_namespaces: Vec<String>,
 }
 
 fn trust_domain(s: &str) -> Result<spiffe::TrustDomain, IdentityError> {
@@ -61,6 +78,8 @@ pub struct PolicyConfig {
     pub max_ttl: Duration,
     /// Who may act for the pods on their node (empty: nobody).
     pub trusted_node_accounts: Vec<ServiceAccount>,
+    /// The Subject CN profile, when asked for.
+    pub subject_cn: Option<super::SubjectCn>,
 }
 
 impl PolicyArgs {
@@ -103,7 +122,29 @@ impl PolicyArgs {
                 "node impersonation watches pods: give --kubeconfig or run in a pod",
             ));
         }
+        let subject_cn = match self
+            .subject_cn_template
+            .as_deref()
+            .filter(|t| !t.is_empty())
+        {
+            Some(template) => Some(
+                super::SubjectCn::parse(template, &self.subject_cn_namespaces)
+                    .map_err(|e| ConfigError::new("--subject-cn-template", e))?,
+            ),
+            None if self
+                .subject_cn_namespaces
+                .iter()
+                .any(|n| !n.trim().is_empty()) =>
+            {
+                return Err(ConfigError::new(
+                    "--subject-cn-namespaces",
+                    "needs --subject-cn-template (the name to give)",
+                ));
+            }
+            None => None,
+        };
         Ok(PolicyConfig {
+            subject_cn,
             trust_domains: TrustDomains::new(self.trust_domain, self.trust_domain_aliases),
             default_ttl: self.default_ttl,
             max_ttl: self.max_ttl,

@@ -14,6 +14,7 @@ use signet_spiffe::{IdentityError, ServiceAccount, TrustDomains};
 
 mod flags;
 mod pods;
+mod subject;
 
 pub use crate::keys::signer::{MAX_BACKDATE, Validity};
 use crate::{
@@ -24,6 +25,7 @@ use crate::{
 };
 pub use flags::{PolicyArgs, PolicyConfig};
 pub use pods::{MIN_POD_LIFETIME, POD_KEY_TYPES, PodRequest, PodRules, Scope};
+pub use subject::{CnError, MAX_CN_LEN, SubjectCn};
 
 /// Why policy refused a request.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +111,8 @@ pub struct Decision {
     /// Whose share of the signing queue the request takes: the service account, or
     /// for a node agent acting for its node's pods, the account on that node.
     pub share: String,
+    /// The Subject common name, where `--subject-cn-template` applies.
+    pub subject_cn: Option<String>,
 }
 
 /// Who may ask for the identities of the pods on their node (ztunnel), and the pods
@@ -129,6 +133,7 @@ pub struct Policy {
     max_ttl: Duration,
     impersonation: Option<NodeImpersonation>,
     pods: PodRules,
+    subject_cn: Option<SubjectCn>,
 }
 
 impl Policy {
@@ -141,6 +146,25 @@ impl Policy {
             max_ttl,
             impersonation: None,
             pods: PodRules::default(),
+            subject_cn: None,
+        }
+    }
+
+    /// Gives certificates in the chosen namespaces a Subject CN.
+    pub fn with_subject_cn(mut self, subject_cn: SubjectCn) -> Self {
+        self.subject_cn = Some(subject_cn);
+        self
+    }
+
+    /// The Subject CN for a certificate naming `id`, if the profile applies; a name
+    /// too long for X.509 is left out with a warning, the certificate still issued.
+    pub(crate) fn subject_cn(&self, id: &SpiffeId) -> Option<String> {
+        match self.subject_cn.as_ref()?.render(id)? {
+            Ok(cn) => Some(cn),
+            Err(e) => {
+                tracing::warn!(spiffe_id = %id, error = %e, "--subject-cn-template");
+                None
+            }
         }
     }
 
@@ -216,6 +240,7 @@ impl Policy {
             None => caller.account.to_string(),
         };
         Ok(Decision {
+            subject_cn: self.subject_cn(&id),
             id,
             validity: validity(now, lifetime, limit)?,
             node,

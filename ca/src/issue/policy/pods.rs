@@ -116,6 +116,7 @@ impl Policy {
             return Err(PolicyError::PodLifetime { left, allowed });
         }
         Ok(Decision {
+            subject_cn: self.subject_cn(&id),
             id,
             validity: Validity {
                 not_before,
