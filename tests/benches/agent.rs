@@ -347,7 +347,7 @@ async fn workload_api(bin: &Path, dir: &Path, ca: &TestCa, jwt: &JwtIssuer, sds_
     };
     let api_socket = dir.join("api/workload.sock");
     let api_arg = api_socket.display().to_string();
-    let agent = spawn_agent_with(
+    let mut agent = spawn_agent_with(
         bin,
         dir,
         ca,
@@ -359,6 +359,11 @@ async fn workload_api(bin: &Path, dir: &Path, ca: &TestCa, jwt: &JwtIssuer, sds_
     let channel = loop {
         match signet_agent::inspect::connect(&api_socket).await {
             Ok(channel) => break channel,
+            // An older agent (SIGNET_BENCH_AGENT) refuses the flag and exits.
+            Err(_) if agent.child.try_wait().unwrap().is_some() => {
+                println!("  SPIFFE Workload API: not served by this agent binary");
+                return;
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
         }
     };
