@@ -7,10 +7,12 @@
 //! `workload.spiffe.io: true` metadata (else `INVALID_ARGUMENT`). The agent holds one
 //! identity, its pod's, so every caller that can open the socket (mode 0660, like the
 //! SDS socket) gets it; there is no per-caller attestation. The JWT methods answer
-//! `UNIMPLEMENTED` until signet-ca mints JWT-SVIDs.
+//! `UNIMPLEMENTED` until signet-ca mints JWT-SVIDs (`FetchJWTBundles` sends an empty
+//! set and stays open, so bundle sources that also watch JWT bundles start).
 
 use std::{collections::BTreeMap, pin::Pin, sync::Arc};
 
+use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use signet_proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
@@ -19,7 +21,6 @@ use signet_proto::workload::{
     spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer},
 };
 use tokio::sync::watch;
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::{identity::svid::Svid, secrets::store::SecretStore};
@@ -28,9 +29,10 @@ use crate::{identity::svid::Svid, secrets::store::SecretStore};
 /// server-side request forgery through a proxy).
 const SECURITY_HEADER: &str = "workload.spiffe.io";
 
-/// Responses a stream may have waiting for a slow reader; one suffices, since each
-/// message holds everything current.
-const STREAM_BUFFER: usize = 1;
+/// The largest request taken: every Workload API request is empty or a few
+/// audiences, so a client cannot make the agent buffer tonic's 4 MiB default per
+/// stream before the header check runs.
+const MAX_REQUEST_BYTES: usize = 4096;
 
 /// The Workload API service over the agent's secrets.
 #[derive(Debug, Clone)]
@@ -47,55 +49,73 @@ impl WorkloadApi {
 
     /// The tonic service.
     pub fn into_service(self) -> SpiffeWorkloadApiServer<Self> {
-        SpiffeWorkloadApiServer::new(self)
+        SpiffeWorkloadApiServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 
     /// A stream that sends `build(svid, federated)` now (once there is an identity)
     /// and again whenever the secrets change and the message differs from the last.
-    fn watch<T>(
-        &self,
-        build: fn(&Svid, &BTreeMap<String, String>) -> Result<T, Status>,
-    ) -> Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>
+    /// No task and no queue per stream: tonic polls it when the client can take a
+    /// message, so a client that stops reading holds nothing but the stream itself,
+    /// and a message is built from what is current when it is sent.
+    fn watch<T>(&self, build: fn(&Svid, &BTreeMap<String, String>) -> Result<T, Status>) -> Watch<T>
     where
         T: prost::Message + Send + 'static,
     {
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
-        let store = self.store.clone();
-        let mut stop = self.stop.clone();
-        tokio::spawn(async move {
-            let mut changes = store.changes();
-            // A digest of the last message sent, not the message: it holds the key.
-            let mut last: Option<[u8; 32]> = None;
+        let state = Watching {
+            store: self.store.clone(),
+            changes: self.store.changes(),
+            stop: self.stop.clone(),
+            last: None,
+            first: true,
+            done: false,
+            build,
+        };
+        Box::pin(futures::stream::unfold(state, |mut st| async move {
+            if st.done {
+                return None;
+            }
             loop {
-                changes.borrow_and_update();
-                if let Some((svid, federated)) = store.x509_context() {
-                    match build(&svid, &federated) {
-                        Ok(message) => {
-                            let digest: [u8; 32] = Sha256::digest(message.encode_to_vec()).into();
-                            if last == Some(digest) {
-                                // Nothing this stream shows changed (a rotation,
-                                // on the bundles-only stream).
-                            } else if tx.send(Ok(message)).await.is_err() {
-                                return;
-                            } else {
-                                last = Some(digest);
-                            }
-                        }
-                        Err(status) => {
-                            let _ = tx.send(Err(status)).await;
-                            return;
-                        }
+                if !st.first {
+                    tokio::select! {
+                        changed = st.changes.changed() => if changed.is_err() { return None },
+                        _ = st.stop.wait_for(|s| *s) => return None,
                     }
                 }
-                tokio::select! {
-                    changed = changes.changed() => if changed.is_err() { return },
-                    _ = stop.wait_for(|s| *s) => return,
-                    () = tx.closed() => return,
+                st.first = false;
+                st.changes.borrow_and_update();
+                let Some((svid, federated)) = st.store.x509_context() else {
+                    continue;
+                };
+                match (st.build)(&svid, &federated) {
+                    Ok(message) => {
+                        // A digest of the last message sent, not the message: it
+                        // holds the key. Unchanged (a rotation, on the bundles-only
+                        // stream): nothing to send.
+                        let digest: [u8; 32] = Sha256::digest(message.encode_to_vec()).into();
+                        if st.last != Some(digest) {
+                            st.last = Some(digest);
+                            return Some((Ok(message), st));
+                        }
+                    }
+                    Err(status) => {
+                        st.done = true;
+                        return Some((Err(status), st));
+                    }
                 }
             }
-        });
-        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+        }))
     }
+}
+
+/// One watch stream's state.
+struct Watching<T> {
+    store: Arc<SecretStore>,
+    changes: watch::Receiver<u64>,
+    stop: watch::Receiver<bool>,
+    last: Option<[u8; 32]>,
+    first: bool,
+    done: bool,
+    build: fn(&Svid, &BTreeMap<String, String>) -> Result<T, Status>,
 }
 
 /// `INVALID_ARGUMENT` unless the call carries `workload.spiffe.io: true`.
@@ -132,7 +152,7 @@ fn x509_svid_response(
     let key = pem::parse(&svid.key_pem)
         .map_err(|_| Status::internal("the held private key does not parse"))?;
     let own = svid.id.trust_domain_name();
-    let mut federated_bundles = std::collections::HashMap::new();
+    let mut federated_bundles = BTreeMap::new();
     for (td, pem_text) in federated.iter().filter(|(td, _)| td.as_str() != own) {
         federated_bundles.insert(bundle_key(td), certificates_der(pem_text)?);
     }
@@ -153,7 +173,7 @@ fn x509_bundles_response(
     svid: &Svid,
     federated: &BTreeMap<String, String>,
 ) -> Result<X509BundlesResponse, Status> {
-    let mut bundles = std::collections::HashMap::new();
+    let mut bundles = BTreeMap::new();
     for (td, pem_text) in federated {
         bundles.insert(bundle_key(td), certificates_der(pem_text)?);
     }
@@ -205,12 +225,20 @@ impl SpiffeWorkloadApi for WorkloadApi {
         Err(no_jwt())
     }
 
+    /// No JWT keys yet: one message with no bundles, the stream kept open (clients
+    /// such as go-spiffe's bundle source wait for a first message on it).
     async fn fetch_jwt_bundles(
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
-        Err(no_jwt())
+        let mut stop = self.stop.clone();
+        let first = futures::stream::once(async { Ok(JwtBundlesResponse::default()) });
+        let until_stop = futures::stream::once(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .filter_map(|()| async { None });
+        Ok(Response::new(Box::pin(first.chain(until_stop))))
     }
 
     async fn validate_jwtsvid(

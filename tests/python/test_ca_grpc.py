@@ -269,7 +269,7 @@ def test_subject_cn_profile_for_client_certificate_sts(cluster):
     """--subject-cn-template: a Subject CN in the chosen namespaces (MinIO's
     AssumeRoleWithCertificate names its policy by it), the SPIFFE URI SAN and
     clientAuth unchanged; none elsewhere. As openssl reads the leaf."""
-    flags = ["--subject-cn-template", "{ns}-{sa}", "--subject-cn-namespaces", "default"]
+    flags = ["--subject-cn-template", "{ns}.{sa}", "--subject-cn-namespaces", "default,shop-admin"]
     with tempfile.TemporaryDirectory() as d:
         ca = start_ca(d, cluster, extra_args=flags)
         try:
@@ -279,7 +279,7 @@ def test_subject_cn_profile_for_client_certificate_sts(cluster):
                 ["openssl", "x509", "-noout", "-subject", "-ext",
                  "extendedKeyUsage,subjectAltName"],
                 input=chain[0], capture_output=True, text=True, check=True).stdout
-            assert "CN=default-bookinfo" in shown.replace(" = ", "="), shown
+            assert "CN=default.bookinfo" in shown.replace(" = ", "="), shown
             assert "TLS Web Client Authentication" in shown, shown
             assert f"URI:{SPIFFE}" in shown, shown
             with tempfile.TemporaryDirectory() as v:
@@ -295,7 +295,9 @@ def test_subject_cn_profile_for_client_certificate_sts(cluster):
     for bad, problem in [(["--subject-cn-template", "{name}", "--subject-cn-namespaces", "*"],
                           "unknown placeholder"),
                          (["--subject-cn-namespaces", "default"], "needs --subject-cn-template"),
-                         (["--subject-cn-template", "{sa}"], "name the namespaces")]:
+                         (["--subject-cn-template", "{sa}"], "name the namespaces"),
+                         (["--subject-cn-template", "{ns}-{sa}", "--subject-cn-namespaces", "a,b"],
+                          "cannot hold")]:
         out = subprocess.run([binary("signet-ca"), "serve", "--check-flags", "--jwks", "/x",
                               "--jwt-issuer", "i", *bad], capture_output=True, text=True)
         assert out.returncode == 64, (bad, out.stderr)

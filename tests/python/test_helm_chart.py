@@ -60,7 +60,7 @@ MODES = {
         "podCertificates": {"enabled": True, "deny": ["kube-system"]},
         "connections": {"peerShares": ["10.0.8.15/32=unlimited", "10.1.0.0/16=512"]},
         "compliancePolicy": "pqc",
-        "subjectCn": {"template": "{ns}-{sa}", "namespaces": ["minio-users", "etl"]},
+        "subjectCn": {"template": "{ns}.{sa}", "namespaces": ["minio-users", "etl"]},
     },
 }
 
@@ -262,6 +262,12 @@ def test_unknown_or_misspelt_values_are_errors(chart, values):
     with pytest.raises(helm_python.HelmValuesError) as e:
         render(chart, values)
     assert "schema" in str(e.value).lower(), str(e.value)
+
+
+def test_a_subject_cn_template_without_namespaces_refuses_to_render(chart):
+    with pytest.raises(helm_python.HelmRenderError) as e:
+        render(chart, {"subjectCn": {"template": "{ns}.{sa}"}})
+    assert "subjectCn.template needs subjectCn.namespaces" in str(e.value)
 
 
 def test_self_signed_with_two_replicas_refuses_to_render(chart):

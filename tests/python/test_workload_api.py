@@ -123,6 +123,11 @@ def test_jwt_calls_are_unimplemented_for_now(agent):
             stub.FetchJWTSVID(workload_pb2.JWTSVIDRequest(audience=["minio"]), metadata=md,
                               timeout=30)
         assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        # No JWT keys yet: an empty set, so bundle sources that also watch JWT
+        # bundles start.
+        bundles = stub.FetchJWTBundles(workload_pb2.JWTBundlesRequest(), metadata=md, timeout=30)
+        assert dict(next(bundles).bundles) == {}
+        bundles.cancel()
         with pytest.raises(grpc.RpcError) as e:
             stub.ValidateJWTSVID(workload_pb2.ValidateJWTSVIDRequest(audience="a", svid="x.y.z"),
                                  metadata=md, timeout=30)

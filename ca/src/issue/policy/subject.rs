@@ -65,8 +65,10 @@ impl SubjectCn {
                     if text.contains('}') {
                         return Err(format!("{template:?}: a }} without {{"));
                     }
-                    if text.chars().any(|c| c.is_control()) {
-                        return Err(format!("{template:?}: control characters"));
+                    if text.chars().any(|c| c.is_control() || is_invisible(c)) {
+                        return Err(format!(
+                            "{template:?}: control or invisible formatting characters"
+                        ));
                     }
                     parts.push(Part::Text(text.to_owned()));
                     rest = &rest[end..];
@@ -75,6 +77,9 @@ impl SubjectCn {
         }
         if parts.is_empty() {
             return Err("the template is empty".into());
+        }
+        if template.trim() != template {
+            return Err(format!("{template:?}: leading or trailing spaces"));
         }
         let fixed: usize = parts
             .iter()
@@ -110,6 +115,13 @@ impl SubjectCn {
                 Some(names.iter().map(|n| (*n).to_owned()).collect())
             }
         };
+        unambiguous(
+            &parts,
+            namespaces
+                .as_ref()
+                .is_some_and(|n: &BTreeSet<String>| n.len() == 1),
+        )
+        .map_err(|e| format!("{template:?}: {e}"))?;
         Ok(Self { parts, namespaces })
     }
 
@@ -141,6 +153,52 @@ impl SubjectCn {
     }
 }
 
+/// Two identities must never render the same name (MinIO grants a policy by it):
+/// `{sa}` always; where more than one namespace applies, `{ns}` too, the first of
+/// the two followed by a character that name cannot hold (`{ns}.{sa}`, `{sa}@{ns}`),
+/// so each name can be read back out of the CN.
+fn unambiguous(parts: &[Part], one_namespace: bool) -> Result<(), &'static str> {
+    if !parts.contains(&Part::ServiceAccount) {
+        return Err(
+            "the template needs {sa}: without it several service accounts would share one name",
+        );
+    }
+    if one_namespace {
+        return Ok(());
+    }
+    if !parts.contains(&Part::Namespace) {
+        return Err(
+            "several namespaces apply: the template needs {ns} too, or accounts of the same name in two namespaces would share one CN",
+        );
+    }
+    let first = parts
+        .iter()
+        .position(|p| matches!(p, Part::Namespace | Part::ServiceAccount));
+    let separated = match first.map(|i| (&parts[i], parts.get(i + 1))) {
+        Some((Part::Namespace, Some(Part::Text(t)))) => t
+            .chars()
+            .next()
+            .is_some_and(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')),
+        Some((Part::ServiceAccount, Some(Part::Text(t)))) => t.chars().next().is_some_and(|c| {
+            !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        }),
+        _ => false,
+    };
+    if separated {
+        Ok(())
+    } else {
+        Err(
+            "put a character the first name cannot hold between {ns} and {sa} (as in {ns}.{sa} or {sa}@{ns}), or two identities could render the same CN",
+        )
+    }
+}
+
+/// Invisible formatting characters (zero-width, bidirectional overrides, BOM) that
+/// would make two CNs look alike.
+fn is_invisible(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}')
+}
+
 /// A Kubernetes namespace name: an RFC 1123 label.
 fn is_namespace(n: &str) -> bool {
     let b = n.as_bytes();
@@ -162,23 +220,27 @@ mod tests {
 
     #[test]
     fn renders_for_the_chosen_namespaces_only() {
-        let cn = SubjectCn::parse("{ns}-{sa}", &["minio-users".into(), "etl".into()]).unwrap();
+        let cn = SubjectCn::parse("{ns}.{sa}", &["minio-users".into(), "etl".into()]).unwrap();
         let got = cn.render(&id("spiffe://cluster.local/ns/etl/sa/loader"));
-        assert_eq!(got, Some(Ok("etl-loader".into())));
+        assert_eq!(got, Some(Ok("etl.loader".into())));
         assert_eq!(
             cn.render(&id("spiffe://cluster.local/ns/web/sa/front")),
             None
         );
-        let all = SubjectCn::parse("svc:{sa}@{td}", &["*".into()]).unwrap();
+        let all = SubjectCn::parse("svc:{sa}@{ns}.{td}", &["*".into()]).unwrap();
         let got = all.render(&id("spiffe://example.org/ns/web/sa/front"));
-        assert_eq!(got, Some(Ok("svc:front@example.org".into())));
+        assert_eq!(got, Some(Ok("svc:front@web.example.org".into())));
+        // One namespace: {sa} alone names every identity apart.
+        let one = SubjectCn::parse("{sa}", &["etl".into()]).unwrap();
+        let got = one.render(&id("spiffe://cluster.local/ns/etl/sa/loader"));
+        assert_eq!(got, Some(Ok("loader".into())));
         // Not an /ns/<ns>/sa/<sa> identity: nothing to fill in.
         assert_eq!(all.render(&id("spiffe://example.org/other")), None);
     }
 
     #[test]
     fn a_name_past_64_characters_is_left_out() {
-        let cn = SubjectCn::parse("{sa}", &["*".into()]).unwrap();
+        let cn = SubjectCn::parse("{sa}", &["n".into()]).unwrap();
         let long = "a".repeat(65);
         let got = cn.render(&id(&format!("spiffe://td/ns/n/sa/{long}")));
         assert_eq!(got, Some(Err(CnError::TooLong(long))));
@@ -195,12 +257,14 @@ mod tests {
             ("{ns", "unclosed"),
             ("ns}", "without"),
             ("", "empty"),
-            ("a\nb", "control"),
+            ("a\nb{sa}", "control"),
+            ("{sa}\u{202e}", "invisible"),
+            (" {sa}", "spaces"),
         ] {
             let err = SubjectCn::parse(template, &all).unwrap_err();
             assert!(err.contains(want), "{template:?}: {err}");
         }
-        let err = SubjectCn::parse(&"x".repeat(65), &all).unwrap_err();
+        let err = SubjectCn::parse(&format!("{}{{sa}}", "x".repeat(65)), &all).unwrap_err();
         assert!(err.contains("longer than 64"), "{err}");
         let err = SubjectCn::parse("{sa}", &[]).unwrap_err();
         assert!(err.contains("name the namespaces"), "{err}");
@@ -208,5 +272,26 @@ mod tests {
         assert!(err.contains("Bad_NS"), "{err}");
         let err = SubjectCn::parse("{sa}", &["*".into(), "a".into()]).unwrap_err();
         assert!(err.contains("alone"), "{err}");
+    }
+
+    #[test]
+    fn templates_that_could_give_two_identities_one_name_are_refused() {
+        let two = ["a".to_owned(), "b".to_owned()];
+        for (template, want) in [
+            ("{ns}", "needs {sa}"),
+            ("{sa}", "needs {ns} too"),
+            // a-b/c and a/b-c would both be a-b-c.
+            ("{ns}-{sa}", "cannot hold"),
+            ("{ns}{sa}", "cannot hold"),
+            // Service account names may hold dots.
+            ("{sa}.{ns}", "cannot hold"),
+        ] {
+            let err = SubjectCn::parse(template, &two).unwrap_err();
+            assert!(err.contains(want), "{template}: {err}");
+        }
+        for ok in ["{ns}.{sa}", "{sa}@{ns}", "x:{ns}/{sa}", "{ns}_{sa}"] {
+            SubjectCn::parse(ok, &two).unwrap();
+            SubjectCn::parse(ok, &["*".into()]).unwrap();
+        }
     }
 }
