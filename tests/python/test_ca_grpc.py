@@ -282,6 +282,11 @@ def test_subject_cn_profile_for_client_certificate_sts(cluster):
             assert "CN=default.bookinfo" in shown.replace(" = ", "="), shown
             assert "TLS Web Client Authentication" in shown, shown
             assert f"URI:{SPIFFE}" in shown, shown
+            # With a subject the SAN extension is no longer critical (RFC 5280 4.2.1.6).
+            leaf = leaf_of(chain)
+            san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            assert not san.critical
+            assert leaf.subject.rfc4514_string() == "CN=default.bookinfo"
             with tempfile.TemporaryDirectory() as v:
                 verified = openssl_verify(chain[-1], chain, v)
                 assert verified.returncode == 0, verified.stdout + verified.stderr
