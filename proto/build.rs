@@ -20,6 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 std::path::PathBuf::from("proto/istio/v1/auth/ca.proto"),
                 std::path::PathBuf::from("proto/spiffe/workload.proto"),
+                std::path::PathBuf::from("proto/signet/v1/jwt.proto"),
             ],
             &[std::path::PathBuf::from("proto"), include],
         )?;

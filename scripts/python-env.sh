@@ -16,5 +16,5 @@ fi
 out="$venv/signet_pb"
 mkdir -p "$out"
 "$venv/bin/python" -m grpc_tools.protoc -I "$root/proto/proto" \
-    --python_out="$out" --grpc_python_out="$out" istio/v1/auth/ca.proto >&2
+    --python_out="$out" --grpc_python_out="$out" istio/v1/auth/ca.proto signet/v1/jwt.proto >&2
 echo "$venv/bin/python"

@@ -10,6 +10,9 @@
 //!   optional files on disk.
 //! - [`identity`]: the workload's key, the CA client and its trust, the checks of
 //!   each answer, and the rotation with its pure schedule.
+//! - [`workload`]: the SPIFFE Workload API on a socket of its own, over the secrets
+//!   store and [`jwt`] (JWT-SVIDs minted by signet-ca, cached per audience, and the
+//!   CA's JWT bundle).
 //!
 //! Beside them: [`server`] wires everything; [`config`] puts `signet-agent run`'s
 //! flag groups together; [`inspect`] is an SDS client for operators; the leaves
@@ -19,6 +22,7 @@
 pub mod config;
 pub mod identity;
 pub mod inspect;
+pub mod jwt;
 pub mod metrics;
 pub mod sds;
 pub mod secrets;

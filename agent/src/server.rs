@@ -86,7 +86,7 @@ pub async fn run_with(
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let rotation = Rotation {
-        ca,
+        ca: ca.clone(),
         store: store.clone(),
         clock: clock.clone(),
         id: config.identity.spiffe_id.clone(),
@@ -157,7 +157,9 @@ pub async fn run_with(
     ));
     let workload_api = workload_api.map(|listener| {
         let mut api_stop = stop_rx.clone();
-        let service = crate::workload::WorkloadApi::new(store.clone(), stop_rx.clone());
+        let jwt = crate::jwt::JwtSvids::new(ca.clone());
+        tokio::spawn(jwt.clone().keep_bundle(stop_rx.clone()));
+        let service = crate::workload::WorkloadApi::new(store.clone(), jwt, stop_rx.clone());
         tokio::spawn(
             tonic::transport::Server::builder()
                 .max_concurrent_streams(Some(SDS_MAX_STREAMS))

@@ -6,13 +6,14 @@
 //! What the standard requires of every call is checked first: the
 //! `workload.spiffe.io: true` metadata (else `INVALID_ARGUMENT`). The agent holds one
 //! identity, its pod's, so every caller that can open the socket (mode 0660, like the
-//! SDS socket) gets it; there is no per-caller attestation. The JWT methods answer
-//! `UNIMPLEMENTED` until signet-ca mints JWT-SVIDs (`FetchJWTBundles` sends an empty
-//! set and stays open, so bundle sources that also watch JWT bundles start).
+//! SDS socket) gets it; there is no per-caller attestation. JWT-SVIDs are minted by
+//! signet-ca (`crate::jwt`); against a CA that does not mint them, FetchJWTSVID and
+//! ValidateJWTSVID answer `UNIMPLEMENTED` and FetchJWTBundles sends an empty set and
+//! stays open (bundle sources that also watch JWT bundles still start).
 
 use std::{collections::BTreeMap, pin::Pin, sync::Arc};
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use sha2::{Digest, Sha256};
 use signet_proto::workload::{
     JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
@@ -23,7 +24,11 @@ use signet_proto::workload::{
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use crate::{identity::svid::Svid, secrets::store::SecretStore};
+use crate::{
+    identity::svid::Svid,
+    jwt::{Bundle, JwtSvids},
+    secrets::store::SecretStore,
+};
 
 /// The metadata every Workload API call must carry (the standard's guard against
 /// server-side request forgery through a proxy).
@@ -38,13 +43,15 @@ const MAX_REQUEST_BYTES: usize = 4096;
 #[derive(Debug, Clone)]
 pub struct WorkloadApi {
     store: Arc<SecretStore>,
+    jwt: Arc<JwtSvids>,
     stop: watch::Receiver<bool>,
 }
 
 impl WorkloadApi {
-    /// Serves `store`'s identity and bundles; open streams end when `stop` turns true.
-    pub fn new(store: Arc<SecretStore>, stop: watch::Receiver<bool>) -> Self {
-        Self { store, stop }
+    /// Serves `store`'s identity and bundles, and JWT-SVIDs from `jwt`; open streams
+    /// end when `stop` turns true.
+    pub fn new(store: Arc<SecretStore>, jwt: Arc<JwtSvids>, stop: watch::Receiver<bool>) -> Self {
+        Self { store, jwt, stop }
     }
 
     /// The tonic service.
@@ -187,10 +194,14 @@ fn x509_bundles_response(
     })
 }
 
-fn no_jwt() -> Status {
-    Status::unimplemented(
-        "signet-agent serves X.509-SVIDs and bundles; it does not serve JWT-SVIDs yet",
-    )
+fn jwt_bundles_response(bundle: &Bundle) -> Option<JwtBundlesResponse> {
+    match bundle {
+        Bundle::Unknown => None,
+        Bundle::NotServed => Some(JwtBundlesResponse::default()),
+        Bundle::Keys(keys) => Some(JwtBundlesResponse {
+            bundles: BTreeMap::from([(bundle_key(&keys.trust_domain), keys.jwks.clone())]),
+        }),
+    }
 }
 
 type Watch<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -222,23 +233,49 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
         check_header(&request)?;
-        Err(no_jwt())
+        let body = request.into_inner();
+        let (spiffe_id, svid) = self.jwt.fetch(&body.audience).await?;
+        if !body.spiffe_id.is_empty() && body.spiffe_id != spiffe_id {
+            return Err(Status::permission_denied(format!(
+                "this agent holds only {spiffe_id}, not {:?}",
+                body.spiffe_id
+            )));
+        }
+        Ok(Response::new(JwtsvidResponse {
+            svids: vec![signet_proto::workload::Jwtsvid {
+                spiffe_id,
+                svid,
+                hint: String::new(),
+            }],
+        }))
     }
 
-    /// No JWT keys yet: one message with no bundles, the stream kept open (clients
-    /// such as go-spiffe's bundle source wait for a first message on it).
+    /// The CA's key set now (once fetched) and on every change; an empty set, kept
+    /// open, from a CA that mints no JWT-SVIDs.
     async fn fetch_jwt_bundles(
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
-        let mut stop = self.stop.clone();
-        let first = futures::stream::once(async { Ok(JwtBundlesResponse::default()) });
-        let until_stop = futures::stream::once(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .filter_map(|()| async { None });
-        Ok(Response::new(Box::pin(first.chain(until_stop))))
+        let state = (self.jwt.bundle(), self.stop.clone(), true);
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            state,
+            |(mut bundle, mut stop, mut first)| async move {
+                loop {
+                    if !first {
+                        tokio::select! {
+                            changed = bundle.changed() => if changed.is_err() { return None },
+                            _ = stop.wait_for(|s| *s) => return None,
+                        }
+                    }
+                    first = false;
+                    let message = jwt_bundles_response(&bundle.borrow_and_update());
+                    if let Some(message) = message {
+                        return Some((Ok(message), (bundle, stop, first)));
+                    }
+                }
+            },
+        ))))
     }
 
     async fn validate_jwtsvid(
@@ -246,6 +283,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         check_header(&request)?;
-        Err(no_jwt())
+        let body = request.into_inner();
+        let (spiffe_id, claims) = self.jwt.validate(&body.svid, &body.audience)?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id,
+            claims: Some(crate::jwt::claims_struct(claims)),
+        }))
     }
 }

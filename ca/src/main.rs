@@ -80,9 +80,15 @@ fn main() -> ExitCode {
                 };
             }
             let result = runtime.block_on(async {
-                let grpc = listen(config.grpc_addr).await?;
-                let http = listen(config.http_addr).await?;
-                signet_ca::server::run(config, grpc, http, shutdown_signal())
+                let listeners = signet_ca::server::Listeners {
+                    grpc: listen(config.grpc_addr).await?,
+                    http: listen(config.http_addr).await?,
+                    oidc: match config.jwt.as_ref().and_then(|j| j.oidc.as_ref()) {
+                        Some(oidc) => Some(listen(oidc.addr).await?),
+                        None => None,
+                    },
+                };
+                signet_ca::server::run(config, listeners, shutdown_signal())
                     .await
                     .map_err(anyhow::Error::from)
             });

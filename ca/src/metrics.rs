@@ -47,6 +47,10 @@ pub struct Metrics {
     pub tls_handshakes: IntCounterVec,
     /// Failed TLS handshakes by listener and reason.
     pub tls_handshake_failures: IntCounterVec,
+    /// JWT-SVIDs minted.
+    pub jwt_svids_issued: IntCounter,
+    /// JWT-SVID requests refused, by gRPC code.
+    pub jwt_svid_refusals: IntCounterVec,
     /// 1 while this replica holds the writer Lease, else 0.
     pub leader: IntGauge,
     /// 1 when the local API server answered the last probe, else 0.
@@ -138,6 +142,14 @@ impl Metrics {
             &["listener", "reason"],
         )?;
         registry.register(Box::new(tls_handshake_failures.clone()))?;
+        let jwt_svid_refusals = IntCounterVec::new(
+            Opts::new(
+                "signet_ca_jwt_svid_refusals_total",
+                "JWT-SVID requests refused, by gRPC code.",
+            ),
+            &["code"],
+        )?;
+        registry.register(Box::new(jwt_svid_refusals.clone()))?;
         let by_writer = |name: &str, help: &str| -> Result<IntCounterVec, prometheus::Error> {
             let c = IntCounterVec::new(Opts::new(name, help), &["writer"])?;
             registry.register(Box::new(c.clone()))?;
@@ -221,6 +233,8 @@ impl Metrics {
                 "citadel_server_cert_chain_expiry_seconds",
                 "Seconds until the signing certificate expires.",
             )?,
+            jwt_svids_issued: counter("signet_ca_jwt_svids_issued_total", "JWT-SVIDs minted.")?,
+            jwt_svid_refusals,
             overloaded: counter(
                 "signet_ca_overload_rejections_total",
                 "Requests refused with RESOURCE_EXHAUSTED because the signing queue was full.",

@@ -1,6 +1,6 @@
-//! The gRPC APIs Signet speaks: Istio's `istio.v1.auth` certificate service, and the
-//! SPIFFE Workload API (package-less, as the standard's file is); messages, clients
-//! and servers.
+//! The gRPC APIs Signet speaks: Istio's `istio.v1.auth` certificate service, the
+//! SPIFFE Workload API (package-less, as the standard's file is), and Signet's own
+//! `signet.v1` (JWT-SVIDs); messages, clients and servers.
 #![forbid(unsafe_code)]
 
 /// Generated from `proto/istio/v1/auth/ca.proto`.
@@ -19,6 +19,12 @@ pub use istio_auth::{IstioCertificateRequest, IstioCertificateResponse};
 #[allow(unreachable_pub, missing_debug_implementations, clippy::all)]
 pub mod workload {
     tonic::include_proto!("_");
+}
+
+/// Generated from `proto/signet/v1/jwt.proto`: JWT-SVIDs minted by signet-ca.
+#[allow(unreachable_pub, missing_debug_implementations, clippy::all)]
+pub mod signet_v1 {
+    tonic::include_proto!("signet.v1");
 }
 
 /// Full gRPC path of the one method, as clients send it.

@@ -114,7 +114,7 @@ def test_without_the_security_header_invalid_argument(agent):
         assert list(bundles.bundles) == ["spiffe://cluster.local"]
 
 
-def test_jwt_calls_are_unimplemented_for_now(agent):
+def test_jwt_calls_against_a_ca_without_jwt_svids(agent):
     _, socket = agent
     channel, stub = raw_stub(socket)
     md = [("workload.spiffe.io", "true")]

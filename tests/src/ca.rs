@@ -30,6 +30,8 @@ pub struct TestCa {
     pub grpc: SocketAddr,
     /// HTTP (metrics) address.
     pub http: SocketAddr,
+    /// OIDC discovery (HTTPS) address, with --oidc-addr.
+    pub oidc: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), signet_ca::server::ServeError>>>,
 }
@@ -58,18 +60,25 @@ impl TestCa {
             "200ms".into(),
         ]);
         let config = parse_serve(&all);
+        // OIDC discovery on port 0 too, whatever --oidc-addr said.
+        let oidc_listener = match config.jwt.as_ref().and_then(|j| j.oidc.as_ref()) {
+            Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            None => None,
+        };
+        let oidc = oidc_listener.as_ref().map(|l| l.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel();
-        let handle = tokio::spawn(signet_ca::server::run(
-            config,
-            grpc_listener,
-            http_listener,
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let listeners = signet_ca::server::Listeners {
+            grpc: grpc_listener,
+            http: http_listener,
+            oidc: oidc_listener,
+        };
+        let handle = tokio::spawn(signet_ca::server::run(config, listeners, async move {
+            let _ = stopped.await;
+        }));
         Self {
             grpc,
             http,
+            oidc,
             stop: Some(stop),
             handle: Some(handle),
         }
@@ -158,20 +167,28 @@ pub async fn client(
     root_pem: &str,
     identity: Option<(&str, &str)>,
 ) -> IstioCertificateServiceClient<Channel> {
+    IstioCertificateServiceClient::new(tls_channel(addr, root_pem, identity).await)
+}
+
+/// A channel to the CA's gRPC listener at `addr` (see [`client`]).
+pub async fn tls_channel(
+    addr: SocketAddr,
+    root_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> Channel {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(root_pem))
         .domain_name(SERVER_NAME);
     if let Some((cert, key)) = identity {
         tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
     }
-    let channel = Channel::from_shared(format!("https://{addr}"))
+    Channel::from_shared(format!("https://{addr}"))
         .unwrap()
         .tls_config(tls)
         .unwrap()
         .connect()
         .await
-        .unwrap();
-    IstioCertificateServiceClient::new(channel)
+        .unwrap()
 }
 
 /// Our own Rust client whose connections come from `source` (a loopback address other

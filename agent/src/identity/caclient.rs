@@ -3,7 +3,13 @@
 
 use std::{future::Future, path::Path, pin::Pin, sync::Mutex, time::Duration as StdDuration};
 
-use signet_proto::{IstioCertificateRequest, IstioCertificateServiceClient};
+use signet_proto::{
+    IstioCertificateRequest, IstioCertificateServiceClient,
+    signet_v1::{
+        FetchJwtBundleRequest, FetchJwtBundleResponse, MintJwtSvidRequest,
+        jwt_svid_service_client::JwtSvidServiceClient,
+    },
+};
 use time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
@@ -230,10 +236,51 @@ pub fn retry_pushback(status: &tonic::Status) -> Option<StdDuration> {
 /// A boxed future of a CA answer (the `cert_chain`).
 pub type SignFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<String>, CaError>> + Send + 'a>>;
 
+/// A boxed future of a JWT answer.
+pub type JwtFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, CaError>> + Send + 'a>>;
+
+/// A JWT-SVID as the CA minted it.
+#[derive(Clone)]
+pub struct MintedJwt {
+    /// The compact JWS.
+    pub token: String,
+    /// Its `sub`.
+    pub spiffe_id: String,
+    /// Its `exp`, Unix seconds.
+    pub expires_at: i64,
+}
+
+impl std::fmt::Debug for MintedJwt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MintedJwt")
+            .field("token", &"<redacted>")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
 /// Anything that signs CSRs: the real CA, or a fake in tests.
 pub trait CaClient: Send + Sync {
     /// Sends one CSR asking for `ttl`.
     fn sign<'a>(&'a self, csr: &'a str, ttl: Duration) -> SignFuture<'a>;
+
+    /// Asks for a JWT-SVID for `audiences`, of the CA's default lifetime.
+    fn mint_jwt<'a>(&'a self, _audiences: &'a [String]) -> JwtFuture<'a, MintedJwt> {
+        Box::pin(async { Err(no_jwt()) })
+    }
+
+    /// The CA's JWT bundle.
+    fn jwt_bundle(&self) -> JwtFuture<'_, FetchJwtBundleResponse> {
+        Box::pin(async { Err(no_jwt()) })
+    }
+}
+
+fn no_jwt() -> CaError {
+    CaError::Refused {
+        code: tonic::Code::Unimplemented,
+        message: "this CA client does not mint JWT-SVIDs".into(),
+    }
 }
 
 /// The gRPC client.
@@ -320,52 +367,96 @@ pub fn read_token(path: &Path) -> Result<String, CaError> {
     Ok(token.to_owned())
 }
 
+impl GrpcCaClient {
+    /// `body` with the pod's token, cluster id and extra headers.
+    fn authorized<T>(&self, body: T) -> Result<tonic::Request<T>, CaError> {
+        let token = read_token(&self.config.token_file)?;
+        let mut request = tonic::Request::new(body);
+        let md = request.metadata_mut();
+        let bearer = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| CaError::Token {
+                path: self.config.token_file.display().to_string(),
+                problem: "not a valid header value".into(),
+            })?;
+        md.insert("authorization", bearer);
+        if let Ok(v) = self.config.cluster_id.parse() {
+            md.insert("clusterid", v);
+        }
+        for (name, value) in &self.config.headers {
+            if let (Ok(k), Ok(v)) = (
+                name.parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
+                value.parse(),
+            ) {
+                md.insert(k, v);
+            }
+        }
+        Ok(request)
+    }
+
+    /// A failed call as the agent acts on it.
+    fn failed(&self, status: &tonic::Status) -> CaError {
+        match retry_pushback(status) {
+            Some(retry_in) => CaError::Overloaded {
+                code: status.code(),
+                message: status.message().to_owned(),
+                retry_in,
+            },
+            None if is_transport(status) => CaError::Connect {
+                addr: self.config.addr.clone(),
+                problem: status.message().to_owned(),
+            },
+            None => CaError::Refused {
+                code: status.code(),
+                message: status.message().to_owned(),
+            },
+        }
+    }
+}
+
 impl CaClient for GrpcCaClient {
     fn sign<'a>(&'a self, csr: &'a str, ttl: Duration) -> SignFuture<'a> {
         Box::pin(async move {
-            let token = read_token(&self.config.token_file)?;
-            let mut client = IstioCertificateServiceClient::new(self.channel()?);
-            let mut request = tonic::Request::new(IstioCertificateRequest {
+            let request = self.authorized(IstioCertificateRequest {
                 csr: csr.to_owned(),
                 validity_duration: ttl.whole_seconds(),
                 metadata: None,
-            });
-            let md = request.metadata_mut();
-            let bearer = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| CaError::Token {
-                    path: self.config.token_file.display().to_string(),
-                    problem: "not a valid header value".into(),
-                })?;
-            md.insert("authorization", bearer);
-            if let Ok(v) = self.config.cluster_id.parse() {
-                md.insert("clusterid", v);
-            }
-            for (name, value) in &self.config.headers {
-                if let (Ok(k), Ok(v)) = (
-                    name.parse::<tonic::metadata::MetadataKey<tonic::metadata::Ascii>>(),
-                    value.parse(),
-                ) {
-                    md.insert(k, v);
-                }
-            }
+            })?;
+            let mut client = IstioCertificateServiceClient::new(self.channel()?);
             match client.create_certificate(request).await {
                 Ok(answer) => Ok(answer.into_inner().cert_chain),
-                Err(status) => Err(match retry_pushback(&status) {
-                    Some(retry_in) => CaError::Overloaded {
-                        code: status.code(),
-                        message: status.message().to_owned(),
-                        retry_in,
-                    },
-                    None if is_transport(&status) => CaError::Connect {
-                        addr: self.config.addr.clone(),
-                        problem: status.message().to_owned(),
-                    },
-                    None => CaError::Refused {
-                        code: status.code(),
-                        message: status.message().to_owned(),
-                    },
-                }),
+                Err(status) => Err(self.failed(&status)),
+            }
+        })
+    }
+
+    fn mint_jwt<'a>(&'a self, audiences: &'a [String]) -> JwtFuture<'a, MintedJwt> {
+        Box::pin(async move {
+            let request = self.authorized(MintJwtSvidRequest {
+                audience: audiences.to_vec(),
+                ttl_seconds: 0,
+            })?;
+            let mut client = JwtSvidServiceClient::new(self.channel()?);
+            match client.mint_jwt_svid(request).await {
+                Ok(answer) => {
+                    let answer = answer.into_inner();
+                    Ok(MintedJwt {
+                        token: answer.token,
+                        spiffe_id: answer.spiffe_id,
+                        expires_at: answer.expires_at,
+                    })
+                }
+                Err(status) => Err(self.failed(&status)),
+            }
+        })
+    }
+
+    fn jwt_bundle(&self) -> JwtFuture<'_, FetchJwtBundleResponse> {
+        Box::pin(async move {
+            let mut client = JwtSvidServiceClient::new(self.channel()?);
+            match client.fetch_jwt_bundle(FetchJwtBundleRequest {}).await {
+                Ok(answer) => Ok(answer.into_inner()),
+                Err(status) => Err(self.failed(&status)),
             }
         })
     }

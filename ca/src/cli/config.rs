@@ -2,7 +2,8 @@
 //! a clap group with its own checks (`crate::keys::reload::KeyArgs`,
 //! [`crate::issue::policy::PolicyArgs`], [`crate::issue::authn::flags::AuthnArgs`],
 //! `crate::keys::tls::TlsArgs`, `crate::issue::queue::QueueArgs`, [`crate::conns::ConnArgs`],
-//! [`crate::issue::podcert::PodCertArgs`], [`crate::kubernetes::writers::flags::WriterArgs`]); this
+//! [`crate::issue::podcert::PodCertArgs`], [`crate::kubernetes::writers::flags::WriterArgs`],
+//! [`crate::issue::jwtsvid::flags::JwtArgs`]); this
 //! module flattens them into one command and puts their results together.
 
 use std::{net::SocketAddr, path::PathBuf};
@@ -11,7 +12,10 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     conns::ConnArgs,
-    issue::{authn::flags::AuthnArgs, podcert::PodCertArgs, policy::PolicyArgs, queue::QueueArgs},
+    issue::{
+        authn::flags::AuthnArgs, jwtsvid::flags::JwtArgs, podcert::PodCertArgs, policy::PolicyArgs,
+        queue::QueueArgs,
+    },
     keys::{reload::KeyArgs, tls::TlsArgs},
     kubernetes::writers::flags::WriterArgs,
 };
@@ -102,6 +106,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub writers: WriterArgs,
+
+    #[command(flatten)]
+    pub jwt: JwtArgs,
 }
 
 /// Validated settings for `server::run`.
@@ -127,6 +134,8 @@ pub struct ServeConfig {
     pub pods: Option<crate::issue::podcert::PodCertificates>,
     /// What the elected replica keeps in the API server; `None` when nothing.
     pub writers: Option<crate::kubernetes::writers::WriterConfig>,
+    /// JWT-SVIDs and OIDC discovery; `None` when off.
+    pub jwt: Option<crate::issue::jwtsvid::flags::JwtConfig>,
     /// Access to the local API server; `None` without, or when nothing uses it.
     pub api_access: Option<ApiAccess>,
 }
@@ -145,6 +154,11 @@ impl ServeArgs {
         let pod_signer = pods.as_ref().map(|p| p.signer.as_str());
         let writers = self.writers.validate(pod_signer, api_access.as_ref())?;
         let authn = self.authn.validate(api_access.as_ref())?;
+        let jwt = self.jwt.validate(api_access.is_some())?;
+        let jwt_secret = matches!(
+            jwt.as_ref().map(|j| &j.keys),
+            Some(crate::issue::jwtsvid::flags::KeyPlace::Secret { .. })
+        );
         // API access that nothing uses is dropped: a JWKS-only CA in a pod neither
         // needs the pod's credentials nor probes the API server.
         let jwks_on_api = matches!(
@@ -155,6 +169,7 @@ impl ServeArgs {
             || jwks_on_api
             || writers.is_some()
             || pods.is_some()
+            || jwt_secret
             || !policy.trusted_node_accounts.is_empty();
         let api_access = api_access.filter(|_| used);
         Ok(ServeConfig {
@@ -169,6 +184,7 @@ impl ServeArgs {
             conns: self.conns.limits(),
             pods,
             writers,
+            jwt,
             api_access,
         })
     }

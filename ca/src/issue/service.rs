@@ -204,36 +204,7 @@ impl CaService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<(Caller, Decision, Issued), RequestError> {
-        let metadata = request.metadata();
-        let token = metadata
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(Token::from_header);
-        let cluster_id = metadata
-            .get("clusterid")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let peer_certs = request.peer_certs();
-        let refusal;
-        let client_cert = match peer_certs.as_deref().map(Vec::as_slice) {
-            None | Some([]) => ClientCert::Absent,
-            Some(chain) => match self.tls.reverify_client(chain, UnixTime::now()) {
-                Ok(()) => ClientCert::Verified(chain),
-                Err(e) => {
-                    refusal = e.to_string();
-                    ClientCert::Refused(&refusal)
-                }
-            },
-        };
-        let caller = self
-            .authn
-            .authenticate(
-                client_cert,
-                token.as_ref(),
-                &cluster_id,
-                request.remote_addr().map(|a| a.ip()),
-            )
+        let caller = authenticate(&request, &self.tls, &self.authn)
             .await
             .inspect_err(|_| self.metrics.authentication_failure_count.inc())?;
 
@@ -267,6 +238,45 @@ impl CaService {
             .await??;
         Ok((caller, decided, issued))
     }
+}
+
+/// The caller of a gRPC request: its token (`authorization: Bearer`) or its client
+/// certificate, checked again against the chain in use, for the cluster it names
+/// (`clusterid`). CreateCertificate and the JWT-SVID service share it.
+pub(crate) async fn authenticate<T>(
+    request: &Request<T>,
+    tls: &TlsState,
+    authn: &Authenticator,
+) -> Result<Caller, AuthnError> {
+    let metadata = request.metadata();
+    let token = metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(Token::from_header);
+    let cluster_id = metadata
+        .get("clusterid")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let peer_certs = request.peer_certs();
+    let refusal;
+    let client_cert = match peer_certs.as_deref().map(Vec::as_slice) {
+        None | Some([]) => ClientCert::Absent,
+        Some(chain) => match tls.reverify_client(chain, UnixTime::now()) {
+            Ok(()) => ClientCert::Verified(chain),
+            Err(e) => {
+                refusal = e.to_string();
+                ClientCert::Refused(&refusal)
+            }
+        },
+    };
+    authn
+        .authenticate(
+            client_cert,
+            token.as_ref(),
+            cluster_id,
+            request.remote_addr().map(|a| a.ip()),
+        )
+        .await
 }
 
 /// The `ImpersonatedIdentity` metadata value, when a non-empty one was sent. An empty

@@ -119,6 +119,11 @@ impl TlsState {
         not_after - SERVING_CERT_LIFETIME / 2
     }
 
+    /// The current serving certificate, for another listener (OIDC discovery).
+    pub(crate) fn cert_resolver(self: &Arc<Self>) -> Arc<dyn ResolvesServerCert> {
+        Arc::new(DynamicCert(self.clone()))
+    }
+
     /// The rustls server configurations under `policy` (see
     /// [`signet_tls::ServerConfigs`]), each reading the current certificate and trust.
     ///

@@ -86,7 +86,7 @@ pub(super) async fn accept_tls(
                 }
                 done = handshake => done,
             };
-            if let Some(tls) = handshake_done(done, peer, &metrics) {
+            if let Some(tls) = handshake_done(done, peer, &metrics, LISTENER) {
                 let _ = conns
                     .send(Ok(Conn {
                         tls,
@@ -100,36 +100,37 @@ pub(super) async fn accept_tls(
     }
 }
 
-/// Counts and logs a handshake's outcome: the group and version it settled on, or why
-/// it failed.
-fn handshake_done(
+/// Counts and logs a handshake's outcome on `listener`: the group and version it
+/// settled on, or why it failed.
+pub(super) fn handshake_done(
     done: Result<std::io::Result<TlsStream<TcpStream>>, tokio::time::error::Elapsed>,
     peer: std::net::SocketAddr,
     metrics: &Metrics,
+    listener: &str,
 ) -> Option<TlsStream<TcpStream>> {
     let reason = match done {
         Ok(Ok(tls)) => {
             let Negotiated { group, version } = Negotiated::of(tls.get_ref().1);
             metrics
                 .tls_handshakes
-                .with_label_values(&[LISTENER, group, version])
+                .with_label_values(&[listener, group, version])
                 .inc();
-            tracing::debug!(%peer, listener = %LISTENER, %group, %version, "TLS handshake complete");
+            tracing::debug!(%peer, %listener, %group, %version, "TLS handshake complete");
             return Some(tls);
         }
         Ok(Err(e)) => {
             let reason = HandshakeFailure::of(&e).label();
-            tracing::debug!(%peer, listener = %LISTENER, %reason, error = %e, "TLS handshake failed");
+            tracing::debug!(%peer, %listener, %reason, error = %e, "TLS handshake failed");
             reason
         }
         Err(_) => {
-            tracing::debug!(%peer, listener = %LISTENER, "TLS handshake timed out");
+            tracing::debug!(%peer, %listener, "TLS handshake timed out");
             "timeout"
         }
     };
     metrics
         .tls_handshake_failures
-        .with_label_values(&[LISTENER, reason])
+        .with_label_values(&[listener, reason])
         .inc();
     None
 }

@@ -1,13 +1,17 @@
 //! Wires everything together: key material, authenticators, the TLS gRPC server
 //! (the accept loop in `accept`), the HTTP side (`health`: metrics and health),
-//! key-material reload and certificate renewal.
+//! key-material reload and certificate renewal; with JWT-SVIDs, the key set's keeper
+//! and OIDC discovery (`oidc`).
 
 mod accept;
 mod health;
+mod oidc;
 
 use std::{future::Future, sync::Arc, time::Duration as StdDuration};
 
-use signet_proto::IstioCertificateServiceServer;
+use signet_proto::{
+    IstioCertificateServiceServer, signet_v1::jwt_svid_service_server::JwtSvidServiceServer,
+};
 use time::OffsetDateTime;
 use tokio::{
     net::TcpListener,
@@ -22,6 +26,7 @@ use crate::{
     cli::config::ServeConfig,
     conns::{ActivityLayer, Pool},
     issue::authn::{Authenticator, ClusterAuth},
+    issue::jwtsvid::JwtService,
     issue::policy::{NodeImpersonation, Policy},
     issue::queue::SigningQueue,
     issue::service::{CaService, MAX_REQUEST_BYTES},
@@ -70,6 +75,18 @@ pub enum ServeError {
     Writers(#[source] crate::issue::authn::KubeClientError),
     #[error("Kubernetes API access: {0}")]
     ApiProbe(#[source] crate::issue::authn::KubeClientError),
+    #[error(transparent)]
+    JwtKeys(#[from] crate::keys::jwtstore::KeeperError),
+    #[error("JWT key set: {0}")]
+    JwtKeySet(#[from] crate::keys::jwt::JwtKeyError),
+    #[error("Kubernetes API access for --jwt-keys-secret: {0}")]
+    JwtSecret(#[source] crate::issue::authn::KubeClientError),
+    #[error("--jwt-keys-secret needs API access (--kubeconfig, or running in a pod)")]
+    JwtSecretAccess,
+    #[error(transparent)]
+    Oidc(#[from] oidc::OidcError),
+    #[error("--oidc-addr is set but no OIDC listener was bound")]
+    OidcListener,
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("gRPC server: {0}")]
@@ -176,14 +193,24 @@ async fn node_impersonation(
     Ok(Some(imp))
 }
 
-/// Runs the CA until `shutdown` completes. The listeners are bound by the caller, so
-/// tests can use port 0.
+/// The CA's listeners, bound by the caller so tests can use port 0.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC (TLS) listener.
+    pub grpc: TcpListener,
+    /// Metrics and health (plain HTTP).
+    pub http: TcpListener,
+    /// OIDC discovery (`--oidc-addr`).
+    pub oidc: Option<TcpListener>,
+}
+
+/// Runs the CA until `shutdown` completes.
 pub async fn run(
     config: ServeConfig,
-    grpc: TcpListener,
-    http: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let Listeners { grpc, http, oidc } = listeners;
     let metrics = Metrics::new()?;
     let now = OffsetDateTime::now_utc();
     let signer = reload::initial(
@@ -213,11 +240,20 @@ pub async fn run(
     let service = CaService::new(
         signer_rx.clone(),
         tls.clone(),
-        authn,
+        authn.clone(),
         queue.clone(),
         metrics.clone(),
         policy.clone(),
     );
+    let jwt = match &config.jwt {
+        Some(settings) => Some(
+            jwt_service(
+                &config, settings, &tls, authn, &queue, &metrics, oidc, &stop_rx,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<IstioCertificateServiceServer<CaService>>()
@@ -280,6 +316,10 @@ pub async fn run(
             IstioCertificateServiceServer::new(service)
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
+        .add_optional_service(jwt.map(|service| {
+            JwtSvidServiceServer::new(service)
+                .max_decoding_message_size(crate::issue::jwtsvid::MAX_REQUEST_BYTES)
+        }))
         .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
             let _ = grpc_stop.wait_for(|stop| *stop).await;
             // Requests in flight get a grace period; streams that never end (a health
@@ -311,6 +351,87 @@ pub async fn run(
         Err(e) => tracing::warn!(error = %e, "HTTP server task failed"),
     }
     Ok(())
+}
+
+/// The JWT-SVID service: its key set kept in the state directory or the Secret (a
+/// first round before serving; with a Secret that cannot be read yet, minting
+/// answers UNAVAILABLE until it can), and OIDC discovery when asked.
+#[allow(clippy::too_many_arguments)]
+async fn jwt_service(
+    config: &ServeConfig,
+    settings: &crate::issue::jwtsvid::flags::JwtConfig,
+    tls: &Arc<TlsState>,
+    authn: Arc<Authenticator>,
+    queue: &SigningQueue,
+    metrics: &Metrics,
+    oidc: Option<TcpListener>,
+    stop: &watch::Receiver<bool>,
+) -> Result<JwtService, ServeError> {
+    use crate::issue::jwtsvid::flags::KeyPlace;
+    use crate::keys::jwtstore::{self, FileStore, Keeper, KeyStore};
+    let store: Arc<dyn KeyStore> = match &settings.keys {
+        KeyPlace::StateDir => Arc::new(FileStore::in_dir(&config.keys.state_dir)),
+        KeyPlace::Secret { namespace, name } => {
+            let access = config
+                .api_access
+                .as_ref()
+                .ok_or(ServeError::JwtSecretAccess)?;
+            let client =
+                crate::kubernetes::client::client(access, crate::kubernetes::client::Retries::Kube)
+                    .await
+                    .map_err(ServeError::JwtSecret)?;
+            Arc::new(crate::kubernetes::jwtsecret::SecretStore::new(
+                client, namespace, name,
+            ))
+        }
+    };
+    let keeper = Keeper::new(store, settings.schedule);
+    let (keys_tx, keys_rx) = watch::channel(None);
+    let mut last = None;
+    match keeper.round(OffsetDateTime::now_utc()).await {
+        Ok(doc) => jwtstore::publish(&keys_tx, &mut last, doc)?,
+        Err(e) if matches!(settings.keys, KeyPlace::Secret { .. }) => {
+            tracing::warn!(error = %e, "JWT key set not available yet; JWT-SVID requests are answered UNAVAILABLE until it is");
+        }
+        Err(e) => return Err(e.into()),
+    }
+    tracing::info!(
+        alg = %settings.schedule.alg,
+        rotation = %humantime::format_duration(settings.schedule.rotate_every),
+        issuer = settings.issuer.as_deref().unwrap_or(""),
+        "JWT-SVIDs enabled"
+    );
+    tokio::spawn(jwtstore::keep(keeper, keys_tx, last, stop.clone()));
+    if let (Some(oidc_config), Some(issuer)) = (&settings.oidc, &settings.issuer) {
+        let listener = oidc.ok_or(ServeError::OidcListener)?;
+        oidc::spawn(
+            listener,
+            issuer.clone(),
+            oidc_config.tls_files.clone(),
+            tls,
+            config.compliance_policy,
+            keys_rx.clone(),
+            metrics.clone(),
+            stop.clone(),
+        )?;
+        tracing::info!(addr = %oidc_config.addr, %issuer, "OIDC discovery serving");
+    }
+    Ok(JwtService::new(
+        keys_rx,
+        tls.clone(),
+        authn,
+        queue.clone(),
+        metrics.clone(),
+        crate::issue::jwtsvid::JwtSettings {
+            default_ttl: settings.default_ttl,
+            max_ttl: settings.max_ttl,
+            issuer: settings.issuer.clone(),
+            trust_domain: config.policy.trust_domains.primary().clone(),
+            // Well within the time a key is published before it signs.
+            refresh_hint: (settings.schedule.rotate_every / 8)
+                .clamp(StdDuration::from_secs(5), StdDuration::from_secs(300)),
+        },
+    ))
 }
 
 /// Policy as configured: node impersonation when there are pod caches, the pod
