@@ -61,7 +61,16 @@ MODES = {
         "connections": {"peerShares": ["10.0.8.15/32=unlimited", "10.1.0.0/16=512"]},
         "compliancePolicy": "pqc",
         "subjectCn": {"template": "{ns}.{sa}", "namespaces": ["minio-users", "etl"]},
+        "jwtSvids": {"enabled": True},
+        "oidc": {"enabled": True, "issuer": "https://oidc.example.com", "tlsSecretName": "oidc-tls"},
     },
+    "jwt-svids": {"jwtSvids": {"enabled": True, "ttl": "10m", "maxTtl": "2h", "keyAlgorithm": "rs256",
+                               "keyRotation": "12h"}},
+    "oidc": {"jwtSvids": {"enabled": True},
+             "oidc": {"enabled": True, "issuer": "https://oidc.example.com/mesh", "tlsSecretName": "oidc-tls"}},
+    # No certificate of its own: the CA's serving certificate, which must then name the issuer.
+    "oidc-ca-certificate": {"jwtSvids": {"enabled": True},
+                            "oidc": {"enabled": True, "issuer": "https://signet-ca-oidc.signet-system.svc"}},
 }
 
 # The rules each mode needs: (kind, namespace, apiGroup or URL marker, resource or URL,
@@ -92,6 +101,11 @@ POD_CERTS = {("ClusterRole", None, "certificates.k8s.io", "podcertificaterequest
 ISTIOD_SECRET = {("Role", "istio-system", "", "secrets", "create", ())} | {
     ("Role", "istio-system", "", "secrets", v, ("istiod-tls",)) for v in ("get", "list", "watch", "update")}
 
+# JWT-SVIDs: the key set's Secret, read and written by every replica: create (which RBAC
+# cannot limit by name), then get and update of that one Secret, in the release namespace.
+JWT_KEYS = {("Role", NS, "", "secrets", "create", ())} | {
+    ("Role", NS, "", "secrets", v, ("signet-ca-jwt-keys",)) for v in ("get", "update")}
+
 EXPECTED_RULES = {
     "default": ROOT_CONFIGMAPS | LEASE,
     "tokenreview": ROOT_CONFIGMAPS | LEASE,
@@ -103,7 +117,10 @@ EXPECTED_RULES = {
     "ambient": ROOT_CONFIGMAPS | PODS | LEASE,
     "pod-certificates": ROOT_CONFIGMAPS | POD_CERTS | TRUST_BUNDLE | LEASE,
     "multi-cluster": ROOT_CONFIGMAPS | LEASE,
-    "everything": JWKS | ROOT_CONFIGMAPS | PODS | TRUST_BUNDLE | POD_CERTS | ISTIOD_SECRET | LEASE,
+    "everything": JWKS | ROOT_CONFIGMAPS | PODS | TRUST_BUNDLE | POD_CERTS | ISTIOD_SECRET | JWT_KEYS | LEASE,
+    "jwt-svids": ROOT_CONFIGMAPS | JWT_KEYS | LEASE,
+    "oidc": ROOT_CONFIGMAPS | JWT_KEYS | LEASE,
+    "oidc-ca-certificate": ROOT_CONFIGMAPS | JWT_KEYS | LEASE,
 }
 # The modes whose RBAC may name pods at all.
 PODS_MODES = {"ambient", "everything"}
@@ -160,6 +177,24 @@ EXPECTED_ARGS = {
     ] + ROOT_CM_ARGS + [
         "--root-configmap-namespace-selector=istio-injection in (enabled)",
     ] + CTB_ARGS + POD_CERT_ARGS + ["--pod-certificate-deny=kube-system"] + ISTIOD_ARGS + LEASE_ARGS,
+    # JWT-SVIDs and OIDC are set through the environment (EXPECTED_JWT_ENV).
+    "jwt-svids": COMMON_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + LEASE_ARGS,
+    "oidc": COMMON_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + LEASE_ARGS,
+    "oidc-ca-certificate": COMMON_ARGS + [SERVING + ",signet-ca-oidc.signet-system.svc"] + TTLS
+    + ROOT_CM_ARGS + LEASE_ARGS,
+}
+
+JWT_ON = {"SIGNET_JWT_SVIDS": "true", "SIGNET_JWT_KEYS_SECRET": "signet-system/signet-ca-jwt-keys"}
+OIDC_TLS = {"SIGNET_OIDC_ADDR": "[::]:8443", "SIGNET_OIDC_TLS_CERT": "/etc/signet/oidc-tls/tls.crt",
+            "SIGNET_OIDC_TLS_KEY": "/etc/signet/oidc-tls/tls.key"}
+# The SIGNET_JWT_* and SIGNET_OIDC_* variables per mode; none in the others.
+EXPECTED_JWT_ENV = {
+    "everything": {**JWT_ON, "SIGNET_OIDC_ISSUER": "https://oidc.example.com", **OIDC_TLS},
+    "jwt-svids": {**JWT_ON, "SIGNET_JWT_SVID_TTL": "10m", "SIGNET_JWT_SVID_MAX_TTL": "2h",
+                  "SIGNET_JWT_KEY_ALGORITHM": "rs256", "SIGNET_JWT_KEY_ROTATION": "12h"},
+    "oidc": {**JWT_ON, "SIGNET_OIDC_ISSUER": "https://oidc.example.com/mesh", **OIDC_TLS},
+    "oidc-ca-certificate": {**JWT_ON, "SIGNET_OIDC_ISSUER": "https://signet-ca-oidc.signet-system.svc",
+                            "SIGNET_OIDC_ADDR": "[::]:8443"},
 }
 
 
@@ -253,6 +288,18 @@ def test_examples_validate(path):
     {"logFormat": "xml"},
     {"compliancePolicy": "PQC"},
     {"subjectCn": {"template": "{sa}", "namespace": ["a"]}},
+    {"jwtSvids": {"enable": True}},
+    {"jwtSvids": {"keyAlgorithm": "ES256"}},
+    {"jwtSvids": {"keyAlgorithm": "hs256"}},
+    {"jwtSvids": {"ttl": 300}},
+    {"jwtSvids": {"maxTtl": "1"}},
+    {"jwtSvids": {"keysSecretName": "JWT_keys"}},
+    {"oidc": {"issuer": "http://oidc.example.com"}},
+    {"oidc": {"issuer": "oidc.example.com"}},
+    {"oidc": {"port": "8443"}},
+    {"oidc": {"service": {"type": "Ingress"}}},
+    {"oidc": {"tlsSecret": "oidc-tls"}},
+    {"networkPolicy": {"oidcFrom": "anywhere"}},
 ])
 def test_unknown_or_misspelt_values_are_errors(chart, values):
     """values.schema.json: a typo or an unknown key fails lint and rendering instead of
@@ -291,6 +338,8 @@ def test_container_args_per_mode(chart, mode):
     assert env.get("SIGNET_SUBJECT_CN_TEMPLATE", {}).get("value") == (subject or {}).get("template")
     if subject:
         assert env["SIGNET_SUBJECT_CN_NAMESPACES"]["value"] == "minio-users,etl"
+    jwt_env = {k: e["value"] for k, e in env.items() if k.startswith(("SIGNET_JWT", "SIGNET_OIDC"))}
+    assert jwt_env == EXPECTED_JWT_ENV.get(mode, {}), jwt_env
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -313,7 +362,10 @@ def test_rbac_is_exactly_what_the_mode_needs(chart, mode):
                 assert o["kind"] == "ClusterRole", r
                 assert r["apiGroups"] == [""] and "resourceNames" not in r, r
             if "secrets" in r.get("resources", ()):
-                assert o["kind"] == "Role" and o["metadata"]["namespace"] == "istio-system", o
+                # istiod's serving Secret, or the JWT key set's in the release namespace.
+                assert o["kind"] == "Role", o
+                assert (o["metadata"]["namespace"], o["metadata"]["name"]) in {
+                    ("istio-system", "signet-system-signet-ca-istiod-secret"), (NS, "signet-ca-jwt-keys")}, o
     roles = {(o["kind"], o["metadata"]["name"], o["metadata"].get("namespace"))
              for o in objs if o["kind"] in ("Role", "ClusterRole")}
     bound = set()
@@ -617,6 +669,190 @@ def test_monitors_and_network_policy(chart):
     egress_ports = {p["port"] for r in np["spec"]["egress"] for p in r["ports"]}
     assert egress_ports == {443, 6443, 53}
     assert not [o for o in render(chart, {}) if o["kind"] in ("ServiceMonitor", "PodMonitor", "NetworkPolicy")]
+
+
+def jwt_env(objs):
+    return {e["name"]: e.get("value") for e in container(objs)["env"]
+            if e["name"].startswith(("SIGNET_JWT", "SIGNET_OIDC"))}
+
+
+def test_jwt_svids_and_oidc_are_off_by_default(chart):
+    """No JWT or OIDC variable, port, volume, Service, Role or NetworkPolicy rule unless
+    asked for; the OIDC values alone (issuer, TLS Secret) change nothing."""
+    for values in ({}, {"oidc": {"issuer": "https://oidc.example.com", "tlsSecretName": "oidc-tls"}},
+                   {"networkPolicy": {"enabled": True}}):
+        objs = render(chart, values)
+        assert jwt_env(objs) == {}, values
+        c = container(objs)
+        assert {p["name"] for p in c["ports"]} == {"grpc-ca", "http-metrics"}
+        assert "oidc-tls" not in {m["name"] for m in c["volumeMounts"]}
+        assert "oidc-tls" not in {v["name"] for v in pod_spec(objs)["volumes"]}
+        assert [o["metadata"]["name"] for o in objs if o["kind"] == "Service"] == [FULLNAME]
+        assert not [o for o in objs if o["kind"] in ("Role", "RoleBinding") and "jwt" in o["metadata"]["name"]]
+        assert not [r for r in rbac_rules(objs) if r[3] == "secrets"]
+        for np in (o for o in objs if o["kind"] == "NetworkPolicy"):
+            assert [r["ports"][0]["port"] for r in np["spec"]["ingress"]] == [15012, 15014]
+
+
+def test_jwt_svids_keep_their_keys_in_a_secret_every_replica_writes(chart):
+    """JWT-SVIDs: the key set is always in a Secret of the release namespace (a file in
+    --state-dir would differ per replica), and its Role is bound whether or not a writer
+    elects a leader: every replica reads and writes it."""
+    objs = render(chart, {"rootConfigMap": {"enabled": False}, "jwtSvids": {"enabled": True}})
+    assert jwt_env(objs) == JWT_ON
+    assert rbac_rules(objs) == JWT_KEYS
+    role = next(o for o in objs if o["kind"] == "Role")
+    assert (role["metadata"]["name"], role["metadata"]["namespace"]) == ("signet-ca-jwt-keys", NS)
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["signet-ca-jwt-keys"],
+         "verbs": ["get", "update"]}]
+    binding = one(objs, "RoleBinding")
+    assert binding["metadata"]["namespace"] == NS
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": "signet-ca-jwt-keys"}
+    assert [(s["kind"], s["name"], s["namespace"]) for s in binding["subjects"]] == [SA]
+    args = container(objs)["args"]
+    assert not [a for a in args if a.startswith(("--leader-election", "--jwt", "--oidc"))], args
+    # No listener of its own: JwtSvidService is on the CA's gRPC port.
+    assert {p["name"] for p in container(objs)["ports"]} == {"grpc-ca", "http-metrics"}
+    assert len([o for o in objs if o["kind"] == "Service"]) == 1
+
+    objs = render(chart, {"jwtSvids": {"enabled": True, "keysSecretName": "mesh-jwt"},
+                          "fullnameOverride": "mesh-ca"})
+    assert jwt_env(objs)["SIGNET_JWT_KEYS_SECRET"] == "signet-system/mesh-jwt"
+    role = next(o for o in objs if o["kind"] == "Role" and o["metadata"]["name"] == "mesh-ca-jwt-keys")
+    assert role["rules"][1]["resourceNames"] == ["mesh-jwt"]
+    # The default name follows the fullname.
+    objs = render(chart, {"jwtSvids": {"enabled": True}, "fullnameOverride": "mesh-ca"})
+    assert jwt_env(objs)["SIGNET_JWT_KEYS_SECRET"] == "signet-system/mesh-ca-jwt-keys"
+
+
+def test_an_issuer_without_the_oidc_listener_is_still_the_tokens_iss(chart):
+    objs = render(chart, {"jwtSvids": {"enabled": True}, "oidc": {"issuer": "https://oidc.example.com"}})
+    assert jwt_env(objs) == {**JWT_ON, "SIGNET_OIDC_ISSUER": "https://oidc.example.com"}
+    assert len([o for o in objs if o["kind"] == "Service"]) == 1
+    assert container(objs)["args"] == EXPECTED_ARGS["default"]
+
+
+def test_oidc_listener_service_certificate_and_network_policy(chart):
+    """OIDC discovery: its own port, its own Service (443 by default, so the issuer needs no
+    port), the TLS Secret mounted whole and read-only where the variables point, and an
+    ingress rule from anywhere unless oidcFrom says otherwise."""
+    values = {**MODES["oidc"], "networkPolicy": {"enabled": True},
+              "oidc": {**MODES["oidc"]["oidc"],
+                       "service": {"type": "LoadBalancer", "annotations": {"example.com/lb": "public"}}}}
+    objs = render(chart, values)
+    for o in objs:
+        for version in KUBE_VERSIONS:
+            kubernetes_validate.validate(o, version, strict=True)
+    c = container(objs)
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {
+        "grpc-ca": 15012, "http-metrics": 15014, "https-oidc": 8443}
+    assert jwt_env(objs) == EXPECTED_JWT_ENV["oidc"]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    assert mounts["oidc-tls"] == {"name": "oidc-tls", "mountPath": "/etc/signet/oidc-tls", "readOnly": True}
+    assert "subPath" not in mounts["oidc-tls"]  # a subPath mount would never see a renewal
+    volumes = {v["name"]: v for v in pod_spec(objs)["volumes"]}
+    assert volumes["oidc-tls"]["secret"] == {
+        "secretName": "oidc-tls", "optional": False, "defaultMode": 0o440,
+        "items": [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}]}
+    services = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Service"}
+    assert set(services) == {FULLNAME, "signet-ca-oidc"}
+    # The CA's Service is unchanged: exposing discovery does not expose 15012.
+    assert [p["name"] for p in services[FULLNAME]["spec"]["ports"]] == ["grpc-ca", "http-metrics"]
+    assert services[FULLNAME]["spec"]["type"] == "ClusterIP"
+    oidc = services["signet-ca-oidc"]
+    assert oidc["spec"]["type"] == "LoadBalancer"
+    assert oidc["metadata"]["annotations"] == {"example.com/lb": "public"}
+    assert oidc["spec"]["selector"] == one(objs, "Deployment")["spec"]["selector"]["matchLabels"]
+    assert oidc["spec"]["ports"] == [{"name": "https-oidc", "port": 443, "targetPort": "https-oidc",
+                                      "protocol": "TCP", "appProtocol": "https"}]
+    ingress = {r["ports"][0]["port"]: r for r in one(objs, "NetworkPolicy")["spec"]["ingress"]}
+    assert set(ingress) == {15012, 15014, 8443}
+    assert "from" not in ingress[8443]
+    # The CA's own certificate is not touched when the listener has its own.
+    assert c["args"] == EXPECTED_ARGS["oidc"]
+
+    peers = [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
+    objs = render(chart, {**MODES["oidc"], "listenAddress": "0.0.0.0",
+                          "networkPolicy": {"enabled": True, "oidcFrom": peers},
+                          "oidc": {**MODES["oidc"]["oidc"], "port": 9443, "service": {"port": 8443}}})
+    assert jwt_env(objs)["SIGNET_OIDC_ADDR"] == "0.0.0.0:9443"
+    assert {p["name"]: p["containerPort"] for p in container(objs)["ports"]}["https-oidc"] == 9443
+    ingress = {r["ports"][0]["port"]: r for r in one(objs, "NetworkPolicy")["spec"]["ingress"]}
+    assert ingress[9443]["from"] == peers
+    oidc = next(o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == "signet-ca-oidc")
+    assert (oidc["spec"]["ports"][0]["port"], oidc["spec"]["ports"][0]["targetPort"]) == (8443, "https-oidc")
+
+
+def test_oidc_with_the_cas_certificate_names_the_issuers_host(chart):
+    """Without oidc.tlsSecretName the listener serves the CA's certificate: the issuer's
+    host joins --serving-dns-names (once, in lower case); an IP address cannot be a DNS name
+    and is left out."""
+    objs = render(chart, MODES["oidc-ca-certificate"])
+    c = container(objs)
+    assert "oidc-tls" not in {m["name"] for m in c["volumeMounts"]}
+    assert "oidc-tls" not in {v["name"] for v in pod_spec(objs)["volumes"]}
+    assert "SIGNET_OIDC_TLS_CERT" not in jwt_env(objs)
+
+    def serving(values):
+        [names] = [a for a in container(render(chart, values))["args"] if a.startswith("--serving-dns-names=")]
+        return names.split("=", 1)[1].split(",")
+
+    base = ["signet-ca.signet-system.svc", "signet-ca.signet-system.svc.cluster.local"]
+    on = {"jwtSvids": {"enabled": True}, "oidc": {"enabled": True}}
+    assert serving({**on, "oidc": {"enabled": True, "issuer": "https://OIDC.example.com:8443/mesh"}}) == [
+        *base, "oidc.example.com"]
+    assert serving({**on, "oidc": {"enabled": True, "issuer": "https://oidc.example.com"},
+                    "extraServingDnsNames": ["oidc.example.com"]}) == [*base, "oidc.example.com"]
+    assert serving({**on, "oidc": {"enabled": True, "issuer": "https://10.0.0.7"}}) == base
+    assert serving({**on, "oidc": {"enabled": True, "issuer": "https://[fd00::7]:8443"}}) == base
+
+
+def test_the_oidc_service_name_is_a_dns_label(chart):
+    objs = render(chart, {**MODES["oidc"], "fullnameOverride": "x" * 63})
+    names = [o["metadata"]["name"] for o in objs if o["kind"] == "Service"]
+    assert names == ["x" * 63, "x" * 58 + "-oidc"]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"oidc": {"enabled": True, "issuer": "https://oidc.example.com"}},
+     "oidc.enabled needs jwtSvids.enabled"),
+    ({"jwtSvids": {"enabled": True}, "oidc": {"enabled": True}}, "oidc.enabled needs oidc.issuer"),
+    ({"jwtSvids": {"enabled": True}, "oidc": {"enabled": True, "issuer": "https://oidc.example.com/"}},
+     'oidc.issuer="https://oidc.example.com/": want an https URL'),
+    ({"jwtSvids": {"enabled": True}, "oidc": {"enabled": True, "issuer": "https://oidc.example.com?a=b"}},
+     "without a trailing slash, query or fragment"),
+    ({"jwtSvids": {"enabled": True}, "oidc": {"enabled": True, "issuer": "https://oidc.example.com#x"}},
+     "without a trailing slash, query or fragment"),
+    ({"jwtSvids": {"enabled": True}, "oidc": {"enabled": True, "issuer": "https:///keys"}},
+     "want an https URL"),
+    ({"jwtSvids": {"enabled": True}, "oidc": {"enabled": True, "issuer": "https://oidc example.com"}},
+     "want an https URL"),
+    # The issuer is the tokens' `iss` even without the listener: checked there too.
+    ({"jwtSvids": {"enabled": True}, "oidc": {"issuer": "https://oidc.example.com/"}}, "oidc.issuer="),
+    ({"jwtSvids": {"enabled": True}, "oidc": {"enabled": True, "issuer": "https://o.example", "port": 15012}},
+     "oidc.port=15012 is taken"),
+    ({"jwtSvids": {"enabled": True}, "oidc": {"enabled": True, "issuer": "https://o.example", "port": 15014}},
+     "oidc.port=15014 is taken"),
+])
+def test_jwt_and_oidc_combinations_that_cannot_work_refuse_to_render(chart, values, message):
+    with pytest.raises(helm_python.HelmRenderError) as e:
+        render(chart, values)
+    assert message in str(e.value)
+
+
+def test_a_plain_http_issuer_is_refused_even_without_the_schema(capfd):
+    """The schema refuses http:// (test_unknown_or_misspelt_values_are_errors); with schema
+    validation skipped (helm --skip-schema-validation) the chart's own check still does. As
+    in the Kubernetes-version test below, lint logs a template's `fail`."""
+    values = {"jwtSvids": {"enabled": True}, "oidc": {"enabled": True, "issuer": "http://oidc.example.com"}}
+    capfd.readouterr()
+    report = helm_python.lint(CHART, values, strict=True, namespace=NS, skip_schema_validation=True)
+    logged = [line for line in capfd.readouterr().err.splitlines() if "fail message" in line]
+    errors = [m["error"] for m in report["messages"] if m["severity"] == 3] + report["errors"] + logged
+    assert [e for e in errors if "want an https URL" in e], (report, logged)
 
 
 def test_features_newer_than_the_floor_are_refused_by_name(capfd):

@@ -57,6 +57,32 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- printf "/etc/signet/remote/%s" . -}}
 {{- end -}}
 
+{{/* The Secret holding the JWT key set, read and written by every replica (jwtSvids). */}}
+{{- define "signet.jwtKeysSecretName" -}}
+{{- .Values.jwtSvids.keysSecretName | default (printf "%s-jwt-keys" (include "signet.fullname" .)) -}}
+{{- end -}}
+
+{{/* The Service of the OIDC discovery listener (a DNS label: 63 characters at most). */}}
+{{- define "signet.oidcServiceName" -}}
+{{- printf "%s-oidc" (include "signet.fullname" . | trunc 58 | trimSuffix "-") -}}
+{{- end -}}
+
+{{/* Where oidc.tlsSecretName (tls.crt, tls.key) is mounted. */}}
+{{- define "signet.oidcTlsDir" -}}
+/etc/signet/oidc-tls
+{{- end -}}
+
+{{/* The host of oidc.issuer when it goes into the CA's own serving certificate: oidc.enabled
+     without oidc.tlsSecretName, and a DNS name (an IP address cannot be a DNS SAN); else "". */}}
+{{- define "signet.oidcIssuerHost" -}}
+{{- if and .Values.oidc.enabled (not .Values.oidc.tlsSecretName) .Values.oidc.issuer -}}
+{{- $host := lower (urlParse (toString .Values.oidc.issuer)).hostname -}}
+{{- if and $host (not (contains ":" $host)) (not (regexMatch "^[0-9.]+$" $host)) -}}
+{{- $host -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Whether any writer (and so leader election) is on: "true" or "". */}}
 {{- define "signet.writes" -}}
 {{- if or .Values.rootConfigMap.enabled .Values.clusterTrustBundle.enabled .Values.istiodCert.enabled .Values.podCertificates.enabled -}}
@@ -126,6 +152,23 @@ true
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- if .Values.oidc.enabled -}}
+{{- if not .Values.jwtSvids.enabled -}}
+{{- fail "oidc.enabled needs jwtSvids.enabled: OIDC discovery publishes the keys that sign JWT-SVIDs" -}}
+{{- end -}}
+{{- if not .Values.oidc.issuer -}}
+{{- fail "oidc.enabled needs oidc.issuer: the https URL relying parties are given, and the `iss` of JWT-SVIDs, e.g. https://oidc.example.com" -}}
+{{- end -}}
+{{- if has (int .Values.oidc.port) (list 15012 15014) -}}
+{{- fail (printf "oidc.port=%d is taken: 15012 is the CA's gRPC port and 15014 its metrics port; the default is 8443" (int .Values.oidc.port)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.jwtSvids.enabled .Values.oidc.issuer -}}
+{{- $issuer := toString .Values.oidc.issuer -}}
+{{- if or (not (regexMatch "^https://[^/?#[:space:]][^?#[:space:]]*$" $issuer)) (hasSuffix "/" $issuer) -}}
+{{- fail (printf "oidc.issuer=%q: want an https URL without a trailing slash, query or fragment (relying parties compare it byte for byte), e.g. https://oidc.example.com" $issuer) -}}
+{{- end -}}
+{{- end -}}
 {{- range $list := list "allow" "deny" -}}
 {{- range (get $.Values.podCertificates $list) -}}
 {{- if not (regexMatch "^[^/,[:space:]]+(/[^/,[:space:]]+)?$" (toString .)) -}}
@@ -140,6 +183,12 @@ true
 {{- $fullname := include "signet.fullname" . -}}
 {{- $ns := .Release.Namespace -}}
 {{- $dns := concat (list (printf "%s.%s.svc" $fullname $ns) (printf "%s.%s.svc.cluster.local" $fullname $ns)) .Values.extraServingDnsNames -}}
+{{- /* OIDC without its own certificate is served with the CA's: it must name the issuer's host. */ -}}
+{{- with include "signet.oidcIssuerHost" . -}}
+{{- if not (has . $dns) -}}
+{{- $dns = append $dns . -}}
+{{- end -}}
+{{- end -}}
 - serve
 - --cacerts-dir=/etc/cacerts
 {{- if not .Values.cacerts.selfSigned }}
