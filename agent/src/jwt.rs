@@ -9,11 +9,13 @@ use std::{
     time::Duration,
 };
 
-use jsonwebtoken::{Algorithm, DecodingKey, Validation, jwk::JwkSet};
 use tokio::sync::watch;
 use tonic::{Code, Status};
 
-use crate::identity::caclient::{CaClient, CaError};
+use crate::{
+    identity::caclient::{CaClient, CaError},
+    jose::{Jwks, Unverified},
+};
 
 /// Audience sets cached at once; past this the entries nearest renewal go first.
 const MAX_CACHED: usize = 64;
@@ -41,7 +43,7 @@ pub enum Bundle {
 pub struct KeySet {
     pub trust_domain: String,
     pub jwks: Vec<u8>,
-    set: JwkSet,
+    set: Jwks,
 }
 
 #[derive(Clone)]
@@ -143,11 +145,10 @@ impl JwtSvids {
     async fn refresh(&self) -> Result<Duration, CaError> {
         match self.ca.jwt_bundle().await {
             Ok(answer) => {
-                let set: JwkSet =
-                    serde_json::from_slice(&answer.jwks).map_err(|e| CaError::Refused {
-                        code: Code::Internal,
-                        message: format!("the CA's JWT bundle is not a JWKS: {e}"),
-                    })?;
+                let set = Jwks::parse(&answer.jwks).map_err(|e| CaError::Refused {
+                    code: Code::Internal,
+                    message: format!("the CA's JWT bundle is not a JWKS: {e}"),
+                })?;
                 self.bundle.send_if_modified(|held| {
                     let same = matches!(held, Bundle::Keys(k) if k.jwks == answer.jwks && k.trust_domain == answer.trust_domain);
                     if !same {
@@ -224,12 +225,13 @@ impl JwtSvids {
             ));
         }
         let invalid = |why: String| Status::invalid_argument(format!("invalid JWT-SVID: {why}"));
-        let header =
-            jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("header: {e}")))?;
-        let kid = header
-            .kid
-            .ok_or_else(|| invalid("the header names no key (kid)".into()))?;
-        let id = unverified_subject(token).map_err(invalid)?;
+        let unverified = Unverified::parse(token).map_err(invalid)?;
+        let id = unverified
+            .claims
+            .get("sub")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| invalid("no sub claim".into()))?
+            .to_owned();
         let trust_domain = id
             .strip_prefix("spiffe://")
             .and_then(|rest| rest.split('/').next())
@@ -243,57 +245,11 @@ impl JwtSvids {
                 )));
             }
         };
-        let jwk = keys.set.find(&kid).ok_or_else(|| {
-            invalid(format!(
-                "key {kid:?} is not in the JWT bundle of trust domain {trust_domain:?}"
-            ))
-        })?;
-        let alg = match jwk.common.key_algorithm {
-            Some(jsonwebtoken::jwk::KeyAlgorithm::ES256) => Algorithm::ES256,
-            Some(jsonwebtoken::jwk::KeyAlgorithm::RS256) => Algorithm::RS256,
-            _ => {
-                return Err(invalid(format!(
-                    "key {kid:?} has no algorithm this agent verifies"
-                )));
-            }
-        };
-        if header.alg != alg {
-            return Err(invalid(format!(
-                "the header says {:?}, key {kid:?} is {alg:?}",
-                header.alg
-            )));
-        }
-        let key = DecodingKey::from_jwk(jwk).map_err(|e| invalid(format!("key {kid:?}: {e}")))?;
-        let mut validation = Validation::new(alg);
-        validation.leeway = 0;
-        validation.set_audience(&[audience]);
-        validation.set_required_spec_claims(&["exp", "aud", "sub"]);
-        let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
-            token,
-            &key,
-            &validation,
-        )
-        .map_err(|e| invalid(e.to_string()))?;
-        Ok((id, data.claims))
+        let claims = unverified
+            .verify(&keys.set, audience, unix_now())
+            .map_err(|e| invalid(format!("{e} (trust domain {trust_domain:?})")))?;
+        Ok((id, claims))
     }
-}
-
-/// `sub` before the signature is checked (it says which bundle to check with).
-fn unverified_subject(token: &str) -> Result<String, String> {
-    use base64::Engine;
-    let payload = token
-        .split('.')
-        .nth(1)
-        .ok_or_else(|| "not a compact JWS".to_owned())?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .map_err(|e| format!("payload: {e}"))?;
-    #[derive(serde::Deserialize)]
-    struct Sub {
-        sub: Option<String>,
-    }
-    let claims: Sub = serde_json::from_slice(&bytes).map_err(|e| format!("claims: {e}"))?;
-    claims.sub.ok_or_else(|| "no sub claim".to_owned())
 }
 
 /// JSON claims as a protobuf Struct (ValidateJWTSVID's `claims`).

@@ -22,6 +22,7 @@
 pub mod config;
 pub mod identity;
 pub mod inspect;
+pub(crate) mod jose;
 pub mod jwt;
 pub mod metrics;
 pub mod sds;
