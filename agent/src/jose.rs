@@ -79,12 +79,19 @@ impl Jwks {
         }
         Ok(Self { keys })
     }
+
+    /// Whether `kid` is in the set.
+    pub(crate) fn contains(&self, kid: &str) -> bool {
+        self.keys.contains_key(kid)
+    }
 }
 
 #[derive(Deserialize)]
 struct Header {
     alg: String,
     kid: Option<String>,
+    typ: Option<String>,
+    crit: Option<Value>,
 }
 
 /// A compact JWS split and decoded, not yet checked.
@@ -110,6 +117,21 @@ impl<'a> Unverified<'a> {
         let header: Header =
             serde_json::from_slice(&B64URL.decode(header).map_err(|e| format!("header: {e}"))?)
                 .map_err(|e| format!("header: {e}"))?;
+        // JWT-SVID: `typ`, when present, is JWT or JOSE; no extension this check
+        // does not know may be made critical.
+        if header
+            .typ
+            .as_deref()
+            .is_some_and(|t| t != "JWT" && t != "JOSE")
+        {
+            return Err(format!(
+                "typ {:?} is not JWT or JOSE",
+                header.typ.unwrap_or_default()
+            ));
+        }
+        if header.crit.is_some() {
+            return Err("the header makes extensions critical (crit)".into());
+        }
         let claims: Map<String, Value> =
             serde_json::from_slice(&B64URL.decode(payload).map_err(|e| format!("claims: {e}"))?)
                 .map_err(|e| format!("claims: {e}"))?;
@@ -262,6 +284,18 @@ mod tests {
             &claims,
         );
         assert!(err(&none, "a", 99).contains("algorithm"));
+        let typ = token(
+            &pair,
+            &serde_json::json!({"alg": "ES256", "kid": "k1", "typ": "at+jwt"}),
+            &claims,
+        );
+        assert!(Unverified::parse(&typ).is_err());
+        let crit = token(
+            &pair,
+            &serde_json::json!({"alg": "ES256", "kid": "k1", "crit": ["b64"]}),
+            &claims,
+        );
+        assert!(Unverified::parse(&crit).is_err());
         for bad in ["", "a.b", "a.b.c.d", "!.!.!"] {
             assert!(Unverified::parse(bad).is_err(), "{bad}");
         }

@@ -26,6 +26,10 @@ const MIN_REFRESH: Duration = Duration::from_secs(5);
 const MAX_REFRESH: Duration = Duration::from_secs(3600);
 /// Retry after a failed bundle fetch, doubling to the refresh interval.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// Mints asked of the CA at once; more callers wait (and then mostly find the token
+/// one of them got in the cache), so one local process cannot turn the agent into a
+/// stream of CA requests.
+const MINTS_IN_FLIGHT: usize = 4;
 
 /// The CA's JWT bundle as held.
 #[derive(Debug, Clone)]
@@ -56,8 +60,13 @@ struct Cached {
 /// Tokens per audience set, and the bundle.
 pub struct JwtSvids {
     ca: Arc<dyn CaClient>,
+    /// The pod's SPIFFE ID, the only one a token can name.
+    id: String,
     cache: Mutex<HashMap<Vec<String>, Cached>>,
+    mints: tokio::sync::Semaphore,
     bundle: watch::Sender<Bundle>,
+    /// Asks [`JwtSvids::keep_bundle`] to fetch the bundle before its next turn.
+    refresh_now: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for JwtSvids {
@@ -89,13 +98,23 @@ fn status_of(e: &CaError) -> Status {
 }
 
 impl JwtSvids {
-    /// Tokens from `ca`.
-    pub fn new(ca: Arc<dyn CaClient>) -> Arc<Self> {
+    /// Tokens for `id` from `ca`.
+    pub fn new(ca: Arc<dyn CaClient>, id: String) -> Arc<Self> {
         Arc::new(Self {
             ca,
+            id,
             cache: Mutex::new(HashMap::new()),
+            mints: tokio::sync::Semaphore::new(MINTS_IN_FLIGHT),
             bundle: watch::Sender::new(Bundle::Unknown),
+            refresh_now: tokio::sync::Notify::new(),
         })
+    }
+
+    fn cached(&self, key: &[String], now: i64) -> Option<(String, String)> {
+        crate::sync::lock(&self.cache)
+            .get(key)
+            .filter(|hit| now < hit.refresh_at)
+            .map(|hit| (hit.spiffe_id.clone(), hit.token.clone()))
     }
 
     /// The bundle, watched.
@@ -103,24 +122,45 @@ impl JwtSvids {
         self.bundle.subscribe()
     }
 
-    /// A token for `audiences` (the pod's SPIFFE ID, token): cached while more than
-    /// half its life is left, else minted.
-    pub async fn fetch(&self, audiences: &[String]) -> Result<(String, String), Status> {
+    /// A token for `audiences` naming `spiffe_id` (empty: the pod's), as (SPIFFE ID,
+    /// token): cached while more than half its life is left, else minted.
+    pub async fn fetch(
+        &self,
+        audiences: &[String],
+        spiffe_id: &str,
+    ) -> Result<(String, String), Status> {
         if audiences.is_empty() || audiences.iter().any(String::is_empty) {
             return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if !spiffe_id.is_empty() && spiffe_id != self.id {
+            return Err(Status::permission_denied(format!(
+                "this agent holds only {}, not {spiffe_id:?}",
+                self.id
+            )));
         }
         let mut key = audiences.to_vec();
         key.sort();
         key.dedup();
+        if let Some(hit) = self.cached(&key, unix_now()) {
+            return Ok(hit);
+        }
+        let _permit = self
+            .mints
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the agent is stopping"))?;
+        // Another caller may have minted it while this one waited.
         let now = unix_now();
-        if let Some(hit) = crate::sync::lock(&self.cache).get(&key)
-            && now < hit.refresh_at
-        {
-            return Ok((hit.spiffe_id.clone(), hit.token.clone()));
+        if let Some(hit) = self.cached(&key, now) {
+            return Ok(hit);
         }
         let minted = self.ca.mint_jwt(&key).await.map_err(|e| status_of(&e))?;
+        if !matches!(*self.bundle.borrow(), Bundle::Keys(_)) {
+            // The CA mints, so it has keys to publish: fetch them now.
+            self.refresh_now.notify_one();
+        }
         let cached = Cached {
-            refresh_at: now + (minted.expires_at - now) / 2,
+            refresh_at: now.saturating_add(minted.expires_at.saturating_sub(now) / 2),
             token: minted.token,
             spiffe_id: minted.spiffe_id,
         };
@@ -176,14 +216,16 @@ impl JwtSvids {
                     *held = Bundle::NotServed;
                     !was
                 });
-                Ok(MAX_REFRESH)
+                // Asked again now and then: the CA may be restarted with JWT-SVIDs.
+                Ok(DEFAULT_REFRESH)
             }
             Err(e) => Err(e),
         }
     }
 
     /// Keeps the bundle current until `stop`: fetched now, again at the CA's hint,
-    /// sooner after a failure.
+    /// sooner after a failure, and when asked (a first token minted, a token naming
+    /// a key not in the bundle), at most every [`MIN_REFRESH`].
     pub async fn keep_bundle(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut retry = FIRST_RETRY;
         loop {
@@ -199,9 +241,18 @@ impl JwtSvids {
                     wait
                 }
             };
-            tokio::select! {
+            let fetched = tokio::time::Instant::now();
+            let early = tokio::select! {
                 _ = stop.wait_for(|s| *s) => return,
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep(wait) => false,
+                () = self.refresh_now.notified() => true,
+            };
+            if early {
+                // Asked early: not sooner than the floor after the last fetch.
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep_until(fetched + MIN_REFRESH.min(wait)) => {}
+                }
             }
         }
     }
@@ -230,25 +281,35 @@ impl JwtSvids {
             .claims
             .get("sub")
             .and_then(serde_json::Value::as_str)
-            .ok_or_else(|| invalid("no sub claim".into()))?
-            .to_owned();
-        let trust_domain = id
-            .strip_prefix("spiffe://")
-            .and_then(|rest| rest.split('/').next())
-            .filter(|td| !td.is_empty())
-            .ok_or_else(|| invalid(format!("sub {id:?} is not a SPIFFE ID")))?;
+            .ok_or_else(|| invalid("no sub claim".into()))?;
+        let id = spiffe::SpiffeId::new(id)
+            .map_err(|e| invalid(format!("sub {id:?} is not a SPIFFE ID: {e}")))?;
+        let trust_domain = id.trust_domain_name();
         let keys = match &*self.bundle.borrow() {
             Bundle::Keys(keys) if keys.trust_domain == trust_domain => keys.clone(),
+            Bundle::Unknown => {
+                return Err(Status::unavailable(
+                    "the agent has not fetched the JWT bundle from signet-ca yet",
+                ));
+            }
             _ => {
                 return Err(invalid(format!(
                     "no JWT bundle for trust domain {trust_domain:?}"
                 )));
             }
         };
+        if unverified
+            .kid
+            .as_deref()
+            .is_some_and(|kid| !keys.set.contains(kid))
+        {
+            // Perhaps a key the agent has not seen yet; the caller may retry.
+            self.refresh_now.notify_one();
+        }
         let claims = unverified
             .verify(&keys.set, audience, unix_now())
             .map_err(|e| invalid(format!("{e} (trust domain {trust_domain:?})")))?;
-        Ok((id, claims))
+        Ok((id.to_string(), claims))
     }
 }
 

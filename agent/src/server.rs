@@ -157,7 +157,7 @@ pub async fn run_with(
     ));
     let workload_api = workload_api.map(|listener| {
         let mut api_stop = stop_rx.clone();
-        let jwt = crate::jwt::JwtSvids::new(ca.clone());
+        let jwt = crate::jwt::JwtSvids::new(ca.clone(), config.identity.spiffe_id.to_string());
         tokio::spawn(jwt.clone().keep_bundle(stop_rx.clone()));
         let service = crate::workload::WorkloadApi::new(store.clone(), jwt, stop_rx.clone());
         tokio::spawn(

@@ -34,10 +34,10 @@ use crate::{
 /// server-side request forgery through a proxy).
 const SECURITY_HEADER: &str = "workload.spiffe.io";
 
-/// The largest request taken: every Workload API request is empty or a few
-/// audiences, so a client cannot make the agent buffer tonic's 4 MiB default per
-/// stream before the header check runs.
-const MAX_REQUEST_BYTES: usize = 4096;
+/// The largest request taken: a Workload API request is empty, audiences (signet-ca
+/// takes 16 of 256 bytes) or a token to validate, so a client cannot make the agent
+/// buffer tonic's 4 MiB default per stream before the header check runs.
+const MAX_REQUEST_BYTES: usize = 16 * 1024;
 
 /// The Workload API service over the agent's secrets.
 #[derive(Debug, Clone)]
@@ -234,13 +234,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<JwtsvidResponse>, Status> {
         check_header(&request)?;
         let body = request.into_inner();
-        let (spiffe_id, svid) = self.jwt.fetch(&body.audience).await?;
-        if !body.spiffe_id.is_empty() && body.spiffe_id != spiffe_id {
-            return Err(Status::permission_denied(format!(
-                "this agent holds only {spiffe_id}, not {:?}",
-                body.spiffe_id
-            )));
-        }
+        let (spiffe_id, svid) = self.jwt.fetch(&body.audience, &body.spiffe_id).await?;
         Ok(Response::new(JwtsvidResponse {
             svids: vec![signet_proto::workload::Jwtsvid {
                 spiffe_id,

@@ -170,6 +170,7 @@ def test_an_expired_jwt_svid_is_refused(jca):
 
 
 def test_bad_requests_get_the_right_status_and_no_secret_reaches_the_log(jca, cluster):
+    foreign_audience = cluster.token(aud=("other",))
     cases = [
         ((), 0, None, grpc.StatusCode.INVALID_ARGUMENT, "audience is required"),
         ([f"a{i}" for i in range(17)], 0, None, grpc.StatusCode.INVALID_ARGUMENT, "at most 16"),
@@ -179,7 +180,7 @@ def test_bad_requests_get_the_right_status_and_no_secret_reaches_the_log(jca, cl
         (["minio"], 601, None, grpc.StatusCode.INVALID_ARGUMENT, "--jwt-svid-max-ttl"),
         (["minio"], -5, None, grpc.StatusCode.INVALID_ARGUMENT, "negative"),
         (["minio"], 0, "", grpc.StatusCode.UNAUTHENTICATED, ""),
-        (["minio"], 0, cluster.token(aud=("other",)), grpc.StatusCode.UNAUTHENTICATED, ""),
+        (["minio"], 0, foreign_audience, grpc.StatusCode.UNAUTHENTICATED, ""),
     ]
     for audience, ttl, token, code, words in cases:
         with pytest.raises(grpc.RpcError) as e:
@@ -187,13 +188,14 @@ def test_bad_requests_get_the_right_status_and_no_secret_reaches_the_log(jca, cl
         assert e.value.code() == code, (audience, ttl, e.value.details())
         assert words in e.value.details(), e.value.details()
     # The longest lifetime asked for is given.
-    answer = jca.mint(ttl=600)
+    caller_token = cluster.token()
+    answer = jca.mint(ttl=600, token=caller_token)
     assert answer.expires_at - int(time.time()) in range(598, 601)
     log = jca.log()
     assert "jwt-svid issued" in log
     assert answer.token not in log
     assert answer.token.split(".")[2] not in log, "no signature in the log"
-    assert cluster.token() not in log
+    assert caller_token not in log and foreign_audience not in log, "no caller token"
     key_set = (Path(jca.workdir) / "state" / "jwt-keys.json").read_text()
     assert json.loads(key_set)["keys"][0]["pkcs8"] not in log
 
@@ -245,6 +247,8 @@ def test_bad_oidc_flags_exit_64(tmp_path):
         (["--jwt-svids", "--oidc-issuer", "http://h"], "https"),
         (["--jwt-svids", "--jwt-svid-ttl", "2h", "--jwt-svid-max-ttl", "1h"], "shorter"),
         (["--jwt-svids", "--jwt-keys-secret", "nope"], "<namespace>/<name>"),
+        (["--jwt-svids", "--jwt-key-rotation", "1m"], "keeps up to 63 keys"),
+        (["--jwt-svids", "--jwt-key-rotation", "1h", "--jwt-svid-max-ttl", "24h"], "at most 16"),
     ]:
         out = subprocess.run([binary("signet-ca"), "serve", "--check-flags", "--jwks", "/j.json",
                               "--jwt-issuer", "https://kubernetes.default.svc", *args],
@@ -290,6 +294,9 @@ def test_py_spiffe_fetches_and_validates_jwt_svids(agent, jca):
         verify(jca, svid.token)
     finally:
         client.close()
+    agent_proc, _ = agent
+    assert svid.token not in agent_proc.log_text(), "no token in the agent's log"
+    assert svid.token.split(".")[2] not in agent_proc.log_text()
 
 
 def raw_stub(socket):
@@ -320,28 +327,35 @@ def test_workload_api_jwt_refusals(agent, cluster):
                 audience=["minio"], spiffe_id="spiffe://cluster.local/ns/default/sa/other"),
                 metadata=md, timeout=30)
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        # A token of a trust domain the agent holds no JWT bundle for.
-        key = ec.generate_private_key(ec.SECP256R1())
-        foreign = jwt.encode({"sub": "spiffe://other.org/w", "aud": ["minio"],
-                              "exp": int(time.time()) + 60}, key, algorithm="ES256",
-                             headers={"kid": "k"})
-        with pytest.raises(grpc.RpcError) as e:
-            stub.ValidateJWTSVID(workload_pb2.ValidateJWTSVIDRequest(
-                audience="minio", svid=foreign), metadata=md, timeout=30)
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "no JWT bundle for trust domain \"other.org\"" in e.value.details()
-        # Ours, signed by a key not in the bundle.
-        forged = jwt.encode({"sub": SPIFFE, "aud": ["minio"], "exp": int(time.time()) + 60},
-                            key, algorithm="ES256", headers={"kid": "k"})
-        with pytest.raises(grpc.RpcError) as e:
-            stub.ValidateJWTSVID(workload_pb2.ValidateJWTSVIDRequest(
-                audience="minio", svid=forged), metadata=md, timeout=30)
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        for audience, svid in [("", forged), ("minio", "")]:
+        def refused(svid, words, audience="minio"):
             with pytest.raises(grpc.RpcError) as e:
                 stub.ValidateJWTSVID(workload_pb2.ValidateJWTSVIDRequest(
                     audience=audience, svid=svid), metadata=md, timeout=30)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert words in e.value.details(), e.value.details()
+
+        # A token of a trust domain the agent holds no JWT bundle for.
+        key = ec.generate_private_key(ec.SECP256R1())
+        claims = {"sub": SPIFFE, "aud": ["minio"], "exp": int(time.time()) + 60}
+        foreign = jwt.encode({**claims, "sub": "spiffe://other.org/w"}, key, algorithm="ES256",
+                             headers={"kid": "k"})
+        refused(foreign, "no JWT bundle for trust domain \"other.org\"")
+        # Ours, signed by a key not in the bundle.
+        refused(jwt.encode(claims, key, algorithm="ES256", headers={"kid": "k"}),
+                "not in the bundle")
+        # Naming the bundle's real key: the signature itself must hold, with the
+        # key's own algorithm.
+        bundles = stub.FetchJWTBundles(workload_pb2.JWTBundlesRequest(), metadata=md, timeout=30)
+        real_kid = json.loads(next(bundles).bundles["spiffe://cluster.local"])["keys"][0]["kid"]
+        bundles.cancel()
+        forged = jwt.encode(claims, key, algorithm="ES256", headers={"kid": real_kid})
+        refused(forged, "signature does not verify")
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        refused(jwt.encode(claims, rsa_key, algorithm="RS256", headers={"kid": real_kid}),
+                "algorithm")
+        refused(forged, "audience must be specified", audience="")
+        refused("", "svid must be specified")
         # The JWT bundle stream sends the CA's key set.
         bundles = stub.FetchJWTBundles(workload_pb2.JWTBundlesRequest(), metadata=md, timeout=30)
         first = next(bundles)

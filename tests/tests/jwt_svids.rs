@@ -186,10 +186,12 @@ async fn replicas_share_the_key_set_kept_in_a_secret() {
         );
         args
     };
-    let first = TestCa::start(&args("state")).await;
+    // Both replicas start together: one creates the set, the other takes it.
+    let (one, two) = (args("state"), args("state-2"));
+    let (first, second) = tokio::join!(TestCa::start(&one), TestCa::start(&two));
     let secret = api
         .get("secrets", "istio-system", "signet-jwt-keys")
-        .expect("the first replica creates the Secret");
+        .expect("a replica creates the Secret");
     use base64::Engine;
     let stored = base64::engine::general_purpose::STANDARD
         .decode(secret["data"]["jwt-keys.json"].as_str().unwrap())
@@ -197,7 +199,6 @@ async fn replicas_share_the_key_set_kept_in_a_secret() {
     let doc: serde_json::Value = serde_json::from_slice(&stored).unwrap();
     let kid = doc["keys"][0]["kid"].as_str().unwrap().to_owned();
 
-    let second = TestCa::start(&args("state-2")).await;
     let token = s.jwt.token("batch", "report");
     for ca in [&first, &second] {
         let root_path = if std::ptr::eq(ca, &first) {

@@ -25,8 +25,12 @@ use zeroize::Zeroizing;
 pub const RETIRE_LEEWAY_SECS: i64 = 60;
 /// The document's format version.
 const VERSION: u32 = 1;
-/// Stored sets larger than this are refused (a set holds two or three keys).
-const MAX_KEYS: usize = 16;
+/// Keys a schedule may need at once (`--jwt-key-rotation` against
+/// `--jwt-svid-max-ttl` is checked against it).
+pub const MAX_KEYS: usize = 16;
+/// Stored sets larger than this are refused as not Signet's (another configuration's
+/// set may hold more than this one's needs).
+const MAX_STORED_KEYS: usize = 64;
 
 /// The JWS algorithm of new keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -102,6 +106,10 @@ pub struct StoredKey {
     /// Unix seconds: leaves the set; set once a later key signs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retire_at: Option<i64>,
+    /// The longest token lifetime any replica allowed while this key signed, in
+    /// seconds: how long it stays published after it stops signing.
+    #[serde(default)]
+    pub max_token_ttl: i64,
 }
 
 impl fmt::Debug for StoredKey {
@@ -135,9 +143,9 @@ impl KeyDocument {
                 doc.version
             )));
         }
-        if doc.keys.len() > MAX_KEYS {
+        if doc.keys.len() > MAX_STORED_KEYS {
             return Err(JwtKeyError::Document(format!(
-                "{} keys (at most {MAX_KEYS})",
+                "{} keys (at most {MAX_STORED_KEYS})",
                 doc.keys.len()
             )));
         }
@@ -160,6 +168,16 @@ pub struct Schedule {
     pub rotate_every: Duration,
     /// The longest JWT-SVID lifetime issued.
     pub max_token_ttl: Duration,
+}
+
+impl Schedule {
+    /// How many keys the set holds at most on this schedule: the one signing, the
+    /// next, and those that stopped signing but whose tokens may still be valid.
+    pub fn keys_needed(&self) -> u64 {
+        let rotate = self.rotate_every.as_secs().max(1);
+        let kept = self.max_token_ttl.as_secs() + RETIRE_LEEWAY_SECS.unsigned_abs();
+        2 + kept.div_ceil(rotate)
+    }
 }
 
 /// Makes a key of `alg`, published at `now`, signing from `active_from`.
@@ -188,6 +206,7 @@ pub fn generate(alg: JwtAlg, now: i64, active_from: i64) -> Result<StoredKey, Jw
         created: now,
         active_from,
         retire_at: None,
+        max_token_ttl: 0,
     })
 }
 
@@ -219,26 +238,45 @@ pub fn plan(
         // Nothing signs yet. A key already published waits its turn; otherwise the
         // first key signs at once (nobody can hold a token from this set yet).
         if !keys.iter().any(|k| k.active_from > now) {
-            keys.push(make(schedule.alg, now, now)?);
+            let mut first = make(schedule.alg, now, now)?;
+            first.max_token_ttl = max_ttl;
+            keys.push(first);
         }
         return Ok(changed(doc, keys));
     };
+    // The signing key remembers the longest lifetime allowed while it signs (any
+    // replica may raise it, none lowers it), so a lowered flag or a replica with
+    // other flags cannot retire it while its tokens are valid.
+    for key in &mut keys {
+        if key.kid == signing.kid && key.max_token_ttl < max_ttl {
+            key.max_token_ttl = max_ttl;
+        }
+    }
     // Keys that signed before the current one: published until their last token ends.
     for key in &mut keys {
         if key.active_from < signing.active_from && key.retire_at.is_none() {
-            key.retire_at = Some(signing.active_from + max_ttl + RETIRE_LEEWAY_SECS);
+            let ttl = key.max_token_ttl.max(max_ttl);
+            key.retire_at = Some(
+                signing
+                    .active_from
+                    .saturating_add(ttl)
+                    .saturating_add(RETIRE_LEEWAY_SECS),
+            );
         }
     }
     let pending = keys.iter().any(|k| k.active_from > now);
     let half = rotate / 2;
     let wrong_alg = signing.alg != schedule.alg.name();
-    if !pending && (wrong_alg || now >= signing.active_from + half) {
+    if !pending && (wrong_alg || now >= signing.active_from.saturating_add(half)) {
         // A new algorithm signs as soon as it has been published half a period;
         // otherwise keys take turns a period apart.
         let active_from = if wrong_alg {
-            now + half
+            now.saturating_add(half)
         } else {
-            (signing.active_from + rotate).max(now + half)
+            signing
+                .active_from
+                .saturating_add(rotate)
+                .max(now.saturating_add(half))
         };
         keys.push(make(schedule.alg, now, active_from)?);
     }
@@ -503,6 +541,98 @@ mod tests {
         assert_eq!(doc.keys.len(), 2);
         let doc = step(&doc, &s, retire);
         assert_eq!(doc.keys.iter().map(|k| &k.kid).collect::<Vec<_>>(), [&next]);
+    }
+
+    /// Over many periods and schedules, with rounds at uneven times: every key is
+    /// published at least half a period before it signs, stays published until the
+    /// last token it could have signed has expired, and the set never outgrows what
+    /// the schedule needs.
+    #[test]
+    fn rotation_keeps_its_promises_over_many_periods() {
+        let cheap = |alg, now, active_from| -> Result<StoredKey, JwtKeyError> {
+            Ok(StoredKey {
+                kid: format!("k{now}-{active_from}"),
+                alg: JwtAlg::name(alg).to_owned(),
+                pkcs8: String::new(),
+                created: now,
+                active_from,
+                retire_at: None,
+                max_token_ttl: 0,
+            })
+        };
+        for (rotate, max_ttl, step) in [
+            (86_400, 3600, 30),
+            (86_400, 86_400, 97),
+            (3600, 3600, 29),
+            (600, 60, 7),
+            (60, 10, 3),
+            (7200, 600, 1),
+        ] {
+            let s = Schedule {
+                alg: JwtAlg::Es256,
+                rotate_every: Duration::from_secs(rotate),
+                max_token_ttl: Duration::from_secs(max_ttl),
+            };
+            let half = (rotate / 2) as i64;
+            let mut doc = KeyDocument::default();
+            // When each key was first seen published, and the last time it signed.
+            let mut published: std::collections::HashMap<String, i64> = Default::default();
+            let mut signed: std::collections::HashMap<String, i64> = Default::default();
+            let mut now = 1_000_000;
+            let end = now + 10 * rotate as i64;
+            while now < end {
+                if let Some(next) = plan(&doc, &s, now, cheap).unwrap() {
+                    doc = next;
+                }
+                assert!(
+                    doc.keys.len() as u64 <= s.keys_needed(),
+                    "{rotate}/{max_ttl}: {doc:?}"
+                );
+                for k in &doc.keys {
+                    published.entry(k.kid.clone()).or_insert(now);
+                }
+                let signer = doc
+                    .keys
+                    .iter()
+                    .filter(|k| k.active_from <= now)
+                    .max_by_key(|k| k.active_from)
+                    .unwrap();
+                let first_seen = published[&signer.kid];
+                assert!(
+                    signer.active_from == first_seen && first_seen == 1_000_000
+                        || signer.active_from - first_seen >= half - step as i64,
+                    "{rotate}/{max_ttl}: {} signs {} s after it was published",
+                    signer.kid,
+                    signer.active_from - first_seen
+                );
+                signed.insert(signer.kid.clone(), now);
+                // Every key that signed a token still valid is published.
+                for (kid, last) in &signed {
+                    if now < last + max_ttl as i64 {
+                        assert!(
+                            doc.keys.iter().any(|k| &k.kid == kid),
+                            "{kid} retired early"
+                        );
+                    }
+                }
+                now += step as i64;
+            }
+        }
+    }
+
+    #[test]
+    fn a_lowered_maximum_does_not_retire_a_key_early() {
+        let mut s = schedule();
+        let t0 = 1_000_000;
+        let doc = step(&KeyDocument::default(), &s, t0);
+        let doc = step(&doc, &s, t0 + 12 * HOUR);
+        // The maximum is lowered to ten minutes before the first key stops signing.
+        s.max_token_ttl = Duration::from_secs(600);
+        let doc = step(&doc, &s, t0 + 24 * HOUR);
+        assert_eq!(
+            doc.keys[0].retire_at,
+            Some(t0 + 25 * HOUR + RETIRE_LEEWAY_SECS)
+        );
     }
 
     #[test]

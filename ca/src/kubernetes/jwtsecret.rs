@@ -17,13 +17,16 @@ use crate::keys::{
 };
 
 /// The Secret `namespace/name`, key `jwt-keys.json`.
-#[derive(Clone)]
 pub struct SecretStore {
     api: Api<Secret>,
     namespace: String,
     name: String,
+    /// The Secret as last read, so a write keeps what others put in it (labels,
+    /// annotations, other keys).
+    read: std::sync::Mutex<Option<Secret>>,
 }
 
+/// Names the Secret, never its contents (it holds the private keys).
 impl std::fmt::Debug for SecretStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "SecretStore({})", self.describe())
@@ -37,6 +40,7 @@ impl SecretStore {
             api: Api::namespaced(client, namespace),
             namespace: namespace.to_owned(),
             name: name.to_owned(),
+            read: std::sync::Mutex::new(None),
         }
     }
 }
@@ -56,10 +60,17 @@ impl KeyStore for SecretStore {
     fn load(&self) -> StoreFuture<'_, Option<Loaded>> {
         Box::pin(async move {
             let Some(secret) = self.api.get_opt(&self.name).await.map_err(|e| failed(&e))? else {
+                *crate::sync::lock(&self.read) = None;
                 return Ok(None);
             };
             let version = secret.metadata.resource_version.clone();
-            match secret.data.and_then(|mut d| d.remove(FILE_NAME)) {
+            let bytes = secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(FILE_NAME))
+                .map(|b| b.0.clone());
+            *crate::sync::lock(&self.read) = Some(secret);
+            match bytes.map(ByteString) {
                 Some(ByteString(bytes)) => Ok(Some(Loaded {
                     bytes: Zeroizing::new(bytes),
                     version,
@@ -75,6 +86,22 @@ impl KeyStore for SecretStore {
 
     fn save<'a>(&'a self, bytes: &'a [u8], version: Option<&'a str>) -> StoreFuture<'a, ()> {
         Box::pin(async move {
+            let read = crate::sync::lock(&self.read).clone();
+            if let (Some(mut secret), Some(_)) = (read, version) {
+                // Ours to update: everything else in it kept, the write conditional
+                // on the version read.
+                secret.metadata.resource_version = version.map(str::to_owned);
+                secret
+                    .data
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(FILE_NAME.to_owned(), ByteString(bytes.to_vec()));
+                return self
+                    .api
+                    .replace(&self.name, &PostParams::default(), &secret)
+                    .await
+                    .map(drop)
+                    .map_err(|e| failed(&e));
+            }
             let secret = Secret {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),

@@ -245,14 +245,15 @@ pub async fn run(
         metrics.clone(),
         policy.clone(),
     );
-    let jwt = match &config.jwt {
-        Some(settings) => Some(
-            jwt_service(
+    let (jwt, oidc_task) = match &config.jwt {
+        Some(settings) => {
+            let (service, task) = jwt_service(
                 &config, settings, &tls, authn, &queue, &metrics, oidc, &stop_rx,
             )
-            .await?,
-        ),
-        None => None,
+            .await?;
+            (Some(service), task)
+        }
+        None => (None, None),
     };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -342,6 +343,10 @@ pub async fn run(
         "signet-ca serving"
     );
     grpc_server.await?;
+    if let Some(task) = oidc_task {
+        // Discovery requests in flight finish (each connection lives 30 s at most).
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
+    }
     if let Some(writers) = writers {
         // Gives the writer Lease up, so another replica takes over at once.
         let _ = tokio::time::timeout(StdDuration::from_secs(5), writers).await;
@@ -355,7 +360,7 @@ pub async fn run(
 
 /// The JWT-SVID service: its key set kept in the state directory or the Secret (a
 /// first round before serving; with a Secret that cannot be read yet, minting
-/// answers UNAVAILABLE until it can), and OIDC discovery when asked.
+/// answers UNAVAILABLE until it can), and OIDC discovery when asked (its task).
 #[allow(clippy::too_many_arguments)]
 async fn jwt_service(
     config: &ServeConfig,
@@ -366,7 +371,7 @@ async fn jwt_service(
     metrics: &Metrics,
     oidc: Option<TcpListener>,
     stop: &watch::Receiver<bool>,
-) -> Result<JwtService, ServeError> {
+) -> Result<(JwtService, Option<tokio::task::JoinHandle<()>>), ServeError> {
     use crate::issue::jwtsvid::flags::KeyPlace;
     use crate::keys::jwtstore::{self, FileStore, Keeper, KeyStore};
     let store: Arc<dyn KeyStore> = match &settings.keys {
@@ -388,7 +393,7 @@ async fn jwt_service(
     let keeper = Keeper::new(store, settings.schedule);
     let (keys_tx, keys_rx) = watch::channel(None);
     let mut last = None;
-    match keeper.round(OffsetDateTime::now_utc()).await {
+    match keeper.round(OffsetDateTime::now_utc(), None).await {
         Ok(doc) => jwtstore::publish(&keys_tx, &mut last, doc)?,
         Err(e) if matches!(settings.keys, KeyPlace::Secret { .. }) => {
             tracing::warn!(error = %e, "JWT key set not available yet; JWT-SVID requests are answered UNAVAILABLE until it is");
@@ -402,21 +407,26 @@ async fn jwt_service(
         "JWT-SVIDs enabled"
     );
     tokio::spawn(jwtstore::keep(keeper, keys_tx, last, stop.clone()));
+    let mut oidc_task = None;
     if let (Some(oidc_config), Some(issuer)) = (&settings.oidc, &settings.issuer) {
         let listener = oidc.ok_or(ServeError::OidcListener)?;
-        oidc::spawn(
+        let discovery = oidc::Discovery {
+            issuer: issuer.clone(),
+            tls_files: oidc_config.tls_files.clone(),
+            policy: config.compliance_policy,
+            max_age: jwtstore::cache_hint(&settings.schedule),
+        };
+        oidc_task = Some(oidc::spawn(
             listener,
-            issuer.clone(),
-            oidc_config.tls_files.clone(),
+            discovery,
             tls,
-            config.compliance_policy,
             keys_rx.clone(),
             metrics.clone(),
             stop.clone(),
-        )?;
+        )?);
         tracing::info!(addr = %oidc_config.addr, %issuer, "OIDC discovery serving");
     }
-    Ok(JwtService::new(
+    let service = JwtService::new(
         keys_rx,
         tls.clone(),
         authn,
@@ -428,10 +438,10 @@ async fn jwt_service(
             issuer: settings.issuer.clone(),
             trust_domain: config.policy.trust_domains.primary().clone(),
             // Well within the time a key is published before it signs.
-            refresh_hint: (settings.schedule.rotate_every / 8)
-                .clamp(StdDuration::from_secs(5), StdDuration::from_secs(300)),
+            refresh_hint: jwtstore::cache_hint(&settings.schedule),
         },
-    ))
+    );
+    Ok((service, oidc_task))
 }
 
 /// Policy as configured: node impersonation when there are pod caches, the pod

@@ -5,11 +5,14 @@
 //! the issuer URL and find the keys from there.
 //!
 //! The listener is public and anonymous, so its work is bounded: at most
-//! [`MAX_CONNECTIONS`] at once, handshakes concurrent under a deadline, every
-//! connection closed [`CONNECTION_LIFETIME`] after it was accepted, GET and HEAD only.
+//! [`MAX_CONNECTIONS`] at once and [`MAX_PER_PEER`] from one address, handshakes
+//! concurrent under a deadline, every connection closed [`CONNECTION_LIFETIME`]
+//! after it was accepted, GET and HEAD only.
 
 use std::{
+    collections::HashMap,
     io,
+    net::IpAddr,
     path::PathBuf,
     pin::Pin,
     sync::{Arc, RwLock},
@@ -42,11 +45,10 @@ use crate::{keys::jwt::JwtKeys, keys::tls::TlsState, metrics::Metrics};
 const LISTENER: &str = "oidc";
 /// Connections served at once; more wait in the kernel's backlog.
 pub(crate) const MAX_CONNECTIONS: usize = 256;
+/// Connections one address may hold; more are closed at once.
+pub(crate) const MAX_PER_PEER: usize = 16;
 /// Time from accept to close, whatever the client does.
 pub(crate) const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
-/// How long relying parties may cache the documents. Keys are published half a
-/// rotation period before they sign, far longer than this.
-const MAX_AGE: &str = "public, max-age=300";
 /// How often --oidc-tls-cert and --oidc-tls-key are checked for changes.
 const CERT_POLL: Duration = Duration::from_secs(10);
 
@@ -64,20 +66,40 @@ pub enum OidcError {
 struct Documents {
     issuer: String,
     keys: watch::Receiver<Option<Arc<JwtKeys>>>,
+    /// `Cache-Control`: well inside the time a key is published before it signs.
+    cache_control: HeaderValue,
+}
+
+/// The listener's settings.
+#[derive(Debug, Clone)]
+pub(crate) struct Discovery {
+    /// `iss`, and where the documents are.
+    pub(crate) issuer: String,
+    /// Certificate and key files; `None`: the CA's serving certificate.
+    pub(crate) tls_files: Option<(PathBuf, PathBuf)>,
+    /// What TLS it accepts.
+    pub(crate) policy: signet_tls::CompliancePolicy,
+    /// How long relying parties may cache the documents.
+    pub(crate) max_age: Duration,
 }
 
 /// Serves discovery on `listener` until `stop`.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn spawn(
     listener: TcpListener,
-    issuer: String,
-    tls_files: Option<(PathBuf, PathBuf)>,
+    discovery: Discovery,
     serving: &Arc<TlsState>,
-    policy: signet_tls::CompliancePolicy,
     keys: watch::Receiver<Option<Arc<JwtKeys>>>,
     metrics: Metrics,
     stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, OidcError> {
+    let Discovery {
+        issuer,
+        tls_files,
+        policy,
+        max_age,
+    } = discovery;
+    let cache_control = HeaderValue::try_from(format!("public, max-age={}", max_age.as_secs()))
+        .map_err(|e| OidcError::Tls(e.to_string()))?;
     let resolver: Arc<dyn ResolvesServerCert> = match tls_files {
         Some((cert, key)) => {
             let files = Arc::new(FileCert::load(cert, key)?);
@@ -96,9 +118,14 @@ pub(crate) fn spawn(
     })
     .map_err(|e| OidcError::Tls(e.to_string()))?;
     let path_prefix = issuer_path(&issuer);
-    let app = Router::new()
-        .fallback(route)
-        .with_state((Documents { issuer, keys }, path_prefix));
+    let app = Router::new().fallback(route).with_state((
+        Documents {
+            issuer,
+            keys,
+            cache_control,
+        },
+        path_prefix,
+    ));
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(accept(
         listener,
@@ -144,6 +171,7 @@ async fn route(
     };
     match path {
         "/.well-known/openid-configuration" => json(
+            &docs.cache_control,
             serde_json::json!({
                 "issuer": docs.issuer,
                 "jwks_uri": format!("{}/keys", docs.issuer),
@@ -157,7 +185,7 @@ async fn route(
             .into_bytes(),
         ),
         "/keys" => match docs.keys.borrow().clone() {
-            Some(keys) => json(keys.jwks().to_vec()),
+            Some(keys) => json(&docs.cache_control, keys.jwks().to_vec()),
             None => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the JWT key set is not loaded yet\n",
@@ -168,14 +196,14 @@ async fn route(
     }
 }
 
-fn json(body: Vec<u8>) -> Response {
+fn json(cache_control: &HeaderValue, body: Vec<u8>) -> Response {
     (
         [
             (
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             ),
-            (header::CACHE_CONTROL, HeaderValue::from_static(MAX_AGE)),
+            (header::CACHE_CONTROL, cache_control.clone()),
         ],
         body,
     )
@@ -192,6 +220,7 @@ async fn accept(
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let peers = Arc::new(std::sync::Mutex::new(HashMap::<IpAddr, usize>::new()));
     loop {
         let permit = tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
@@ -212,6 +241,13 @@ async fn accept(
                 continue;
             }
         };
+        let Some(peer_slot) = PeerSlot::take(&peers, peer.ip()) else {
+            metrics
+                .limit_rejections
+                .with_label_values(&["oidc_connections_per_peer"])
+                .inc();
+            continue;
+        };
         let (tls, metrics, out) = (tls.clone(), metrics.clone(), out.clone());
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + CONNECTION_LIFETIME;
@@ -223,6 +259,7 @@ async fn accept(
                         peer,
                         cut: Box::pin(tokio::time::sleep_until(deadline)),
                         _permit: permit,
+                        _peer_slot: peer_slot,
                     })
                     .await;
             }
@@ -230,13 +267,47 @@ async fn accept(
     }
 }
 
-/// A TLS connection holding a slot, whose reads and writes fail once its lifetime
-/// is over (which makes the HTTP server drop it).
+/// One of a peer address's connections, given back on drop.
+struct PeerSlot {
+    peers: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl PeerSlot {
+    fn take(peers: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Self> {
+        let mut held = crate::sync::lock(peers);
+        let count = held.entry(ip).or_insert(0);
+        if *count >= MAX_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(Self {
+            peers: peers.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut held = crate::sync::lock(&self.peers);
+        if let Some(count) = held.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A TLS connection holding a slot, whose reads, writes, flushes and shutdown fail
+/// once its lifetime is over (which makes the HTTP server drop it).
 struct Bounded {
     stream: TlsStream<TcpStream>,
     peer: std::net::SocketAddr,
     cut: Pin<Box<tokio::time::Sleep>>,
     _permit: OwnedSemaphorePermit,
+    _peer_slot: PeerSlot,
 }
 
 impl Bounded {
@@ -277,10 +348,16 @@ impl AsyncWrite for Bounded {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if let Some(e) = self.expired(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
@@ -310,12 +387,30 @@ impl axum::serve::Listener for Incoming {
     }
 }
 
-/// The serving certificate from files, read again when they change.
-#[derive(Debug)]
+/// The serving certificate from files, read again when they change: the parsed
+/// pair and a digest of the files (never their bytes: one holds the key).
 struct FileCert {
     cert_path: PathBuf,
     key_path: PathBuf,
-    current: RwLock<(Arc<CertifiedKey>, Vec<u8>)>,
+    current: RwLock<(Arc<CertifiedKey>, [u8; 32])>,
+}
+
+impl std::fmt::Debug for FileCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileCert")
+            .field("cert_path", &self.cert_path)
+            .field("key_path", &self.key_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// SHA-256 of the two files' contents.
+fn digest(cert: &[u8], key: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(cert);
+    h.update(key);
+    h.finalize().into()
 }
 
 impl FileCert {
@@ -339,9 +434,8 @@ impl FileCert {
                 std::fs::read(&self.key_path),
             ) {
                 (Ok(c), Ok(k)) => {
-                    let mut both = c;
-                    both.extend_from_slice(&k);
-                    crate::sync::read(&self.current).1 == both
+                    let k = zeroize::Zeroizing::new(k);
+                    crate::sync::read(&self.current).1 == digest(&c, &k)
                 }
                 _ => false,
             };
@@ -367,17 +461,18 @@ impl ResolvesServerCert for FileCert {
     }
 }
 
-/// The chain and key, checked to belong together; and the files' bytes.
+/// The chain and key, checked to belong together; and the files' digest.
 fn read_pair(
     cert_path: &std::path::Path,
     key_path: &std::path::Path,
-) -> Result<(Arc<CertifiedKey>, Vec<u8>), OidcError> {
+) -> Result<(Arc<CertifiedKey>, [u8; 32]), OidcError> {
     let bad = |path: &std::path::Path, problem: String| OidcError::Cert {
         path: path.display().to_string(),
         problem,
     };
     let cert_pem = std::fs::read(cert_path).map_err(|e| bad(cert_path, e.to_string()))?;
-    let key_pem = std::fs::read(key_path).map_err(|e| bad(key_path, e.to_string()))?;
+    let key_pem =
+        zeroize::Zeroizing::new(std::fs::read(key_path).map_err(|e| bad(key_path, e.to_string()))?);
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| bad(cert_path, format!("not PEM certificates: {e}")))?;
@@ -394,9 +489,7 @@ fn read_pair(
     certified
         .keys_match()
         .map_err(|e| bad(key_path, format!("does not match the certificate: {e}")))?;
-    let mut seen = cert_pem;
-    seen.extend_from_slice(&key_pem);
-    Ok((Arc::new(certified), seen))
+    Ok((Arc::new(certified), digest(&cert_pem, &key_pem)))
 }
 
 #[cfg(test)]

@@ -132,6 +132,23 @@ impl JwtArgs {
                 ),
             ));
         }
+        let schedule = Schedule {
+            alg: self.jwt_key_algorithm,
+            rotate_every: self.jwt_key_rotation,
+            max_token_ttl: self.jwt_svid_max_ttl,
+        };
+        let needed = schedule.keys_needed();
+        if needed > crate::keys::jwt::MAX_KEYS as u64 {
+            return Err(ConfigError::new(
+                "--jwt-key-rotation",
+                format!(
+                    "{} with --jwt-svid-max-ttl {} keeps up to {needed} keys published (a key stays until its last token expires); at most {}: rotate less often or shorten --jwt-svid-max-ttl",
+                    humantime::format_duration(self.jwt_key_rotation),
+                    humantime::format_duration(self.jwt_svid_max_ttl),
+                    crate::keys::jwt::MAX_KEYS
+                ),
+            ));
+        }
         let keys = match self.jwt_keys_secret.as_deref().map(str::trim) {
             None | Some("") => KeyPlace::StateDir,
             Some(value) => {
@@ -178,11 +195,7 @@ impl JwtArgs {
         Ok(Some(JwtConfig {
             default_ttl: self.jwt_svid_ttl,
             max_ttl: self.jwt_svid_max_ttl,
-            schedule: Schedule {
-                alg: self.jwt_key_algorithm,
-                rotate_every: self.jwt_key_rotation,
-                max_token_ttl: self.jwt_svid_max_ttl,
-            },
+            schedule,
             keys,
             issuer,
             oidc,

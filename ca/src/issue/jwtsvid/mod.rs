@@ -188,7 +188,9 @@ impl JwtService {
         if let Some(iss) = &self.settings.issuer {
             claims["iss"] = iss.clone().into();
         }
-        let share = caller.account.to_string();
+        // A share of its own beside the caller's certificate share: a workload minting
+        // tokens in a loop cannot hold back its pods' certificate renewals.
+        let share = format!("{}#jwt", caller.account);
         let minted: Minted = self
             .queue
             .run_as(&share, move || keys.sign(&claims, now))
@@ -233,7 +235,15 @@ impl JwtSvidService for JwtService {
                     .jwt_svid_refusals
                     .with_label_values(&[&format!("{:?}", status.code())])
                     .inc();
-                tracing::warn!(peer = %peer, code = ?status.code(), error = %e, "JWT-SVID request refused");
+                if matches!(
+                    e,
+                    MintError::Queue(QueueError::Full(_) | QueueError::Share(_))
+                ) {
+                    // Overload comes in storms; the metric counts every refusal.
+                    tracing::debug!(peer = %peer, code = ?status.code(), error = %e, "JWT-SVID request refused");
+                } else {
+                    tracing::warn!(peer = %peer, code = ?status.code(), error = %e, "JWT-SVID request refused");
+                }
                 Err(status)
             }
         }
