@@ -32,11 +32,12 @@ fn mint(token: &str, audience: &[&str]) -> tonic::Request<MintJwtSvidRequest> {
     request
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rust_spiffe_fetches_and_validates_jwt_svids_through_the_agent() {
+/// A CA with `ca_flags` and an agent of `batch/report` serving the Workload API,
+/// ready, and rust-spiffe's client of it.
+async fn start(ca_flags: &[&str]) -> (AgentSetup, TestCa, TestAgent, WorkloadApiClient) {
     let s = AgentSetup::new();
     let mut ca_args = s.ca_args();
-    ca_args.push("--jwt-svids".into());
+    ca_args.extend(ca_flags.iter().map(|f| (*f).to_owned()));
     let ca = TestCa::start(&ca_args).await;
     let socket = s.dir.path().join("spiffe/api.sock");
     let socket_arg = socket.display().to_string();
@@ -51,6 +52,12 @@ async fn rust_spiffe_fetches_and_validates_jwt_svids_through_the_agent() {
     let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
         .await
         .unwrap();
+    (s, ca, agent, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_spiffe_fetches_and_validates_jwt_svids_through_the_agent() {
+    let (s, ca, agent, client) = start(&["--jwt-svids"]).await;
 
     let svid = client.fetch_jwt_svid(["minio"], None).await.unwrap();
     assert_eq!(svid.spiffe_id().to_string(), ID);
@@ -278,37 +285,19 @@ async fn replicas_share_the_key_set_kept_in_a_secret() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_jwt_key_reaches_the_open_bundle_stream_before_it_signs() {
-    let s = AgentSetup::new();
-    let mut ca_args = s.ca_args();
+    let started = std::time::Instant::now();
     // The shortest rotation: the next key is published 30 s after the first signs,
     // and agents are told to fetch every 7.5 s.
-    ca_args.extend(
-        [
-            "--jwt-svids",
-            "--jwt-key-rotation",
-            "1m",
-            "--jwt-svid-max-ttl",
-            "10s",
-            "--jwt-svid-ttl",
-            "10s",
-        ]
-        .map(str::to_owned),
-    );
-    let started = std::time::Instant::now();
-    let ca = TestCa::start(&ca_args).await;
-    let socket = s.dir.path().join("spiffe/api.sock");
-    let socket_arg = socket.display().to_string();
-    let agent = TestAgent::start(&s.agent_args(
-        &ca,
-        "batch",
-        "report",
-        &["--workload-api-socket", &socket_arg],
-    ))
+    let (_s, ca, agent, client) = start(&[
+        "--jwt-svids",
+        "--jwt-key-rotation",
+        "1m",
+        "--jwt-svid-max-ttl",
+        "10s",
+        "--jwt-svid-ttl",
+        "10s",
+    ])
     .await;
-    agent.wait_ready().await;
-    let client = WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
-        .await
-        .unwrap();
     let td = TrustDomain::new("cluster.local").unwrap();
     let mut stream = client.stream_jwt_bundles().await.unwrap();
     let kids = |set: spiffe::JwtBundleSet| -> Vec<String> {
