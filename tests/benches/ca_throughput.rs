@@ -38,15 +38,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use base64::Engine;
 use rcgen::KeyPair;
 use ring::{
     rand::SystemRandom,
-    signature::{self, EcdsaKeyPair, RsaKeyPair, RsaPublicKeyComponents, UnparsedPublicKey},
+    signature::{self, EcdsaKeyPair, RsaKeyPair, UnparsedPublicKey},
 };
 use signet_e2e::{
     JwtIssuer, TestRoot,
-    process::{CaProcess, ca_binary, cpu_time, pin},
+    process::{CaProcess, ca_binary, cpu_time, per_op, pin},
     request, sh,
 };
 use signet_proto::IstioCertificateResponse;
@@ -234,18 +233,6 @@ fn openssl_rsa(bits: u32) -> KeyPair {
     KeyPair::from_pem(&std::fs::read_to_string(dir.path().join("k.pem")).unwrap()).unwrap()
 }
 
-/// Microseconds per operation of `f`, run for about half a second.
-fn per_op(mut f: impl FnMut()) -> f64 {
-    f();
-    let started = Instant::now();
-    let mut n = 0u32;
-    while started.elapsed() < Duration::from_millis(500) || n < 20 {
-        f();
-        n += 1;
-    }
-    started.elapsed().as_secs_f64() * 1e6 / f64::from(n)
-}
-
 /// The crypto of one certificate with ring's primitives and nothing else, in
 /// microseconds on one core.
 struct RingCrypto {
@@ -295,26 +282,7 @@ impl RingCrypto {
             })
         };
 
-        let token = issuer.token("bench", "x");
-        let (signed, sig) = token.rsplit_once('.').unwrap();
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let sig = b64.decode(sig).unwrap();
-        let n = b64
-            .decode(issuer.jwks["keys"][0]["n"].as_str().unwrap())
-            .unwrap();
-        let public = RsaPublicKeyComponents {
-            n,
-            e: vec![1, 0, 1],
-        };
-        let token_us = per_op(|| {
-            public
-                .verify(
-                    &signature::RSA_PKCS1_2048_8192_SHA256,
-                    signed.as_bytes(),
-                    &sig,
-                )
-                .unwrap();
-        });
+        let token_us = issuer.ring_check_us();
         Self {
             csr: csr_us,
             sign: sign_us,

@@ -24,15 +24,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use base64::Engine;
 use ring::{
     rand::SystemRandom,
-    signature::{self, EcdsaKeyPair, RsaKeyPair, RsaPublicKeyComponents},
+    signature::{self, EcdsaKeyPair, RsaKeyPair},
 };
 use signet_e2e::{
     JwtIssuer, TestRoot,
     ca::tls_channel,
-    process::{CaProcess, ca_binary, cpu_time, pin},
+    process::{CaProcess, ca_binary, cpu_time, per_op, pin},
 };
 use signet_proto::signet_v1::{MintJwtSvidRequest, jwt_svid_service_client::JwtSvidServiceClient};
 
@@ -106,18 +105,6 @@ fn main() {
     }
 }
 
-/// Microseconds per operation of `f`, run for about half a second.
-fn per_op(mut f: impl FnMut()) -> f64 {
-    f();
-    let started = Instant::now();
-    let mut n = 0u32;
-    while started.elapsed() < Duration::from_millis(500) || n < 20 {
-        f();
-        n += 1;
-    }
-    started.elapsed().as_secs_f64() * 1e6 / f64::from(n)
-}
-
 /// The crypto of one JWT-SVID with ring alone, in µs on one core.
 struct Crypto {
     token: f64,
@@ -155,26 +142,7 @@ impl Crypto {
                     .unwrap();
             })
         };
-        let token = issuer.token("bench", "x");
-        let (signed, sig) = token.rsplit_once('.').unwrap();
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let sig = b64.decode(sig).unwrap();
-        let n = b64
-            .decode(issuer.jwks["keys"][0]["n"].as_str().unwrap())
-            .unwrap();
-        let public = RsaPublicKeyComponents {
-            n,
-            e: vec![1, 0, 1],
-        };
-        let token = per_op(|| {
-            public
-                .verify(
-                    &signature::RSA_PKCS1_2048_8192_SHA256,
-                    signed.as_bytes(),
-                    &sig,
-                )
-                .unwrap();
-        });
+        let token = issuer.ring_check_us();
         Self { token, sign }
     }
 }

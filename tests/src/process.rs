@@ -1,14 +1,27 @@
 //! Other processes as the benches measure them: pinning to cores with `taskset`, CPU
-//! time from `/proc/<pid>/stat`, and the release `signet-ca` binary run on its own.
+//! time from `/proc/<pid>/stat`, and the release `signet-ca` binary run on its own;
+//! and `per_op`, the time of one operation in this process.
 
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use crate::{cluster::free_port, http_get, workspace};
+
+/// Microseconds per operation of `f`, run for about half a second.
+pub fn per_op(mut f: impl FnMut()) -> f64 {
+    f();
+    let started = Instant::now();
+    let mut n = 0u32;
+    while started.elapsed() < Duration::from_millis(500) || n < 20 {
+        f();
+        n += 1;
+    }
+    started.elapsed().as_secs_f64() * 1e6 / f64::from(n)
+}
 
 /// Pins every thread of process `pid` to the cores in `cores` (taskset's list form,
 /// "0" or "0,1").

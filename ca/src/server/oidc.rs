@@ -11,6 +11,7 @@
 
 use std::{
     collections::HashMap,
+    future::Future as _,
     io,
     net::IpAddr,
     path::PathBuf,
@@ -319,8 +320,6 @@ impl Bounded {
             .then(|| io::Error::new(io::ErrorKind::TimedOut, "OIDC connection past its lifetime"))
     }
 }
-
-use std::future::Future as _;
 
 impl AsyncRead for Bounded {
     fn poll_read(
