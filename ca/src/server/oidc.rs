@@ -65,7 +65,8 @@ pub enum OidcError {
 /// What the routes read.
 #[derive(Clone)]
 struct Documents {
-    issuer: String,
+    /// The discovery document, made once.
+    configuration: Arc<[u8]>,
     keys: watch::Receiver<Option<Arc<JwtKeys>>>,
     /// `Cache-Control`: well inside the time a key is published before it signs.
     cache_control: HeaderValue,
@@ -121,7 +122,18 @@ pub(crate) fn spawn(
     let path_prefix = issuer_path(&issuer);
     let app = Router::new().fallback(route).with_state((
         Documents {
-            issuer,
+            configuration: serde_json::json!({
+                "issuer": issuer,
+                "jwks_uri": format!("{issuer}/keys"),
+                "authorization_endpoint": "",
+                "response_types_supported": ["id_token"],
+                "subject_types_supported": ["public"],
+                "id_token_signing_alg_values_supported": ["ES256", "RS256"],
+                "claims_supported": ["sub", "aud", "exp", "iat", "iss"],
+            })
+            .to_string()
+            .into_bytes()
+            .into(),
             keys,
             cache_control,
         },
@@ -171,20 +183,9 @@ async fn route(
         return StatusCode::NOT_FOUND.into_response();
     };
     match path {
-        "/.well-known/openid-configuration" => json(
-            &docs.cache_control,
-            serde_json::json!({
-                "issuer": docs.issuer,
-                "jwks_uri": format!("{}/keys", docs.issuer),
-                "authorization_endpoint": "",
-                "response_types_supported": ["id_token"],
-                "subject_types_supported": ["public"],
-                "id_token_signing_alg_values_supported": ["ES256", "RS256"],
-                "claims_supported": ["sub", "aud", "exp", "iat", "iss"],
-            })
-            .to_string()
-            .into_bytes(),
-        ),
+        "/.well-known/openid-configuration" => {
+            json(&docs.cache_control, docs.configuration.to_vec())
+        }
         "/keys" => match docs.keys.borrow().clone() {
             Some(keys) => json(&docs.cache_control, keys.jwks().to_vec()),
             None => (
