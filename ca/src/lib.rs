@@ -13,6 +13,8 @@
 //!   the overload pushback.
 //! - [`kubernetes`]: the Kubernetes edge: the API client, the pod cache (node
 //!   impersonation), and the writers with their Lease.
+//! - [`rotation`]: trust changes the CA drives: the declared next set, the stages
+//!   (distribute, switch, retire) and their evidence, the issuance record.
 //! - [`keys`]: the key material: private keys, the `cacerts` layouts, the
 //!   [`keys::signer`], its reload, and the CA's own TLS.
 //!
@@ -28,5 +30,6 @@ pub mod issue;
 pub mod keys;
 pub mod kubernetes;
 pub(crate) mod metrics;
+pub mod rotation;
 pub mod server;
 pub(crate) mod sync;

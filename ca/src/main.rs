@@ -27,17 +27,17 @@ fn main() -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     match cli.command {
-        Command::Pki(command) => {
-            match signet_ca::cli::pki::run(command, time::OffsetDateTime::now_utc()) {
-                Ok(report) => {
-                    print!("{report}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {}", signet_telemetry::error_chain(&e));
-                    ExitCode::FAILURE
-                }
-            }
+        Command::Pki(command) => report(signet_ca::cli::pki::run(
+            command,
+            time::OffsetDateTime::now_utc(),
+        )),
+        Command::Rotation(command) => {
+            let runtime = match runtime(tokio::runtime::Builder::new_current_thread()) {
+                Ok(r) => r,
+                Err(code) => return code,
+            };
+            let now = time::OffsetDateTime::now_utc();
+            report(runtime.block_on(signet_ca::rotation::flags::run(command, now)))
         }
         Command::Serve(args) => {
             let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
@@ -53,15 +53,9 @@ fn main() -> ExitCode {
                 println!("signet-ca serve: the flags are valid");
                 return ExitCode::SUCCESS;
             }
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match runtime(tokio::runtime::Builder::new_multi_thread()) {
                 Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+                Err(code) => return code,
             };
             if check_only {
                 let now = time::OffsetDateTime::now_utc();
@@ -105,6 +99,28 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// A subcommand's outcome: its report on stdout, or its error on stderr.
+fn report<E: std::error::Error + 'static>(result: Result<String, E>) -> ExitCode {
+    match result {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", signet_telemetry::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The async runtime `builder` makes, or the exit code when it cannot be made.
+fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder.enable_all().build().map_err(|e| {
+        eprintln!("error: cannot start the async runtime: {e}");
+        ExitCode::FAILURE
+    })
 }
 
 /// A listener at `addr`; `[::]` falls back to IPv4 where the kernel has no IPv6.

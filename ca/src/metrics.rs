@@ -3,7 +3,8 @@
 //! every counter, and the process and build metrics every exporter has.
 
 use prometheus::{
-    Gauge, GaugeVec, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Gauge, GaugeVec, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// The CA's metrics.
@@ -67,6 +68,16 @@ pub struct Metrics {
     pub writer_last_sync: GaugeVec,
     /// PodCertificateRequests answered, by result (`issued`, `denied`, `failed`).
     pub pod_certificates: IntCounterVec,
+    /// 1 for the trust change's current stage, 0 for the others, by stage.
+    pub rotation_stage: IntGaugeVec,
+    /// Seconds since the current stage began.
+    pub rotation_stage_seconds: Gauge,
+    /// Holders whose leaves keep the current stage from ending.
+    pub rotation_pending: IntGauge,
+    /// 1 when every consumer the CA writes holds the current stage's bundle.
+    pub rotation_converged: IntGauge,
+    /// Next sets refused (wrong, or changed during a rotation).
+    pub rotation_refusals: IntCounter,
 }
 
 impl Metrics {
@@ -183,6 +194,24 @@ impl Metrics {
             &["writer"],
         )?;
         registry.register(Box::new(writer_last_sync.clone()))?;
+        let rotation_stage = IntGaugeVec::new(
+            Opts::new(
+                "signet_ca_rotation_stage",
+                "1 for the stage the trust change is in (idle, distribute, switch, retire, done, aborting), 0 for the others.",
+            ),
+            &["stage"],
+        )?;
+        registry.register(Box::new(rotation_stage.clone()))?;
+        let rotation_pending = IntGauge::new(
+            "signet_ca_rotation_pending",
+            "Holders whose certificates keep the trust change's stage from ending (renewal or expiry due).",
+        )?;
+        registry.register(Box::new(rotation_pending.clone()))?;
+        let rotation_converged = IntGauge::new(
+            "signet_ca_rotation_converged",
+            "1 when every consumer the CA writes (trust file, root ConfigMaps, ...) was read back holding the current stage's bundle.",
+        )?;
+        registry.register(Box::new(rotation_converged.clone()))?;
         let leader = IntGauge::new(
             "signet_ca_leader",
             "1 while this replica holds the writer Lease (it alone writes to the API server).",
@@ -254,6 +283,17 @@ impl Metrics {
             writer_errors,
             writer_last_sync,
             pod_certificates,
+            rotation_stage,
+            rotation_stage_seconds: gauge(
+                "signet_ca_rotation_stage_seconds",
+                "Seconds since the trust change's current stage began.",
+            )?,
+            rotation_pending,
+            rotation_converged,
+            rotation_refusals: counter(
+                "signet_ca_rotation_refusals_total",
+                "Declared next CA sets refused (wrong, or changed while a rotation was under way).",
+            )?,
             registry,
         })
     }

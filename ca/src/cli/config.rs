@@ -18,6 +18,7 @@ use crate::{
     },
     keys::{reload::KeyArgs, tls::TlsArgs},
     kubernetes::writers::flags::WriterArgs,
+    rotation::flags::RotationArgs,
 };
 pub use crate::{
     issue::authn::flags::{AuthnConfig, RemoteCluster},
@@ -53,6 +54,9 @@ pub enum Command {
     /// PKI tooling: roots, per-cluster intermediates, bundles, and checks.
     #[command(subcommand)]
     Pki(crate::cli::pki::PkiCommand),
+    /// Trust changes the CA drives: status, abort, renewing a self-signed root.
+    #[command(subcommand)]
+    Rotation(crate::rotation::flags::RotationCommand),
 }
 
 /// Flags of `signet-ca serve`. Durations are written like `24h`, `90m` or `8s`.
@@ -109,6 +113,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub jwt: JwtArgs,
+
+    #[command(flatten)]
+    pub rotation: RotationArgs,
 }
 
 /// Validated settings for `server::run`.
@@ -118,6 +125,8 @@ pub struct ServeConfig {
     pub http_addr: SocketAddr,
     /// Key material and its reload.
     pub keys: KeyArgs,
+    /// Driven trust changes.
+    pub rotation: RotationArgs,
     /// Identity, lifetimes, node impersonation.
     pub policy: crate::issue::policy::PolicyConfig,
     /// Token authentication.
@@ -153,6 +162,12 @@ impl ServeArgs {
         let pods = self.pods.validate(policy.max_ttl)?;
         let pod_signer = pods.as_ref().map(|p| p.signer.as_str());
         let writers = self.writers.validate(pod_signer, api_access.as_ref())?;
+        if writers.is_some() && self.rotation.next_cacerts_dir.is_some() {
+            return Err(ConfigError::new(
+                "--next-cacerts-dir",
+                "a driven rotation does not yet take the root ConfigMaps, ClusterTrustBundle and istiod's Secret with it; with the writers on, rotate by the manual steps of docs/root-rotation.md",
+            ));
+        }
         let authn = self.authn.validate(api_access.as_ref())?;
         let jwt = self.jwt.validate(api_access.is_some())?;
         let jwt_secret = matches!(
@@ -176,6 +191,7 @@ impl ServeArgs {
             grpc_addr: self.grpc_addr,
             http_addr: self.http_addr,
             keys: self.keys,
+            rotation: self.rotation,
             policy,
             authn,
             serving_dns_names: self.tls.names()?,

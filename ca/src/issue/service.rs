@@ -25,6 +25,7 @@ use crate::{
     keys::signer::{Issued, SignError, Signer},
     keys::tls::TlsState,
     metrics::Metrics,
+    rotation::Rotation,
 };
 
 /// Largest request message accepted (a CSR is about 1 KiB).
@@ -39,6 +40,7 @@ pub(crate) struct CaService {
     queue: SigningQueue,
     metrics: Metrics,
     policy: Arc<Policy>,
+    rotation: Arc<Rotation>,
     overload_log: Arc<OverloadLog>,
     pushback: Arc<Pushback>,
 }
@@ -187,6 +189,7 @@ impl CaService {
         queue: SigningQueue,
         metrics: Metrics,
         policy: Arc<Policy>,
+        rotation: Arc<Rotation>,
     ) -> Self {
         Self {
             signer,
@@ -195,6 +198,7 @@ impl CaService {
             queue,
             metrics,
             policy,
+            rotation,
             overload_log: Arc::new(OverloadLog::new()),
             pushback: Arc::new(Pushback::default()),
         }
@@ -218,26 +222,52 @@ impl CaService {
             impersonate: target.as_deref(),
             csr: &csr,
         };
-        let decision = self.policy.decide(
-            request,
-            signer.leaf_not_after_limit(),
-            OffsetDateTime::now_utc(),
-        )?;
+        let now = OffsetDateTime::now_utc();
+        let mut decision = self
+            .policy
+            .decide(request, signer.leaf_not_after_limit(), now)?;
+        // During a trust change every leaf ends within the rotation window.
+        if let Some(cap) = self.rotation.cap()
+            && decision.validity.not_after - now > cap
+        {
+            decision.validity = policy::validity(now, cap, signer.leaf_not_after_limit())?;
+        }
         let decided = decision.clone();
+        let holder = holder(&caller, &decision);
+        let rotation = self.rotation.clone();
         let issued = self
             .queue
             .run_as(&decision.share, move || -> Result<Issued, RequestError> {
                 csr.verify()?;
-                Ok(signer.sign_named(
+                let issued = signer.sign_named(
                     &csr.spki,
                     &decision.id,
                     &decision.validity,
                     decision.subject_cn.as_deref(),
-                )?)
+                )?;
+                // Noted before the answer leaves: the marks on disk must cover it.
+                rotation.note(holder.as_deref(), &signer, &issued);
+                Ok(issued)
             })
             .await??;
         Ok((caller, decided, issued))
     }
+}
+
+/// Who holds a leaf, as a trust change tracks renewals: the identity and the pod
+/// (or, for a node agent, the node) the credential is bound to; `None` when it names
+/// neither, and replicas of one service account cannot be told apart.
+fn holder(caller: &Caller, decision: &Decision) -> Option<String> {
+    let id = &decision.id;
+    if let Some(node) = &decision.node {
+        return Some(format!("{id} on node {node}"));
+    }
+    let pod = caller.pod.as_ref()?;
+    let ns = caller.account.namespace();
+    Some(match &pod.uid {
+        Some(uid) => format!("{id} in pod {ns}/{} ({uid})", pod.name),
+        None => format!("{id} in pod {ns}/{}", pod.name),
+    })
 }
 
 /// The caller of a gRPC request: its token (`authorization: Bearer`) or its client

@@ -225,11 +225,25 @@ pub fn load_or_create_self_signed(
     trust_domain: &str,
     now: OffsetDateTime,
 ) -> Result<KeyMaterial, CaCertsError> {
+    if let Some(material) = load_self_signed(state_dir)? {
+        return Ok(material);
+    }
+    create_self_signed(state_dir, trust_domain, now)?;
+    load_self_signed(state_dir)?.ok_or_else(|| CaCertsError::Invalid {
+        path: state_dir.join(SELF_SIGNED_CERT),
+        problem: "disappeared right after it was created".into(),
+    })
+}
+
+/// Reads a self-signed root (`root-cert.pem`, `root-key.pem`) from `dir`; `Ok(None)`
+/// when neither file is there.
+pub fn load_self_signed(dir: &Path) -> Result<Option<KeyMaterial>, CaCertsError> {
+    let state_dir = dir;
     let cert_path = state_dir.join(SELF_SIGNED_CERT);
     let key_path = state_dir.join(SELF_SIGNED_KEY);
     match (cert_path.exists(), key_path.exists()) {
         (true, true) => {}
-        (false, false) => create_self_signed(state_dir, trust_domain, now)?,
+        (false, false) => return Ok(None),
         (has_cert, _) => {
             let (have, lack) = if has_cert {
                 (&cert_path, &key_path)
@@ -257,7 +271,7 @@ pub fn load_or_create_self_signed(
     hasher.update(&cert);
     hasher.update(&key);
     let signing_cert = single_cert(&cert_path, &cert)?;
-    Ok(KeyMaterial {
+    Ok(Some(KeyMaterial {
         source: Source::SelfSigned(state_dir.to_owned()),
         key: load_key(&key_path, &key)?,
         roots: vec![signing_cert.clone()],
@@ -267,7 +281,28 @@ pub fn load_or_create_self_signed(
         roots_path: cert_path,
         crls: Vec::new(),
         digest: hasher.finalize().into(),
-    })
+    }))
+}
+
+/// Creates a self-signed root in `dir` (a new directory, or one without a root).
+pub fn create_self_signed_in(
+    dir: &Path,
+    trust_domain: &str,
+    now: OffsetDateTime,
+) -> Result<(), CaCertsError> {
+    create_self_signed(dir, trust_domain, now)
+}
+
+impl KeyMaterial {
+    /// Adds the roots of `other` that this set's bundle lacks, after its own: the
+    /// bundle of a trust change in progress. The digest stays this set's.
+    pub fn add_roots(&mut self, other: &[CertificateDer<'static>]) {
+        for root in other {
+            if !self.roots.contains(root) {
+                self.roots.push(root.clone());
+            }
+        }
+    }
 }
 
 fn create_self_signed(

@@ -1,24 +1,20 @@
 //! The CA's key material over its life: loaded at start (the cacerts directory, or the
-//! self-signed root in the state directory), then watched while the CA serves. When
-//! the cacerts directory changes, the new set takes over only if it is whole, proven
+//! self-signed root in the state directory), then read again while the CA serves (by
+//! [`crate::rotation::driver`], which also drives trust changes). When the cacerts
+//! directory changes, the new set takes over only if it is whole, proven
 //! (`Signer::new` signs and verifies a probe leaf) and keeps trusting what was issued
 //! before; otherwise it is refused (logged and counted) and the old set keeps serving.
 
 use std::{
     path::{Path, PathBuf},
-    sync::Arc,
     time::Duration,
 };
 
-use signet_fs::watch::{Poll, Reported};
 use time::OffsetDateTime;
-use tokio::sync::watch;
 
 use crate::{
     keys::cacerts::{self, CaCertsError},
     keys::signer::{SignError, Signer},
-    keys::tls::TlsState,
-    metrics::Metrics,
 };
 
 /// How long to wait between the two reads that must agree.
@@ -149,86 +145,4 @@ pub struct KeyArgs {
     /// How often the cacerts directory is checked for changes (100ms to 24h).
     #[arg(long, default_value = "2s", value_parser = crate::flags::between(Duration::from_millis(100), crate::flags::DAY), value_name = "DURATION")]
     pub reload_interval: Duration,
-}
-
-impl KeyArgs {
-    /// What the reload loop needs.
-    pub(crate) fn settings(&self) -> Settings {
-        Settings {
-            cacerts_dir: self.cacerts_dir.clone(),
-            interval: self.reload_interval,
-            allow_root_change: self.allow_root_change,
-        }
-    }
-}
-
-/// What [`watch`] looks at.
-#[derive(Debug, Clone)]
-pub(crate) struct Settings {
-    /// The cacerts directory.
-    pub cacerts_dir: PathBuf,
-    /// How often it is read.
-    pub interval: Duration,
-    /// `--allow-root-change`.
-    pub allow_root_change: bool,
-}
-
-/// Reads the cacerts directory every `interval`; a changed, valid set takes over for
-/// new requests and the serving certificate, an invalid one is refused (counted every
-/// time, logged once per distinct problem) while the old set keeps serving.
-pub(crate) async fn watch(
-    settings: Settings,
-    signer_tx: watch::Sender<Arc<Signer>>,
-    tls: Arc<TlsState>,
-    metrics: Metrics,
-    stop: watch::Receiver<bool>,
-) {
-    let mut poll = Poll::new(settings.interval, Some(stop));
-    let mut reported = Reported::default();
-    while poll.tick().await {
-        let current = signer_tx.borrow().clone();
-        let outcome = match changed(
-            &settings.cacerts_dir,
-            &current,
-            settings.allow_root_change,
-            OffsetDateTime::now_utc(),
-        )
-        .await
-        {
-            Ok(None) => continue,
-            Ok(Some(new)) => match tls.refresh(&new, OffsetDateTime::now_utc()) {
-                Err(e) => Err(ReloadError::from(e)),
-                Ok(()) => {
-                    tracing::info!(
-                        source = %new.source(),
-                        key = %new.key_kind(),
-                        signing_cert_expires = %signet_telemetry::rfc3339(new.signing_not_after()),
-                        "new CA key material loaded; it signs every request from now on"
-                    );
-                    metrics.set_expiries(new.root_not_after(), new.signing_not_after());
-                    signer_tx.send_replace(Arc::new(new));
-                    Ok(())
-                }
-            },
-            Err(e) => Err(e),
-        };
-        match outcome {
-            Ok(()) => {
-                metrics
-                    .cacerts_reloads
-                    .with_label_values(&["success"])
-                    .inc();
-                reported.clear();
-            }
-            Err(e) => {
-                metrics
-                    .cacerts_reloads
-                    .with_label_values(&["failure"])
-                    .inc();
-                if reported.is_new(&e) {
-                    tracing::error!(error = %e, "refusing new CA key material; the previous set keeps serving");
-                }
-            }
-        }
-    }
 }

@@ -1,4 +1,5 @@
-//! The plain HTTP side: `/metrics`, `/healthz`, and `/readyz`, which also says
+//! The plain HTTP side: `/metrics`, `/healthz`, `/rotation` (the trust change's
+//! status as JSON, for `signet-ca rotation status`), and `/readyz`, which also says
 //! whether the API server answers (where TokenReview needs it) and whether the pod
 //! caches behind node impersonation have synced.
 
@@ -10,6 +11,7 @@ use tokio::{net::TcpListener, sync::watch};
 use crate::{
     kubernetes::{pods::PodCache, reachability::Reachability},
     metrics::Metrics,
+    rotation::Rotation,
 };
 
 /// How long a replica stays unready waiting for its local pod cache: long enough
@@ -80,6 +82,7 @@ pub(super) async fn serve_http(
     metrics: Metrics,
     ready: watch::Receiver<bool>,
     pods: Readiness,
+    rotation: Arc<Rotation>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), std::io::Error> {
     let app = Router::new()
@@ -91,6 +94,18 @@ pub(super) async fn serve_http(
             }),
         )
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/rotation",
+            get(move || {
+                let json = serde_json::to_string_pretty(&*rotation.status()).unwrap_or_default();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        json,
+                    )
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {

@@ -59,6 +59,8 @@ pub enum ServeError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     KeyMaterial(#[from] reload::ReloadError),
+    #[error(transparent)]
+    Rotation(#[from] crate::rotation::driver::DriverError),
     #[error("token authentication for cluster {cluster}: {source}")]
     Authn {
         cluster: String,
@@ -213,11 +215,20 @@ pub async fn run(
     let Listeners { grpc, http, oidc } = listeners;
     let metrics = Metrics::new()?;
     let now = OffsetDateTime::now_utc();
-    let signer = reload::initial(
-        &config.keys,
-        config.policy.trust_domains.primary().as_str(),
+    let driver = crate::rotation::driver::Driver::start(
+        crate::rotation::driver::Settings {
+            keys: config.keys.clone(),
+            rotation: config.rotation.clone(),
+            trust_domains: config.policy.trust_domains.clone(),
+            default_ttl: config.policy.default_ttl,
+            unavailable: config.writers.as_ref().map(|_| {
+                "a driven rotation does not yet take the root ConfigMaps, ClusterTrustBundle and istiod's Secret with it (the writers are on): rotate by the manual steps of docs/root-rotation.md"
+            }),
+        },
         now,
     )?;
+    let signer = driver.published();
+    let rotation = driver.rotation();
     tracing::info!(
         source = %signer.source(),
         key = %signer.key_kind(),
@@ -228,7 +239,7 @@ pub async fn run(
     let authn = Arc::new(authenticator(&config).await?);
     let tls = TlsState::new(&signer, config.serving_dns_names.clone(), now)?;
     let tls_configs = Arc::new(tls.server_configs(config.compliance_policy)?);
-    let (signer_tx, signer_rx) = watch::channel(Arc::new(signer));
+    let (signer_tx, signer_rx) = watch::channel(signer);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = watch::channel(false);
 
@@ -244,6 +255,7 @@ pub async fn run(
         queue.clone(),
         metrics.clone(),
         policy.clone(),
+        rotation.clone(),
     );
     let (jwt, oidc_task) = match &config.jwt {
         Some(settings) => {
@@ -272,13 +284,7 @@ pub async fn run(
         conn_tx,
         stop_rx.clone(),
     ));
-    tokio::spawn(reload::watch(
-        config.keys.settings(),
-        signer_tx,
-        tls.clone(),
-        metrics.clone(),
-        stop_rx.clone(),
-    ));
+    tokio::spawn(driver.run(signer_tx, tls.clone(), metrics.clone(), stop_rx.clone()));
     let writers = spawn_writers(
         &config,
         signer_rx.clone(),
@@ -300,6 +306,7 @@ pub async fn run(
         metrics,
         ready_rx,
         readiness(&config, impersonation.as_ref(), api),
+        rotation,
         stop_rx.clone(),
     ));
 

@@ -1,0 +1,437 @@
+//! The issuance record a trust change is gated by: per holder, the latest leaf this
+//! process issued it (when it was due to renew, when it expires, under which chain);
+//! and, kept on disk ahead of every leaf, the latest renewal point and expiry of
+//! anything ever issued, so a restarted CA knows what it cannot see.
+//!
+//! A holder is an identity and the pod its credential is bound to (or, for a node
+//! agent, the node it asks for). A caller whose credential names no pod cannot be
+//! told from its replicas; such leaves count by their marks alone, so they never
+//! end a stage early.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+
+use super::stage::{Record, Stage};
+use crate::sync::lock;
+
+/// File in the state directory that holds the marks.
+pub const MARKS_FILE: &str = "issuance.json";
+/// How far ahead of the leaves issued the marks are written: one write per this much
+/// time, not one per leaf.
+const HEADROOM: Duration = Duration::minutes(10);
+/// Holders remembered; past this the record is incomplete (stages end at their
+/// latest end, never early).
+pub const MAX_HOLDERS: usize = 250_000;
+/// Slack past a leaf's half-life before its holder counts as having missed renewal:
+/// holders renew on timers, not to the second.
+pub const RENEWAL_GRACE: Duration = Duration::seconds(15);
+/// Pending identities shown by `rotation status`.
+const SAMPLE: usize = 10;
+
+/// The latest renewal point and expiry of every leaf issued, Unix seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marks {
+    /// Latest renewal point.
+    pub renew_by: i64,
+    /// Latest NotAfter.
+    pub expire_by: i64,
+}
+
+impl Marks {
+    fn raise(&mut self, renew_at: i64, not_after: i64) {
+        self.renew_by = self.renew_by.max(renew_at);
+        self.expire_by = self.expire_by.max(not_after);
+    }
+}
+
+/// When a holder is due to renew a leaf valid from `not_before` to `not_after`: half
+/// its lifetime, as pilot-agent, ztunnel and signet-agent renew, plus grace.
+pub fn renewal_point(not_before: OffsetDateTime, not_after: OffsetDateTime) -> OffsetDateTime {
+    not_before + (not_after - not_before) / 2_i32 + RENEWAL_GRACE
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    not_before: i64,
+    renew_at: i64,
+    not_after: i64,
+    chain: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    holders: HashMap<Box<str>, Entry>,
+    overflow: bool,
+    /// What was issued before this process: from the marks file at start.
+    unknown: Marks,
+    /// When this process began recording.
+    started: i64,
+    /// Leaves of callers bound to no pod, per chain.
+    unbound: HashMap<u64, Marks>,
+    /// What is on disk (or would be, without a state directory).
+    written: Marks,
+    write_failed: bool,
+}
+
+/// The issuance record.
+#[derive(Debug)]
+pub struct Ledger {
+    inner: Mutex<Inner>,
+    file: Option<PathBuf>,
+}
+
+/// Why the marks could not be kept.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {problem}")]
+pub struct LedgerError {
+    path: String,
+    problem: String,
+}
+
+/// The gate's view of the record for one stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    /// Holders keeping the stage from ending.
+    pub count: usize,
+    /// Whether every holder that matters is known.
+    pub complete: bool,
+    /// Some of them, for `rotation status`.
+    pub sample: Vec<String>,
+}
+
+impl Ledger {
+    /// The record kept in `state_dir` (none: memory only, as in tests). A missing
+    /// marks file (a first start) means a leaf of `assumed` (`--default-ttl`: what
+    /// Istio's clients get) may have been issued just before, by this CA's key
+    /// under another CA process: longer ones are not assumed, or a first rotation
+    /// would wait half of `--max-ttl` (45 days by default).
+    pub fn open(
+        state_dir: Option<&Path>,
+        assumed: Duration,
+        now: OffsetDateTime,
+    ) -> Result<Self, LedgerError> {
+        let file = state_dir.map(|d| d.join(MARKS_FILE));
+        let unknown = match &file {
+            None => Marks::default(),
+            Some(path) => match std::fs::read(path) {
+                Ok(bytes) => serde_json::from_slice::<Marks>(&bytes).map_err(|e| LedgerError {
+                    path: path.display().to_string(),
+                    problem: format!(
+                        "not the issuance marks Signet writes ({e}); remove it to assume the longest lifetime was issued just now"
+                    ),
+                })?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let t = now.unix_timestamp();
+                    Marks {
+                        renew_by: (now + assumed / 2_i32 + RENEWAL_GRACE).unix_timestamp(),
+                        expire_by: t + assumed.whole_seconds(),
+                    }
+                }
+                Err(e) => {
+                    return Err(LedgerError {
+                        path: path.display().to_string(),
+                        problem: e.to_string(),
+                    });
+                }
+            },
+        };
+        let ledger = Self {
+            inner: Mutex::new(Inner {
+                holders: HashMap::new(),
+                overflow: false,
+                unknown,
+                started: now.unix_timestamp(),
+                unbound: HashMap::new(),
+                written: unknown,
+                write_failed: false,
+            }),
+            file,
+        };
+        // The assumption about the past is itself written down, so that a restart
+        // before the first leaf does not forget it.
+        if let Some(path) = &ledger.file
+            && !path.exists()
+        {
+            write_marks(path, &unknown)?;
+        }
+        Ok(ledger)
+    }
+
+    /// Notes a leaf issued to `holder` (`None`: bound to no pod) under the chain
+    /// `chain`. The marks reach the disk before this returns (and so before the leaf
+    /// leaves the CA) whenever the leaf goes past them.
+    pub fn record(
+        &self,
+        holder: Option<&str>,
+        chain: u64,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<(), LedgerError> {
+        let renew_at = renewal_point(not_before, not_after).unix_timestamp();
+        let not_after = not_after.unix_timestamp();
+        let mut inner = lock(&self.inner);
+        match holder {
+            Some(h) => {
+                let entry = Entry {
+                    not_before: not_before.unix_timestamp(),
+                    renew_at,
+                    not_after,
+                    chain,
+                };
+                if let Some(e) = inner.holders.get_mut(h) {
+                    *e = entry;
+                } else if inner.holders.len() < MAX_HOLDERS {
+                    inner.holders.insert(h.into(), entry);
+                } else {
+                    inner.overflow = true;
+                }
+            }
+            None => inner
+                .unbound
+                .entry(chain)
+                .or_default()
+                .raise(renew_at, not_after),
+        }
+        if renew_at <= inner.written.renew_by && not_after <= inner.written.expire_by {
+            return Ok(());
+        }
+        let mut ahead = inner.written;
+        ahead.raise(
+            renew_at + HEADROOM.whole_seconds(),
+            not_after + HEADROOM.whole_seconds(),
+        );
+        let Some(path) = &self.file else {
+            inner.written = ahead;
+            return Ok(());
+        };
+        match write_marks(path, &ahead) {
+            Ok(()) => {
+                inner.written = ahead;
+                inner.write_failed = false;
+                Ok(())
+            }
+            Err(e) => {
+                inner.write_failed = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// The latest renewal point of anything issued so far (for a declaration).
+    pub fn renew_by(&self, now: OffsetDateTime) -> OffsetDateTime {
+        let inner = lock(&self.inner);
+        let latest = inner
+            .holders
+            .values()
+            .map(|e| e.renew_at)
+            .chain(inner.unbound.values().map(|m| m.renew_by))
+            .chain([inner.unknown.renew_by, now.unix_timestamp()])
+            .max()
+            .unwrap_or_default();
+        OffsetDateTime::from_unix_timestamp(latest).unwrap_or(now)
+    }
+
+    /// Who keeps `record`'s stage from ending at `now`, given the chains `old` and
+    /// `new` (signer digests' first bytes).
+    pub fn pending(&self, record: &Record, old: u64, new: u64, now: OffsetDateTime) -> Pending {
+        let t = now.unix_timestamp();
+        let mut inner = lock(&self.inner);
+        // Forget what has expired: it can neither renew nor be used.
+        inner.holders.retain(|_, e| e.not_after > t);
+        let declared = record.declared_at;
+        let chain = match record.stage {
+            Stage::Distribute | Stage::Switch => Some(old),
+            Stage::Aborting => Some(new),
+            Stage::Idle | Stage::Retire | Stage::Done => None,
+        };
+        let holds = |e: &Entry| match record.stage {
+            // Leaves from before the declaration, not yet due to renew.
+            Stage::Distribute => e.not_before < declared && e.renew_at > t,
+            // Leaves of the old chain still valid (those from before the declaration
+            // only until they were due to renew: their holders have moved on).
+            Stage::Switch => {
+                e.chain == old
+                    && if e.not_before < declared {
+                        e.renew_at > t
+                    } else {
+                        e.not_after > t
+                    }
+            }
+            Stage::Aborting => e.chain == new,
+            Stage::Idle | Stage::Retire | Stage::Done => false,
+        };
+        let mut count = 0;
+        let mut sample = Vec::new();
+        for (holder, entry) in &inner.holders {
+            if holds(entry) {
+                count += 1;
+                if sample.len() < SAMPLE {
+                    sample.push(holder.to_string());
+                }
+            }
+        }
+        sample.sort();
+        // What the record cannot see must be over by itself: leaves from before this
+        // process (only their renewal when they all predate the declaration) and
+        // leaves of callers bound to no pod.
+        let unknown_over = if inner.started <= declared {
+            inner.unknown.renew_by <= t
+        } else {
+            inner.unknown.expire_by <= t
+        };
+        let unbound_over = chain.is_none_or(|c| {
+            inner.unbound.get(&c).is_none_or(|m| match record.stage {
+                Stage::Distribute => m.renew_by <= t,
+                _ => m.expire_by <= t,
+            })
+        });
+        Pending {
+            count,
+            complete: !inner.overflow && unknown_over && unbound_over,
+            sample,
+        }
+    }
+
+    /// Whether the last write of the marks failed (a restart would underestimate).
+    pub fn write_failed(&self) -> bool {
+        lock(&self.inner).write_failed
+    }
+}
+
+fn write_marks(path: &Path, marks: &Marks) -> Result<(), LedgerError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| LedgerError {
+            path: dir.display().to_string(),
+            problem: format!("cannot create the state directory: {e}"),
+        })?;
+    }
+    let json = serde_json::to_vec(marks).map_err(|e| LedgerError {
+        path: path.display().to_string(),
+        problem: e.to_string(),
+    })?;
+    signet_fs::write_atomic(path, &json, 0o600).map_err(|e| LedgerError {
+        path: path.display().to_string(),
+        problem: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::rotation::stage::Declared;
+
+    const OLD: u64 = 1;
+    const NEW: u64 = 2;
+
+    fn t(s: i64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_800_000_000 + s).unwrap()
+    }
+
+    fn record_at(declared: i64) -> Record {
+        Record::idle("a".into(), t(0)).declare(
+            Declared {
+                to: "b".into(),
+                window: Duration::seconds(600),
+                first_stage_end: t(declared),
+                adds_roots: true,
+                drops_roots: true,
+            },
+            t(declared),
+        )
+    }
+
+    #[test]
+    fn distribute_counts_holders_of_earlier_leaves_until_they_renew() {
+        let ledger = Ledger::open(None, Duration::hours(24), t(0)).unwrap();
+        ledger.record(Some("a@p1"), OLD, t(0), t(3600)).unwrap();
+        ledger.record(Some("a@p2"), OLD, t(0), t(3600)).unwrap();
+        let r = record_at(100);
+        let p = ledger.pending(&r, OLD, NEW, t(200));
+        assert_eq!((p.count, p.complete), (2, true));
+        assert_eq!(p.sample, vec!["a@p1", "a@p2"]);
+        // One replica renews after the declaration: the other is still pending.
+        ledger.record(Some("a@p1"), OLD, t(300), t(900)).unwrap();
+        assert_eq!(ledger.pending(&r, OLD, NEW, t(310)).count, 1);
+        ledger.record(Some("a@p2"), OLD, t(320), t(900)).unwrap();
+        assert_eq!(ledger.pending(&r, OLD, NEW, t(330)).count, 0);
+        // A holder that never renews stops counting at its renewal point.
+        ledger.record(Some("b@p"), OLD, t(0), t(100)).unwrap();
+        assert_eq!(ledger.pending(&r, OLD, NEW, t(340)).count, 0, "due at 65");
+    }
+
+    #[test]
+    fn switch_counts_valid_leaves_of_the_old_chain() {
+        let ledger = Ledger::open(None, Duration::hours(24), t(0)).unwrap();
+        let r = record_at(0).enter(Stage::Switch, t(100));
+        ledger.record(Some("a@p"), OLD, t(50), t(650)).unwrap();
+        assert_eq!(ledger.pending(&r, OLD, NEW, t(200)).count, 1);
+        ledger.record(Some("a@p"), NEW, t(210), t(810)).unwrap();
+        assert_eq!(ledger.pending(&r, OLD, NEW, t(220)).count, 0);
+        // The aborted rotation waits for the new chain's leaves instead.
+        let aborting = r.enter(Stage::Aborting, t(230));
+        assert_eq!(ledger.pending(&aborting, OLD, NEW, t(240)).count, 1);
+    }
+
+    #[test]
+    fn callers_bound_to_no_pod_keep_the_record_incomplete_until_their_leaves_are_over() {
+        let ledger = Ledger::open(None, Duration::hours(24), t(0)).unwrap();
+        ledger.record(None, OLD, t(0), t(1000)).unwrap();
+        let r = record_at(100);
+        let p = ledger.pending(&r, OLD, NEW, t(200));
+        assert_eq!((p.count, p.complete), (0, false));
+        assert!(
+            ledger.pending(&r, OLD, NEW, t(600)).complete,
+            "past renewal"
+        );
+    }
+
+    #[test]
+    fn a_restart_knows_the_marks_of_what_it_issued_before() {
+        let dir = tempfile::tempdir().unwrap();
+        // A short --default-ttl, so that the first start's assumption is over soon.
+        let first = Ledger::open(Some(dir.path()), Duration::seconds(60), t(0)).unwrap();
+        first.record(Some("a@p"), OLD, t(0), t(7200)).unwrap();
+        drop(first);
+        let second = Ledger::open(Some(dir.path()), Duration::hours(24), t(10)).unwrap();
+        // The marks are written with headroom: never below what was issued.
+        assert!(second.renew_by(t(10)) >= renewal_point(t(0), t(7200)));
+        let r = record_at(20);
+        let p = second.pending(&r, OLD, NEW, t(30));
+        assert!(
+            !p.complete,
+            "the restarted CA cannot see the earlier holder"
+        );
+        assert!(second.pending(&r, OLD, NEW, t(3600 + 700)).complete);
+    }
+
+    #[test]
+    fn a_first_start_assumes_a_default_lifetime_was_just_issued() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(Some(dir.path()), Duration::hours(24), t(0)).unwrap();
+        assert_eq!(ledger.renew_by(t(0)), t(12 * 3600) + RENEWAL_GRACE);
+        assert!(dir.path().join(MARKS_FILE).exists());
+        std::fs::write(dir.path().join(MARKS_FILE), "nonsense").unwrap();
+        let e = Ledger::open(Some(dir.path()), Duration::hours(24), t(0)).unwrap_err();
+        assert!(e.to_string().contains("issuance.json"), "{e}");
+    }
+
+    #[test]
+    fn marks_are_written_once_per_headroom_not_per_leaf() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MARKS_FILE);
+        let ledger = Ledger::open(Some(dir.path()), Duration::seconds(60), t(0)).unwrap();
+        ledger.record(Some("a"), OLD, t(0), t(120)).unwrap();
+        let first = std::fs::read(&path).unwrap();
+        ledger.record(Some("b"), OLD, t(5), t(125)).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), first, "within the headroom");
+        ledger.record(Some("c"), OLD, t(700), t(760)).unwrap();
+        assert_ne!(std::fs::read(&path).unwrap(), first);
+    }
+}
