@@ -33,7 +33,7 @@ pub use ca::{
     request,
 };
 pub use jwt::{ISSUER, JwtIssuer, jwt_ca_args};
-pub use pki::{SecretMount, TestRoot, write_crl};
+pub use pki::{SecretMount, TestRoot, publish_set, write_crl};
 
 use rcgen::{CertificateParams, KeyPair};
 use tokio::net::TcpListener;

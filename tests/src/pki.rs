@@ -156,3 +156,17 @@ impl SecretMount {
         }
     }
 }
+
+/// Copies the set in `staged` to `dir` at once, as a Secret mount changes: into a
+/// sibling directory first, then renamed in place.
+pub fn publish_set(staged: &Path, dir: &Path) {
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).unwrap();
+    for entry in std::fs::read_dir(staged).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.join(entry.file_name())).unwrap();
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&tmp, dir).unwrap();
+}

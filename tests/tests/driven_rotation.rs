@@ -20,6 +20,7 @@ use signet_e2e::{
     TestCa, TestRoot,
     agent::{AgentSetup, TestAgent},
     mtls::handshake,
+    publish_set,
     sds::served,
     with_cert,
 };
@@ -50,19 +51,6 @@ fn old_and_new(s: &Path) -> (TestRoot, TestRoot) {
     old_root.write_cacerts(&s.join("old"), "Old Intermediate", &key(), Some(0), &[]);
     new_root.write_cacerts(&s.join("new"), "New Intermediate", &key(), Some(0), &[]);
     (old_root, new_root)
-}
-
-/// Puts a whole set in place at once, as a Secret mount changes.
-fn publish_set(staged: &Path, dir: &Path) {
-    let tmp = dir.with_extension("tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).unwrap();
-    for entry in std::fs::read_dir(staged).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), tmp.join(entry.file_name())).unwrap();
-    }
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&tmp, dir).unwrap();
 }
 
 /// The CA, its directories and the workloads' agents.

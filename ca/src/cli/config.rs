@@ -162,12 +162,6 @@ impl ServeArgs {
         let pods = self.pods.validate(policy.max_ttl)?;
         let pod_signer = pods.as_ref().map(|p| p.signer.as_str());
         let writers = self.writers.validate(pod_signer, api_access.as_ref())?;
-        if writers.is_some() && self.rotation.next_cacerts_dir.is_some() {
-            return Err(ConfigError::new(
-                "--next-cacerts-dir",
-                "a driven rotation does not yet take the root ConfigMaps, ClusterTrustBundle and istiod's Secret with it; with the writers on, rotate by the manual steps of docs/root-rotation.md",
-            ));
-        }
         let authn = self.authn.validate(api_access.as_ref())?;
         let jwt = self.jwt.validate(api_access.is_some())?;
         let jwt_secret = matches!(

@@ -5,12 +5,12 @@
 //! bundle of the stage.
 //!
 //! The stage lives in `<state-dir>/rotation.json`; a restart reads it and goes on
-//! from there (the sets on disk must still be the ones it names).
+//! from there (the sets on disk must still be the ones it names). In cluster mode
+//! the record every replica follows is the shared one (`signet-ca-rotation`), and
+//! only the replica holding the writers' Lease declares, advances and writes it;
+//! the others sign as it says and report their counts.
 
-use std::{
-    path::{Path, PathBuf},
-    sync::Arc,
-};
+use std::sync::Arc;
 
 use signet_fs::watch::{Poll, Reported};
 use signet_spiffe::TrustDomains;
@@ -20,14 +20,19 @@ use tokio::sync::watch;
 use super::{
     Rotation, chain_id,
     flags::RotationArgs,
-    ledger::{Ledger, LedgerError},
+    ledger::{Ledger, LedgerError, Pending},
     next, rfc3339,
+    sets::{
+        compose, in_place, key, load, next_dir, promote_self_signed, read_record, settled, short,
+        write_record,
+    },
+    shared::{self, Report, Shared},
     stage::{self, Declared, Evidence, Record, Stage},
     status::Status,
 };
 use crate::{
     keys::{
-        cacerts::{self, CaCertsError, KeyMaterial, Source},
+        cacerts::{CaCertsError, Source},
         reload::{self, KeyArgs, ReloadError},
         signer::{SignError, Signer},
         tls::TlsState,
@@ -72,6 +77,12 @@ pub struct Settings {
     /// Why driven rotation is off in this configuration (then a next set is
     /// reported, never declared).
     pub unavailable: Option<&'static str>,
+    /// In cluster mode: the record every replica follows, the reports, the
+    /// consumers read back.
+    pub shared: Option<Arc<dyn Shared>>,
+    /// In cluster mode: whether this replica holds the writers' Lease (only the
+    /// elected replica declares, advances and writes the record).
+    pub leading: Option<watch::Receiver<bool>>,
 }
 
 /// The driver's state between ticks.
@@ -88,16 +99,29 @@ pub struct Driver {
     /// What the published signer was composed from: (stage, base digest, next digest).
     composed: (Stage, [u8; 32], Option<[u8; 32]>),
     converged: bool,
+    lagging: Vec<String>,
     problem: Option<String>,
     reported: Reported,
+    last_report: Option<Report>,
+    pending: Pending,
 }
 
 impl Driver {
-    /// Reads the stage record, the sets it names and the issuance marks; the
-    /// signer to start with is [`Self::published`].
-    pub fn start(settings: Settings, now: OffsetDateTime) -> Result<Self, DriverError> {
+    /// Reads the stage record (the shared one in cluster mode, when the API server
+    /// answers; else the state directory's), the sets it names and the issuance
+    /// marks; the signer to start with is [`Self::published`].
+    pub async fn start(settings: Settings, now: OffsetDateTime) -> Result<Self, DriverError> {
         let state_dir = settings.keys.state_dir.clone();
-        let saved = read_record(&state_dir)?;
+        let mut saved = read_record(&state_dir)?;
+        if let Some(shared) = &settings.shared {
+            match shared.read().await {
+                Ok(state) if state.record.is_some() => saved = state.record,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the shared rotation record at start; starting from the state directory's")
+                }
+            }
+        }
         if saved.as_ref().is_some_and(|r| r.stage == Stage::Done) {
             // A self-signed renewal moves the new root in place at the end; finish a
             // move a crash interrupted before the root is read.
@@ -111,62 +135,12 @@ impl Driver {
             settings.trust_domains.primary().as_str(),
             now,
         )?);
-        let base_digest = hex::encode(base.digest());
-        let record_path = state_dir.join(RECORD_FILE).display().to_string();
-        let disagree = |problem: String| DriverError::Record {
-            path: record_path.clone(),
-            problem,
-        };
-        let mut next = None;
-        let record = match saved {
-            None => Record::idle(base_digest, now),
-            Some(r) if r.stage == Stage::Idle => Record {
-                from: base_digest,
-                ..r
-            },
-            Some(r) if r.stage == Stage::Done && r.to == base_digest => {
-                Record::idle(base_digest, now)
-            }
-            Some(r) => {
-                if r.from != base_digest {
-                    return Err(disagree(format!(
-                        "the rotation is in stage {} from the set {}, but the CA key material now is {}; put back the set it started from, or remove this file to leave the driven rotation (then follow the manual steps of docs/root-rotation.md)",
-                        r.stage,
-                        short(&r.from),
-                        short(&base_digest)
-                    )));
-                }
-                let dir = next_dir(&settings, &base).ok_or_else(|| {
-                    disagree(format!(
-                        "the rotation is in stage {} but no next set is configured (--next-cacerts-dir)",
-                        r.stage
-                    ))
-                })?;
-                let material = load(&dir, &base)?.ok_or_else(|| {
-                    disagree(format!(
-                        "the rotation is in stage {} to the set {}, but {} holds no key material; put it back, or remove this file to leave the driven rotation",
-                        r.stage,
-                        short(&r.to),
-                        dir.display()
-                    ))
-                })?;
-                if hex::encode(material.digest) != r.to {
-                    return Err(disagree(format!(
-                        "the rotation is in stage {} to the set {}, but {} now holds {}; put back the set it declared, or remove this file to leave the driven rotation",
-                        r.stage,
-                        short(&r.to),
-                        dir.display(),
-                        short(&hex::encode(material.digest))
-                    )));
-                }
-                next = Some(Arc::new(Signer::new(material, now)?));
-                r
-            }
-        };
+        let (record, next) = resolve(saved, &settings, &base, now)?;
         let ledger = Ledger::open(Some(&state_dir), settings.default_ttl, now)?;
         let rotation = Arc::new(Rotation::new(ledger));
         let published = compose(record.stage, &base, next.as_ref(), now)?;
         let composed = key(record.stage, &base, next.as_ref());
+        write_record(&state_dir, &record)?;
         let mut driver = Self {
             settings,
             rotation,
@@ -176,11 +150,17 @@ impl Driver {
             published,
             composed,
             converged: false,
+            lagging: Vec::new(),
             problem: None,
             reported: Reported::default(),
+            last_report: None,
+            pending: Pending {
+                count: 0,
+                complete: false,
+                sample: Vec::new(),
+            },
         };
-        driver.save()?;
-        driver.write_root_file();
+        driver.converged = driver.write_root_file();
         driver.show(now);
         Ok(driver)
     }
@@ -210,6 +190,10 @@ impl Driver {
         }
     }
 
+    fn leading(&self) -> bool {
+        self.settings.leading.as_ref().is_none_or(|l| *l.borrow())
+    }
+
     async fn tick(
         &mut self,
         signer_tx: &watch::Sender<Arc<Signer>>,
@@ -217,28 +201,166 @@ impl Driver {
         metrics: &Metrics,
     ) {
         let now = OffsetDateTime::now_utc();
-        self.abort_if_asked(now);
+        let shared_state = match &self.settings.shared {
+            None => None,
+            Some(shared) => match shared.read().await {
+                Ok(state) => Some(state),
+                Err(e) => {
+                    // Nothing moves without the shared record; signing goes on as it is.
+                    self.refuse(&format!("the shared rotation record: {e}"), metrics);
+                    self.show(now);
+                    return;
+                }
+            },
+        };
+        if let Some(record) = shared_state.as_ref().and_then(|s| s.record.clone()) {
+            self.follow(record, now);
+        }
+        let leading = self.leading();
+        if leading
+            && let (Some(state), Some(shared)) = (&shared_state, &self.settings.shared)
+        {
+            let gone: Vec<String> = shared::gone(&state.reports, now)
+                .into_iter()
+                .filter(|r| r != shared.replica())
+                .collect();
+            if !gone.is_empty()
+                && let Err(e) = shared.forget(gone).await
+            {
+                tracing::warn!(error = %e, "cannot remove the reports of replicas long gone");
+            }
+        }
+        if leading {
+            let abort = match &shared_state {
+                Some(state) => state.abort,
+                None => self.abort_file_present(),
+            };
+            if abort {
+                self.abort(now).await;
+            }
+        }
         match self.record.stage {
             Stage::Idle => {
                 self.reload_base(metrics, now).await;
-                self.declare_if_asked(metrics, now).await;
+                if leading {
+                    let others = shared_state
+                        .as_ref()
+                        .map(|s| shared::renew_by(&s.reports))
+                        .unwrap_or_default();
+                    self.declare_if_asked(metrics, others, now).await;
+                }
             }
-            Stage::Done => self.adopt_if_promoted(now),
+            Stage::Done if leading => self.adopt_if_promoted(now).await,
+            Stage::Done => {}
             _ => self.check_sets_unchanged(metrics),
         }
         self.publish(signer_tx, tls, metrics, now);
-        self.converged = self.write_root_file();
-        let before = self.record.stage;
-        if let Some(to) = stage::advance(&self.record, &self.evidence(now), now) {
-            self.enter(to, now);
-            self.publish(signer_tx, tls, metrics, now);
-            self.converged = self.write_root_file();
+        self.pending = self.own_pending(now);
+        if leading {
+            self.gather(now).await;
+            let mut pending = self.pending.clone();
+            if let Some(state) = &shared_state {
+                pending = shared::combine(
+                    pending,
+                    self.settings
+                        .shared
+                        .as_ref()
+                        .map(|s| s.replica())
+                        .unwrap_or(""),
+                    &state.reports,
+                    &self.record,
+                    now,
+                );
+            }
+            self.pending = pending;
+            let evidence = Evidence {
+                pending: self.pending.count,
+                complete: self.pending.complete,
+                consumers_converged: self.converged,
+                peers_distributed: true,
+            };
+            if let Some(to) = stage::advance(&self.record, &evidence, now) {
+                self.enter(to, false, now).await;
+                self.publish(signer_tx, tls, metrics, now);
+                self.gather(now).await;
+            }
         }
-        if self.record.stage != before {
-            tracing::info!(stage = %self.record.stage, previous = %before, "trust change: stage entered");
-        }
+        self.report(now).await;
         self.show(now);
         self.metrics(metrics, now);
+    }
+
+    /// Takes the record the elected replica wrote (a follower signs as it says; a
+    /// new leader goes on from it), once the sets it names are in place here.
+    fn follow(&mut self, record: Record, now: OffsetDateTime) {
+        if record == self.record {
+            return;
+        }
+        let base_digest = hex::encode(self.base.digest());
+        if record.stage == Stage::Idle || record.stage == Stage::Done && record.to == base_digest {
+            if record.from != base_digest {
+                match in_place(&self.settings, &self.base) {
+                    Ok(Some(m)) if hex::encode(m.digest) == record.from => {
+                        match Signer::new(m, now) {
+                            Ok(s) => self.base = Arc::new(s),
+                            Err(e) => {
+                                return self.wait(format!("the set in place cannot sign: {e}"));
+                            }
+                        }
+                    }
+                    _ => {
+                        return self.wait(format!(
+                            "the shared record signs with the set {}, which is not in place here yet",
+                            short(&record.from)
+                        ));
+                    }
+                }
+            }
+            self.next = None;
+        } else {
+            if record.from != base_digest {
+                return self.wait(format!(
+                    "the shared record rotates from the set {}, but this replica's cacerts holds {}",
+                    short(&record.from),
+                    short(&base_digest)
+                ));
+            }
+            if self.next.as_ref().map(|n| hex::encode(n.digest())) != Some(record.to.clone()) {
+                let Some(dir) = next_dir(&self.settings, &self.base) else {
+                    return self.wait("the shared record rotates to a next set, but no --next-cacerts-dir is configured here".into());
+                };
+                match load(&dir, &self.base) {
+                    Ok(Some(m)) if hex::encode(m.digest) == record.to => {
+                        match Signer::new(m, now) {
+                            Ok(s) => self.next = Some(Arc::new(s)),
+                            Err(e) => return self.wait(format!("next set: {e}")),
+                        }
+                    }
+                    _ => {
+                        return self.wait(format!(
+                            "the shared record rotates to the set {}, which {} does not hold here yet",
+                            short(&record.to),
+                            dir.display()
+                        ));
+                    }
+                }
+            }
+        }
+        if self.record.stage != record.stage {
+            tracing::info!(stage = %record.stage, previous = %self.record.stage, "trust change: stage entered (following the shared record)");
+        }
+        self.record = record;
+        self.problem = None;
+        if let Err(e) = write_record(&self.settings.keys.state_dir, &self.record) {
+            tracing::warn!(error = %e, "cannot keep a copy of the rotation record in the state directory");
+        }
+    }
+
+    fn wait(&mut self, problem: String) {
+        if self.reported.is_new(&problem) {
+            tracing::warn!(problem, "not following the shared rotation record yet");
+        }
+        self.problem = Some(problem);
     }
 
     /// The idle CA's reload of its cacerts set (the behaviour without a rotation).
@@ -254,7 +376,11 @@ impl Driver {
             Ok(None) => {}
             Ok(Some(new)) => {
                 self.base = Arc::new(new);
-                self.record.from = hex::encode(self.base.digest());
+                let mut record = self.record.clone();
+                record.from = hex::encode(self.base.digest());
+                if self.leading() {
+                    self.commit(record, false).await;
+                }
                 metrics
                     .cacerts_reloads
                     .with_label_values(&["success"])
@@ -275,7 +401,13 @@ impl Driver {
 
     /// Declares the next set when one that differs from the set in use (and from
     /// one just aborted) is in place, whole and valid; refuses it otherwise.
-    async fn declare_if_asked(&mut self, metrics: &Metrics, now: OffsetDateTime) {
+    /// `others_renew_by`: the latest renewal point the other replicas reported.
+    async fn declare_if_asked(
+        &mut self,
+        metrics: &Metrics,
+        others_renew_by: i64,
+        now: OffsetDateTime,
+    ) {
         let Some(dir) = next_dir(&self.settings, &self.base) else {
             return;
         };
@@ -283,8 +415,12 @@ impl Driver {
             Ok(Some(m)) => m,
             Ok(None) => {
                 // An emptied next set may be declared again later, even one aborted.
-                if !dir.exists() || load(&dir, &self.base).ok().flatten().is_none() {
-                    self.record.declined = None;
+                if (!dir.exists() || load(&dir, &self.base).ok().flatten().is_none())
+                    && self.record.declined.is_some()
+                {
+                    let mut record = self.record.clone();
+                    record.declined = None;
+                    self.commit(record, false).await;
                     self.problem = None;
                 }
                 return;
@@ -307,7 +443,8 @@ impl Driver {
         };
         let window =
             Duration::try_from(self.settings.rotation.rotation_window).unwrap_or(Duration::HOUR);
-        let first_stage_end = self.rotation.ledger().renew_by(now);
+        let others = OffsetDateTime::from_unix_timestamp(others_renew_by).unwrap_or(now);
+        let first_stage_end = self.rotation.ledger().renew_by(now).max(others);
         let must_last_until = first_stage_end.max(now) + window * 2 + self.settings.default_ttl;
         if let Err(e) = next::check(
             &self.base,
@@ -328,18 +465,22 @@ impl Driver {
             },
             now,
         );
+        self.next = Some(Arc::new(next));
+        if !self.commit(declared, false).await {
+            self.next = None;
+            return;
+        }
         tracing::info!(
-            next = %next.source(),
+            next = %dir.display(),
             adds_roots,
             drops_roots,
             first_stage_end = %rfc3339(first_stage_end.max(now)),
             window = %humantime::format_duration(self.settings.rotation.rotation_window),
             "trust change declared: distributing the next roots; lifetimes are capped at the window from now on"
         );
+        self.event(Stage::Distribute).await;
         self.problem = None;
         self.reported.clear();
-        self.next = Some(Arc::new(next));
-        self.record = declared;
     }
 
     fn refuse(&mut self, problem: &str, metrics: &Metrics) {
@@ -352,7 +493,7 @@ impl Driver {
 
     /// In `done`: once the cacerts set is the next one (the operator moved it
     /// there; a self-signed root is moved here), that set alone is the CA's again.
-    fn adopt_if_promoted(&mut self, now: OffsetDateTime) {
+    async fn adopt_if_promoted(&mut self, now: OffsetDateTime) {
         let Some(next) = self.next.clone() else {
             return;
         };
@@ -364,33 +505,29 @@ impl Driver {
             ));
             return;
         }
-        let in_place = match self.base.source() {
-            Source::SelfSigned(dir) => cacerts::load_self_signed(dir),
-            _ => cacerts::load_dir(&self.settings.keys.cacerts_dir),
-        };
-        if let Ok(Some(m)) = in_place
+        if let Ok(Some(m)) = in_place(&self.settings, &self.base)
             && m.digest == next.digest()
         {
-            tracing::info!(source = %next.source(), "trust change complete: the next set is now the CA's key material");
             // The signer of the set in place: the same key material, read from
             // where it now lives, so later reloads compare against it.
-            match Signer::new(m, now) {
-                Ok(s) => self.base = Arc::new(s),
-                Err(_) => self.base = next,
+            let base = Signer::new(m, now).map(Arc::new).unwrap_or(next);
+            if self
+                .commit(Record::idle(hex::encode(base.digest()), now), false)
+                .await
+            {
+                tracing::info!(source = %base.source(), "trust change complete: the next set is now the CA's key material");
+                self.base = base;
+                self.next = None;
+                self.problem = None;
+                self.event(Stage::Idle).await;
             }
-            self.next = None;
-            self.record = Record::idle(hex::encode(self.base.digest()), now);
-            self.problem = None;
         }
     }
 
     /// During a rotation the sets on disk must stay as declared: changes are
     /// reported (once) and not followed.
     fn check_sets_unchanged(&mut self, metrics: &Metrics) {
-        let base_now = match self.base.source() {
-            Source::SelfSigned(dir) => cacerts::load_self_signed(dir),
-            _ => cacerts::load_dir(&self.settings.keys.cacerts_dir),
-        };
+        let base_now = in_place(&self.settings, &self.base);
         let next_now = next_dir(&self.settings, &self.base).map(|d| (load(&d, &self.base), d));
         let base_changed = matches!(&base_now, Ok(Some(m)) if m.digest != self.base.digest());
         let next_changed = match (&next_now, &self.next) {
@@ -418,46 +555,96 @@ impl Driver {
         }
     }
 
-    fn abort_if_asked(&mut self, now: OffsetDateTime) {
+    fn abort_file_present(&self) -> bool {
         let path = self.settings.keys.state_dir.join(ABORT_FILE);
         if !path.exists() {
-            return;
+            return false;
         }
-        if let Err(e) = std::fs::remove_file(&path) {
-            tracing::error!(path = %path.display(), error = %e, "cannot remove the abort request; it is not acted on");
-            return;
+        match std::fs::remove_file(&path) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot remove the abort request; it is not acted on");
+                false
+            }
         }
+    }
+
+    async fn abort(&mut self, now: OffsetDateTime) {
         match stage::abort(self.record.stage) {
             Ok(to) => {
                 tracing::warn!(stage = %self.record.stage, "trust change aborted by the operator: returning to the old chain");
-                self.enter(to, now);
+                self.enter(to, true, now).await;
             }
             Err(why) => {
                 tracing::warn!(stage = %self.record.stage, why, "abort refused");
                 self.problem = Some(format!("abort refused: {why}"));
+                // The request is answered: cleared from the shared record too.
+                if self.settings.shared.is_some() {
+                    let record = self.record.clone();
+                    self.commit(record, true).await;
+                }
             }
         }
     }
 
     /// Moves the record to `stage` (back to idle when a rotation ends aborted).
-    fn enter(&mut self, stage: Stage, now: OffsetDateTime) {
+    async fn enter(&mut self, stage: Stage, aborted: bool, now: OffsetDateTime) {
         let previous = self.record.clone();
-        self.record = if stage == Stage::Idle {
+        let record = if stage == Stage::Idle {
             let mut idle = Record::idle(previous.from.clone(), now);
             idle.declined = Some(previous.to.clone());
             idle
         } else {
             previous.enter(stage, now)
         };
-        match self.save() {
-            Ok(()) if stage == Stage::Idle => self.next = None,
-            Ok(()) => {}
-            Err(e) => {
-                // Nothing moves on without the record on disk: a restart must not
-                // go back to a stage whose bundle was already withdrawn.
-                tracing::error!(error = %e, stage = %previous.stage, "cannot save the rotation stage; staying in it");
-                self.record = previous;
+        if self.commit(record, aborted).await {
+            tracing::info!(stage = %stage, previous = %previous.stage, "trust change: stage entered");
+            if stage == Stage::Idle {
+                self.next = None;
             }
+            self.event(stage).await;
+        }
+    }
+
+    /// Writes `record` where it lives (the state directory; in cluster mode the
+    /// shared record first) and only then takes it: nothing moves on without the
+    /// record written, so a restart or a new leader never goes back to a stage
+    /// whose bundle was already withdrawn.
+    async fn commit(&mut self, record: Record, aborted: bool) -> bool {
+        if let Some(shared) = &self.settings.shared
+            && let Err(e) = shared.write(&record, aborted).await
+        {
+            tracing::error!(error = %e, stage = %self.record.stage, "cannot write the shared rotation record; staying in the stage");
+            return false;
+        }
+        if let Err(e) = write_record(&self.settings.keys.state_dir, &record) {
+            if self.settings.shared.is_none() {
+                tracing::error!(error = %e, stage = %self.record.stage, "cannot save the rotation record; staying in the stage");
+                return false;
+            }
+            tracing::warn!(error = %e, "cannot keep a copy of the rotation record in the state directory");
+        }
+        self.record = record;
+        true
+    }
+
+    async fn event(&self, stage: Stage) {
+        let Some(shared) = &self.settings.shared else {
+            return;
+        };
+        let note = match stage {
+            Stage::Distribute => format!(
+                "next CA set {} declared: every bundle now holds the old and new roots",
+                short(&self.record.to)
+            ),
+            Stage::Switch => "every consumer holds both roots: the new chain signs".into(),
+            Stage::Retire => "no certificate of the old chain can be in use: the old roots leave the bundles".into(),
+            Stage::Done => "the bundles hold the new roots alone; make the next set the cacerts Secret, then remove the next one".into(),
+            Stage::Aborting => "aborted: the old chain signs again; the new roots stay until no certificate of the new chain can be in use".into(),
+            Stage::Idle => format!("the set {} alone signs and is the bundle", short(&self.record.from)),
+        };
+        if let Err(e) = shared.event(stage, note).await {
+            tracing::warn!(error = %e, "cannot record the stage change as an Event");
         }
     }
 
@@ -469,9 +656,6 @@ impl Driver {
         metrics: &Metrics,
         now: OffsetDateTime,
     ) {
-        if self.save().is_err() {
-            return;
-        }
         let wanted = key(self.record.stage, &self.base, self.next.as_ref());
         if wanted == self.composed {
             return;
@@ -505,6 +689,26 @@ impl Driver {
         signer_tx.send_replace(signer);
     }
 
+    /// Whether every consumer holds the published bundle: the trust file written
+    /// (and read back), and in cluster mode the writers' objects read back.
+    async fn gather(&mut self, _now: OffsetDateTime) {
+        let file = self.write_root_file();
+        self.lagging.clear();
+        let mut api = true;
+        if let Some(shared) = &self.settings.shared
+            && matches!(self.record.stage, Stage::Distribute | Stage::Retire)
+        {
+            match shared.lagging(self.published.roots_pem()).await {
+                Ok(lagging) => self.lagging = lagging,
+                Err(e) => {
+                    api = false;
+                    self.lagging = vec![format!("(cannot read back: {e})")];
+                }
+            }
+        }
+        self.converged = file && api && self.lagging.is_empty();
+    }
+
     /// Keeps `--root-cert-file` holding the published bundle; whether it reads back so.
     fn write_root_file(&mut self) -> bool {
         let Some(path) = &self.settings.rotation.root_cert_file else {
@@ -522,45 +726,52 @@ impl Driver {
         std::fs::read(path).is_ok_and(|have| have == want)
     }
 
-    fn evidence(&self, now: OffsetDateTime) -> Evidence {
-        let pending = self.pending(now);
-        Evidence {
-            pending: pending.count,
-            complete: pending.complete,
-            consumers_converged: self.converged,
-            peers_distributed: true,
-        }
-    }
-
-    fn pending(&self, now: OffsetDateTime) -> super::ledger::Pending {
+    fn own_pending(&self, now: OffsetDateTime) -> Pending {
         let new = self.next.as_deref().map(chain_id).unwrap_or_default();
         self.rotation
             .ledger()
             .pending(&self.record, chain_id(&self.base), new, now)
     }
 
-    fn save(&self) -> Result<(), DriverError> {
-        let path = self.settings.keys.state_dir.join(RECORD_FILE);
-        if read_record(&self.settings.keys.state_dir)
-            .ok()
-            .flatten()
-            .as_ref()
-            == Some(&self.record)
-        {
-            return Ok(());
-        }
-        let err = |problem: String| DriverError::Record {
-            path: path.display().to_string(),
-            problem,
+    /// In cluster mode, this replica's marks and count, written when they change
+    /// (and every 10 s, so the elected replica can tell it is alive).
+    async fn report(&mut self, now: OffsetDateTime) {
+        let Some(shared) = self.settings.shared.clone() else {
+            return;
         };
-        let json = serde_json::to_vec_pretty(&self.record).map_err(|e| err(e.to_string()))?;
-        std::fs::create_dir_all(&self.settings.keys.state_dir).map_err(|e| err(e.to_string()))?;
-        signet_fs::write_atomic(&path, &json, 0o600).map_err(|e| err(e.to_string()))
+        let own = self.own_pending(now);
+        let report = Report {
+            marks: self.rotation.ledger().marks(),
+            stage: self.record.stage,
+            since: self.record.since,
+            pending: own.count,
+            complete: own.complete,
+            sample: own.sample,
+            at: now.unix_timestamp(),
+        };
+        let same = self.last_report.as_ref().is_some_and(|last| {
+            Report {
+                at: report.at,
+                ..last.clone()
+            } == report
+                && report.at - last.at < 10
+        });
+        if same {
+            return;
+        }
+        match shared.report(shared.replica(), &report).await {
+            Ok(()) => self.last_report = Some(report),
+            Err(e) => {
+                if self.reported.is_new(&e) {
+                    tracing::warn!(error = %e, "cannot write this replica's rotation report");
+                }
+            }
+        }
     }
 
     fn show(&self, now: OffsetDateTime) {
         let r = &self.record;
-        let pending = self.pending(now);
+        let pending = self.pending.clone();
         let active = !matches!(r.stage, Stage::Idle | Stage::Done);
         let waiting_for = match r.stage {
             Stage::Idle => match &self.settings.unavailable {
@@ -610,6 +821,15 @@ impl Driver {
                 complete: pending.complete,
                 pending_sample: if active { pending.sample } else { Vec::new() },
                 consumers_converged: self.converged,
+                lagging: self.lagging.iter().take(10).cloned().collect(),
+                role: self.settings.shared.as_ref().map(|s| {
+                    let role = if self.leading() {
+                        "elected"
+                    } else {
+                        "following"
+                    };
+                    format!("{role} ({}, {})", s.replica(), s.place())
+                }),
                 expected_end: r.latest_end().map(rfc3339),
                 problem: self.problem.clone(),
                 history: r.history.iter().map(|c| (c.stage, at(c.at))).collect(),
@@ -633,167 +853,72 @@ impl Driver {
     }
 }
 
-/// What the published signer is made of.
-fn key(
-    stage: Stage,
-    base: &Signer,
-    next: Option<&Arc<Signer>>,
-) -> (Stage, [u8; 32], Option<[u8; 32]>) {
-    (stage, base.digest(), next.map(|n| n.digest()))
-}
-
-/// The signer of `stage`: the set that signs, with the union bundle while both
-/// roots are distributed.
-fn compose(
-    stage: Stage,
+/// The record to start from and the next set it names, checked against the sets on
+/// disk: `saved` (none: idle on `base`).
+fn resolve(
+    saved: Option<Record>,
+    settings: &Settings,
     base: &Arc<Signer>,
-    next: Option<&Arc<Signer>>,
     now: OffsetDateTime,
-) -> Result<Arc<Signer>, DriverError> {
-    let Some(next) = next else {
-        return Ok(base.clone());
-    };
-    let (signs, other) = if stage.signs_with_next() {
-        (next, base)
-    } else {
-        (base, next)
-    };
-    if !stage.bundles_both() {
-        return Ok(signs.clone());
-    }
-    let mut material = reread(signs)?;
-    material.add_roots(other.roots());
-    Ok(Arc::new(Signer::new(material, now)?))
-}
-
-/// The key material of `signer`, read again from where it came from (and checked to
-/// be the same).
-fn reread(signer: &Signer) -> Result<KeyMaterial, DriverError> {
-    let material = match signer.source() {
-        Source::SelfSigned(dir) => cacerts::load_self_signed(dir)?,
-        Source::Istio(dir) | Source::CertManager(dir) => cacerts::load_dir(dir)?,
-    };
-    let path = next::signing_cert_file(signer.source())
+) -> Result<(Record, Option<Arc<Signer>>), DriverError> {
+    let base_digest = hex::encode(base.digest());
+    let record_path = settings
+        .keys
+        .state_dir
+        .join(RECORD_FILE)
         .display()
         .to_string();
-    match material {
-        Some(m) if m.digest == signer.digest() => Ok(m),
-        _ => Err(DriverError::Record {
-            path,
-            problem: "changed or vanished while the signer of the next stage was being made; the sets must stay as declared during a rotation".into(),
-        }),
-    }
-}
-
-/// Where the next set is looked for: `--next-cacerts-dir`, or for a self-signed
-/// CA, `<state-dir>/next`.
-fn next_dir(settings: &Settings, base: &Signer) -> Option<PathBuf> {
-    match (&settings.rotation.next_cacerts_dir, base.source()) {
-        (Some(dir), _) => Some(dir.clone()),
-        (None, Source::SelfSigned(dir)) => Some(dir.join(SELF_SIGNED_NEXT)),
-        (None, _) => None,
-    }
-}
-
-/// The set in `dir`: the cacerts layouts, or a self-signed root for a self-signed
-/// CA's `<state-dir>/next`.
-fn load(dir: &Path, base: &Signer) -> Result<Option<KeyMaterial>, CaCertsError> {
-    match base.source() {
-        Source::SelfSigned(state) if dir == state.join(SELF_SIGNED_NEXT) => {
-            cacerts::load_self_signed(dir)
-        }
-        _ => cacerts::load_dir(dir),
-    }
-}
-
-/// The set in `dir` when two reads a moment apart agree (Kubernetes swaps a Secret
-/// mount atomically, but reading four files is not).
-async fn settled(dir: &Path, base: &Signer) -> Result<Option<KeyMaterial>, CaCertsError> {
-    let Some(first) = load(dir, base)? else {
-        return Ok(None);
+    let disagree = |problem: String| DriverError::Record {
+        path: record_path.clone(),
+        problem,
     };
-    if first.digest == base.digest() {
-        return Ok(Some(first));
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    Ok(load(dir, base)?.filter(|second| second.digest == first.digest))
-}
-
-fn read_record(state_dir: &Path) -> Result<Option<Record>, DriverError> {
-    let path = state_dir.join(RECORD_FILE);
-    match std::fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| DriverError::Record {
-                path: path.display().to_string(),
-                problem: format!("not a rotation record Signet wrote: {e}"),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(DriverError::Record {
-            path: path.display().to_string(),
-            problem: e.to_string(),
-        }),
-    }
-}
-
-/// Moves a renewed self-signed root from `<state-dir>/next` in place: key first, so
-/// that a crash in between leaves the certificate to move on the next start.
-fn promote_self_signed(state_dir: &Path) -> std::io::Result<()> {
-    let next = state_dir.join(SELF_SIGNED_NEXT);
-    for name in [cacerts::SELF_SIGNED_KEY, cacerts::SELF_SIGNED_CERT] {
-        let from = next.join(name);
-        if from.exists() {
-            std::fs::rename(&from, state_dir.join(name))?;
+    let r = match saved {
+        None => return Ok((Record::idle(base_digest, now), None)),
+        Some(r) if r.stage == Stage::Idle => {
+            return Ok((
+                Record {
+                    from: base_digest,
+                    ..r
+                },
+                None,
+            ));
         }
+        Some(r) if r.stage == Stage::Done && r.to == base_digest => {
+            return Ok((Record::idle(base_digest, now), None));
+        }
+        Some(r) => r,
+    };
+    if r.from != base_digest {
+        return Err(disagree(format!(
+            "the rotation is in stage {} from the set {}, but the CA key material now is {}; put back the set it started from, or remove this file (and the shared record) to leave the driven rotation (then follow the manual steps of docs/root-rotation.md)",
+            r.stage,
+            short(&r.from),
+            short(&base_digest)
+        )));
     }
-    if next.exists() {
-        let _ = std::fs::remove_dir(&next);
+    let dir = next_dir(settings, base).ok_or_else(|| {
+        disagree(format!(
+            "the rotation is in stage {} but no next set is configured (--next-cacerts-dir)",
+            r.stage
+        ))
+    })?;
+    let material = load(&dir, base)?.ok_or_else(|| {
+        disagree(format!(
+            "the rotation is in stage {} to the set {}, but {} holds no key material; put it back, or remove this file to leave the driven rotation",
+            r.stage,
+            short(&r.to),
+            dir.display()
+        ))
+    })?;
+    if hex::encode(material.digest) != r.to {
+        return Err(disagree(format!(
+            "the rotation is in stage {} to the set {}, but {} now holds {}; put back the set it declared, or remove this file to leave the driven rotation",
+            r.stage,
+            short(&r.to),
+            dir.display(),
+            short(&hex::encode(material.digest))
+        )));
     }
-    Ok(())
-}
-
-fn short(digest: &str) -> String {
-    digest.chars().take(16).collect()
-}
-
-/// Writes the abort request a serving CA picks up (`signet-ca rotation abort`).
-pub fn request_abort(state_dir: &Path) -> std::io::Result<PathBuf> {
-    let path = state_dir.join(ABORT_FILE);
-    if !state_dir.join(RECORD_FILE).exists() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!(
-                "{} does not exist: is {} the state directory of a CA that rotates?",
-                state_dir.join(RECORD_FILE).display(),
-                state_dir.display()
-            ),
-        ));
-    }
-    signet_fs::write_atomic(&path, b"abort\n", 0o600)?;
-    Ok(path)
-}
-
-/// Makes a new self-signed root in `<state-dir>/next` (`signet-ca rotation start
-/// --self-signed`); the serving CA declares it on its next look.
-pub fn start_self_signed(
-    state_dir: &Path,
-    trust_domain: &str,
-    now: OffsetDateTime,
-) -> Result<PathBuf, CaCertsError> {
-    if cacerts::load_self_signed(state_dir)?.is_none() {
-        return Err(CaCertsError::Invalid {
-            path: state_dir.join(cacerts::SELF_SIGNED_CERT),
-            problem: "there is no self-signed root here to renew (is this the CA's --state-dir?)"
-                .into(),
-        });
-    }
-    let dir = state_dir.join(SELF_SIGNED_NEXT);
-    if cacerts::load_self_signed(&dir)?.is_some() {
-        return Err(CaCertsError::Invalid {
-            path: dir,
-            problem: "a next root is already there; remove it first to make another".into(),
-        });
-    }
-    cacerts::create_self_signed_in(&dir, trust_domain, now)?;
-    Ok(dir)
+    let next = Arc::new(Signer::new(material, now)?);
+    Ok((r, Some(next)))
 }

@@ -136,7 +136,7 @@ pub async fn run(
             })
         }
         RotationCommand::Abort { state_dir } => {
-            let path = super::driver::request_abort(&state_dir).map_err(CommandError::Abort)?;
+            let path = super::sets::request_abort(&state_dir).map_err(CommandError::Abort)?;
             Ok(format!(
                 "abort requested ({}); the CA acts on it at its next look (--reload-interval). Follow it with `signet-ca rotation status`.\n",
                 path.display()
@@ -147,7 +147,7 @@ pub async fn run(
             state_dir,
             trust_domain,
         } => {
-            let dir = super::driver::start_self_signed(&state_dir, &trust_domain, now)?;
+            let dir = super::sets::start_self_signed(&state_dir, &trust_domain, now)?;
             Ok(format!(
                 "a new self-signed root is in {}; the CA declares the rotation to it at its next look. Follow it with `signet-ca rotation status`.\n",
                 dir.display()

@@ -298,6 +298,11 @@ impl Ledger {
         }
     }
 
+    /// The marks as written (ahead of every leaf issued).
+    pub fn marks(&self) -> Marks {
+        lock(&self.inner).written
+    }
+
     /// Whether the last write of the marks failed (a restart would underestimate).
     pub fn write_failed(&self) -> bool {
         lock(&self.inner).write_failed

@@ -14,6 +14,8 @@ pub mod driver;
 pub mod flags;
 pub mod ledger;
 pub mod next;
+pub mod sets;
+pub mod shared;
 pub mod stage;
 pub mod status;
 

@@ -38,6 +38,13 @@ pub struct Status {
     pub pending_sample: Vec<String>,
     /// Every consumer the CA writes holds this stage's bundle.
     pub consumers_converged: bool,
+    /// Consumers read back without this stage's bundle (some of them).
+    #[serde(default)]
+    pub lagging: Vec<String>,
+    /// In cluster mode: whether this replica is the elected one, and where the
+    /// shared record lives.
+    #[serde(default)]
+    pub role: Option<String>,
     /// The latest end of the stage as far as leaves decide it (RFC 3339).
     pub expected_end: Option<String>,
     /// A problem the operator must know about (a refused next set, ...).
@@ -63,6 +70,8 @@ impl Default for Status {
             complete: false,
             pending_sample: Vec::new(),
             consumers_converged: false,
+            lagging: Vec::new(),
+            role: None,
             expected_end: None,
             problem: None,
             history: Vec::new(),
@@ -80,6 +89,9 @@ impl Status {
             "stage:        {} (since {}, {}s)",
             self.stage, self.since, self.seconds_in_stage
         );
+        if let Some(role) = &self.role {
+            let _ = writeln!(out, "replica:      {role}");
+        }
         let _ = writeln!(out, "signing:      {}", self.signing);
         let _ = writeln!(out, "bundle:       {} root(s)", self.roots);
         match &self.to {
@@ -118,6 +130,9 @@ impl Status {
                     "not yet holding this stage's bundle"
                 }
             );
+            for name in &self.lagging {
+                let _ = writeln!(out, "              {name}");
+            }
         }
         if let Some(end) = &self.expected_end {
             let _ = writeln!(out, "expected end: {end} at the latest");

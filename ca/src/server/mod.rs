@@ -215,18 +215,41 @@ pub async fn run(
     let Listeners { grpc, http, oidc } = listeners;
     let metrics = Metrics::new()?;
     let now = OffsetDateTime::now_utc();
+    // In cluster mode the replicas share the rotation's record through the API
+    // server, and only the one holding the writers' Lease advances it.
+    let (leading_tx, leading_rx) = watch::channel(false);
+    let shared: Option<Arc<dyn crate::rotation::shared::Shared>> = match &config.writers {
+        Some(writers) => {
+            let client = crate::kubernetes::client::client(
+                &writers.access,
+                crate::kubernetes::client::Retries::Kube,
+            )
+            .await
+            .map_err(ServeError::Writers)?;
+            Some(Arc::new(
+                crate::kubernetes::writers::rotationcm::RotationConfigMap::new(
+                    client,
+                    writers.clone(),
+                ),
+            ))
+        }
+        None => None,
+    };
     let driver = crate::rotation::driver::Driver::start(
         crate::rotation::driver::Settings {
             keys: config.keys.clone(),
             rotation: config.rotation.clone(),
             trust_domains: config.policy.trust_domains.clone(),
             default_ttl: config.policy.default_ttl,
-            unavailable: config.writers.as_ref().map(|_| {
-                "a driven rotation does not yet take the root ConfigMaps, ClusterTrustBundle and istiod's Secret with it (the writers are on): rotate by the manual steps of docs/root-rotation.md"
-            }),
+            unavailable: (!config.authn.remotes.is_empty()).then_some(
+                "a driven rotation does not yet wait for the other clusters on the shared root (--remote-cluster): rotate by the manual steps of docs/root-rotation.md",
+            ),
+            leading: shared.as_ref().map(|_| leading_rx),
+            shared,
         },
         now,
-    )?;
+    )
+    .await?;
     let signer = driver.published();
     let rotation = driver.rotation();
     tracing::info!(
@@ -287,6 +310,7 @@ pub async fn run(
     tokio::spawn(driver.run(signer_tx, tls.clone(), metrics.clone(), stop_rx.clone()));
     let writers = spawn_writers(
         &config,
+        leading_tx,
         signer_rx.clone(),
         &metrics,
         policy,
@@ -476,6 +500,7 @@ fn policy(config: &ServeConfig, impersonation: Option<&NodeImpersonation>) -> Ar
 /// task with the policy and queue every request uses).
 async fn spawn_writers(
     config: &ServeConfig,
+    leading: watch::Sender<bool>,
     signer: watch::Receiver<Arc<Signer>>,
     metrics: &Metrics,
     policy: Arc<Policy>,
@@ -508,6 +533,7 @@ async fn spawn_writers(
     Ok(Some(tokio::spawn(crate::kubernetes::writers::run(
         writers,
         client,
+        leading,
         signer,
         metrics.clone(),
         tasks,

@@ -44,6 +44,7 @@ pub fn default_kinds() -> Vec<Kind> {
             ..kind("", &["v1"], "Secret", "secrets", true)
         },
         kind("coordination.k8s.io", &["v1"], "Lease", "leases", true),
+        kind("events.k8s.io", &["v1"], "Event", "events", true),
         Kind {
             status_subresource: true,
             ..kind("", &["v1"], "Pod", "pods", true)

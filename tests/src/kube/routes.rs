@@ -292,6 +292,15 @@ impl Server {
     }
 
     fn create(&self, target: &Target, mut body: Value) -> Response {
+        // `generateName`: the prefix and five more characters, as the API server
+        // does (a counter here, so names never collide).
+        if body["metadata"]["name"].is_null()
+            && let Some(prefix) = body["metadata"]["generateName"].as_str()
+        {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            body["metadata"]["name"] = Value::String(format!("{prefix}{n:05}"));
+        }
         let Some(name) = body["metadata"]["name"].as_str().map(str::to_owned) else {
             return status_response(422, "Invalid", "metadata.name: Required value");
         };

@@ -16,6 +16,7 @@ pub mod flags;
 mod istiod;
 pub(crate) mod lease;
 mod rootcm;
+pub mod rotationcm;
 mod trustbundle;
 
 use std::{
@@ -114,16 +115,18 @@ pub fn default_identity() -> String {
 pub type LeaderTask = Box<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// Elects, and while this replica leads, runs the configured writers and `tasks`;
-/// until `stop`.
+/// until `stop`. `leading_tx` says whether this replica leads (the rotation driver
+/// advances a trust change only then).
 pub async fn run(
     config: WriterConfig,
     client: kube::Client,
+    leading_tx: watch::Sender<bool>,
     signer: watch::Receiver<Arc<Signer>>,
     metrics: Metrics,
     tasks: Vec<LeaderTask>,
     stop: watch::Receiver<bool>,
 ) {
-    let (leading_tx, mut leading) = watch::channel(false);
+    let mut leading = leading_tx.subscribe();
     let elector = tokio::spawn(lease::run(
         config.lease.clone(),
         client.clone(),

@@ -1,0 +1,269 @@
+//! A driven trust change in cluster mode, against the stateful test API server: the
+//! elected replica advances the record in `signet-ca-rotation`, the other follows,
+//! and the objects the writers keep (root ConfigMaps, the ClusterTrustBundle,
+//! istiod's Secret) hold the union during `distribute` and the new root alone after
+//! `retire`; a leader change mid-rotation, an abort, Events.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{path::Path, time::Duration};
+
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{
+    Api,
+    api::{Patch, PatchParams},
+};
+use serde_json::Value;
+use signet_e2e::{
+    TestCa, TestRoot,
+    cluster::{Setup, eventually, writer_args},
+    kube::KubeApi,
+    publish_set,
+};
+
+const CM: &str = "istio-ca-root-cert";
+const SIGNER: &str = "signet.dev/spiffe";
+const BUNDLE_OBJECT: &str = "signet.dev:spiffe:bundle";
+
+/// A bundle's certificates, sorted (DER).
+type Certs = Vec<Vec<u8>>;
+
+fn certs(pem: &str) -> Certs {
+    let mut all: Certs = ::pem::parse_many(pem)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| p.into_contents())
+        .collect();
+    all.sort();
+    all
+}
+
+fn set_of(roots: &[&TestRoot]) -> Certs {
+    certs(&roots.iter().map(|r| r.pem.as_str()).collect::<String>())
+}
+
+/// What each consumer holds: (root ConfigMap in `apps`, ClusterTrustBundle,
+/// istiod's Secret `ca.crt`).
+fn consumers(api: &KubeApi) -> (Certs, Certs, Certs) {
+    let cm = api
+        .get("configmaps", "apps", CM)
+        .and_then(|c| c["data"]["root-cert.pem"].as_str().map(certs))
+        .unwrap_or_default();
+    let ctb = api
+        .get("clustertrustbundles", "", BUNDLE_OBJECT)
+        .and_then(|c| c["spec"]["trustBundle"].as_str().map(certs))
+        .unwrap_or_default();
+    let secret = api
+        .get("secrets", "signet", "istiod-tls")
+        .and_then(|s| s["data"]["ca.crt"].as_str().map(str::to_owned))
+        .map(|b| {
+            certs(
+                &String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b).unwrap())
+                    .unwrap(),
+            )
+        })
+        .unwrap_or_default();
+    (cm, ctb, secret)
+}
+
+fn shared_record(api: &KubeApi) -> Option<Value> {
+    let cm = api.get("configmaps", "signet", "signet-ca-rotation")?;
+    serde_json::from_str(cm["data"]["record.json"].as_str()?).ok()
+}
+
+fn holder(api: &KubeApi) -> Option<String> {
+    api.get("leases", "signet", "signet-ca-writer")?["spec"]["holderIdentity"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// A next root with its intermediate staged in `<dir>/staged`, and where the next set
+/// goes (`<dir>/next`, empty so far).
+fn next_set(setup: &Setup) -> (TestRoot, std::path::PathBuf, std::path::PathBuf) {
+    let new_root = TestRoot::p256("Next Root");
+    let staged = setup.dir.path().join("staged");
+    new_root.write_cacerts(
+        &staged,
+        "Next Intermediate",
+        &rcgen::KeyPair::generate().unwrap(),
+        None,
+        &[],
+    );
+    (new_root, staged, setup.dir.path().join("next"))
+}
+
+/// A replica: its own state directory, the shared cacerts and next directories.
+fn replica_args(setup: &Setup, dir: &Path, next: &Path, identity: &str) -> Vec<String> {
+    writer_args(
+        dir,
+        &setup.api,
+        &setup.cacerts,
+        &[
+            "--root-configmap",
+            CM,
+            "--cluster-trust-bundle-signer",
+            SIGNER,
+            "--istiod-cert-secret",
+            "signet/istiod-tls",
+            "--next-cacerts-dir",
+            next.to_str().unwrap(),
+            "--rotation-window",
+            "10s",
+            "--default-ttl",
+            "20s",
+            "--leader-election-identity",
+            identity,
+        ],
+    )
+}
+
+async fn status(ca: &TestCa) -> Value {
+    let (_, body) = ca.http_get("/rotation").await.unwrap();
+    serde_json::from_str(&body).unwrap()
+}
+
+async fn wait_stage(api: &KubeApi, stage: &str, within: Duration) -> Value {
+    eventually(within, &format!("shared stage {stage}"), async || {
+        shared_record(api).filter(|r| r["stage"] == stage)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_elected_replica_drives_the_writers_objects_and_a_new_leader_goes_on() {
+    let setup = Setup::new(&["apps"]).await;
+    let api = &setup.api;
+    let old_root = &setup.root;
+    let (new_root, staged, next) = next_set(&setup);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = TestCa::start(&replica_args(&setup, dir_a.path(), &next, "replica-a")).await;
+    eventually(Duration::from_secs(60), "replica-a leads", async || {
+        (holder(api).as_deref() == Some("replica-a")).then_some(())
+    })
+    .await;
+    let b = TestCa::start(&replica_args(&setup, dir_b.path(), &next, "replica-b")).await;
+    let old = set_of(&[old_root]);
+    eventually(
+        Duration::from_secs(60),
+        "consumers on the old root",
+        async || (consumers(api) == (old.clone(), old.clone(), old.clone())).then_some(()),
+    )
+    .await;
+
+    publish_set(&staged, &next);
+    wait_stage(api, "distribute", Duration::from_secs(30)).await;
+    let both = set_of(&[old_root, &new_root]);
+    eventually(
+        Duration::from_secs(30),
+        "every consumer holds both roots",
+        async || (consumers(api) == (both.clone(), both.clone(), both.clone())).then_some(()),
+    )
+    .await;
+    // The other replica follows: its answers carry both roots too.
+    let followed = eventually(Duration::from_secs(30), "replica-b follows", async || {
+        let st = status(&b).await;
+        (st["stage"] == "distribute" && st["roots"] == 2).then_some(st)
+    })
+    .await;
+    assert!(
+        followed["role"].as_str().unwrap().starts_with("following"),
+        "{followed}"
+    );
+
+    // The leader goes away in the middle of the stage; the other takes over and
+    // goes on from the shared record.
+    a.stop().await;
+    eventually(Duration::from_secs(30), "replica-b leads", async || {
+        (holder(api).as_deref() == Some("replica-b")).then_some(())
+    })
+    .await;
+    let done = wait_stage(api, "done", Duration::from_secs(120)).await;
+    let stages: Vec<&str> = done["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(stages, ["distribute", "switch", "retire", "done"], "{done}");
+    let new = set_of(&[&new_root]);
+    eventually(
+        Duration::from_secs(30),
+        "every consumer holds the new root alone",
+        async || (consumers(api) == (new.clone(), new.clone(), new.clone())).then_some(()),
+    )
+    .await;
+    let st = status(&b).await;
+    assert_eq!(st["stage"], "done", "{st}");
+    assert!(st["role"].as_str().unwrap().starts_with("elected"), "{st}");
+    // One Event per stage change, on the rotation's ConfigMap.
+    let reasons: Vec<String> = api
+        .list("events")
+        .iter()
+        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+        .collect();
+    for reason in ["StageDistribute", "StageSwitch", "StageRetire", "StageDone"] {
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "{reason} in {reasons:?}"
+        );
+    }
+
+    // A replica restarted now follows the shared record.
+    let a = TestCa::start(&replica_args(&setup, dir_a.path(), &next, "replica-a")).await;
+    let st = status(&a).await;
+    assert_eq!(st["stage"], "done", "{st}");
+    assert_eq!(st["roots"], 1, "{st}");
+
+    // The operator makes the next set the cacerts Secret: idle on it, everywhere.
+    publish_set(&staged, &setup.cacerts);
+    wait_stage(api, "idle", Duration::from_secs(30)).await;
+    eventually(Duration::from_secs(30), "replica-a idle", async || {
+        (status(&a).await["stage"] == "idle").then_some(())
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_written_into_the_shared_record_converges_back() {
+    let setup = Setup::new(&["apps"]).await;
+    let api = &setup.api;
+    let (new_root, staged, next) = next_set(&setup);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::start(&replica_args(&setup, dir.path(), &next, "replica-a")).await;
+    publish_set(&staged, &next);
+    wait_stage(api, "distribute", Duration::from_secs(60)).await;
+    let both = set_of(&[&setup.root, &new_root]);
+    eventually(Duration::from_secs(30), "both roots", async || {
+        (consumers(api).0 == both).then_some(())
+    })
+    .await;
+    // What `kubectl patch configmap signet-ca-rotation` does.
+    Api::<ConfigMap>::namespaced(api.client().await, "signet")
+        .patch(
+            "signet-ca-rotation",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"data": {"abort": "requested"}})),
+        )
+        .await
+        .unwrap();
+    let idle = wait_stage(api, "idle", Duration::from_secs(30)).await;
+    assert_eq!(idle["declined"].as_str().map(str::len), Some(64), "{idle}");
+    let old = set_of(&[&setup.root]);
+    eventually(
+        Duration::from_secs(30),
+        "every consumer back on the old root",
+        async || (consumers(api) == (old.clone(), old.clone(), old.clone())).then_some(()),
+    )
+    .await;
+    let cm = api
+        .get("configmaps", "signet", "signet-ca-rotation")
+        .unwrap();
+    assert!(
+        cm["data"]["abort"].is_null(),
+        "the request is answered: {cm}"
+    );
+    ca.stop().await;
+}
