@@ -35,6 +35,8 @@ MODES = {
                                       "dnsNames": ["istiod.istio-system.svc.cluster.local"]}},
     "cluster-trust-bundle": {"clusterTrustBundle": {"enabled": True}},
     "self-signed": {"cacerts": {"selfSigned": True}, "replicaCount": 1},
+    "rotation-off": {"rotation": {"enabled": False}},
+    "rotation-custom": {"rotation": {"nextSecretName": "mesh-ca-next", "window": "30m"}},
     "ambient": {"ambient": {"trustedNodeAccounts": ["istio-system/ztunnel"]}},
     "pod-certificates": {"podCertificates": {"enabled": True, "allow": ["apps", "payments/api"],
                                              "deny": ["apps/legacy"]}},
@@ -78,6 +80,15 @@ MODES = {
 LEASE = {("Role", NS, "coordination.k8s.io", "leases", "create", ()),
          ("Role", NS, "coordination.k8s.io", "leases", "get", ("signet-ca-writer",)),
          ("Role", NS, "coordination.k8s.io", "leases", "update", ("signet-ca-writer",))}
+# The shared record of a trust rotation, in the Lease's namespace: ConfigMap
+# signet-ca-rotation, read and merge-patched by every replica (created by the first: create
+# cannot be limited by name), and an events.k8s.io Event on it per stage change. Rendered
+# with the Lease whether or not rotation.enabled: in cluster mode the CA reads the record on
+# every look, and a refused read would stop it from reloading cacerts.
+ROTATION_RECORD = {("Role", NS, "", "configmaps", "create", ())} | {
+    ("Role", NS, "", "configmaps", v, ("signet-ca-rotation",)) for v in ("get", "patch")} | {
+    ("Role", NS, "events.k8s.io", "events", "create", ())}
+WRITER = LEASE | ROTATION_RECORD
 ROOT_CONFIGMAPS = {("ClusterRole", None, "", "namespaces", v, ()) for v in ("get", "list", "watch")} | {
     ("ClusterRole", None, "", "configmaps", "create", ())} | {
     ("ClusterRole", None, "", "configmaps", v, ("istio-ca-root-cert",))
@@ -107,32 +118,39 @@ JWT_KEYS = {("Role", NS, "", "secrets", "create", ())} | {
     ("Role", NS, "", "secrets", v, ("signet-ca-jwt-keys",)) for v in ("get", "update")}
 
 EXPECTED_RULES = {
-    "default": ROOT_CONFIGMAPS | LEASE,
-    "tokenreview": ROOT_CONFIGMAPS | LEASE,
-    "jwks": JWKS | ROOT_CONFIGMAPS | LEASE,
+    "default": ROOT_CONFIGMAPS | WRITER,
+    "tokenreview": ROOT_CONFIGMAPS | WRITER,
+    "jwks": JWKS | ROOT_CONFIGMAPS | WRITER,
     "root-configmap-off": set(),
-    "istiod-secret": ROOT_CONFIGMAPS | ISTIOD_SECRET | LEASE,
-    "cluster-trust-bundle": ROOT_CONFIGMAPS | TRUST_BUNDLE | LEASE,
-    "self-signed": ROOT_CONFIGMAPS | LEASE,
-    "ambient": ROOT_CONFIGMAPS | PODS | LEASE,
-    "pod-certificates": ROOT_CONFIGMAPS | POD_CERTS | TRUST_BUNDLE | LEASE,
-    "multi-cluster": ROOT_CONFIGMAPS | LEASE,
-    "everything": JWKS | ROOT_CONFIGMAPS | PODS | TRUST_BUNDLE | POD_CERTS | ISTIOD_SECRET | JWT_KEYS | LEASE,
-    "jwt-svids": ROOT_CONFIGMAPS | JWT_KEYS | LEASE,
-    "oidc": ROOT_CONFIGMAPS | JWT_KEYS | LEASE,
-    "oidc-ca-certificate": ROOT_CONFIGMAPS | JWT_KEYS | LEASE,
+    "rotation-off": ROOT_CONFIGMAPS | WRITER,
+    "rotation-custom": ROOT_CONFIGMAPS | WRITER,
+    "istiod-secret": ROOT_CONFIGMAPS | ISTIOD_SECRET | WRITER,
+    "cluster-trust-bundle": ROOT_CONFIGMAPS | TRUST_BUNDLE | WRITER,
+    "self-signed": ROOT_CONFIGMAPS | WRITER,
+    "ambient": ROOT_CONFIGMAPS | PODS | WRITER,
+    "pod-certificates": ROOT_CONFIGMAPS | POD_CERTS | TRUST_BUNDLE | WRITER,
+    "multi-cluster": ROOT_CONFIGMAPS | WRITER,
+    "everything": JWKS | ROOT_CONFIGMAPS | PODS | TRUST_BUNDLE | POD_CERTS | ISTIOD_SECRET | JWT_KEYS | WRITER,
+    "jwt-svids": ROOT_CONFIGMAPS | JWT_KEYS | WRITER,
+    "oidc": ROOT_CONFIGMAPS | JWT_KEYS | WRITER,
+    "oidc-ca-certificate": ROOT_CONFIGMAPS | JWT_KEYS | WRITER,
 }
 # The modes whose RBAC may name pods at all.
 PODS_MODES = {"ambient", "everything"}
 POD_CERT_MODES = {"pod-certificates", "everything"}
 
+# Driven trust rotation (rotation.enabled, the default): the next set's Secret, mounted
+# optional, and the window.
+ROTATION_ARGS = ["--next-cacerts-dir=/etc/cacerts-next", "--rotation-window=1h"]
 COMMON_ARGS = [
-    "serve", "--cacerts-dir=/etc/cacerts", "--require-cacerts", "--state-dir=/var/lib/signet-ca",
-    "--grpc-addr=[::]:15012", "--http-addr=[::]:15014",
+    "serve", "--cacerts-dir=/etc/cacerts", "--require-cacerts", *ROTATION_ARGS,
+    "--state-dir=/var/lib/signet-ca", "--grpc-addr=[::]:15012", "--http-addr=[::]:15014",
     "--trust-domain=cluster.local", "--cluster-id=Kubernetes", "--token-audiences=istio-ca",
 ]
-# A self-signed root is the one mode that runs without the cacerts Secret.
-SELF_SIGNED_ARGS = [a for a in COMMON_ARGS if a != "--require-cacerts"]
+# A self-signed root is the one mode that runs without the cacerts Secret, and renews its
+# root in its state directory: the window, but no next Secret.
+SELF_SIGNED_ARGS = [a for a in COMMON_ARGS if a not in ("--require-cacerts", ROTATION_ARGS[0])]
+NO_ROTATION_ARGS = [a for a in COMMON_ARGS if a not in ROTATION_ARGS]
 SERVING = "--serving-dns-names=signet-ca.signet-system.svc,signet-ca.signet-system.svc.cluster.local"
 TTLS = ["--default-ttl=24h", "--max-ttl=2160h", "--max-connections-per-peer=64"]
 JWKS_ARGS = ["--jwt-issuer=https://kubernetes.default.svc.cluster.local",
@@ -157,6 +175,9 @@ EXPECTED_ARGS = {
     ] + LEASE_ARGS,
     "cluster-trust-bundle": COMMON_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + CTB_ARGS + LEASE_ARGS,
     "self-signed": SELF_SIGNED_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + LEASE_ARGS,
+    "rotation-off": NO_ROTATION_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + LEASE_ARGS,
+    "rotation-custom": [a.replace("=1h", "=30m") for a in COMMON_ARGS] + [SERVING] + TTLS
+    + ROOT_CM_ARGS + LEASE_ARGS,
     "ambient": COMMON_ARGS + [SERVING] + TTLS + AMBIENT_ARGS + ROOT_CM_ARGS + LEASE_ARGS,
     "pod-certificates": COMMON_ARGS + [SERVING] + TTLS + ROOT_CM_ARGS + POD_CERT_ARGS + [
         "--pod-certificate-allow=apps", "--pod-certificate-allow=payments/api",
@@ -300,6 +321,12 @@ def test_examples_validate(path):
     {"oidc": {"service": {"type": "Ingress"}}},
     {"oidc": {"tlsSecret": "oidc-tls"}},
     {"networkPolicy": {"oidcFrom": "anywhere"}},
+    {"rotation": {"enable": False}},
+    {"rotation": {"nextSecret": "cacerts-next"}},
+    {"rotation": {"nextSecretName": "Cacerts_Next"}},
+    {"rotation": {"window": 3600}},
+    {"rotation": {"window": ""}},
+    {"rotation": {"window": "1"}},
 ])
 def test_unknown_or_misspelt_values_are_errors(chart, values):
     """values.schema.json: a typo or an unknown key fails lint and rendering instead of
@@ -419,6 +446,119 @@ def test_self_signed_has_no_cacerts_secret_and_no_pdb(chart):
     assert not [o for o in objs if o["kind"] == "PodDisruptionBudget"]
 
 
+def notes(chart, values):
+    out = chart.render(values, name=RELEASE, namespace=NS, is_install=True)
+    [text] = [t for path, t in out.items() if path.endswith("NOTES.txt")]
+    return text
+
+
+def rotation_parts(objs):
+    """The next set's mount and volume, and the rotation flags, as rendered."""
+    spec = pod_spec(objs)
+    mounts = [m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "cacerts-next"]
+    volumes = [v for v in spec["volumes"] if v["name"] == "cacerts-next"]
+    flags = [a for a in spec["containers"][0]["args"] if a.startswith(("--next-cacerts-dir", "--rotation-window"))]
+    return mounts, volumes, flags
+
+
+def test_rotation_mounts_the_next_secret_optional_by_default(chart):
+    """Driven trust rotation: the next set's Secret is mounted whole, read-only and
+    optional (the pod starts without it; creating it declares a rotation), with the key
+    readable by the CA only, as cacerts; --next-cacerts-dir points at it."""
+    mounts, volumes, flags = rotation_parts(render(chart, {}))
+    assert mounts == [{"name": "cacerts-next", "mountPath": "/etc/cacerts-next", "readOnly": True}]
+    assert "subPath" not in mounts[0]  # a subPath mount would never see the Secret appear
+    assert volumes == [{"name": "cacerts-next", "secret": {
+        "secretName": "cacerts-next", "optional": True, "defaultMode": 0o440}}]
+    assert flags == ROTATION_ARGS
+
+    objs = render(chart, MODES["rotation-custom"])
+    mounts, volumes, flags = rotation_parts(objs)
+    assert volumes[0]["secret"]["secretName"] == "mesh-ca-next"
+    assert mounts[0]["mountPath"] == "/etc/cacerts-next"
+    assert flags == ["--next-cacerts-dir=/etc/cacerts-next", "--rotation-window=30m"]
+    # The cacerts Secret itself is untouched.
+    cacerts = next(v for v in pod_spec(objs)["volumes"] if v["name"] == "cacerts")
+    assert cacerts["secret"] == {"secretName": "cacerts", "optional": False, "defaultMode": 0o440}
+
+
+def test_rotation_disabled_renders_neither_mount_nor_flags(chart):
+    """rotation.enabled=false: no next Secret, no rotation flag (the binary's 1h window);
+    the record's Role rules stay, as the CA reads the shared record in cluster mode anyway."""
+    for values in (MODES["rotation-off"], {"rotation": {"enabled": False}, "cacerts": {"selfSigned": True},
+                                           "replicaCount": 1}):
+        objs = render(chart, values)
+        assert rotation_parts(objs) == ([], [], []), values
+        assert "cacerts-next" not in yaml.safe_dump(pod_spec(objs))
+        assert ROTATION_RECORD <= rbac_rules(objs)
+    # Its other values are then not checked: an empty name renders.
+    objs = render(chart, {"rotation": {"enabled": False, "nextSecretName": ""}})
+    assert rotation_parts(objs) == ([], [], [])
+
+
+def test_self_signed_rotation_has_a_window_but_no_next_secret(chart):
+    """A self-signed CA renews its root in its state directory (`signet-ca rotation start
+    --self-signed`): the window is passed, no Secret is mounted."""
+    objs = render(chart, MODES["self-signed"])
+    assert rotation_parts(objs) == ([], [], ["--rotation-window=1h"])
+    text = notes(chart, MODES["self-signed"])
+    assert "rotation start --self-signed" in text and "cacerts-next" not in text
+
+
+def test_notes_say_how_to_declare_a_rotation(chart):
+    text = notes(chart, {})
+    assert "cacerts-next in signet-system" in text
+    assert "regarding.name=signet-ca-rotation" in text
+    assert "rotation status" in text
+    off = notes(chart, MODES["rotation-off"])
+    assert "cacerts-next" not in off
+    assert "rotation" not in off.split("3. Check a workload")[1]
+
+
+def test_rotation_record_rules_sit_in_the_lease_role(chart):
+    """The ConfigMap signet-ca-rotation and its Events are in the Lease's namespace (the
+    release namespace, --leader-election-namespace): get and patch of that one ConfigMap,
+    create of ConfigMaps (RBAC cannot limit it by name), create of events.k8s.io Events.
+    Nothing cluster-wide beyond what the writers already had; no writer, no rules."""
+    objs = render(chart, {})
+    role = next(o for o in objs if o["kind"] == "Role" and o["metadata"]["name"] == "signet-ca-leader-election")
+    assert role["metadata"]["namespace"] == NS
+    assert f"--leader-election-namespace={NS}" in container(objs)["args"]
+    assert role["rules"][2:] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["signet-ca-rotation"],
+         "verbs": ["get", "patch"]},
+        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]}]
+    # Reading back what the writers keep needs no new rule: the root ConfigMaps are listed
+    # with a metadata.name field selector (the ClusterRole's list on that name), the
+    # ClusterTrustBundles and istiod's Secret are read by name (get, already granted).
+    everything = rbac_rules(render(chart, MODES["everything"]))
+    assert ("ClusterRole", None, "", "configmaps", "list", ("istio-ca-root-cert",)) in everything
+    assert ("ClusterRole", None, "certificates.k8s.io", "clustertrustbundles", "get",
+            ("signet.dev:spiffe:bundle",)) in everything
+    assert ("Role", "istio-system", "", "secrets", "get", ("istiod-tls",)) in everything
+    assert not [r for r in everything if r[3] == "events" and r[0] == "ClusterRole"]
+    assert not [r for r in everything if r[3] == "configmaps" and "patch" == r[4] and r[0] == "ClusterRole"]
+    # The record lives where the Lease is: with no writer there is neither.
+    assert rbac_rules(render(chart, MODES["root-configmap-off"])) == set()
+    # Alone, the Role is bound to the service account.
+    binding = next(o for o in objs if o["kind"] == "RoleBinding"
+                   and o["metadata"]["name"] == "signet-ca-leader-election")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"rotation": {"nextSecretName": ""}}, "rotation.nextSecretName is empty"),
+    ({"rotation": {"nextSecretName": "cacerts"}}, 'rotation.nextSecretName="cacerts" is cacerts.secretName'),
+    ({"cacerts": {"secretName": "mesh-ca"}, "rotation": {"nextSecretName": "mesh-ca"}},
+     "the next set must be a Secret of its own"),
+])
+def test_rotation_values_that_cannot_work_refuse_to_render(chart, values, message):
+    with pytest.raises(helm_python.HelmRenderError) as e:
+        render(chart, values)
+    assert message in str(e.value)
+
+
 def test_every_rendered_flag_is_accepted_by_the_binary(chart):
     """Needs target/debug/signet-ca (or SIGNET_SIGNET_CA_BIN); fails, never skips, without it."""
     exe = binary("signet-ca")
@@ -508,7 +648,7 @@ def test_pod_certificates_alone_are_a_writer(chart):
     """With every other writer off, pod certificates still elect a writer: the Lease Role
     and the leader election flags are rendered."""
     objs = render(chart, {"rootConfigMap": {"enabled": False}, "podCertificates": {"enabled": True}})
-    assert rbac_rules(objs) == POD_CERTS | TRUST_BUNDLE | LEASE
+    assert rbac_rules(objs) == POD_CERTS | TRUST_BUNDLE | WRITER
     assert "--leader-election-lease=signet-ca-writer" in container(objs)["args"]
 
 

@@ -267,3 +267,100 @@ async fn an_abort_written_into_the_shared_record_converges_back() {
     );
     ca.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_cluster_switches_before_every_cluster_on_the_shared_root_distributed() {
+    let east = Setup::new(&["apps"]).await;
+    let west = Setup::new(&["apps"]).await;
+    // One shared root: west's intermediate is under east's root too.
+    east.root.write_cacerts(
+        &west.cacerts,
+        "West Intermediate",
+        &rcgen::KeyPair::generate().unwrap(),
+        None,
+        &[],
+    );
+    let new_root = TestRoot::p256("Next Root");
+    let stage_next = |setup: &Setup, name: &str| {
+        let staged = setup.dir.path().join("staged");
+        new_root.write_cacerts(
+            &staged,
+            name,
+            &rcgen::KeyPair::generate().unwrap(),
+            None,
+            &[],
+        );
+        (staged, setup.dir.path().join("next"))
+    };
+    let (east_staged, east_next) = stage_next(&east, "East Next");
+    let (west_staged, west_next) = stage_next(&west, "West Next");
+    let (kc_east, kc_west) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let east_kubeconfig = east.api.kubeconfig(kc_east.path());
+    let west_kubeconfig = west.api.kubeconfig(kc_west.path());
+    let (dir_e, dir_w) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut args_e = replica_args(&east, dir_e.path(), &east_next, "east-a");
+    args_e.extend([
+        "--cluster-id".into(),
+        "east".into(),
+        "--remote-cluster".into(),
+        format!("west={}", west_kubeconfig.display()),
+    ]);
+    let mut args_w = replica_args(&west, dir_w.path(), &west_next, "west-a");
+    args_w.extend([
+        "--cluster-id".into(),
+        "west".into(),
+        "--remote-cluster".into(),
+        format!("east={}", east_kubeconfig.display()),
+    ]);
+    let ca_e = TestCa::start(&args_e).await;
+    let ca_w = TestCa::start(&args_w).await;
+
+    // East declares; west lags.
+    publish_set(&east_staged, &east_next);
+    wait_stage(&east.api, "distribute", Duration::from_secs(30)).await;
+    let ready = eventually(Duration::from_secs(60), "east's own evidence", async || {
+        shared_record(&east.api).filter(|r| r["ready"] == true)
+    })
+    .await;
+    assert_eq!(ready["stage"], "distribute", "{ready}");
+    // Its own evidence is in, but west has not distributed: east keeps signing
+    // with the old chain, and says what it waits for.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(shared_record(&east.api).unwrap()["stage"], "distribute");
+    let st = status(&ca_e).await;
+    let waits = st["lagging"].to_string();
+    assert!(waits.contains("cluster west"), "{st}");
+    assert!(waits.contains("lacks the next roots"), "{st}");
+    assert_eq!(shared_record(&west.api).unwrap()["stage"], "idle");
+
+    // West declares too: both go through every stage.
+    let west_declared = time::OffsetDateTime::now_utc().unix_timestamp();
+    publish_set(&west_staged, &west_next);
+    let east_done = wait_stage(&east.api, "done", Duration::from_secs(120)).await;
+    let west_done = wait_stage(&west.api, "done", Duration::from_secs(120)).await;
+    let at = |record: &Value, stage: &str| {
+        record["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["stage"] == stage)
+            .and_then(|c| c["at"].as_i64())
+            .unwrap()
+    };
+    assert!(
+        at(&east_done, "switch") >= west_declared,
+        "east switched before west distributed: {east_done} {west_done}"
+    );
+    // Neither dropped the old root before the other had switched.
+    assert!(at(&east_done, "retire") >= at(&west_done, "switch"));
+    assert!(at(&west_done, "retire") >= at(&east_done, "switch"));
+    let new = set_of(&[&new_root]);
+    for api in [&east.api, &west.api] {
+        eventually(Duration::from_secs(30), "the new root alone", async || {
+            (consumers(api) == (new.clone(), new.clone(), new.clone())).then_some(())
+        })
+        .await;
+    }
+    ca_e.stop().await;
+    ca_w.stop().await;
+}

@@ -23,8 +23,8 @@ use super::{
     ledger::{Ledger, LedgerError, Pending},
     next, rfc3339,
     sets::{
-        compose, in_place, key, load, next_dir, promote_self_signed, read_record, settled, short,
-        write_record,
+        compose, in_place, key, load, next_dir, promote_self_signed, read_record, root_digests,
+        settled, short, write_record,
     },
     shared::{self, Report, Shared},
     stage::{self, Declared, Evidence, Record, Stage},
@@ -83,6 +83,9 @@ pub struct Settings {
     /// In cluster mode: whether this replica holds the writers' Lease (only the
     /// elected replica declares, advances and writes the record).
     pub leading: Option<watch::Receiver<bool>>,
+    /// The other clusters on the shared root, whose stages gate the switch and the
+    /// retire.
+    pub peers: Option<Arc<dyn shared::Peers>>,
 }
 
 /// The driver's state between ticks.
@@ -104,6 +107,7 @@ pub struct Driver {
     reported: Reported,
     last_report: Option<Report>,
     pending: Pending,
+    peer_notes: Vec<String>,
 }
 
 impl Driver {
@@ -154,6 +158,7 @@ impl Driver {
             problem: None,
             reported: Reported::default(),
             last_report: None,
+            peer_notes: Vec::new(),
             pending: Pending {
                 count: 0,
                 complete: false,
@@ -206,8 +211,13 @@ impl Driver {
             Some(shared) => match shared.read().await {
                 Ok(state) => Some(state),
                 Err(e) => {
-                    // Nothing moves without the shared record; signing goes on as it is.
-                    self.refuse(&format!("the shared rotation record: {e}"), metrics);
+                    // Nothing moves without the shared record; signing goes on as it
+                    // is, and an idle CA still takes a changed cacerts set.
+                    self.wait(format!("the shared rotation record: {e}"));
+                    if self.record.stage == Stage::Idle {
+                        self.reload_base(metrics, now).await;
+                        self.publish(signer_tx, tls, metrics, now);
+                    }
                     self.show(now);
                     return;
                 }
@@ -217,9 +227,7 @@ impl Driver {
             self.follow(record, now);
         }
         let leading = self.leading();
-        if leading
-            && let (Some(state), Some(shared)) = (&shared_state, &self.settings.shared)
-        {
+        if leading && let (Some(state), Some(shared)) = (&shared_state, &self.settings.shared) {
             let gone: Vec<String> = shared::gone(&state.reports, now)
                 .into_iter()
                 .filter(|r| r != shared.replica())
@@ -273,12 +281,22 @@ impl Driver {
                 );
             }
             self.pending = pending;
+            let (peers_distributed, peers_switched) = self.peers().await;
             let evidence = Evidence {
                 pending: self.pending.count,
                 complete: self.pending.complete,
                 consumers_converged: self.converged,
-                peers_distributed: true,
+                peers_distributed,
+                peers_switched,
             };
+            // What the other clusters read of this one: its bundle, and whether its
+            // own evidence for the stage is in.
+            let mut told = self.record.clone();
+            told.roots = root_digests(&self.published);
+            told.ready = stage::ready(&self.record, &evidence, now);
+            if told != self.record {
+                self.commit(told, false).await;
+            }
             if let Some(to) = stage::advance(&self.record, &evidence, now) {
                 self.enter(to, false, now).await;
                 self.publish(signer_tx, tls, metrics, now);
@@ -288,6 +306,28 @@ impl Driver {
         self.report(now).await;
         self.show(now);
         self.metrics(metrics, now);
+    }
+
+    /// What the other clusters on the shared root allow: (distributed, switched);
+    /// their notes go to the status. Without other clusters, both.
+    async fn peers(&mut self) -> (bool, bool) {
+        self.peer_notes.clear();
+        let Some(peers) = &self.settings.peers else {
+            return (true, true);
+        };
+        if !matches!(self.record.stage, Stage::Distribute | Stage::Switch) {
+            return (true, true);
+        }
+        let read = match peers.read().await {
+            Ok(read) => read,
+            Err(e) => {
+                self.peer_notes = vec![format!("the other clusters: {e}")];
+                return (false, false);
+            }
+        };
+        let (d, w, notes) = shared::peers_allow(&self.record, &read);
+        self.peer_notes = notes;
+        (d, w)
     }
 
     /// Takes the record the elected replica wrote (a follower signs as it says; a
@@ -462,6 +502,7 @@ impl Driver {
                 first_stage_end,
                 adds_roots,
                 drops_roots,
+                next_roots: root_digests(&next),
             },
             now,
         );
@@ -734,7 +775,8 @@ impl Driver {
     }
 
     /// In cluster mode, this replica's marks and count, written when they change
-    /// (and every 10 s, so the elected replica can tell it is alive).
+    /// (and during a rotation every 10 s, so the elected replica can tell it is
+    /// alive).
     async fn report(&mut self, now: OffsetDateTime) {
         let Some(shared) = self.settings.shared.clone() else {
             return;
@@ -749,12 +791,15 @@ impl Driver {
             sample: own.sample,
             at: now.unix_timestamp(),
         };
+        // Idle, a report matters only for its marks (read at a declaration): written
+        // when it changes. During a rotation its age says the replica is alive.
+        let idle = matches!(self.record.stage, Stage::Idle | Stage::Done);
         let same = self.last_report.as_ref().is_some_and(|last| {
             Report {
                 at: report.at,
                 ..last.clone()
             } == report
-                && report.at - last.at < 10
+                && (idle || report.at - last.at < 10)
         });
         if same {
             return;
@@ -821,7 +866,13 @@ impl Driver {
                 complete: pending.complete,
                 pending_sample: if active { pending.sample } else { Vec::new() },
                 consumers_converged: self.converged,
-                lagging: self.lagging.iter().take(10).cloned().collect(),
+                lagging: self
+                    .lagging
+                    .iter()
+                    .chain(&self.peer_notes)
+                    .take(10)
+                    .cloned()
+                    .collect(),
                 role: self.settings.shared.as_ref().map(|s| {
                     let role = if self.leading() {
                         "elected"

@@ -347,6 +347,7 @@ mod tests {
                 first_stage_end: t(declared),
                 adds_roots: true,
                 drops_roots: true,
+                next_roots: Vec::new(),
             },
             t(declared),
         )

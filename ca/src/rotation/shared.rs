@@ -113,6 +113,81 @@ pub fn combine(
     all
 }
 
+/// Another cluster on the shared root, as its own rotation record says.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Its cluster id (`--remote-cluster`).
+    pub cluster: String,
+    /// Its record (`None`: it has none yet), or why it could not be read.
+    pub record: Result<Option<Record>, String>,
+}
+
+/// The other clusters on the shared root (read through their kubeconfigs).
+pub trait Peers: Send + Sync + fmt::Debug {
+    /// Every other cluster's record.
+    fn read(&self) -> SharedFuture<'_, Vec<Peer>>;
+}
+
+/// What the other clusters allow `own` to do: (every one holds the next roots in
+/// its bundles, every one is past the old chain), with a line per cluster that does
+/// not. A cluster holds the next roots when its bundle has them and it is past its
+/// own distribution (or idle on them); it is past the old chain once its switch's
+/// evidence is in, or its bundle holds only roots of the next bundle.
+pub fn peers_allow(own: &Record, peers: &[Peer]) -> (bool, bool, Vec<String>) {
+    let (mut distributed, mut switched, mut notes) = (true, true, Vec::new());
+    let subset = |a: &[String], b: &[String]| a.iter().all(|x| b.contains(x));
+    for peer in peers {
+        let record = match &peer.record {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                distributed = false;
+                switched = false;
+                notes.push(format!("cluster {}: no rotation record yet", peer.cluster));
+                continue;
+            }
+            Err(e) => {
+                distributed = false;
+                switched = false;
+                notes.push(format!(
+                    "cluster {}: cannot read its record: {e}",
+                    peer.cluster
+                ));
+                continue;
+            }
+        };
+        let holds_next = subset(&own.next_roots, &record.roots);
+        let d = holds_next
+            && match record.stage {
+                Stage::Distribute => record.ready,
+                Stage::Switch | Stage::Retire | Stage::Done | Stage::Idle => true,
+                Stage::Aborting => false,
+            };
+        let w = match record.stage {
+            Stage::Switch => record.ready && record.next_roots == own.next_roots,
+            Stage::Retire | Stage::Done | Stage::Idle => subset(&record.roots, &own.next_roots),
+            Stage::Distribute | Stage::Aborting => false,
+        };
+        distributed &= d;
+        switched &= w;
+        if !d || !w {
+            let what = if !holds_next {
+                "its bundle lacks the next roots"
+            } else if !d {
+                "still distributing them"
+            } else {
+                "its old chain may still be in use"
+            };
+            notes.push(format!(
+                "cluster {}: {}{}, {what}",
+                peer.cluster,
+                record.stage,
+                if record.ready { " (ready)" } else { "" }
+            ));
+        }
+    }
+    (distributed, switched, notes)
+}
+
 /// Replicas whose reports can go: silent for an hour, and every leaf they issued
 /// expired (their marks prove nothing any more).
 pub fn gone(reports: &BTreeMap<String, Report>, now: OffsetDateTime) -> Vec<String> {
@@ -150,6 +225,7 @@ mod tests {
                 first_stage_end: t(100),
                 adds_roots: true,
                 drops_roots: true,
+                next_roots: Vec::new(),
             },
             t(0),
         )
@@ -179,6 +255,43 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_that_has_not_declared_holds_both_gates_and_one_that_finished_holds_none() {
+        let mut own = record();
+        own.roots = vec!["old".into(), "new".into()];
+        own.next_roots = vec!["new".into()];
+        let peer = |stage: Stage, ready: bool, roots: &[&str]| {
+            let mut r = record();
+            r.stage = stage;
+            r.ready = ready;
+            r.roots = roots.iter().map(|s| s.to_string()).collect();
+            r.next_roots = vec!["new".into()];
+            Peer {
+                cluster: "west".into(),
+                record: Ok(Some(r)),
+            }
+        };
+        let idle_old = peer(Stage::Idle, false, &["old"]);
+        let (d, w, notes) = peers_allow(&own, &[idle_old]);
+        assert!(!d && !w);
+        assert!(notes[0].contains("lacks the next roots"), "{notes:?}");
+        let distributing = peer(Stage::Distribute, false, &["old", "new"]);
+        assert!(!peers_allow(&own, &[distributing]).0);
+        let ready = peer(Stage::Distribute, true, &["old", "new"]);
+        let (d, w, _) = peers_allow(&own, &[ready]);
+        assert!(d && !w, "distributed, not yet switched");
+        let switched = peer(Stage::Switch, true, &["old", "new"]);
+        assert!(peers_allow(&own, &[switched]).1);
+        let finished = peer(Stage::Idle, false, &["new"]);
+        let (d, w, notes) = peers_allow(&own, &[finished]);
+        assert!(d && w && notes.is_empty());
+        let unreadable = Peer {
+            cluster: "west".into(),
+            record: Err("connection refused".into()),
+        };
+        assert!(!peers_allow(&own, &[unreadable]).0);
+    }
+
+    #[test]
     fn fresh_reports_add_their_counts_and_stale_ones_need_their_marks_over() {
         let r = record();
         let mut reports = BTreeMap::new();
@@ -199,7 +312,10 @@ mod tests {
         reports.insert("c".to_owned(), report(10, 0, false, 5));
         assert!(!combine(own(), "me", &reports, &r, t(20)).complete);
         assert_eq!(renew_by(&reports), 1_800_000_500);
-        assert!(gone(&reports, t(1000)).is_empty(), "heard from within the hour");
+        assert!(
+            gone(&reports, t(1000)).is_empty(),
+            "heard from within the hour"
+        );
         assert_eq!(gone(&reports, t(3700)), vec!["b", "c", "me"]);
     }
 }

@@ -124,6 +124,17 @@ pub struct Record {
     /// A next set (digest) that was aborted: not declared again until it changes.
     #[serde(default)]
     pub declined: Option<String>,
+    /// The roots of the bundle now (SHA-256 of each, hex, sorted): what other
+    /// clusters on the shared root read of this one.
+    #[serde(default)]
+    pub roots: Vec<String>,
+    /// The roots of the next set's bundle (as `roots`): what other clusters must be
+    /// rotating to as well.
+    #[serde(default)]
+    pub next_roots: Vec<String>,
+    /// This cluster's own evidence for the stage is in (other clusters wait on it).
+    #[serde(default)]
+    pub ready: bool,
     /// Every stage change of this rotation.
     #[serde(default)]
     pub history: Vec<Change>,
@@ -143,6 +154,9 @@ impl Record {
             adds_roots: false,
             drops_roots: false,
             declined: None,
+            roots: Vec::new(),
+            next_roots: Vec::new(),
+            ready: false,
             history: Vec::new(),
         }
     }
@@ -161,6 +175,9 @@ impl Record {
             adds_roots: declared.adds_roots,
             drops_roots: declared.drops_roots,
             declined: None,
+            roots: self.roots.clone(),
+            next_roots: declared.next_roots,
+            ready: false,
             history: vec![Change {
                 stage: Stage::Distribute,
                 at,
@@ -174,6 +191,7 @@ impl Record {
         let mut next = self.clone();
         next.stage = stage;
         next.since = at;
+        next.ready = false;
         next.history.push(Change { stage, at });
         next
     }
@@ -214,6 +232,8 @@ pub struct Declared {
     pub adds_roots: bool,
     /// The current bundle has a root the next one lacks.
     pub drops_roots: bool,
+    /// See [`Record::next_roots`].
+    pub next_roots: Vec<String>,
 }
 
 /// What the CA knows now about its stage's gate.
@@ -230,6 +250,21 @@ pub struct Evidence {
     /// Every other cluster on the shared root reports the union distributed (true
     /// when there are none).
     pub peers_distributed: bool,
+    /// Every other cluster reports no leaf of the old chain in use any more (true
+    /// when there are none): the old roots may leave the bundles only then, or a
+    /// lagging cluster's leaves would stop being trusted here.
+    pub peers_switched: bool,
+}
+
+/// Whether `record`'s own evidence (this cluster's) for its stage is in at `now`,
+/// other clusters aside: what it tells them as [`Record::ready`].
+pub fn ready(record: &Record, evidence: &Evidence, now: OffsetDateTime) -> bool {
+    let alone = Evidence {
+        peers_distributed: true,
+        peers_switched: true,
+        ..*evidence
+    };
+    advance(record, &alone, now).is_some()
 }
 
 /// The stage that follows `record` given `evidence` at `now`, or `None` to stay.
@@ -244,7 +279,7 @@ pub fn advance(record: &Record, evidence: &Evidence, now: OffsetDateTime) -> Opt
             (evidence.consumers_converged && evidence.peers_distributed && leaves_done())
                 .then_some(Stage::Switch)
         }
-        Stage::Switch => leaves_done().then_some(Stage::Retire),
+        Stage::Switch => (leaves_done() && evidence.peers_switched).then_some(Stage::Retire),
         Stage::Retire => evidence.consumers_converged.then_some(Stage::Done),
         Stage::Aborting => leaves_done().then_some(Stage::Idle),
     }
@@ -284,6 +319,7 @@ mod tests {
                 first_stage_end: t(first_stage_end),
                 adds_roots: true,
                 drops_roots: true,
+                next_roots: vec!["cc".into()],
             },
             t(0),
         )
@@ -294,6 +330,7 @@ mod tests {
         complete: false,
         consumers_converged: true,
         peers_distributed: true,
+        peers_switched: true,
     };
 
     #[test]
@@ -327,6 +364,25 @@ mod tests {
         };
         assert_eq!(advance(&r, &peer, t(10_000_000)), None);
         assert_eq!(advance(&r, &READY, t(10)), Some(Stage::Switch));
+    }
+
+    #[test]
+    fn a_lagging_cluster_holds_the_switch_and_the_retire_and_readiness_ignores_it() {
+        let r = declared(0);
+        let lagging = Evidence {
+            peers_distributed: false,
+            peers_switched: false,
+            ..READY
+        };
+        assert_eq!(advance(&r, &lagging, t(10)), None);
+        assert!(
+            ready(&r, &lagging, t(10)),
+            "this cluster's own evidence is in"
+        );
+        let switched = r.enter(Stage::Switch, t(10));
+        assert!(!switched.ready, "readiness is per stage");
+        assert_eq!(advance(&switched, &lagging, t(10_000)), None);
+        assert_eq!(advance(&switched, &READY, t(10_000)), Some(Stage::Retire));
     }
 
     #[test]

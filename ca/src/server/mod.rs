@@ -73,6 +73,12 @@ pub enum ServeError {
         #[source]
         source: crate::issue::authn::KubeClientError,
     },
+    #[error("driven rotation: reading the stage of cluster {cluster}: {source}")]
+    RotationPeer {
+        cluster: String,
+        #[source]
+        source: crate::issue::authn::KubeClientError,
+    },
     #[error("Kubernetes API access for the writers: {0}")]
     Writers(#[source] crate::issue::authn::KubeClientError),
     #[error("Kubernetes API access: {0}")]
@@ -138,6 +144,62 @@ pub async fn authenticator(config: &ServeConfig) -> Result<Authenticator, ServeE
         authn = authn.with_cluster(id.clone(), auth);
     }
     Ok(authn)
+}
+
+/// The other clusters on the shared root, read through the kubeconfigs of
+/// `--remote-cluster`; or why a rotation cannot be declared with them (`None` for
+/// both without other clusters).
+async fn peers(
+    config: &ServeConfig,
+) -> Result<
+    (
+        Option<Arc<dyn crate::rotation::shared::Peers>>,
+        Option<&'static str>,
+    ),
+    ServeError,
+> {
+    let remotes = &config.authn.remotes;
+    if remotes.is_empty() {
+        return Ok((None, None));
+    }
+    let Some(writers) = &config.writers else {
+        return Ok((
+            None,
+            Some(
+                "with other clusters on the shared root (--remote-cluster), a driven rotation needs the writers (the stage lives in the API server, where the other clusters read it): rotate by the manual steps of docs/root-rotation.md",
+            ),
+        ));
+    };
+    let mut clusters = Vec::new();
+    for (id, remote) in remotes {
+        let Some(kubeconfig) = &remote.kubeconfig else {
+            return Ok((
+                None,
+                Some(
+                    "every other cluster on the shared root needs a kubeconfig (--remote-cluster ID=KUBECONFIG) for its rotation stage to be read: rotate by the manual steps of docs/root-rotation.md",
+                ),
+            ));
+        };
+        let client = crate::kubernetes::client::client(
+            &ApiAccess::Kubeconfig(kubeconfig.clone()),
+            crate::kubernetes::client::Retries::Kube,
+        )
+        .await
+        .map_err(|source| ServeError::RotationPeer {
+            cluster: id.clone(),
+            source,
+        })?;
+        clusters.push((id.clone(), client));
+    }
+    Ok((
+        Some(Arc::new(
+            crate::kubernetes::writers::rotationcm::RemoteRotations::new(
+                writers.lease.namespace.clone(),
+                clusters,
+            ),
+        )),
+        None,
+    ))
 }
 
 /// With `--trusted-node-accounts`: a pod cache per cluster (the local one under its
@@ -235,17 +297,17 @@ pub async fn run(
         }
         None => None,
     };
+    let (peers, unavailable) = peers(&config).await?;
     let driver = crate::rotation::driver::Driver::start(
         crate::rotation::driver::Settings {
             keys: config.keys.clone(),
             rotation: config.rotation.clone(),
             trust_domains: config.policy.trust_domains.clone(),
             default_ttl: config.policy.default_ttl,
-            unavailable: (!config.authn.remotes.is_empty()).then_some(
-                "a driven rotation does not yet wait for the other clusters on the shared root (--remote-cluster): rotate by the manual steps of docs/root-rotation.md",
-            ),
+            unavailable,
             leading: shared.as_ref().map(|_| leading_rx),
             shared,
+            peers,
         },
         now,
     )

@@ -25,7 +25,7 @@ use serde_json::json;
 use super::{WriterConfig, apply::status, discover, rootcm::ROOT_KEY, trustbundle::object_name};
 use crate::{
     rotation::{
-        shared::{Report, Shared, SharedFuture, State},
+        shared::{Peer, Peers, Report, Shared, SharedFuture, State},
         stage::{Record, Stage},
     },
     sync::lock,
@@ -296,6 +296,64 @@ impl Shared for RotationConfigMap {
 
     fn place(&self) -> String {
         format!("ConfigMap {}/{NAME}", self.namespace)
+    }
+}
+
+/// The other clusters on the shared root: each one's `signet-ca-rotation`, read
+/// through the kubeconfig this CA already has for it (`--remote-cluster`), in the
+/// same namespace as this cluster's.
+pub struct RemoteRotations {
+    namespace: String,
+    clusters: Vec<(String, kube::Client)>,
+}
+
+impl std::fmt::Debug for RemoteRotations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteRotations")
+            .field("namespace", &self.namespace)
+            .field(
+                "clusters",
+                &self.clusters.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+impl RemoteRotations {
+    /// Reads `namespace/signet-ca-rotation` in each of `clusters`.
+    pub fn new(namespace: String, clusters: Vec<(String, kube::Client)>) -> Self {
+        Self {
+            namespace,
+            clusters,
+        }
+    }
+}
+
+impl Peers for RemoteRotations {
+    fn read(&self) -> SharedFuture<'_, Vec<Peer>> {
+        Box::pin(async move {
+            let mut peers = Vec::with_capacity(self.clusters.len());
+            for (cluster, client) in &self.clusters {
+                let api: Api<ConfigMap> = Api::namespaced(client.clone(), &self.namespace);
+                let record = match api.get_opt(NAME).await {
+                    Err(e) => Err(e.to_string()),
+                    Ok(cm) => match cm
+                        .and_then(|c| c.data)
+                        .and_then(|d| d.get(RECORD_KEY).cloned())
+                    {
+                        None => Ok(None),
+                        Some(json) => serde_json::from_str::<Record>(&json)
+                            .map(Some)
+                            .map_err(|e| format!("{RECORD_KEY}: {e}")),
+                    },
+                };
+                peers.push(Peer {
+                    cluster: cluster.clone(),
+                    record,
+                });
+            }
+            Ok(peers)
+        })
     }
 }
 

@@ -83,6 +83,14 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | 
 {{- end -}}
 {{- end -}}
 
+{{/* Whether the next CA set's Secret is mounted (--next-cacerts-dir): "true" or "". A
+     self-signed CA renews its root in its state directory instead. */}}
+{{- define "signet.nextCacerts" -}}
+{{- if and .Values.rotation.enabled (not .Values.cacerts.selfSigned) -}}
+true
+{{- end -}}
+{{- end -}}
+
 {{/* Whether any writer (and so leader election) is on: "true" or "". */}}
 {{- define "signet.writes" -}}
 {{- if or .Values.rootConfigMap.enabled .Values.clusterTrustBundle.enabled .Values.istiodCert.enabled .Values.podCertificates.enabled -}}
@@ -97,6 +105,14 @@ true
 {{- end -}}
 {{- if and (not .Values.cacerts.selfSigned) (not .Values.cacerts.secretName) -}}
 {{- fail "cacerts.secretName is empty: name the Secret holding the CA key material, or set cacerts.selfSigned=true (replicaCount=1 only)" -}}
+{{- end -}}
+{{- if include "signet.nextCacerts" . -}}
+{{- if not .Values.rotation.nextSecretName -}}
+{{- fail "rotation.nextSecretName is empty: name the Secret that will hold the next CA key material (it need not exist yet), or set rotation.enabled=false" -}}
+{{- end -}}
+{{- if eq .Values.rotation.nextSecretName .Values.cacerts.secretName -}}
+{{- fail (printf "rotation.nextSecretName=%q is cacerts.secretName: the next set must be a Secret of its own (docs/root-rotation.md); the default is cacerts-next" .Values.rotation.nextSecretName) -}}
+{{- end -}}
 {{- end -}}
 {{- if not (has .Values.tokenAuth.mode (list "tokenReview" "jwks")) -}}
 {{- fail (printf "tokenAuth.mode=%q: want tokenReview or jwks" .Values.tokenAuth.mode) -}}
@@ -193,6 +209,12 @@ true
 - --cacerts-dir=/etc/cacerts
 {{- if not .Values.cacerts.selfSigned }}
 - --require-cacerts
+{{- end }}
+{{- if .Values.rotation.enabled }}
+{{- if include "signet.nextCacerts" . }}
+- --next-cacerts-dir=/etc/cacerts-next
+{{- end }}
+- {{ printf "--rotation-window=%v" (.Values.rotation.window) | quote }}
 {{- end }}
 - --state-dir=/var/lib/signet-ca
 - {{ printf "--grpc-addr=%s:15012" .Values.listenAddress | quote }}
