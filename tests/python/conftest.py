@@ -212,8 +212,9 @@ class Agent:
 
 
 def start_agent(ca, cluster, ns="default", sa="bookinfo", extra_args=(), workdir=None,
-                http_host="127.0.0.1", env=None):
-    """Starts the real signet-agent against `ca` and waits for /healthz/ready.
+                http_host="127.0.0.1", env=None, ca_root_cert=None):
+    """Starts the real signet-agent against `ca` and waits for /healthz/ready; it
+    trusts the CA with `ca_root_cert` (default: the CA's self-signed root).
     The working directory is a short one under /tmp so the socket path stays short."""
     workdir = Path(workdir or tempfile.mkdtemp(prefix="sds", dir="/tmp"))
     token = workdir / "istio-token"
@@ -222,7 +223,7 @@ def start_agent(ca, cluster, ns="default", sa="bookinfo", extra_args=(), workdir
     http_port = free_port()
     args = [binary("signet-agent"), "run",
             "--ca-addr", f"localhost:{ca.grpc_port}",
-            "--ca-root-cert", str(Path(ca.workdir) / "state" / "root-cert.pem"),
+            "--ca-root-cert", str(ca_root_cert or Path(ca.workdir) / "state" / "root-cert.pem"),
             "--token-file", str(token), "--namespace", ns, "--service-account", sa,
             "--socket", str(sock), "--http-addr", f"{http_host}:{http_port}", *extra_args]
     log = open(workdir / "agent.log", "w+")

@@ -193,8 +193,12 @@ async fn the_elected_replica_drives_the_writers_objects_and_a_new_leader_goes_on
         async || (consumers(api) == (new.clone(), new.clone(), new.clone())).then_some(()),
     )
     .await;
-    let st = status(&b).await;
-    assert_eq!(st["stage"], "done", "{st}");
+    // Its status follows at the end of the look that wrote the record.
+    let st = eventually(Duration::from_secs(30), "replica-b done", async || {
+        let st = status(&b).await;
+        (st["stage"] == "done").then_some(st)
+    })
+    .await;
     assert!(st["role"].as_str().unwrap().starts_with("elected"), "{st}");
     // One Event per stage change, on the rotation's ConfigMap.
     let reasons: Vec<String> = api
@@ -211,8 +215,11 @@ async fn the_elected_replica_drives_the_writers_objects_and_a_new_leader_goes_on
 
     // A replica restarted now follows the shared record.
     let a = TestCa::start(&replica_args(&setup, dir_a.path(), &next, "replica-a")).await;
-    let st = status(&a).await;
-    assert_eq!(st["stage"], "done", "{st}");
+    let st = eventually(Duration::from_secs(30), "replica-a follows", async || {
+        let st = status(&a).await;
+        (st["stage"] == "done").then_some(st)
+    })
+    .await;
     assert_eq!(st["roots"], 1, "{st}");
 
     // The operator makes the next set the cacerts Secret: idle on it, everywhere.

@@ -77,6 +77,9 @@ pub struct Settings {
     /// Why driven rotation is off in this configuration (then a next set is
     /// reported, never declared).
     pub unavailable: Option<&'static str>,
+    /// The shortest window a rotation may use (`--rotation-window` is raised to it):
+    /// two hours with pod certificates, which last one at least.
+    pub min_window: Duration,
     /// In cluster mode: the record every replica follows, the reports, the
     /// consumers read back.
     pub shared: Option<Arc<dyn Shared>>,
@@ -108,6 +111,10 @@ pub struct Driver {
     last_report: Option<Report>,
     pending: Pending,
     peer_notes: Vec<String>,
+    ticks: u64,
+    /// When the writers' objects were last read back (Unix seconds), and for which
+    /// bundle: read again after 15 s, or at once for another bundle.
+    readback: (i64, String),
 }
 
 impl Driver {
@@ -159,11 +166,9 @@ impl Driver {
             reported: Reported::default(),
             last_report: None,
             peer_notes: Vec::new(),
-            pending: Pending {
-                count: 0,
-                complete: false,
-                sample: Vec::new(),
-            },
+            ticks: 0,
+            readback: (0, String::new()),
+            pending: Pending::default(),
         };
         driver.converged = driver.write_root_file();
         driver.show(now);
@@ -206,6 +211,19 @@ impl Driver {
         metrics: &Metrics,
     ) {
         let now = OffsetDateTime::now_utc();
+        self.ticks = self.ticks.wrapping_add(1);
+        // An idle follower looks at the shared record every fifth look: it only
+        // needs to see a declaration, and every replica polling every look adds up.
+        if self.settings.shared.is_some()
+            && !self.leading()
+            && self.record.stage == Stage::Idle
+            && !self.ticks.is_multiple_of(5)
+        {
+            self.reload_base(metrics, now).await;
+            self.publish(signer_tx, tls, metrics, now);
+            self.show(now);
+            return;
+        }
         let shared_state = match &self.settings.shared {
             None => None,
             Some(shared) => match shared.read().await {
@@ -223,10 +241,21 @@ impl Driver {
                 }
             },
         };
-        if let Some(record) = shared_state.as_ref().and_then(|s| s.record.clone()) {
-            self.follow(record, now);
+        // A replica that cannot sign as the shared record says must not act on it
+        // either: not even when it holds the Lease.
+        let in_sync = match shared_state.as_ref().and_then(|s| s.record.clone()) {
+            Some(record) => self.follow(record, now),
+            None => true,
+        };
+        let leading = self.leading() && in_sync;
+        if let Some(shared) = &self.settings.shared
+            && self.abort_file_present()
+        {
+            // `signet-ca rotation abort` run in any replica's pod: the elected one acts.
+            if let Err(e) = shared.request_abort().await {
+                tracing::error!(error = %e, "cannot pass the abort request on to the shared record");
+            }
         }
-        let leading = self.leading();
         if leading && let (Some(state), Some(shared)) = (&shared_state, &self.settings.shared) {
             let gone: Vec<String> = shared::gone(&state.reports, now)
                 .into_iter()
@@ -282,12 +311,15 @@ impl Driver {
             }
             self.pending = pending;
             let (peers_distributed, peers_switched) = self.peers().await;
+            // Evidence counts only for the signer this stage calls for, published.
+            let published = key(self.record.stage, &self.base, self.next.as_ref()) == self.composed;
             let evidence = Evidence {
                 pending: self.pending.count,
                 complete: self.pending.complete,
-                consumers_converged: self.converged,
+                consumers_converged: self.converged && published,
                 peers_distributed,
                 peers_switched,
+                replicas_follow: self.pending.behind.is_empty() && published,
             };
             // What the other clusters read of this one: its bundle, and whether its
             // own evidence for the stage is in.
@@ -332,9 +364,9 @@ impl Driver {
 
     /// Takes the record the elected replica wrote (a follower signs as it says; a
     /// new leader goes on from it), once the sets it names are in place here.
-    fn follow(&mut self, record: Record, now: OffsetDateTime) {
+    fn follow(&mut self, record: Record, now: OffsetDateTime) -> bool {
         if record == self.record {
-            return;
+            return true;
         }
         let base_digest = hex::encode(self.base.digest());
         if record.stage == Stage::Idle || record.stage == Stage::Done && record.to == base_digest {
@@ -344,12 +376,13 @@ impl Driver {
                         match Signer::new(m, now) {
                             Ok(s) => self.base = Arc::new(s),
                             Err(e) => {
-                                return self.wait(format!("the set in place cannot sign: {e}"));
+                                return self
+                                    .wait_false(format!("the set in place cannot sign: {e}"));
                             }
                         }
                     }
                     _ => {
-                        return self.wait(format!(
+                        return self.wait_false(format!(
                             "the shared record signs with the set {}, which is not in place here yet",
                             short(&record.from)
                         ));
@@ -359,7 +392,7 @@ impl Driver {
             self.next = None;
         } else {
             if record.from != base_digest {
-                return self.wait(format!(
+                return self.wait_false(format!(
                     "the shared record rotates from the set {}, but this replica's cacerts holds {}",
                     short(&record.from),
                     short(&base_digest)
@@ -367,17 +400,17 @@ impl Driver {
             }
             if self.next.as_ref().map(|n| hex::encode(n.digest())) != Some(record.to.clone()) {
                 let Some(dir) = next_dir(&self.settings, &self.base) else {
-                    return self.wait("the shared record rotates to a next set, but no --next-cacerts-dir is configured here".into());
+                    return self.wait_false("the shared record rotates to a next set, but no --next-cacerts-dir is configured here".into());
                 };
                 match load(&dir, &self.base) {
                     Ok(Some(m)) if hex::encode(m.digest) == record.to => {
                         match Signer::new(m, now) {
                             Ok(s) => self.next = Some(Arc::new(s)),
-                            Err(e) => return self.wait(format!("next set: {e}")),
+                            Err(e) => return self.wait_false(format!("next set: {e}")),
                         }
                     }
                     _ => {
-                        return self.wait(format!(
+                        return self.wait_false(format!(
                             "the shared record rotates to the set {}, which {} does not hold here yet",
                             short(&record.to),
                             dir.display()
@@ -389,11 +422,18 @@ impl Driver {
         if self.record.stage != record.stage {
             tracing::info!(stage = %record.stage, previous = %self.record.stage, "trust change: stage entered (following the shared record)");
         }
+        self.rotation.set_stage(record.stage, record.window());
         self.record = record;
         self.problem = None;
         if let Err(e) = write_record(&self.settings.keys.state_dir, &self.record) {
             tracing::warn!(error = %e, "cannot keep a copy of the rotation record in the state directory");
         }
+        true
+    }
+
+    fn wait_false(&mut self, problem: String) -> bool {
+        self.wait(problem);
+        false
     }
 
     fn wait(&mut self, problem: String) {
@@ -415,12 +455,14 @@ impl Driver {
         {
             Ok(None) => {}
             Ok(Some(new)) => {
-                self.base = Arc::new(new);
+                // The elected replica takes the new set only once the record names
+                // it (the others follow the record).
                 let mut record = self.record.clone();
-                record.from = hex::encode(self.base.digest());
-                if self.leading() {
-                    self.commit(record, false).await;
+                record.from = hex::encode(new.digest());
+                if self.leading() && !self.commit(record, false).await {
+                    return;
                 }
+                self.base = Arc::new(new);
                 metrics
                     .cacerts_reloads
                     .with_label_values(&["success"])
@@ -481,8 +523,9 @@ impl Driver {
             Ok(s) => s,
             Err(e) => return self.refuse(&format!("next set: {e}"), metrics),
         };
-        let window =
-            Duration::try_from(self.settings.rotation.rotation_window).unwrap_or(Duration::HOUR);
+        let window = Duration::try_from(self.settings.rotation.rotation_window)
+            .unwrap_or(Duration::HOUR)
+            .max(self.settings.min_window);
         let others = OffsetDateTime::from_unix_timestamp(others_renew_by).unwrap_or(now);
         let first_stage_end = self.rotation.ledger().renew_by(now).max(others);
         let must_last_until = first_stage_end.max(now) + window * 2 + self.settings.default_ttl;
@@ -503,6 +546,9 @@ impl Driver {
                 adds_roots,
                 drops_roots,
                 next_roots: root_digests(&next),
+                slack: Duration::try_from(self.settings.keys.reload_interval * 2)
+                    .unwrap_or(Duration::ZERO)
+                    + Duration::seconds(5),
             },
             now,
         );
@@ -516,7 +562,7 @@ impl Driver {
             adds_roots,
             drops_roots,
             first_stage_end = %rfc3339(first_stage_end.max(now)),
-            window = %humantime::format_duration(self.settings.rotation.rotation_window),
+            window_seconds = window.whole_seconds(),
             "trust change declared: distributing the next roots; lifetimes are capped at the window from now on"
         );
         self.event(Stage::Distribute).await;
@@ -590,7 +636,12 @@ impl Driver {
                 ),
                 metrics,
             );
-        } else if self.problem.is_some() {
+        } else if self
+            .problem
+            .as_deref()
+            .is_some_and(|p| p.contains("changed while a rotation is in stage"))
+        {
+            // Only its own report goes (an abort refusal stays shown).
             self.problem = None;
             self.reported.clear();
         }
@@ -611,13 +662,24 @@ impl Driver {
     }
 
     async fn abort(&mut self, now: OffsetDateTime) {
-        match stage::abort(self.record.stage) {
+        let blocked = match &self.settings.peers {
+            Some(peers) => match peers.read().await {
+                Ok(read) => shared::abort_blocked(&self.record, &read),
+                Err(e) => Some(format!("the other clusters cannot be read ({e})")),
+            },
+            None => None,
+        };
+        let verdict = match blocked {
+            Some(why) => Err(why),
+            None => stage::abort(self.record.stage).map_err(str::to_owned),
+        };
+        match verdict {
             Ok(to) => {
                 tracing::warn!(stage = %self.record.stage, "trust change aborted by the operator: returning to the old chain");
                 self.enter(to, true, now).await;
             }
             Err(why) => {
-                tracing::warn!(stage = %self.record.stage, why, "abort refused");
+                tracing::warn!(stage = %self.record.stage, why = %why, "abort refused");
                 self.problem = Some(format!("abort refused: {why}"));
                 // The request is answered: cleared from the shared record too.
                 if self.settings.shared.is_some() {
@@ -665,6 +727,7 @@ impl Driver {
             }
             tracing::warn!(error = %e, "cannot keep a copy of the rotation record in the state directory");
         }
+        self.rotation.set_stage(record.stage, record.window());
         self.record = record;
         true
     }
@@ -732,22 +795,26 @@ impl Driver {
 
     /// Whether every consumer holds the published bundle: the trust file written
     /// (and read back), and in cluster mode the writers' objects read back.
-    async fn gather(&mut self, _now: OffsetDateTime) {
+    async fn gather(&mut self, now: OffsetDateTime) {
         let file = self.write_root_file();
-        self.lagging.clear();
-        let mut api = true;
+        let bundle = self.published.roots_pem().to_owned();
+        let t = now.unix_timestamp();
         if let Some(shared) = &self.settings.shared
             && matches!(self.record.stage, Stage::Distribute | Stage::Retire)
+            && (self.readback.1 != bundle || t - self.readback.0 >= 15)
         {
-            match shared.lagging(self.published.roots_pem()).await {
-                Ok(lagging) => self.lagging = lagging,
-                Err(e) => {
-                    api = false;
-                    self.lagging = vec![format!("(cannot read back: {e})")];
-                }
-            }
+            // Listing every root ConfigMap is not free: once per 15 s at most.
+            self.lagging = match shared.lagging(&bundle).await {
+                Ok(lagging) => lagging,
+                Err(e) => vec![format!("(cannot read back: {e})")],
+            };
+            self.readback = (t, bundle);
+        } else if self.settings.shared.is_none()
+            || !matches!(self.record.stage, Stage::Distribute | Stage::Retire)
+        {
+            self.lagging.clear();
         }
-        self.converged = file && api && self.lagging.is_empty();
+        self.converged = file && self.lagging.is_empty();
     }
 
     /// Keeps `--root-cert-file` holding the published bundle; whether it reads back so.
@@ -904,6 +971,18 @@ impl Driver {
     }
 }
 
+/// What else an operator can do when the sets on disk are not the record's.
+fn way_out(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Retire | Stage::Done => {
+            "the bundles already hold the new roots alone, so do not leave the driven rotation now (the old set would sign again, untrusted): put the next set in the cacerts directory too, and the CA is idle on it"
+        }
+        _ => {
+            "or remove this file (and, in a cluster, the ConfigMap signet-ca-rotation) to leave the driven rotation and follow the manual steps of docs/root-rotation.md"
+        }
+    }
+}
+
 /// The record to start from and the next set it names, checked against the sets on
 /// disk: `saved` (none: idle on `base`).
 fn resolve(
@@ -941,10 +1020,11 @@ fn resolve(
     };
     if r.from != base_digest {
         return Err(disagree(format!(
-            "the rotation is in stage {} from the set {}, but the CA key material now is {}; put back the set it started from, or remove this file (and the shared record) to leave the driven rotation (then follow the manual steps of docs/root-rotation.md)",
+            "the rotation is in stage {} from the set {}, but the CA key material now is {}; put back the set it started from; {}",
             r.stage,
             short(&r.from),
-            short(&base_digest)
+            short(&base_digest),
+            way_out(r.stage)
         )));
     }
     let dir = next_dir(settings, base).ok_or_else(|| {
@@ -955,19 +1035,21 @@ fn resolve(
     })?;
     let material = load(&dir, base)?.ok_or_else(|| {
         disagree(format!(
-            "the rotation is in stage {} to the set {}, but {} holds no key material; put it back, or remove this file to leave the driven rotation",
+            "the rotation is in stage {} to the set {}, but {} holds no key material; put it back; {}",
             r.stage,
             short(&r.to),
-            dir.display()
+            dir.display(),
+            way_out(r.stage)
         ))
     })?;
     if hex::encode(material.digest) != r.to {
         return Err(disagree(format!(
-            "the rotation is in stage {} to the set {}, but {} now holds {}; put back the set it declared, or remove this file to leave the driven rotation",
+            "the rotation is in stage {} to the set {}, but {} now holds {}; put back the set it declared; {}",
             r.stage,
             short(&r.to),
             dir.display(),
-            short(&hex::encode(material.digest))
+            short(&hex::encode(material.digest)),
+            way_out(r.stage)
         )));
     }
     let next = Arc::new(Signer::new(material, now)?);

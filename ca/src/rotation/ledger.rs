@@ -28,9 +28,12 @@ const HEADROOM: Duration = Duration::minutes(10);
 /// Holders remembered; past this the record is incomplete (stages end at their
 /// latest end, never early).
 pub const MAX_HOLDERS: usize = 250_000;
-/// Slack past a leaf's half-life before its holder counts as having missed renewal:
-/// holders renew on timers, not to the second.
-pub const RENEWAL_GRACE: Duration = Duration::seconds(15);
+/// Slack past a leaf's renewal point before its holder counts as having missed
+/// renewal: holders renew on timers, not to the second.
+pub const RENEWAL_GRACE: Duration = Duration::seconds(30);
+/// After a failed write of the marks, the next attempt waits this long (a failing
+/// disk is not retried under the ledger's lock for every leaf).
+const WRITE_RETRY: i64 = 10;
 /// Pending identities shown by `rotation status`.
 const SAMPLE: usize = 10;
 
@@ -50,15 +53,18 @@ impl Marks {
     }
 }
 
-/// When a holder is due to renew a leaf valid from `not_before` to `not_after`: half
-/// its lifetime, as pilot-agent, ztunnel and signet-agent renew, plus grace.
-pub fn renewal_point(not_before: OffsetDateTime, not_after: OffsetDateTime) -> OffsetDateTime {
-    not_before + (not_after - not_before) / 2_i32 + RENEWAL_GRACE
+/// When a holder is due to renew a leaf it received at `issued`, valid until
+/// `not_after`: half of what is left of it, as pilot-agent, ztunnel and signet-agent
+/// renew, counted from receipt (not from the backdated NotBefore), plus pilot-agent's
+/// 1 % jitter (`SECRET_GRACE_PERIOD_RATIO_JITTER`) and grace.
+pub fn renewal_point(issued: OffsetDateTime, not_after: OffsetDateTime) -> OffsetDateTime {
+    issued + (not_after - issued) * 0.51 + RENEWAL_GRACE
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
-    not_before: i64,
+    /// When the CA issued it (the holder had it a moment later).
+    issued: i64,
     renew_at: i64,
     not_after: i64,
     chain: u64,
@@ -77,6 +83,8 @@ struct Inner {
     /// What is on disk (or would be, without a state directory).
     written: Marks,
     write_failed: bool,
+    /// No write is tried before this (Unix seconds) after a failure.
+    retry_at: i64,
 }
 
 /// The issuance record.
@@ -95,7 +103,7 @@ pub struct LedgerError {
 }
 
 /// The gate's view of the record for one stage.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Pending {
     /// Holders keeping the stage from ending.
     pub count: usize,
@@ -103,6 +111,8 @@ pub struct Pending {
     pub complete: bool,
     /// Some of them, for `rotation status`.
     pub sample: Vec<String>,
+    /// Live replicas that report another stage (they have not followed the record).
+    pub behind: Vec<String>,
 }
 
 impl Ledger {
@@ -123,13 +133,13 @@ impl Ledger {
                 Ok(bytes) => serde_json::from_slice::<Marks>(&bytes).map_err(|e| LedgerError {
                     path: path.display().to_string(),
                     problem: format!(
-                        "not the issuance marks Signet writes ({e}); remove it to assume the longest lifetime was issued just now"
+                        "not the issuance marks Signet writes ({e}); remove it to assume a leaf of --default-ttl was issued just now"
                     ),
                 })?,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     let t = now.unix_timestamp();
                     Marks {
-                        renew_by: (now + assumed / 2_i32 + RENEWAL_GRACE).unix_timestamp(),
+                        renew_by: renewal_point(now, now + assumed).unix_timestamp(),
                         expire_by: t + assumed.whole_seconds(),
                     }
                 }
@@ -150,6 +160,7 @@ impl Ledger {
                 unbound: HashMap::new(),
                 written: unknown,
                 write_failed: false,
+                retry_at: 0,
             }),
             file,
         };
@@ -163,40 +174,51 @@ impl Ledger {
         Ok(ledger)
     }
 
-    /// Notes a leaf issued to `holder` (`None`: bound to no pod) under the chain
-    /// `chain`. The marks reach the disk before this returns (and so before the leaf
-    /// leaves the CA) whenever the leaf goes past them.
+    /// Notes a leaf issued at `issued` to `holder` (`None`: bound to no pod) under the
+    /// chain `chain`. The marks reach the disk before this returns (and so before the
+    /// leaf leaves the CA) whenever the leaf goes past them; after a failed write the
+    /// next try waits [`WRITE_RETRY`] seconds, and only the first failure of a run is
+    /// returned (the caller logs it).
     pub fn record(
         &self,
         holder: Option<&str>,
         chain: u64,
-        not_before: OffsetDateTime,
+        issued: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<(), LedgerError> {
-        let renew_at = renewal_point(not_before, not_after).unix_timestamp();
+        let renew_at = renewal_point(issued, not_after).unix_timestamp();
         let not_after = not_after.unix_timestamp();
+        let t = issued.unix_timestamp();
         let mut inner = lock(&self.inner);
-        match holder {
+        let entry = Entry {
+            issued: t,
+            renew_at,
+            not_after,
+            chain,
+        };
+        let kept = match holder {
             Some(h) => {
-                let entry = Entry {
-                    not_before: not_before.unix_timestamp(),
-                    renew_at,
-                    not_after,
-                    chain,
-                };
                 if let Some(e) = inner.holders.get_mut(h) {
                     *e = entry;
+                    true
                 } else if inner.holders.len() < MAX_HOLDERS {
                     inner.holders.insert(h.into(), entry);
+                    true
                 } else {
+                    // Past the bound, a holder is counted by its marks alone, as one
+                    // bound to no pod: the record is then incomplete, never wrong.
                     inner.overflow = true;
+                    false
                 }
             }
-            None => inner
+            None => false,
+        };
+        if !kept {
+            inner
                 .unbound
                 .entry(chain)
                 .or_default()
-                .raise(renew_at, not_after),
+                .raise(renew_at, not_after);
         }
         if renew_at <= inner.written.renew_by && not_after <= inner.written.expire_by {
             return Ok(());
@@ -210,6 +232,9 @@ impl Ledger {
             inner.written = ahead;
             return Ok(());
         };
+        if t < inner.retry_at {
+            return Ok(());
+        }
         match write_marks(path, &ahead) {
             Ok(()) => {
                 inner.written = ahead;
@@ -217,8 +242,10 @@ impl Ledger {
                 Ok(())
             }
             Err(e) => {
+                inner.retry_at = t + WRITE_RETRY;
+                let first = !inner.write_failed;
                 inner.write_failed = true;
-                Err(e)
+                if first { Err(e) } else { Ok(()) }
             }
         }
     }
@@ -252,12 +279,12 @@ impl Ledger {
         };
         let holds = |e: &Entry| match record.stage {
             // Leaves from before the declaration, not yet due to renew.
-            Stage::Distribute => e.not_before < declared && e.renew_at > t,
+            Stage::Distribute => e.issued < declared && e.renew_at > t,
             // Leaves of the old chain still valid (those from before the declaration
             // only until they were due to renew: their holders have moved on).
             Stage::Switch => {
                 e.chain == old
-                    && if e.not_before < declared {
+                    && if e.issued < declared {
                         e.renew_at > t
                     } else {
                         e.not_after > t
@@ -295,6 +322,7 @@ impl Ledger {
             count,
             complete: !inner.overflow && unknown_over && unbound_over,
             sample,
+            behind: Vec::new(),
         }
     }
 
@@ -348,6 +376,7 @@ mod tests {
                 adds_roots: true,
                 drops_roots: true,
                 next_roots: Vec::new(),
+                slack: Duration::ZERO,
             },
             t(declared),
         )
@@ -369,7 +398,7 @@ mod tests {
         assert_eq!(ledger.pending(&r, OLD, NEW, t(330)).count, 0);
         // A holder that never renews stops counting at its renewal point.
         ledger.record(Some("b@p"), OLD, t(0), t(100)).unwrap();
-        assert_eq!(ledger.pending(&r, OLD, NEW, t(340)).count, 0, "due at 65");
+        assert_eq!(ledger.pending(&r, OLD, NEW, t(340)).count, 0, "due at 81");
     }
 
     #[test]
@@ -414,14 +443,19 @@ mod tests {
             !p.complete,
             "the restarted CA cannot see the earlier holder"
         );
-        assert!(second.pending(&r, OLD, NEW, t(3600 + 700)).complete);
+        assert!(second.pending(&r, OLD, NEW, t(3702 + 600)).complete);
     }
 
     #[test]
     fn a_first_start_assumes_a_default_lifetime_was_just_issued() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open(Some(dir.path()), Duration::hours(24), t(0)).unwrap();
-        assert_eq!(ledger.renew_by(t(0)), t(12 * 3600) + RENEWAL_GRACE);
+        assert_eq!(ledger.renew_by(t(0)), renewal_point(t(0), t(24 * 3600)));
+        assert_eq!(
+            renewal_point(t(0), t(24 * 3600)),
+            t(12 * 3600 + 864) + RENEWAL_GRACE,
+            "half a day, pilot-agent's 1 % jitter, and grace"
+        );
         assert!(dir.path().join(MARKS_FILE).exists());
         std::fs::write(dir.path().join(MARKS_FILE), "nonsense").unwrap();
         let e = Ledger::open(Some(dir.path()), Duration::hours(24), t(0)).unwrap_err();

@@ -79,7 +79,7 @@ impl Rotation {
         if let Err(e) = self.ledger.record(
             holder,
             chain_id(signer),
-            issued.not_before,
+            OffsetDateTime::now_utc(),
             issued.not_after,
         ) {
             tracing::error!(error = %e, "cannot write the issuance marks; a restart during a root rotation would underestimate how long leaves issued now stay in use");
@@ -94,6 +94,14 @@ impl Rotation {
     /// The issuance record.
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    /// Takes the stage's cap at once (before the signer of the stage is published),
+    /// the status following at the end of the driver's look.
+    fn set_stage(&self, stage: Stage, window: Duration) {
+        let mut view = self.view();
+        view.stage = stage;
+        view.window = window;
     }
 
     fn show(&self, stage: Stage, window: Duration, status: Status) {

@@ -59,6 +59,9 @@ pub trait Shared: Send + Sync + fmt::Debug {
     fn write(&self, record: &Record, aborted: bool) -> SharedFuture<'_, ()>;
     /// Writes this replica's report.
     fn report(&self, replica: &str, report: &Report) -> SharedFuture<'_, ()>;
+    /// Asks the elected replica to abort (`signet-ca rotation abort` run in any
+    /// replica's pod).
+    fn request_abort(&self) -> SharedFuture<'_, ()>;
     /// Removes the reports of `replicas` (gone, their leaves over).
     fn forget(&self, replicas: Vec<String>) -> SharedFuture<'_, ()>;
     /// The consumers (root ConfigMaps, ClusterTrustBundles, istiod's Secret) that
@@ -73,9 +76,10 @@ pub trait Shared: Send + Sync + fmt::Debug {
 }
 
 /// This replica's count for `record`'s stage put together with the others'
-/// reports: a fresh report about the same stage adds its count; any other replica
-/// must have its marks over (its leaves due to renew, or expired) for the count to
-/// be complete, since nobody can see its holders.
+/// reports: a fresh report about the same stage adds its count; a fresh report about
+/// another stage is a replica left behind (it signs as that stage says), named in
+/// `behind`; a silent replica must have its marks over (its leaves due to renew, or
+/// expired) for the count to be complete, since nobody can see its holders.
 pub fn combine(
     own: Pending,
     replica: &str,
@@ -89,10 +93,13 @@ pub fn combine(
         if name == replica {
             continue;
         }
-        let fresh = t - report.at <= REPORT_FRESH_SECS
-            && report.stage == record.stage
-            && report.since == record.since;
-        if fresh {
+        let alive = t - report.at <= REPORT_FRESH_SECS;
+        let same = report.stage == record.stage && report.since == record.since;
+        if alive && !same {
+            all.behind
+                .push(format!("replica {name} ({})", report.stage));
+            all.complete = false;
+        } else if alive {
             all.count += report.pending;
             all.complete &= report.complete;
             all.sample.extend(
@@ -156,15 +163,19 @@ pub fn peers_allow(own: &Record, peers: &[Peer]) -> (bool, bool, Vec<String>) {
             }
         };
         let holds_next = subset(&own.next_roots, &record.roots);
+        let on_next_alone = subset(&record.roots, &own.next_roots);
         let d = holds_next
             && match record.stage {
                 Stage::Distribute => record.ready,
-                Stage::Switch | Stage::Retire | Stage::Done | Stage::Idle => true,
+                Stage::Switch | Stage::Retire | Stage::Done => true,
+                // Idle with the next roots: only once it is on them alone (done);
+                // roots added by hand say nothing of its workloads.
+                Stage::Idle => on_next_alone,
                 Stage::Aborting => false,
             };
         let w = match record.stage {
             Stage::Switch => record.ready && record.next_roots == own.next_roots,
-            Stage::Retire | Stage::Done | Stage::Idle => subset(&record.roots, &own.next_roots),
+            Stage::Retire | Stage::Done | Stage::Idle => on_next_alone,
             Stage::Distribute | Stage::Aborting => false,
         };
         distributed &= d;
@@ -186,6 +197,26 @@ pub fn peers_allow(own: &Record, peers: &[Peer]) -> (bool, bool, Vec<String>) {
         }
     }
     (distributed, switched, notes)
+}
+
+/// Why `own` may not be aborted now: another cluster is past the point it could
+/// follow an abort (in `distribute`: one that switched; in `switch`: one that
+/// retires the old roots).
+pub fn abort_blocked(own: &Record, peers: &[Peer]) -> Option<String> {
+    peers.iter().find_map(|peer| {
+        let r = peer.record.as_ref().ok()?.as_ref()?;
+        let past = match own.stage {
+            Stage::Distribute => matches!(r.stage, Stage::Switch | Stage::Retire | Stage::Done),
+            Stage::Switch => matches!(r.stage, Stage::Retire | Stage::Done),
+            _ => false,
+        };
+        (past && r.next_roots == own.next_roots).then(|| {
+            format!(
+                "cluster {} is already in stage {}: its workloads would not trust this cluster's after an abort; abort there first, or go on",
+                peer.cluster, r.stage
+            )
+        })
+    })
 }
 
 /// Replicas whose reports can go: silent for an hour, and every leaf they issued
@@ -226,6 +257,7 @@ mod tests {
                 adds_roots: true,
                 drops_roots: true,
                 next_roots: Vec::new(),
+                slack: time::Duration::ZERO,
             },
             t(0),
         )
@@ -251,6 +283,7 @@ mod tests {
             count: 1,
             complete: true,
             sample: vec!["mine".into()],
+            behind: Vec::new(),
         }
     }
 
@@ -281,6 +314,13 @@ mod tests {
         assert!(d && !w, "distributed, not yet switched");
         let switched = peer(Stage::Switch, true, &["old", "new"]);
         assert!(peers_allow(&own, &[switched]).1);
+        let by_hand = peer(Stage::Idle, false, &["old", "new"]);
+        assert!(
+            !peers_allow(&own, &[by_hand]).0,
+            "roots added by hand prove nothing"
+        );
+        let switched_peer = peer(Stage::Switch, false, &["old", "new"]);
+        assert!(abort_blocked(&own, &[switched_peer]).is_some());
         let finished = peer(Stage::Idle, false, &["new"]);
         let (d, w, notes) = peers_allow(&own, &[finished]);
         assert!(d && w && notes.is_empty());
@@ -311,11 +351,19 @@ mod tests {
         assert!(p.complete, "its leaves were all due to renew by then");
         reports.insert("c".to_owned(), report(10, 0, false, 5));
         assert!(!combine(own(), "me", &reports, &r, t(20)).complete);
+        // Alive, but on another stage: left behind.
+        let mut late = report(10, 0, true, 5);
+        late.stage = Stage::Idle;
+        reports.insert("d".to_owned(), late);
+        assert_eq!(
+            combine(own(), "me", &reports, &r, t(20)).behind,
+            vec!["replica d (idle)"]
+        );
         assert_eq!(renew_by(&reports), 1_800_000_500);
         assert!(
             gone(&reports, t(1000)).is_empty(),
             "heard from within the hour"
         );
-        assert_eq!(gone(&reports, t(3700)), vec!["b", "c", "me"]);
+        assert_eq!(gone(&reports, t(3700)), vec!["b", "c", "d", "me"]);
     }
 }

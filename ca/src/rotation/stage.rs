@@ -112,6 +112,10 @@ pub struct Record {
     pub to: String,
     /// The cap on issued lifetimes from the declaration on, seconds.
     pub window_secs: i64,
+    /// Added to a window's end: how late a replica may take a stage change (it reads
+    /// the record every look) and a leaf issued just before it.
+    #[serde(default)]
+    pub slack_secs: i64,
     /// The latest renewal point of any leaf issued before the declaration (Unix
     /// seconds): the latest end of `distribute`.
     pub first_stage_end: i64,
@@ -150,6 +154,7 @@ impl Record {
             from,
             to: String::new(),
             window_secs: 0,
+            slack_secs: 0,
             first_stage_end: 0,
             adds_roots: false,
             drops_roots: false,
@@ -171,6 +176,7 @@ impl Record {
             from: self.from.clone(),
             to: declared.to,
             window_secs: declared.window.whole_seconds(),
+            slack_secs: declared.slack.whole_seconds(),
             first_stage_end: declared.first_stage_end.unix_timestamp().max(at),
             adds_roots: declared.adds_roots,
             drops_roots: declared.drops_roots,
@@ -201,6 +207,11 @@ impl Record {
         Duration::seconds(self.window_secs)
     }
 
+    /// See [`Record::slack_secs`].
+    pub fn slack(&self) -> Duration {
+        Duration::seconds(self.slack_secs)
+    }
+
     /// When the current stage began.
     pub fn since(&self) -> OffsetDateTime {
         at(self.since)
@@ -211,9 +222,9 @@ impl Record {
     pub fn latest_end(&self) -> Option<OffsetDateTime> {
         match self.stage {
             Stage::Distribute if self.adds_roots => Some(at(self.first_stage_end)),
-            Stage::Switch if self.drops_roots => Some(self.since() + self.window()),
+            Stage::Switch if self.drops_roots => Some(self.since() + self.window() + self.slack()),
             // The abort drops the new roots again; leaves of the new chain were capped.
-            Stage::Aborting if self.adds_roots => Some(self.since() + self.window()),
+            Stage::Aborting if self.adds_roots => Some(self.since() + self.window() + self.slack()),
             _ => None,
         }
     }
@@ -226,6 +237,8 @@ pub struct Declared {
     pub to: String,
     /// `--rotation-window`.
     pub window: Duration,
+    /// See [`Record::slack_secs`].
+    pub slack: Duration,
     /// The latest renewal point of leaves issued before now.
     pub first_stage_end: OffsetDateTime,
     /// The next bundle has a root the current one lacks.
@@ -254,6 +267,9 @@ pub struct Evidence {
     /// when there are none): the old roots may leave the bundles only then, or a
     /// lagging cluster's leaves would stop being trusted here.
     pub peers_switched: bool,
+    /// Every live replica of this cluster signs as the record says (its fresh report
+    /// is about this very stage): none is left behind on an earlier one.
+    pub replicas_follow: bool,
 }
 
 /// Whether `record`'s own evidence (this cluster's) for its stage is in at `now`,
@@ -262,6 +278,7 @@ pub fn ready(record: &Record, evidence: &Evidence, now: OffsetDateTime) -> bool 
     let alone = Evidence {
         peers_distributed: true,
         peers_switched: true,
+        replicas_follow: true,
         ..*evidence
     };
     advance(record, &alone, now).is_some()
@@ -269,6 +286,9 @@ pub fn ready(record: &Record, evidence: &Evidence, now: OffsetDateTime) -> bool 
 
 /// The stage that follows `record` given `evidence` at `now`, or `None` to stay.
 pub fn advance(record: &Record, evidence: &Evidence, now: OffsetDateTime) -> Option<Stage> {
+    if !evidence.replicas_follow {
+        return None;
+    }
     let leaves_done = || match record.latest_end() {
         None => true,
         Some(end) => now >= end || (evidence.complete && evidence.pending == 0),
@@ -320,6 +340,7 @@ mod tests {
                 adds_roots: true,
                 drops_roots: true,
                 next_roots: vec!["cc".into()],
+                slack: Duration::ZERO,
             },
             t(0),
         )
@@ -331,6 +352,7 @@ mod tests {
         consumers_converged: true,
         peers_distributed: true,
         peers_switched: true,
+        replicas_follow: true,
     };
 
     #[test]
@@ -364,6 +386,19 @@ mod tests {
         };
         assert_eq!(advance(&r, &peer, t(10_000_000)), None);
         assert_eq!(advance(&r, &READY, t(10)), Some(Stage::Switch));
+    }
+
+    #[test]
+    fn a_replica_left_behind_holds_every_stage_and_slack_lengthens_the_window() {
+        let r = declared(0);
+        let behind = Evidence {
+            replicas_follow: false,
+            ..READY
+        };
+        assert_eq!(advance(&r, &behind, t(10_000_000)), None);
+        let mut switched = r.enter(Stage::Switch, t(100));
+        switched.slack_secs = 9;
+        assert_eq!(switched.latest_end(), Some(t(100 + 3600 + 9)));
     }
 
     #[test]

@@ -305,6 +305,12 @@ pub async fn run(
             trust_domains: config.policy.trust_domains.clone(),
             default_ttl: config.policy.default_ttl,
             unavailable,
+            // Pod certificates last an hour at least: the window holds two then.
+            min_window: if config.pods.is_some() {
+                time::Duration::hours(2)
+            } else {
+                time::Duration::ZERO
+            },
             leading: shared.as_ref().map(|_| leading_rx),
             shared,
             peers,
@@ -375,8 +381,11 @@ pub async fn run(
         leading_tx,
         signer_rx.clone(),
         &metrics,
-        policy,
-        queue,
+        RequestPath {
+            policy,
+            queue,
+            rotation: rotation.clone(),
+        },
         stop_rx.clone(),
     )
     .await?;
@@ -557,6 +566,14 @@ fn policy(config: &ServeConfig, impersonation: Option<&NodeImpersonation>) -> Ar
     Arc::new(policy)
 }
 
+/// What every request is decided, queued and noted with, shared by both entry
+/// points.
+struct RequestPath {
+    policy: Arc<Policy>,
+    queue: SigningQueue,
+    rotation: Arc<crate::rotation::Rotation>,
+}
+
 /// The elected replica's work, when anything is to be written: the writers, and the
 /// pod certificate signer beside them (on the request path, handed in as a leader
 /// task with the policy and queue every request uses).
@@ -565,10 +582,14 @@ async fn spawn_writers(
     leading: watch::Sender<bool>,
     signer: watch::Receiver<Arc<Signer>>,
     metrics: &Metrics,
-    policy: Arc<Policy>,
-    queue: SigningQueue,
+    path: RequestPath,
     stop: watch::Receiver<bool>,
 ) -> Result<Option<tokio::task::JoinHandle<()>>, ServeError> {
+    let RequestPath {
+        policy,
+        queue,
+        rotation,
+    } = path;
     let Some(writers) = config.writers.clone() else {
         return Ok(None);
     };
@@ -588,6 +609,7 @@ async fn spawn_writers(
                 policy.clone(),
                 queue.clone(),
                 signer.clone(),
+                rotation.clone(),
                 metrics.clone(),
             ))
         }));

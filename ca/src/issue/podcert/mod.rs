@@ -54,6 +54,7 @@ use crate::{
     keys::signer::{Issued, SignError, Signer},
     kubernetes::writers::{Failures, Tally, WriteError, discover, drain, key_changes, status},
     metrics::Metrics,
+    rotation::Rotation,
 };
 
 /// A PodCertificateRequest of whichever version the API server serves: `v1beta1`'s
@@ -86,6 +87,7 @@ struct Context {
     policy: Arc<Policy>,
     queue: SigningQueue,
     signer: watch::Receiver<Arc<Signer>>,
+    rotation: Arc<Rotation>,
     tally: Tally,
     failures: Failures,
     /// The requests of this signer name, as the controller sees them.
@@ -152,24 +154,43 @@ impl Context {
                 .collect(),
         };
         let signer = self.signer.borrow().clone();
-        let decision = match self.policy.decide(
-            Request::Pod(&request),
-            signer.leaf_not_after_limit(),
-            OffsetDateTime::now_utc(),
-        ) {
-            Ok(d) => d,
-            Err(e) => return Ok(Err(e.into())),
-        };
+        let now = OffsetDateTime::now_utc();
+        let mut decision =
+            match self
+                .policy
+                .decide(Request::Pod(&request), signer.leaf_not_after_limit(), now)
+            {
+                Ok(d) => d,
+                Err(e) => return Ok(Err(e.into())),
+            };
+        // During a trust change pod certificates end within the window too, never
+        // under the API's one hour (the driver's window is at least two then).
+        if let Some(cap) = self.rotation.cap().map(|c| c.max(Duration::HOUR))
+            && decision.validity.not_after - now > cap
+        {
+            decision.validity =
+                match crate::issue::policy::validity(now, cap, signer.leaf_not_after_limit()) {
+                    Ok(v) => v,
+                    Err(e) => return Ok(Err(e.into())),
+                };
+        }
         let (share, id) = (decision.share.clone(), decision.id.clone());
+        let holder = format!(
+            "{id} in pod {}/{} ({})",
+            request.namespace, spec.pod_name, spec.pod_uid
+        );
+        let rotation = self.rotation.clone();
         let signed = self
             .queue
             .run_as(&share, move || {
-                signer.sign_named(
+                let issued = signer.sign_named(
                     &spki,
                     &decision.id,
                     &decision.validity,
                     decision.subject_cn.as_deref(),
-                )
+                )?;
+                rotation.note(Some(&holder), &signer, &issued);
+                Ok(issued)
             })
             .await;
         match signed {
@@ -363,6 +384,7 @@ pub(crate) async fn run(
     policy: Arc<Policy>,
     queue: SigningQueue,
     signer: watch::Receiver<Arc<Signer>>,
+    rotation: Arc<Rotation>,
     metrics: Metrics,
 ) {
     let Some(resource) = discover(&client, "PodCertificateRequest", "podcertificaterequests").await
@@ -382,6 +404,7 @@ pub(crate) async fn run(
         policy,
         queue,
         signer,
+        rotation,
         tally,
         failures: Failures::default(),
         requests: controller.store(),

@@ -244,6 +244,10 @@ impl Shared for RotationConfigMap {
         Box::pin(async move { self.merge(json!({ key: json })).await })
     }
 
+    fn request_abort(&self) -> SharedFuture<'_, ()> {
+        Box::pin(async move { self.merge(json!({ ABORT_KEY: "requested" })).await })
+    }
+
     fn forget(&self, replicas: Vec<String>) -> SharedFuture<'_, ()> {
         Box::pin(async move {
             let data: serde_json::Map<String, serde_json::Value> = replicas

@@ -1,0 +1,190 @@
+"""A root rotation the CA drives, with real Envoys: two Envoys in mutual TLS, each
+fed by its own signet-agent (whose trust file is the CA's --root-cert-file, as the
+root ConfigMap is in a cluster), one request per connection every 200 ms, and beside
+them a grpcio client that renews only at half its lifetime, as ztunnel does. The
+operator's one step is putting the next set in place; the CA goes through
+distribute, switch, retire and done by itself (`signet-ca rotation status --json`,
+the real command, reports each), no request fails, and at the end the old root is in
+no bundle: the trust file, what Envoy holds as its validation context, the answers."""
+
+import json
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+
+from conftest import (SERVER_NAME, binary, make_csr, request, start_agent, start_ca, stop_agent,
+                      stop_ca)
+from istio.v1.auth import ca_pb2_grpc
+from test_envoy_mesh import backend, client, free_port, get, spiffe
+
+NS = "mesh"
+
+
+def pki(out, name):
+    """A root and an intermediate under it (Istio's cacerts layout), made with the
+    operator's own command."""
+    root, inter = out / f"{name}-root", out / name
+    for args in (["root", "--out", str(root)],
+                 ["intermediate", "--root", str(root), "--cluster", name, "--out", str(inter)]):
+        subprocess.run([binary("signet-ca"), "pki", *args, "--key-type", "ec-p256"],
+                       check=True, capture_output=True)
+    return inter, (root / "root-cert.pem").read_text()
+
+
+def publish(staged, dest):
+    """The whole set at once, as a Secret mount changes."""
+    tmp = dest.with_suffix(".tmp")
+    shutil.copytree(staged, tmp)
+    tmp.rename(dest)
+
+
+def status(ca):
+    out = subprocess.run([binary("signet-ca"), "rotation", "status", "--http-addr",
+                          f"127.0.0.1:{ca.http_port}", "--json"],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def fingerprints(pem):
+    return {c.fingerprint(c.signature_hash_algorithm).hex()
+            for c in x509.load_pem_x509_certificates(pem.encode())}
+
+
+def envoy_roots(envoy):
+    """Serial numbers of the roots Envoy validates peers with (`/certs`)."""
+    certs = json.loads(envoy.get("/certs"))["certificates"]
+    return {c["serial_number"] for entry in certs for c in entry.get("ca_cert", [])}
+
+
+def stub(ca, trust):
+    """A CreateCertificate client trusting the CA with the trust file as it is now
+    (ztunnel reads the root ConfigMap the same way)."""
+    creds = grpc.ssl_channel_credentials(root_certificates=trust.read_bytes())
+    channel = grpc.secure_channel(f"127.0.0.1:{ca.grpc_port}", creds,
+                                  options=[("grpc.ssl_target_name_override", SERVER_NAME)])
+    return ca_pb2_grpc.IstioCertificateServiceStub(channel)
+
+
+class Scheduled(threading.Thread):
+    """Asks for 60 s certificates and renews only at half their lifetime, keeping the
+    roots of each answer; records every answer."""
+
+    def __init__(self, ca, cluster, trust):
+        super().__init__(daemon=True)
+        self.ca, self.trust, self.token = ca, trust, cluster.token(ns=NS, sa="scheduled")
+        self.answers, self.errors, self.running = [], [], True
+
+    def fetch(self):
+        _, csr = make_csr(uri=spiffe("scheduled"))
+        chain = list(request(stub(self.ca, self.trust), csr, self.token, ttl=60).cert_chain)
+        leaf = x509.load_pem_x509_certificate(chain[0].encode())
+        self.answers.append(chain)
+        life = (leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds()
+        return leaf.not_valid_before_utc.timestamp() + life / 2
+
+    def run(self):
+        renew_at = self.fetch()
+        while self.running:
+            if time.time() >= renew_at:
+                try:
+                    renew_at = self.fetch()
+                except Exception as e:  # noqa: BLE001 (kept for the assertion)
+                    self.errors.append(repr(e))
+                    renew_at = time.time() + 1
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def started():
+    things = []
+    yield things
+    for t in reversed(things):
+        if hasattr(t, "stop"):
+            t.stop()
+        elif hasattr(t, "grpc_port"):
+            stop_ca(t)
+        else:
+            stop_agent(t)
+
+
+def test_a_declared_root_rotation_with_real_envoys_fails_no_request(cluster, tmp_path, started):
+    old_set, old_root = pki(tmp_path, "old")
+    new_set, new_root = pki(tmp_path, "new")
+    work = Path(tempfile.mkdtemp(prefix="rot", dir="/tmp"))
+    cacerts, nxt, trust = work / "cacerts", work / "next", work / "trust.pem"
+    shutil.copytree(old_set, cacerts)
+    ca = start_ca(work, cluster, cacerts=cacerts, extra_args=[
+        "--next-cacerts-dir", str(nxt), "--rotation-window", "40s",
+        "--root-cert-file", str(trust), "--default-ttl", "60s"])
+    started.append(ca)
+    assert status(ca)["stage"] == "idle"
+    agents = {sa: start_agent(ca, cluster, ns=NS, sa=sa, ca_root_cert=trust,
+                              extra_args=("--secret-ttl", "60s")) for sa in ("frontend", "backend")}
+    started.extend(agents.values())
+    bport, fport = free_port(), free_port()
+    b = backend(tmp_path, agents["backend"], bport)
+    f = client(tmp_path, agents["frontend"], fport, bport, "frontend", per_connection=True)
+    started.extend([b, f])
+    b.wait_ready(names=("default", "ROOTCA"))
+    f.wait_ready()
+    old_serials = envoy_roots(b)
+    scheduled = Scheduled(ca, cluster, trust)
+    scheduled.start()
+
+    failures, count, seen = [], 0, []
+    stop = threading.Event()
+
+    def traffic():
+        nonlocal count
+        while not stop.is_set():
+            code, body = get(fport)
+            count += 1
+            if code != 200:
+                failures.append((time.time(), code, body[:200]))
+            time.sleep(0.2)
+
+    load = threading.Thread(target=traffic, daemon=True)
+    load.start()
+    time.sleep(2)
+    publish(new_set, nxt)  # the operator's one step
+    # Every stage is reached with no further step: 240 s at most on a loaded machine.
+    deadline = time.time() + 240
+    while (st := status(ca))["stage"] != "done":
+        if not seen or seen[-1] != st["stage"]:
+            seen.append(st["stage"])
+        assert time.time() < deadline, f"stuck: {st}"
+        time.sleep(0.5)
+    stages = [s for s, _ in st["history"]]
+    assert stages == ["distribute", "switch", "retire", "done"], st
+    assert "distribute" in seen and "switch" in seen, seen
+    # Envoy drops the old root: its validation context holds the new one alone.
+    deadline = time.time() + 60
+    while envoy_roots(b) & old_serials or len(envoy_roots(b)) != 1:
+        assert time.time() < deadline, envoy_roots(b)
+        time.sleep(0.5)
+    time.sleep(2)
+    stop.set()
+    load.join()
+    scheduled.running = False
+    scheduled.join()
+    # The figures docs/root-rotation.md quotes (pytest -s shows them).
+    print(f"requests: {count}, failed: {len(failures)}; stage changes: {st['history']}; "
+          f"scheduled client renewals: {len(scheduled.answers) - 1}")
+    assert count > 100, count
+    assert not failures, f"{len(failures)} of {count} requests failed: {failures[:3]}"
+    assert not scheduled.errors, scheduled.errors
+    assert len(scheduled.answers) >= 2, "the scheduled client renewed on its own"
+    # The old root is in no bundle: the trust file, and a fresh answer.
+    assert fingerprints(trust.read_text()) == fingerprints(new_root)
+    _, csr = make_csr(uri=spiffe("scheduled"))
+    answer = request(stub(ca, trust), csr, cluster.token(ns=NS, sa="scheduled"),
+                     ttl=60).cert_chain
+    assert fingerprints(answer[-1]) == fingerprints(new_root)
+    assert fingerprints(old_root).isdisjoint(fingerprints(answer[-1]))
