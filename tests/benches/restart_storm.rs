@@ -23,14 +23,15 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use signet_agent::{identity::caclient::retry_pushback, identity::schedule::Backoff};
 use signet_e2e::{
-    JwtIssuer, TestRoot,
+    TestRoot,
+    fleet::{Jitter, connect, fleet_on_loopback, identities, steady_rate},
     kube::{KubeApi, TokenReviews},
     process::{CaProcess, ca_binary, cpu_time, pin},
     request,
@@ -64,7 +65,7 @@ fn main() {
     let cacerts = dir.path().join("cacerts");
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     root.write_cacerts(&cacerts, "Storm Intermediate", &key, Some(0), &[]);
-    let issuer = Arc::new(JwtIssuer::new("storm"));
+    let issuer = Arc::new(signet_e2e::JwtIssuer::new("storm"));
 
     let made = Instant::now();
     let identities = Arc::new(identities(&issuer, n, cores));
@@ -85,8 +86,8 @@ fn main() {
             let mut args = signet_e2e::jwt_ca_args(dir.path(), &issuer, &cacerts);
             args.extend(fleet_on_loopback());
             let ca = CaProcess::start(&binary, &args, ca_cores).await;
-            let channels = connect(&ca, &root.pem).await;
-            let rate = steady_rate(&channels, &identities, secs).await;
+            let channels = connect(&ca, &root.pem, CONNECTIONS).await;
+            let rate = steady_rate(&channels, &identities, secs, STEADY_CLIENTS).await;
             let ideal = n as f64 / rate;
             println!(
                 "  steady state: {rate:.0} certificates/s with {STEADY_CLIENTS} clients, so {n} ideally take {ideal:.1} s"
@@ -121,7 +122,7 @@ fn main() {
         args.extend(fleet_on_loopback());
         client_rt.block_on(async {
             let ca = CaProcess::start(&binary, &args, ca_cores).await;
-            let channels = connect(&ca, &root.pem).await;
+            let channels = connect(&ca, &root.pem, CONNECTIONS).await;
             let floor = n as f64 / f64::from(REVIEWS_PER_SECOND);
             let s = storm(&channels, &identities, &ca).await;
             s.print(n, floor, "the API server's limit");
@@ -140,53 +141,6 @@ fn main() {
 /// a second.
 const REVIEW_LATENCY: Duration = Duration::from_millis(5);
 const REVIEWS_PER_SECOND: u32 = 100;
-
-async fn connect(
-    ca: &CaProcess,
-    root_pem: &str,
-) -> Vec<IstioCertificateServiceClient<tonic::transport::Channel>> {
-    let mut channels = Vec::with_capacity(CONNECTIONS);
-    for _ in 0..CONNECTIONS {
-        channels.push(signet_e2e::client(ca.grpc, root_pem, None).await);
-    }
-    channels
-}
-
-/// Certificates per second with 64 clients, one request after another, for `secs`.
-async fn steady_rate(
-    channels: &[IstioCertificateServiceClient<tonic::transport::Channel>],
-    identities: &Arc<Vec<(String, String)>>,
-    secs: u64,
-) -> f64 {
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let mut steady = Vec::new();
-    for (i, client) in channels.iter().take(STEADY_CLIENTS).enumerate() {
-        let mut client = client.clone();
-        let (ids, stop, done) = (identities.clone(), stop.clone(), done.clone());
-        steady.push(tokio::spawn(async move {
-            let mut k = i;
-            while !stop.load(Ordering::Relaxed) {
-                let (token, csr) = &ids[k % ids.len()];
-                if client
-                    .create_certificate(request(csr, Some(token), 0))
-                    .await
-                    .is_ok()
-                {
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-                k += STEADY_CLIENTS;
-            }
-        }));
-    }
-    let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(secs)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in steady {
-        t.await.unwrap();
-    }
-    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
-}
 
 /// What a storm measured.
 struct Storm {
@@ -390,49 +344,4 @@ async fn storm(
         ca_cpu,
         ca_side: CaSide::read(&exposition).minus(&CaSide::read(&metrics_before)),
     }
-}
-
-/// `n` identities, `bench-<i>/sa`: an ES256 token each and a CSR for a fresh P-256 key,
-/// made on every core.
-fn identities(issuer: &Arc<JwtIssuer>, n: usize, cores: usize) -> Vec<(String, String)> {
-    let per = n.div_ceil(cores);
-    let workers: Vec<_> = (0..cores)
-        .map(|c| {
-            let issuer = issuer.clone();
-            std::thread::spawn(move || {
-                (c * per..((c + 1) * per).min(n))
-                    .map(|i| {
-                        let token = issuer.token(&format!("bench-{i}"), "sa");
-                        let (_, csr) = signet_e2e::csr(None);
-                        (token, csr)
-                    })
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
-    workers
-        .into_iter()
-        .flat_map(|w| w.join().unwrap())
-        .collect()
-}
-
-/// A small xorshift for the backoff's jitter (the agent draws it at random).
-struct Jitter(u64);
-
-impl Jitter {
-    fn unit(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
-/// The fleet's pods each have an address of their own in a cluster; here they all
-/// come from loopback, so loopback gets no per-peer connection cap.
-fn fleet_on_loopback() -> [String; 2] {
-    [
-        "--peer-connection-share".into(),
-        "127.0.0.0/8=unlimited".into(),
-    ]
 }

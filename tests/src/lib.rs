@@ -21,6 +21,7 @@ use std::{
 pub mod agent;
 pub mod ca;
 pub mod cluster;
+pub mod fleet;
 pub mod jwt;
 pub mod kube;
 pub mod mtls;

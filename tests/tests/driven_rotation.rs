@@ -25,7 +25,7 @@ use signet_e2e::{
     with_cert,
 };
 
-const WINDOW: &str = "20s";
+const WINDOW: &str = "10s";
 const FE: &str = "spiffe://cluster.local/ns/mesh/sa/frontend";
 const BE: &str = "spiffe://cluster.local/ns/mesh/sa/backend";
 const ZT: &str = "spiffe://cluster.local/ns/mesh/sa/scheduled";
@@ -80,7 +80,7 @@ impl Rig {
                 "--root-cert-file",
                 trust.to_str().unwrap(),
                 "--default-ttl",
-                "60s",
+                "30s",
             ]
             .map(String::from),
         );
@@ -96,14 +96,14 @@ impl Rig {
         }
     }
 
-    /// An agent of `sa` with a pod-bound token, 60 s certificates.
+    /// An agent of `sa` with a pod-bound token, 30 s certificates.
     async fn agent(&self, sa: &str) -> TestAgent {
         let args = self.setup.agent_args_trusting(
             &self.ca,
             "mesh",
             sa,
             &self.trust,
-            &["--secret-ttl", "60s"],
+            &["--secret-ttl", "30s"],
         );
         let token = self
             .setup
@@ -153,6 +153,11 @@ impl Rig {
         } = self;
         let grpc = ca.grpc;
         ca.stop().await;
+        // The old listener may take a moment to close after the stop.
+        signet_e2e::eventually(Duration::from_secs(10), "the gRPC port free", async || {
+            std::net::TcpListener::bind(grpc).ok().map(drop)
+        })
+        .await;
         let ca = TestCa::start_at(&args, grpc).await;
         Rig {
             setup,
@@ -165,7 +170,7 @@ impl Rig {
     }
 }
 
-/// A client that asks for 60 s certificates and renews only at half their lifetime,
+/// A client that asks for 30 s certificates and renews only at half their lifetime,
 /// whatever the CA's bundle does, trusting the roots of its last answer (ztunnel
 /// and pilot-agent read the answer's last element as their roots).
 struct Scheduled {
@@ -199,7 +204,7 @@ impl Scheduled {
             .await
             .ok()?;
         let answer = signet_proto::IstioCertificateServiceClient::new(channel)
-            .create_certificate(signet_e2e::request(&csr, Some(token), 60))
+            .create_certificate(signet_e2e::request(&csr, Some(token), 30))
             .await
             .ok()?
             .into_inner();
@@ -287,7 +292,7 @@ async fn a_declared_root_rotation_goes_through_every_stage_without_a_failed_hand
         .pod_token("mesh", "scheduled", "ztunnel-0", "uid-zt");
     let (held, lifetime) = Scheduled::fetch(rig.ca.grpc, &rig.trust, &zt_token).await;
     assert!(
-        lifetime > Duration::from_secs(50),
+        lifetime > Duration::from_secs(25),
         "issued before the declaration: {lifetime:?}"
     );
     let scheduled = Arc::new(tokio::sync::Mutex::new(Scheduled {
@@ -449,7 +454,7 @@ async fn a_new_intermediate_under_the_same_root_needs_no_wait_and_a_bad_next_set
     assert_eq!(done["roots"], 1, "the bundle never changed: {done}");
     let socket = rig.setup.socket("frontend");
     // The agent's next certificate comes from the new intermediate (its trust file
-    // did not change, so it renews on its schedule: at half of 60 s).
+    // did not change, so it renews on its schedule: at half of 30 s).
     signet_e2e::eventually(
         Duration::from_secs(60),
         "a leaf of Intermediate 2",

@@ -113,7 +113,8 @@ pub struct Driver {
     peer_notes: Vec<String>,
     ticks: u64,
     /// When the writers' objects were last read back (Unix seconds), and for which
-    /// bundle: read again after 15 s, or at once for another bundle.
+    /// bundle: read again after 5 s while some lag, 30 s once none does, and at once
+    /// for another bundle.
     readback: (i64, String),
 }
 
@@ -801,9 +802,11 @@ impl Driver {
         let t = now.unix_timestamp();
         if let Some(shared) = &self.settings.shared
             && matches!(self.record.stage, Stage::Distribute | Stage::Retire)
-            && (self.readback.1 != bundle || t - self.readback.0 >= 15)
+            && (self.readback.1 != bundle
+                || t - self.readback.0 >= if self.lagging.is_empty() { 30 } else { 5 })
         {
-            // Listing every root ConfigMap is not free: once per 15 s at most.
+            // Listing every root ConfigMap is not free: while some lag, every 5 s;
+            // once all hold the bundle, every 30 s to see it stays so.
             self.lagging = match shared.lagging(&bundle).await {
                 Ok(lagging) => lagging,
                 Err(e) => vec![format!("(cannot read back: {e})")],

@@ -29,7 +29,8 @@ const HEADROOM: Duration = Duration::minutes(10);
 /// latest end, never early).
 pub const MAX_HOLDERS: usize = 250_000;
 /// Slack past a leaf's renewal point before its holder counts as having missed
-/// renewal: holders renew on timers, not to the second.
+/// renewal (holders renew on timers, not to the second): this much, or a twentieth
+/// of the lifetime when that is less.
 pub const RENEWAL_GRACE: Duration = Duration::seconds(30);
 /// After a failed write of the marks, the next attempt waits this long (a failing
 /// disk is not retried under the ledger's lock for every leaf).
@@ -58,7 +59,8 @@ impl Marks {
 /// renew, counted from receipt (not from the backdated NotBefore), plus pilot-agent's
 /// 1 % jitter (`SECRET_GRACE_PERIOD_RATIO_JITTER`) and grace.
 pub fn renewal_point(issued: OffsetDateTime, not_after: OffsetDateTime) -> OffsetDateTime {
-    issued + (not_after - issued) * 0.51 + RENEWAL_GRACE
+    let life = not_after - issued;
+    issued + life * 0.51 + RENEWAL_GRACE.min(life / 20_i32)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -398,7 +400,7 @@ mod tests {
         assert_eq!(ledger.pending(&r, OLD, NEW, t(330)).count, 0);
         // A holder that never renews stops counting at its renewal point.
         ledger.record(Some("b@p"), OLD, t(0), t(100)).unwrap();
-        assert_eq!(ledger.pending(&r, OLD, NEW, t(340)).count, 0, "due at 81");
+        assert_eq!(ledger.pending(&r, OLD, NEW, t(340)).count, 0, "due at 56");
     }
 
     #[test]
