@@ -298,6 +298,9 @@ async fn tooling_output_serves_and_an_expired_intermediate_is_caught() {
     let ca = signet_e2e::TestCa::start(&[
         "--cacerts-dir".into(),
         p(&east).into(),
+        // The CA keeps its rotation record there: not in the working directory.
+        "--state-dir".into(),
+        d.path().join("state").display().to_string(),
         "--jwks".into(),
         jwt.write_jwks(d.path()).display().to_string(),
         "--jwt-issuer".into(),
