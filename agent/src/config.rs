@@ -121,6 +121,17 @@ pub struct InspectArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// The agent's HTTP listener, asked (at /trust) which stage of the CA's trust
+    /// change the served bundle belongs to; an unspecified address (`[::]`, as
+    /// `run` listens) means this host.
+    #[arg(
+        long,
+        env = "SIGNET_HTTP_ADDR",
+        default_value = "127.0.0.1:15020",
+        value_name = "ADDR"
+    )]
+    pub agent_addr: std::net::SocketAddr,
+
     /// How long to wait for the secrets (100ms to 1h).
     #[arg(long, default_value = "5s", value_parser = between(StdDuration::from_millis(100), StdDuration::from_secs(3600)), value_name = "DURATION")]
     pub timeout: StdDuration,

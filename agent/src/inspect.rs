@@ -68,10 +68,46 @@ pub enum SecretInfo {
     ValidationContext {
         name: String,
         roots: Vec<CertInfo>,
+        /// What the CA said of its trust change with this bundle, when the agent
+        /// serving it says (signet-agent's `/trust`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ca_trust_change: Option<TrustChange>,
     },
     Other {
         name: String,
     },
+}
+
+/// Which stage of the CA's trust change a bundle belongs to, as the agent says.
+#[derive(Debug, Serialize)]
+pub struct TrustChange {
+    /// The stage (`idle`, `distribute`, `switch`, `retire`, `done`, `aborting`);
+    /// `None` when the CA did not say (it is not signet-ca).
+    pub stage: Option<String>,
+    /// Whether the CA has been told this bundle is served.
+    pub reported: bool,
+}
+
+/// What the agent at `addr` says at `/trust`, or why it could not be asked.
+async fn agent_trust(addr: std::net::SocketAddr) -> Result<crate::server::TrustView, String> {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!("http://{addr}/trust");
+    let answer = reqwest::Client::builder()
+        .timeout(StdDuration::from_secs(2))
+        .build()
+        .map_err(|e| e.to_string())?
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !answer.status().is_success() {
+        return Err(format!("{url} answered {}", answer.status()));
+    }
+    let body = answer.bytes().await.map_err(|e| format!("{url}: {e}"))?;
+    serde_json::from_slice(&body).map_err(|e| format!("{url}: not signet-agent's answer ({e})"))
 }
 
 /// A gRPC channel over the Unix socket at `socket`.
@@ -101,12 +137,15 @@ pub async fn connect(socket: &std::path::Path) -> Result<tonic::transport::Chann
         })
 }
 
-/// Connects to `socket`, subscribes to `names`, and waits for one answer per name.
+/// Connects to `socket`, subscribes to `names`, and waits for one answer per name;
+/// asks the agent's HTTP listener at `agent` which stage of the CA's trust change
+/// the bundle it serves belongs to (shown with the bundle whose roots are those).
 pub async fn inspect(
     socket: PathBuf,
     names: Vec<String>,
     timeout: StdDuration,
     grace_ratio: f64,
+    agent: std::net::SocketAddr,
 ) -> Result<Vec<SecretInfo>, InspectError> {
     let channel = connect(&socket).await?;
     let mut client = SecretDiscoveryServiceClient::new(channel);
@@ -157,11 +196,39 @@ pub async fn inspect(
         }
     };
     drop(tx);
+    let trust = agent_trust(agent).await;
+    if let Err(e) = &trust {
+        tracing::debug!(error = %e, "the agent does not say which stage of a trust change it holds");
+    }
     let now = OffsetDateTime::now_utc();
-    Ok(found
+    let mut infos: Vec<SecretInfo> = found
         .iter()
         .map(|s| describe(s, now, grace_ratio))
-        .collect())
+        .collect();
+    if let Ok(view) = trust {
+        for info in &mut infos {
+            if let SecretInfo::ValidationContext {
+                roots,
+                ca_trust_change,
+                ..
+            } = info
+            {
+                let mut digests: Vec<&str> = roots
+                    .iter()
+                    .map(|r| r.sha256_fingerprint.as_str())
+                    .collect();
+                digests.sort_unstable();
+                digests.dedup();
+                if digests == view.roots.iter().map(String::as_str).collect::<Vec<_>>() {
+                    *ca_trust_change = Some(TrustChange {
+                        stage: view.stage.clone(),
+                        reported: view.reported,
+                    });
+                }
+            }
+        }
+    }
+    Ok(infos)
 }
 
 fn inline(source: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>) -> Vec<u8> {
@@ -241,6 +308,7 @@ fn describe(secret: &Secret, now: OffsetDateTime, grace_ratio: f64) -> SecretInf
         Some(secret::Type::ValidationContext(vc)) => SecretInfo::ValidationContext {
             name: secret.name.clone(),
             roots: certs(&inline(&vc.trusted_ca), now),
+            ca_trust_change: None,
         },
         _ => SecretInfo::Other {
             name: secret.name.clone(),
@@ -295,11 +363,30 @@ pub fn render_text(secrets: &[SecretInfo]) -> String {
                     out.push_str(&format!("  rotation in {}\n", human(*r)));
                 }
             }
-            SecretInfo::ValidationContext { name, roots } => {
+            SecretInfo::ValidationContext {
+                name,
+                roots,
+                ca_trust_change,
+            } => {
                 out.push_str(&format!(
                     "{name}: trust bundle of {} root(s)\n",
                     roots.len()
                 ));
+                if let Some(change) = ca_trust_change {
+                    let told = if change.reported {
+                        "the CA knows it is served"
+                    } else {
+                        "the CA is told it is served with the next request"
+                    };
+                    match &change.stage {
+                        Some(stage) => {
+                            out.push_str(&format!("  CA trust change: {stage} ({told})\n"))
+                        }
+                        None => {
+                            out.push_str("  CA trust change: not said (the CA is not signet-ca)\n")
+                        }
+                    }
+                }
                 for r in roots {
                     out.push_str(&format!(
                         "  {}\n    sha256 {}\n    key id {}\n    expires {} ({} left)\n",
@@ -317,4 +404,40 @@ pub fn render_text(secrets: &[SecretInfo]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(change: Option<TrustChange>) -> String {
+        render_text(&[SecretInfo::ValidationContext {
+            name: "ROOTCA".into(),
+            roots: Vec::new(),
+            ca_trust_change: change,
+        }])
+    }
+
+    #[test]
+    fn the_text_says_which_stage_of_the_cas_trust_change_the_bundle_belongs_to() {
+        let text = bundle(Some(TrustChange {
+            stage: Some("distribute".into()),
+            reported: false,
+        }));
+        assert!(
+            text.contains(
+                "CA trust change: distribute (the CA is told it is served with the next request)"
+            ),
+            "{text}"
+        );
+        let text = bundle(Some(TrustChange {
+            stage: None,
+            reported: true,
+        }));
+        assert!(
+            text.contains("not said (the CA is not signet-ca)"),
+            "{text}"
+        );
+        assert!(!bundle(None).contains("trust change"));
+    }
 }

@@ -82,11 +82,15 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Inspect(args) => {
+            // The HTTP client asking the agent at /trust builds its TLS support from
+            // the process default even for plain HTTP.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             match runtime.block_on(signet_agent::inspect::inspect(
                 args.socket,
                 args.names,
                 args.timeout,
                 0.5,
+                args.agent_addr,
             )) {
                 Ok(secrets) if args.json => {
                     println!(

@@ -215,6 +215,32 @@ pub async fn run_with(
     Ok(())
 }
 
+/// What `/trust` answers: the trust bundle served as `ROOTCA` and what the CA said
+/// of its trust change with it (`signet-agent inspect` shows it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TrustView {
+    /// SHA-256 of each root served, lowercase hex, sorted.
+    pub roots: Vec<String>,
+    /// The stage of the CA's trust change the bundle belongs to; `None` when the CA
+    /// did not say (istiod).
+    pub stage: Option<String>,
+    /// Whether the CA has been told that these roots are served.
+    pub reported: bool,
+    /// The certificate that came with the bundle (serial, hex).
+    pub serial: String,
+}
+
+impl TrustView {
+    fn of(svid: &crate::identity::svid::Svid) -> Self {
+        Self {
+            roots: svid.root_digests.iter().map(hex::encode).collect(),
+            stage: svid.trust.stage.clone(),
+            reported: svid.trust.reported,
+            serial: svid.serial.clone(),
+        }
+    }
+}
+
 /// Streams one SDS connection may have open at once: Envoy opens one per secret it
 /// subscribes to (a sidecar a handful; the agent bench models 100).
 const SDS_MAX_STREAMS: u32 = 128;
@@ -227,6 +253,7 @@ async fn serve_http(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), std::io::Error> {
     let ready_store = store.clone();
+    let trust_store = store.clone();
     let app = Router::new()
         .route(
             "/healthz/ready",
@@ -237,6 +264,26 @@ async fn serve_http(
                         (StatusCode::OK, "ready\n")
                     } else {
                         (StatusCode::SERVICE_UNAVAILABLE, "no certificate yet\n")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/trust",
+            get(move || {
+                let view = trust_store.svid().map(|s| TrustView::of(&s));
+                async move {
+                    match view {
+                        Some(view) => (
+                            StatusCode::OK,
+                            [(axum::http::header::CONTENT_TYPE, "application/json")],
+                            serde_json::to_string(&view).unwrap_or_default(),
+                        ),
+                        None => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                            "no certificate yet\n".to_owned(),
+                        ),
                     }
                 }
             }),

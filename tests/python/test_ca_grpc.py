@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from google.protobuf import struct_pb2
+from istio.v1.auth import ca_pb2
 
 from conftest import (ISSUER, Cluster, binary, make_csr, openssl_verify, request, start_ca,
                       stop_ca)
@@ -118,6 +119,30 @@ def test_bad_csrs_are_invalid_argument(ca, cluster):
     weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     _, csr = make_csr(key=weak)
     expect_error(grpc.StatusCode.INVALID_ARGUMENT, lambda: request(stub, csr, token), "RSA-1024")
+
+
+def test_served_roots_are_heard_and_the_trust_stage_is_told(ca, cluster):
+    """A signet-agent says which roots it serves (`signet-served-roots`) and hears the
+    stage of the CA's trust change (`signet-trust-stage`); a grpcio client built from
+    our protos sends the same metadata. A malformed value is refused by name."""
+    stub, token = ca.stub(), cluster.token()
+    _, csr = make_csr(uri=SPIFFE)
+    root = x509.load_pem_x509_certificate(ca.root_pem)
+    served = root.fingerprint(hashes.SHA256()).hex()
+    md = [("authorization", f"Bearer {token}"), ("clusterid", "Kubernetes"),
+          ("signet-served-roots", served)]
+    answer, call = stub.CreateCertificate.with_call(
+        ca_pb2.IstioCertificateRequest(csr=csr), metadata=md, timeout=30)
+    assert len(answer.cert_chain) >= 2
+    assert ("signet-trust-stage", "idle") in call.initial_metadata()
+    for bad, says in [("xyz", "entry 1"), (served + ",", "entry 2"), (served.upper(), "lowercase"),
+                      (",".join([served] * 33), "more than 32")]:
+        md[-1] = ("signet-served-roots", bad)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.CreateCertificate(ca_pb2.IstioCertificateRequest(csr=csr), metadata=md, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert "signet-served-roots" in e.value.details() and says in e.value.details(), \
+            e.value.details()
 
 
 def test_csr_for_another_identity_is_permission_denied(ca, cluster):

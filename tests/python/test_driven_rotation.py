@@ -6,7 +6,9 @@ them a grpcio client that renews only at half its lifetime, as ztunnel does. The
 operator's one step is putting the next set in place; the CA goes through
 distribute, switch, retire and done by itself (`signet-ca rotation status --json`,
 the real command, reports each), no request fails, and at the end the old root is in
-no bundle: the trust file, what Envoy holds as its validation context, the answers."""
+no bundle: the trust file, what Envoy holds as its validation context, the answers.
+The agents tell the CA which roots they serve, and `signet-agent inspect` shows which
+stage's bundle each holds."""
 
 import json
 import shutil
@@ -116,13 +118,23 @@ def started():
             stop_agent(t)
 
 
-def served_leaf(agent):
-    """The certificate the agent serves as `default`, as `signet-agent inspect --json`
-    describes it."""
+def inspect(agent):
+    """What `signet-agent inspect --json` says of the agent's secrets."""
     out = subprocess.run([binary("signet-agent"), "inspect", "--socket", str(agent.socket),
-                          "--json"], capture_output=True, text=True, timeout=60,
-                         check=True).stdout
-    return next(s["leaf"] for s in json.loads(out) if s.get("leaf"))
+                          "--agent-addr", f"127.0.0.1:{agent.http_port}", "--json"],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    return json.loads(out)
+
+
+def served_leaf(agent):
+    """The certificate the agent serves as `default`."""
+    return next(s["leaf"] for s in inspect(agent) if s.get("leaf"))
+
+
+def trust_change(agent):
+    """Which stage of the CA's trust change the agent's ROOTCA belongs to, as
+    `inspect` shows it."""
+    return next(s for s in inspect(agent) if s["name"] == "ROOTCA").get("ca_trust_change")
 
 
 @pytest.mark.parametrize("change", ["root", "intermediate"])
@@ -196,6 +208,18 @@ def test_a_declared_rotation_with_real_envoys_fails_no_request(cluster, tmp_path
             while "L=new" not in (leaf := served_leaf(agent))["issuer"]:
                 assert time.time() < deadline, leaf
                 time.sleep(0.5)
+    # Each agent told the CA it serves the new bundle (request metadata), and says
+    # which stage's bundle it holds; the CA counts both agents as serving the next
+    # roots alone.
+    deadline = time.time() + 60
+    while True:
+        held = {sa: trust_change(agent) for sa, agent in agents.items()}
+        serving = status(ca)["serving"]
+        if (all(h and h["stage"] in ("retire", "done") and h["reported"] for h in held.values())
+                and serving["next_alone"] >= 2 and serving["lacking"] == 0):
+            break
+        assert time.time() < deadline, (held, serving)
+        time.sleep(0.5)
     # The scheduled client renews on its own schedule (at half of its first 30 s).
     deadline = time.time() + 90
     while len(scheduled.answers) < 2:

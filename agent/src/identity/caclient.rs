@@ -9,6 +9,7 @@ use signet_proto::{
         FetchJwtBundleRequest, FetchJwtBundleResponse, MintJwtSvidRequest,
         jwt_svid_service_client::JwtSvidServiceClient,
     },
+    trust,
 };
 use time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
@@ -236,6 +237,19 @@ pub fn retry_pushback(status: &tonic::Status) -> Option<StdDuration> {
 /// A boxed future of a CA answer (the `cert_chain`).
 pub type SignFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<String>, CaError>> + Send + 'a>>;
 
+/// A CA's answer to a CSR, with what it said beside it.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The `cert_chain`: leaf, intermediates, then the trust bundle.
+    pub chain: Vec<String>,
+    /// The stage of signet-ca's trust change the bundle belongs to
+    /// (`signet-trust-stage`); `None` when the CA did not say (istiod).
+    pub trust_stage: Option<String>,
+}
+
+/// A boxed future of an [`Answer`].
+pub type AnswerFuture<'a> = Pin<Box<dyn Future<Output = Result<Answer, CaError>> + Send + 'a>>;
+
 /// A boxed future of a JWT answer.
 pub type JwtFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, CaError>> + Send + 'a>>;
 
@@ -264,6 +278,22 @@ impl std::fmt::Debug for MintedJwt {
 pub trait CaClient: Send + Sync {
     /// Sends one CSR asking for `ttl`.
     fn sign<'a>(&'a self, csr: &'a str, ttl: Duration) -> SignFuture<'a>;
+
+    /// [`Self::sign`], telling the CA the roots served now (SHA-256 of each) and
+    /// hearing which stage of its trust change the answer's bundle belongs to.
+    fn sign_telling<'a>(
+        &'a self,
+        csr: &'a str,
+        ttl: Duration,
+        _served: &'a [[u8; 32]],
+    ) -> AnswerFuture<'a> {
+        Box::pin(async move {
+            Ok(Answer {
+                chain: self.sign(csr, ttl).await?,
+                trust_stage: None,
+            })
+        })
+    }
 
     /// Asks for a JWT-SVID for `audiences`, of the CA's default lifetime.
     fn mint_jwt<'a>(&'a self, _audiences: &'a [String]) -> JwtFuture<'a, MintedJwt> {
@@ -414,20 +444,59 @@ impl GrpcCaClient {
     }
 }
 
+impl GrpcCaClient {
+    /// One CreateCertificate call, saying the roots `served` when given.
+    async fn create(
+        &self,
+        csr: &str,
+        ttl: Duration,
+        served: Option<&[[u8; 32]]>,
+    ) -> Result<Answer, CaError> {
+        let mut request = self.authorized(IstioCertificateRequest {
+            csr: csr.to_owned(),
+            validity_duration: ttl.whole_seconds(),
+            metadata: None,
+        })?;
+        if let Some(served) = served
+            && let Ok(value) = trust::encode_roots(served).parse()
+        {
+            request.metadata_mut().insert(trust::SERVED_ROOTS, value);
+        }
+        let mut client = IstioCertificateServiceClient::new(self.channel()?);
+        match client.create_certificate(request).await {
+            Ok(answer) => Ok(Answer {
+                trust_stage: answer
+                    .metadata()
+                    .get(trust::TRUST_STAGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(stage_name)
+                    .map(str::to_owned),
+                chain: answer.into_inner().cert_chain,
+            }),
+            Err(status) => Err(self.failed(&status)),
+        }
+    }
+}
+
+/// A stage name as signet-ca sends it: a short lowercase word; anything else is not
+/// shown.
+fn stage_name(value: &str) -> Option<&str> {
+    (!value.is_empty() && value.len() <= 16 && value.bytes().all(|b| b.is_ascii_lowercase()))
+        .then_some(value)
+}
+
 impl CaClient for GrpcCaClient {
     fn sign<'a>(&'a self, csr: &'a str, ttl: Duration) -> SignFuture<'a> {
-        Box::pin(async move {
-            let request = self.authorized(IstioCertificateRequest {
-                csr: csr.to_owned(),
-                validity_duration: ttl.whole_seconds(),
-                metadata: None,
-            })?;
-            let mut client = IstioCertificateServiceClient::new(self.channel()?);
-            match client.create_certificate(request).await {
-                Ok(answer) => Ok(answer.into_inner().cert_chain),
-                Err(status) => Err(self.failed(&status)),
-            }
-        })
+        Box::pin(async move { Ok(self.create(csr, ttl, None).await?.chain) })
+    }
+
+    fn sign_telling<'a>(
+        &'a self,
+        csr: &'a str,
+        ttl: Duration,
+        served: &'a [[u8; 32]],
+    ) -> AnswerFuture<'a> {
+        Box::pin(self.create(csr, ttl, Some(served)))
     }
 
     fn mint_jwt<'a>(&'a self, audiences: &'a [String]) -> JwtFuture<'a, MintedJwt> {

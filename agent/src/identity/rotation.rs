@@ -13,7 +13,7 @@ use crate::{
     identity::catrust::CaTrust,
     identity::keys::{KeyError, KeyType, WorkloadKey},
     identity::schedule::{Next, Schedule, TrustSyncEnd, Why},
-    identity::svid::{self, AnswerError, Svid},
+    identity::svid::{self, AnswerError, Svid, TrustNote},
     metrics::Metrics,
 };
 use signet_flags::{ConfigError, DAY, between, lifetime_between};
@@ -409,6 +409,12 @@ impl Rotation {
             }
             None => {}
         }
+        if let Why::Report { delay } = next.why {
+            tracing::info!(
+                after = ?delay,
+                "the CA is changing its trust: telling it the roots now served with the next request"
+            );
+        }
         if let Why::TrustSync { delay } = next.why {
             tracing::info!(
                 retry_in = ?delay,
@@ -443,18 +449,30 @@ impl Rotation {
             .await
             .map_err(|e| FetchError::Task(e.to_string()))??;
         let csr = key.csr(&self.id)?;
+        // The roots served now: signet-ca counts a holder as serving a trust
+        // change's next roots only once it says so.
+        let served = self
+            .store
+            .current()
+            .map(|s| s.root_digests.clone())
+            .unwrap_or_default();
         let started = std::time::Instant::now();
         self.metrics.outgoing_requests.inc();
-        let answer = self.ca.sign(&csr, self.ttl).await;
+        let answer = self.ca.sign_telling(&csr, self.ttl, &served).await;
         self.metrics.observe_csr(started.elapsed());
-        let chain = answer?;
-        Ok(svid::check_answer(
-            &chain,
+        let answer = answer?;
+        let mut svid = svid::check_answer(
+            &answer.chain,
             &self.id,
             &key.spki(),
             key.pkcs8_pem(),
             self.clock.now(),
-        )?)
+        )?;
+        svid.trust = TrustNote {
+            stage: answer.trust_stage,
+            reported: svid.root_digests == served,
+        };
+        Ok(svid)
     }
 }
 

@@ -29,6 +29,13 @@ pub const TRUST_SYNC_MAX: StdDuration = StdDuration::from_secs(30);
 /// otherwise get the whole namespace back in lockstep, step after step.
 pub const TRUST_SYNC_SPREAD: StdDuration = StdDuration::from_secs(10);
 
+/// Shortest wait before telling signet-ca, during its trust change, the roots now
+/// served (the next request says them).
+pub const REPORT_MIN: StdDuration = StdDuration::from_secs(1);
+/// Longest: the agents of a namespace learn the new bundle together, and tell it
+/// spread over this much.
+pub const REPORT_SPREAD: StdDuration = StdDuration::from_secs(5);
+
 /// The backoff for asking again after a trust-file change; `unit` in [0, 1) picks
 /// its first step between [`TRUST_SYNC_MIN`] and [`TRUST_SYNC_SPREAD`].
 pub fn trust_sync_backoff(unit: f64) -> Backoff {
@@ -108,6 +115,10 @@ pub enum Why {
     /// Attempt `attempt` failed; retry after `delay`, the CA's pushback when it sent
     /// one, else the backoff's step.
     Retry { delay: StdDuration, attempt: u64 },
+    /// signet-ca is in a trust change and does not know yet that the roots just
+    /// published are served: the next request, after `delay`, tells it (the CA
+    /// counts this agent as holding the next roots only then).
+    Report { delay: StdDuration },
 }
 
 /// How a wait for the CA's bundle to reflect a trust-file change ended.
@@ -219,11 +230,26 @@ impl Schedule {
             });
             self.known = trust;
         }
-        let refreshing = |ended| Next {
-            at: refresh,
-            why: Why::Refresh,
-            refresh: Some(refresh),
-            ended,
+        // A signet-ca in a trust change hears what is served from the next request.
+        let report_due =
+            svid.trust.stage.as_deref().is_some_and(|s| s != "idle") && !svid.trust.reported;
+        let mut refreshing = |ended| {
+            if !report_due {
+                return Next {
+                    at: refresh,
+                    why: Why::Refresh,
+                    refresh: Some(refresh),
+                    ended,
+                };
+            }
+            let spread = REPORT_SPREAD.saturating_sub(REPORT_MIN);
+            let delay = REPORT_MIN + spread.mul_f64((self.draw)().clamp(0.0, 1.0));
+            Next {
+                at: (now + Duration::try_from(delay).unwrap_or(Duration::seconds(5))).min(refresh),
+                why: Why::Report { delay },
+                refresh: Some(refresh),
+                ended,
+            }
         };
         let Some(sync) = &mut self.sync else {
             return refreshing(None);
@@ -339,6 +365,8 @@ mod tests {
             not_before: t(0),
             not_after: t(86_400),
             chain_len: 1,
+            root_digests: Vec::new(),
+            trust: Default::default(),
         }
     }
 
@@ -455,5 +483,39 @@ mod tests {
             Some(TrustSyncEnd::TimedOut(Duration::seconds(601)))
         );
         assert_eq!(s.trusted(), bundle(&[&new]).map(|b| b.digest));
+    }
+
+    #[test]
+    fn during_a_cas_trust_change_a_new_bundle_is_reported_by_the_next_request_soon() {
+        let (old, new) = (pem(1), pem(2));
+        let mut s = schedule(bundle(&[&old]));
+        let mut union = svid(&format!("{old}{new}"));
+        union.trust.stage = Some("distribute".into());
+        // The request that brought the union said the old roots: tell the CA soon,
+        // spread over 1-5 s (drawn mid-range), never past the refresh point.
+        let next = s.after_success(&union, bundle(&[&old, &new]), t(100));
+        assert_eq!(
+            (next.why.clone(), next.ended),
+            (
+                Why::Report {
+                    delay: StdDuration::from_secs(3)
+                },
+                Some(TrustSyncEnd::Reflected)
+            )
+        );
+        assert_eq!(next.at, t(103));
+        // Told: back to the refresh point.
+        union.trust.reported = true;
+        let next = s.after_success(&union, bundle(&[&old, &new]), t(104));
+        assert_eq!(next.why, Why::Refresh);
+        // A CA that says nothing (istiod), or is idle, is not told anything sooner.
+        for stage in [None, Some("idle".to_owned())] {
+            let mut quiet = svid(&new);
+            quiet.trust.stage = stage;
+            assert_eq!(
+                s.after_success(&quiet, bundle(&[&old, &new]), t(200)).why,
+                Why::Refresh
+            );
+        }
     }
 }

@@ -53,6 +53,21 @@ pub struct Svid {
     pub not_after: OffsetDateTime,
     /// Number of certificates in `chain_pem`.
     pub chain_len: usize,
+    /// SHA-256 of each root in `roots_pem`, sorted, without repeats.
+    pub root_digests: Vec<[u8; 32]>,
+    /// What the CA said of its trust change with this answer.
+    pub trust: TrustNote,
+}
+
+/// What signet-ca says of its trust change with an answer (other CAs say nothing).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustNote {
+    /// The stage of the CA's trust change the answer's bundle belongs to
+    /// (`distribute`, ...); `None` when the CA did not say.
+    pub stage: Option<String>,
+    /// Whether the request that brought it told the CA these very roots as the ones
+    /// served; if not, the CA learns it from the next request.
+    pub reported: bool,
 }
 
 impl fmt::Debug for Svid {
@@ -179,6 +194,15 @@ pub fn check_answer(
         chain_len += 1;
     }
     let roots_pem: String = roots.iter().map(|r| signet_spiffe::pem_cert(r)).collect();
+    let mut root_digests: Vec<[u8; 32]> = roots
+        .iter()
+        .map(|r| {
+            use sha2::Digest;
+            sha2::Sha256::digest(r.as_ref()).into()
+        })
+        .collect();
+    root_digests.sort_unstable();
+    root_digests.dedup();
     Ok(Svid {
         id: id.clone(),
         chain_pem,
@@ -189,6 +213,8 @@ pub fn check_answer(
         not_before,
         not_after,
         chain_len,
+        root_digests,
+        trust: TrustNote::default(),
     })
 }
 

@@ -11,7 +11,9 @@ use std::{
 };
 
 use rustls::pki_types::UnixTime;
-use signet_proto::{IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService};
+use signet_proto::{
+    IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService, trust,
+};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 use tonic::{Code, Request, Response, Status};
@@ -102,6 +104,8 @@ enum RequestError {
     Sign(#[from] SignError),
     #[error(transparent)]
     Queue(#[from] QueueError),
+    #[error(transparent)]
+    Served(#[from] trust::RootsError),
 }
 
 impl RequestError {
@@ -133,7 +137,9 @@ impl RequestError {
                 | PolicyError::Impersonation { .. }
                 | PolicyError::ImpersonationRefused { .. },
             ) => Status::permission_denied(message),
-            Self::Policy(PolicyError::BadTarget { .. }) => Status::invalid_argument(message),
+            Self::Policy(PolicyError::BadTarget { .. }) | Self::Served(_) => {
+                Status::invalid_argument(message)
+            }
             Self::Policy(PolicyError::PodsNotSynced(_)) => Status::unavailable(message),
             Self::Policy(PolicyError::Identity(_)) => Status::failed_precondition(message),
             Self::Policy(PolicyError::ChainExpired(_)) => Status::internal(message),
@@ -161,7 +167,8 @@ impl RequestError {
                 | PolicyError::ImpersonationRefused { .. }
                 | PolicyError::BadTarget { .. }
                 | PolicyError::PodsNotSynced(_),
-            ) => None,
+            )
+            | Self::Served(_) => None,
             Self::Csr(_)
             | Self::Policy(PolicyError::ForeignSan { .. } | PolicyError::Identity(_))
             | Self::Sign(SignError::PublicKey(_)) => Some("CSR_ERROR"),
@@ -212,6 +219,7 @@ impl CaService {
             .await
             .inspect_err(|_| self.metrics.authentication_failure_count.inc())?;
 
+        let served = served_roots(request.metadata())?;
         let body = request.into_inner();
         let csr = csr::parse(&body.csr)?;
         let target = impersonation_target(&body)?;
@@ -246,12 +254,26 @@ impl CaService {
                     decision.subject_cn.as_deref(),
                 )?;
                 // Noted before the answer leaves: the marks on disk must cover it.
-                rotation.note(holder.as_deref(), &signer, &issued);
+                rotation.note(holder.as_deref(), &signer, &issued, served.as_deref());
                 Ok(issued)
             })
             .await??;
         Ok((caller, decided, issued))
     }
+}
+
+/// The roots a signet-agent says it serves (`signet-served-roots`); `None` from
+/// other clients, which do not say.
+fn served_roots(
+    metadata: &tonic::metadata::MetadataMap,
+) -> Result<Option<Vec<[u8; 32]>>, trust::RootsError> {
+    let Some(value) = metadata.get(trust::SERVED_ROOTS) else {
+        return Ok(None);
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| trust::RootsError("not ASCII".into()))?;
+    trust::decode_roots(value).map(Some)
 }
 
 /// Who holds a leaf, as a trust change tracks renewals: the identity and the pod
@@ -375,7 +397,13 @@ impl IstioCertificateService for CaService {
                 cert_chain.push(issued.leaf);
                 cert_chain.extend(issued.chain.into_iter().map(|c| c.pem));
                 cert_chain.push(issued.roots);
-                Ok(Response::new(IstioCertificateResponse { cert_chain }))
+                let mut answer = Response::new(IstioCertificateResponse { cert_chain });
+                // Which stage's bundle this is, for signet-agents (others ignore it).
+                answer.metadata_mut().insert(
+                    trust::TRUST_STAGE,
+                    tonic::metadata::MetadataValue::from_static(self.rotation.stage().name()),
+                );
+                Ok(answer)
             }
             Err(e) => Err(self.refuse(&e, &peer)),
         };

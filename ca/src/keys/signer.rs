@@ -115,6 +115,8 @@ pub struct Signer {
     chain: Vec<CertificateDer<'static>>,
     chain_pem: Vec<ChainCert>,
     roots: Vec<CertificateDer<'static>>,
+    /// SHA-256 of each root, sorted, without repeats.
+    root_digests: Vec<[u8; 32]>,
     roots_pem: String,
     crls: Vec<CertificateRevocationListDer<'static>>,
     anchor: TrustAnchor<'static>,
@@ -185,6 +187,7 @@ impl Signer {
                 .collect(),
             chain: m.chain,
             roots_pem: m.roots.iter().map(to_pem).collect(),
+            root_digests: digests(&m.roots),
             signing_cert: m.signing_cert,
             signing_subject,
             signing_key_id,
@@ -461,6 +464,10 @@ impl Signer {
     pub fn crls(&self) -> &[CertificateRevocationListDer<'static>] {
         &self.crls
     }
+    /// SHA-256 of each root of the bundle, sorted, without repeats.
+    pub fn root_digests(&self) -> &[[u8; 32]] {
+        &self.root_digests
+    }
     /// The trust bundle as the PEM string sent as the last `cert_chain` element.
     pub fn roots_pem(&self) -> &str {
         &self.roots_pem
@@ -491,6 +498,17 @@ impl Signer {
     pub fn leaf_not_after_limit(&self) -> OffsetDateTime {
         self.leaf_not_after_limit
     }
+}
+
+/// SHA-256 of each of `roots`, sorted, without repeats.
+fn digests(roots: &[CertificateDer<'_>]) -> Vec<[u8; 32]> {
+    let mut all: Vec<[u8; 32]> = roots
+        .iter()
+        .map(|r| Sha256::digest(r.as_ref()).into())
+        .collect();
+    all.sort_unstable();
+    all.dedup();
+    all
 }
 
 #[cfg(test)]

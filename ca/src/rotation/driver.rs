@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use super::{
     Rotation, chain_id,
     flags::RotationArgs,
-    ledger::{Ledger, LedgerError, Pending},
+    ledger::{Ledger, LedgerError, Pending, Serving},
     next, rfc3339,
     sets::{
         compose, in_place, key, load, next_dir, promote_self_signed, read_record, root_digests,
@@ -316,6 +316,7 @@ impl Driver {
             let published = key(self.record.stage, &self.base, self.next.as_ref()) == self.composed;
             let evidence = Evidence {
                 pending: self.pending.count,
+                late: self.pending.late,
                 complete: self.pending.complete,
                 consumers_converged: self.converged && published,
                 peers_distributed,
@@ -423,7 +424,8 @@ impl Driver {
         if self.record.stage != record.stage {
             tracing::info!(stage = %record.stage, previous = %self.record.stage, "trust change: stage entered (following the shared record)");
         }
-        self.rotation.set_stage(record.stage, record.window());
+        self.rotation
+            .set_stage(record.stage, record.window(), &record.next_roots);
         self.record = record;
         self.problem = None;
         if let Err(e) = write_record(&self.settings.keys.state_dir, &self.record) {
@@ -728,7 +730,8 @@ impl Driver {
             }
             tracing::warn!(error = %e, "cannot keep a copy of the rotation record in the state directory");
         }
-        self.rotation.set_stage(record.stage, record.window());
+        self.rotation
+            .set_stage(record.stage, record.window(), &record.next_roots);
         self.record = record;
         true
     }
@@ -857,6 +860,8 @@ impl Driver {
             stage: self.record.stage,
             since: self.record.since,
             pending: own.count,
+            late: own.late,
+            serving: own.serving,
             complete: own.complete,
             sample: own.sample,
             at: now.unix_timestamp(),
@@ -914,48 +919,50 @@ impl Driver {
             ),
         };
         let at = |s: i64| rfc3339(OffsetDateTime::from_unix_timestamp(s).unwrap_or(now));
-        self.rotation.show(
-            r.stage,
-            r.window(),
-            Status {
-                stage: r.stage,
-                since: at(r.since),
-                seconds_in_stage: now.unix_timestamp() - r.since,
-                declared_at: (r.stage != Stage::Idle).then(|| at(r.declared_at)),
-                from: r.from.clone(),
-                to: (r.stage != Stage::Idle).then(|| r.to.clone()),
-                signing: format!(
-                    "{} (valid until {})",
-                    next::signing_cert_file(self.published.source()).display(),
-                    rfc3339(self.published.signing_not_after())
-                ),
-                roots: self.published.roots().len(),
-                window_seconds: r.window_secs,
-                waiting_for,
-                pending: if active { pending.count } else { 0 },
-                complete: pending.complete,
-                pending_sample: if active { pending.sample } else { Vec::new() },
-                consumers_converged: self.converged,
-                lagging: self
-                    .lagging
-                    .iter()
-                    .chain(&self.peer_notes)
-                    .take(10)
-                    .cloned()
-                    .collect(),
-                role: self.settings.shared.as_ref().map(|s| {
-                    let role = if self.leading() {
-                        "elected"
-                    } else {
-                        "following"
-                    };
-                    format!("{role} ({}, {})", s.replica(), s.place())
-                }),
-                expected_end: r.latest_end().map(rfc3339),
-                problem: self.problem.clone(),
-                history: r.history.iter().map(|c| (c.stage, at(c.at))).collect(),
+        self.rotation.set_stage(r.stage, r.window(), &r.next_roots);
+        self.rotation.show(Status {
+            stage: r.stage,
+            since: at(r.since),
+            seconds_in_stage: now.unix_timestamp() - r.since,
+            declared_at: (r.stage != Stage::Idle).then(|| at(r.declared_at)),
+            from: r.from.clone(),
+            to: (r.stage != Stage::Idle).then(|| r.to.clone()),
+            signing: format!(
+                "{} (valid until {})",
+                next::signing_cert_file(self.published.source()).display(),
+                rfc3339(self.published.signing_not_after())
+            ),
+            roots: self.published.roots().len(),
+            window_seconds: r.window_secs,
+            waiting_for,
+            pending: if active { pending.count } else { 0 },
+            complete: pending.complete,
+            pending_sample: if active { pending.sample } else { Vec::new() },
+            consumers_converged: self.converged,
+            lagging: self
+                .lagging
+                .iter()
+                .chain(&self.peer_notes)
+                .take(10)
+                .cloned()
+                .collect(),
+            role: self.settings.shared.as_ref().map(|s| {
+                let role = if self.leading() {
+                    "elected"
+                } else {
+                    "following"
+                };
+                format!("{role} ({}, {})", s.replica(), s.place())
+            }),
+            expected_end: r.latest_end().map(rfc3339),
+            problem: self.problem.clone(),
+            history: r.history.iter().map(|c| (c.stage, at(c.at))).collect(),
+            serving: if r.stage == Stage::Idle {
+                Serving::default()
+            } else {
+                pending.serving
             },
-        );
+        });
     }
 
     fn metrics(&self, metrics: &Metrics, now: OffsetDateTime) {

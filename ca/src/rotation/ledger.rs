@@ -63,6 +63,30 @@ pub fn renewal_point(issued: OffsetDateTime, not_after: OffsetDateTime) -> Offse
     issued + life * 0.51 + RENEWAL_GRACE.min(life / 20_i32)
 }
 
+/// What a holder says it serves (signet-agents say it in every request), against
+/// the roots of the declared next set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Serves {
+    /// It did not say, or no trust change was under way.
+    #[default]
+    Unknown,
+    /// A bundle without every next root.
+    Lacking,
+    /// The next roots and others (the union).
+    Both,
+    /// The next roots alone.
+    NextAlone,
+}
+
+/// What one leaf's request and answer tell about the trust change.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seen {
+    /// The answer's bundle held every next root.
+    pub given_next: bool,
+    /// What the holder said it serves when it asked.
+    pub serves: Serves,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     /// When the CA issued it (the holder had it a moment later).
@@ -70,6 +94,7 @@ struct Entry {
     renew_at: i64,
     not_after: i64,
     chain: u64,
+    seen: Seen,
 }
 
 #[derive(Debug)]
@@ -104,11 +129,42 @@ pub struct LedgerError {
     problem: String,
 }
 
+/// Holders that said what they serve (signet-agents) since the declaration, by what
+/// they said last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Serving {
+    /// A bundle without the next roots.
+    pub lacking: usize,
+    /// The union of old and next roots.
+    pub both: usize,
+    /// The next roots alone.
+    pub next_alone: usize,
+}
+
+impl Serving {
+    /// Every holder counted.
+    pub fn total(&self) -> usize {
+        self.lacking + self.both + self.next_alone
+    }
+
+    pub(crate) fn add(&mut self, other: &Serving) {
+        self.lacking += other.lacking;
+        self.both += other.both;
+        self.next_alone += other.next_alone;
+    }
+}
+
 /// The gate's view of the record for one stage.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Pending {
     /// Holders keeping the stage from ending.
     pub count: usize,
+    /// Of those, in `distribute`, holders given a leaf after the declaration whose
+    /// bundle lacked the next roots (a replica had not taken the stage yet): the
+    /// stage waits for their renewal even past its latest end.
+    pub late: usize,
+    /// What the holders that say it serve.
+    pub serving: Serving,
     /// Whether every holder that matters is known.
     pub complete: bool,
     /// Some of them, for `rotation status`.
@@ -187,6 +243,7 @@ impl Ledger {
         chain: u64,
         issued: OffsetDateTime,
         not_after: OffsetDateTime,
+        seen: Seen,
     ) -> Result<(), LedgerError> {
         let renew_at = renewal_point(issued, not_after).unix_timestamp();
         let not_after = not_after.unix_timestamp();
@@ -197,6 +254,7 @@ impl Ledger {
             renew_at,
             not_after,
             chain,
+            seen,
         };
         let kept = match holder {
             Some(h) => {
@@ -279,9 +337,16 @@ impl Ledger {
             Stage::Aborting => Some(new),
             Stage::Idle | Stage::Retire | Stage::Done => None,
         };
+        // Whether a holder is known to hold the next roots: given them since the
+        // declaration, and, if it says what it serves (a signet-agent), serving them.
+        let serves_next = |e: &Entry| {
+            e.issued >= declared && e.seen.given_next && e.seen.serves != Serves::Lacking
+        };
+        let late = |e: &Entry| e.issued >= declared && !e.seen.given_next && e.renew_at > t;
         let holds = |e: &Entry| match record.stage {
-            // Leaves from before the declaration, not yet due to renew.
-            Stage::Distribute => e.issued < declared && e.renew_at > t,
+            // Holders not known to hold the next roots, until their leaf is due to
+            // renew (its renewal brings them).
+            Stage::Distribute => !serves_next(e) && e.renew_at > t,
             // Leaves of the old chain still valid (those from before the declaration
             // only until they were due to renew: their holders have moved on).
             Stage::Switch => {
@@ -296,12 +361,25 @@ impl Ledger {
             Stage::Idle | Stage::Retire | Stage::Done => false,
         };
         let mut count = 0;
+        let mut late_count = 0;
+        let mut serving = Serving::default();
         let mut sample = Vec::new();
         for (holder, entry) in &inner.holders {
             if holds(entry) {
                 count += 1;
                 if sample.len() < SAMPLE {
                     sample.push(holder.to_string());
+                }
+                if record.stage == Stage::Distribute && late(entry) {
+                    late_count += 1;
+                }
+            }
+            if entry.issued >= declared {
+                match entry.seen.serves {
+                    Serves::Unknown => {}
+                    Serves::Lacking => serving.lacking += 1,
+                    Serves::Both => serving.both += 1,
+                    Serves::NextAlone => serving.next_alone += 1,
                 }
             }
         }
@@ -322,6 +400,8 @@ impl Ledger {
         });
         Pending {
             count,
+            late: late_count,
+            serving,
             complete: !inner.overflow && unknown_over && unbound_over,
             sample,
             behind: Vec::new(),
@@ -364,6 +444,14 @@ mod tests {
 
     const OLD: u64 = 1;
     const NEW: u64 = 2;
+    const NONE: Seen = Seen {
+        given_next: false,
+        serves: Serves::Unknown,
+    };
+    const GIVEN: Seen = Seen {
+        given_next: true,
+        serves: Serves::Unknown,
+    };
 
     fn t(s: i64) -> OffsetDateTime {
         OffsetDateTime::from_unix_timestamp(1_800_000_000 + s).unwrap()
@@ -387,29 +475,89 @@ mod tests {
     #[test]
     fn distribute_counts_holders_of_earlier_leaves_until_they_renew() {
         let ledger = Ledger::open(None, Duration::hours(24), t(0)).unwrap();
-        ledger.record(Some("a@p1"), OLD, t(0), t(3600)).unwrap();
-        ledger.record(Some("a@p2"), OLD, t(0), t(3600)).unwrap();
+        ledger
+            .record(Some("a@p1"), OLD, t(0), t(3600), NONE)
+            .unwrap();
+        ledger
+            .record(Some("a@p2"), OLD, t(0), t(3600), NONE)
+            .unwrap();
         let r = record_at(100);
         let p = ledger.pending(&r, OLD, NEW, t(200));
         assert_eq!((p.count, p.complete), (2, true));
         assert_eq!(p.sample, vec!["a@p1", "a@p2"]);
         // One replica renews after the declaration: the other is still pending.
-        ledger.record(Some("a@p1"), OLD, t(300), t(900)).unwrap();
+        ledger
+            .record(Some("a@p1"), OLD, t(300), t(900), GIVEN)
+            .unwrap();
         assert_eq!(ledger.pending(&r, OLD, NEW, t(310)).count, 1);
-        ledger.record(Some("a@p2"), OLD, t(320), t(900)).unwrap();
+        ledger
+            .record(Some("a@p2"), OLD, t(320), t(900), GIVEN)
+            .unwrap();
         assert_eq!(ledger.pending(&r, OLD, NEW, t(330)).count, 0);
         // A holder that never renews stops counting at its renewal point.
-        ledger.record(Some("b@p"), OLD, t(0), t(100)).unwrap();
+        ledger.record(Some("b@p"), OLD, t(0), t(100), NONE).unwrap();
         assert_eq!(ledger.pending(&r, OLD, NEW, t(340)).count, 0, "due at 56");
+    }
+
+    #[test]
+    fn an_agent_counts_once_it_says_it_serves_the_next_roots_and_a_late_leaf_counts_apart() {
+        let ledger = Ledger::open(None, Duration::hours(24), t(0)).unwrap();
+        let r = record_at(100);
+        let seen = |serves| Seen {
+            given_next: true,
+            serves,
+        };
+        // The agent's renewal brings the union, but it asked while serving the old
+        // roots: it counts until it says it serves the new ones (or is due again).
+        ledger
+            .record(Some("agent"), OLD, t(200), t(800), seen(Serves::Lacking))
+            .unwrap();
+        // Another client renewed with the union and does not say what it serves.
+        ledger
+            .record(Some("ztunnel"), OLD, t(200), t(800), GIVEN)
+            .unwrap();
+        // A replica not yet in the stage gave this one the old bundle alone.
+        ledger
+            .record(Some("late"), OLD, t(200), t(86_600), NONE)
+            .unwrap();
+        let p = ledger.pending(&r, OLD, NEW, t(210));
+        assert_eq!((p.count, p.late), (2, 1), "{p:?}");
+        assert_eq!(
+            p.serving,
+            Serving {
+                lacking: 1,
+                both: 0,
+                next_alone: 0
+            }
+        );
+        ledger
+            .record(Some("agent"), OLD, t(203), t(800), seen(Serves::Both))
+            .unwrap();
+        let p = ledger.pending(&r, OLD, NEW, t(210));
+        assert_eq!((p.count, p.late, p.serving.both), (1, 1, 1), "{p:?}");
+        assert_eq!(p.sample, vec!["late"]);
+        // An agent that never says so stops counting when it is due to renew.
+        ledger
+            .record(Some("agent"), OLD, t(204), t(800), seen(Serves::Lacking))
+            .unwrap();
+        assert_eq!(
+            ledger.pending(&r, OLD, NEW, t(600)).count,
+            1,
+            "the late one"
+        );
     }
 
     #[test]
     fn switch_counts_valid_leaves_of_the_old_chain() {
         let ledger = Ledger::open(None, Duration::hours(24), t(0)).unwrap();
         let r = record_at(0).enter(Stage::Switch, t(100));
-        ledger.record(Some("a@p"), OLD, t(50), t(650)).unwrap();
+        ledger
+            .record(Some("a@p"), OLD, t(50), t(650), NONE)
+            .unwrap();
         assert_eq!(ledger.pending(&r, OLD, NEW, t(200)).count, 1);
-        ledger.record(Some("a@p"), NEW, t(210), t(810)).unwrap();
+        ledger
+            .record(Some("a@p"), NEW, t(210), t(810), NONE)
+            .unwrap();
         assert_eq!(ledger.pending(&r, OLD, NEW, t(220)).count, 0);
         // The aborted rotation waits for the new chain's leaves instead.
         let aborting = r.enter(Stage::Aborting, t(230));
@@ -419,7 +567,7 @@ mod tests {
     #[test]
     fn callers_bound_to_no_pod_keep_the_record_incomplete_until_their_leaves_are_over() {
         let ledger = Ledger::open(None, Duration::hours(24), t(0)).unwrap();
-        ledger.record(None, OLD, t(0), t(1000)).unwrap();
+        ledger.record(None, OLD, t(0), t(1000), NONE).unwrap();
         let r = record_at(100);
         let p = ledger.pending(&r, OLD, NEW, t(200));
         assert_eq!((p.count, p.complete), (0, false));
@@ -434,7 +582,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // A short --default-ttl, so that the first start's assumption is over soon.
         let first = Ledger::open(Some(dir.path()), Duration::seconds(60), t(0)).unwrap();
-        first.record(Some("a@p"), OLD, t(0), t(7200)).unwrap();
+        first.record(Some("a@p"), OLD, t(0), t(7200), NONE).unwrap();
         drop(first);
         let second = Ledger::open(Some(dir.path()), Duration::hours(24), t(10)).unwrap();
         // The marks are written with headroom: never below what was issued.
@@ -469,11 +617,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(MARKS_FILE);
         let ledger = Ledger::open(Some(dir.path()), Duration::seconds(60), t(0)).unwrap();
-        ledger.record(Some("a"), OLD, t(0), t(120)).unwrap();
+        ledger.record(Some("a"), OLD, t(0), t(120), NONE).unwrap();
         let first = std::fs::read(&path).unwrap();
-        ledger.record(Some("b"), OLD, t(5), t(125)).unwrap();
+        ledger.record(Some("b"), OLD, t(5), t(125), NONE).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), first, "within the headroom");
-        ledger.record(Some("c"), OLD, t(700), t(760)).unwrap();
+        ledger.record(Some("c"), OLD, t(700), t(760), NONE).unwrap();
         assert_ne!(std::fs::read(&path).unwrap(), first);
     }
 }

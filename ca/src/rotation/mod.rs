@@ -6,9 +6,10 @@
 //! task that reads the sets, advances and publishes the signer is the [`driver`];
 //! what it shows is [`status`].
 //!
-//! The request path asks this module two things: the cap on lifetimes while a
-//! rotation is under way ([`Rotation::cap`]), and to note every leaf it issued
-//! ([`Rotation::note`]).
+//! The request path asks this module three things: the cap on lifetimes while a
+//! rotation is under way ([`Rotation::cap`]), to note every leaf it issued with
+//! what its holder said it serves ([`Rotation::note`]), and the stage to tell
+//! signet-agents ([`Rotation::stage`]).
 
 pub mod driver;
 pub mod flags;
@@ -28,7 +29,7 @@ use crate::{
     keys::signer::{Issued, Signer},
     sync::lock,
 };
-use ledger::Ledger;
+use ledger::{Ledger, Seen, Serves};
 use stage::Stage;
 use status::Status;
 
@@ -43,6 +44,9 @@ pub struct Rotation {
 struct View {
     stage: Stage,
     window: Duration,
+    /// The roots of the declared next set (SHA-256 of each, sorted); empty when
+    /// idle.
+    next: Arc<[[u8; 32]]>,
     status: Arc<Status>,
 }
 
@@ -54,6 +58,7 @@ impl Rotation {
             view: Mutex::new(View {
                 stage: Stage::Idle,
                 window: Duration::ZERO,
+                next: Arc::new([]),
                 status: Arc::new(Status::default()),
             }),
         }
@@ -73,14 +78,30 @@ impl Rotation {
             .then(|| jittered(view.window, rand::rng().random_range(0.5..=1.0)))
     }
 
-    /// Notes a leaf issued to `holder`: an identity and the pod (or node) its
-    /// credential is bound to; `None` when it names neither.
-    pub fn note(&self, holder: Option<&str>, signer: &Signer, issued: &Issued) {
+    /// The stage the request path is in (what signet-agents are told).
+    pub fn stage(&self) -> Stage {
+        self.view().stage
+    }
+
+    /// Notes a leaf issued to `holder` (an identity and the pod or node its
+    /// credential is bound to; `None` when it names neither) by `signer`, whose
+    /// caller said it serves the roots `served` (SHA-256 of each, sorted; `None`:
+    /// it did not say).
+    pub fn note(
+        &self,
+        holder: Option<&str>,
+        signer: &Signer,
+        issued: &Issued,
+        served: Option<&[[u8; 32]]>,
+    ) {
+        let next = self.view().next.clone();
+        let seen = seen(&next, signer.root_digests(), served);
         if let Err(e) = self.ledger.record(
             holder,
             chain_id(signer),
             OffsetDateTime::now_utc(),
             issued.not_after,
+            seen,
         ) {
             tracing::error!(error = %e, "cannot write the issuance marks; a restart during a root rotation would underestimate how long leaves issued now stay in use");
         }
@@ -98,18 +119,47 @@ impl Rotation {
 
     /// Takes the stage's cap at once (before the signer of the stage is published),
     /// the status following at the end of the driver's look.
-    fn set_stage(&self, stage: Stage, window: Duration) {
+    fn set_stage(&self, stage: Stage, window: Duration, next: &[String]) {
+        let next: Arc<[[u8; 32]]> = if stage == Stage::Idle {
+            Arc::new([])
+        } else {
+            let mut all: Vec<[u8; 32]> = next
+                .iter()
+                .filter_map(|h| {
+                    let mut d = [0; 32];
+                    hex::decode_to_slice(h, &mut d).ok().map(|()| d)
+                })
+                .collect();
+            all.sort_unstable();
+            all.into()
+        };
         let mut view = self.view();
         view.stage = stage;
         view.window = window;
+        view.next = next;
     }
 
-    fn show(&self, stage: Stage, window: Duration, status: Status) {
-        *self.view() = View {
-            stage,
-            window,
-            status: Arc::new(status),
-        };
+    fn show(&self, status: Status) {
+        self.view().status = Arc::new(status);
+    }
+}
+
+/// What a leaf tells about the trust change: whether the bundle `given` (the
+/// signer's roots) holds every root of `next`, and what the holder said it serves.
+/// Nothing while no next set is declared.
+fn seen(next: &[[u8; 32]], given: &[[u8; 32]], served: Option<&[[u8; 32]]>) -> Seen {
+    if next.is_empty() {
+        return Seen::default();
+    }
+    let holds = |set: &[[u8; 32]]| next.iter().all(|d| set.binary_search(d).is_ok());
+    Seen {
+        given_next: holds(given),
+        serves: match served {
+            None => Serves::Unknown,
+            Some(s) if !holds(s) => Serves::Lacking,
+            Some(s) if s.len() > next.len() => Serves::Both,
+            Some(_) => Serves::NextAlone,
+        },
     }
 }
 
@@ -132,6 +182,25 @@ fn rfc3339(t: OffsetDateTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leaf_tells_whether_its_bundle_and_its_holder_hold_the_next_roots() {
+        let (old, new) = ([1; 32], [2; 32]);
+        assert_eq!(seen(&[], &[old], Some(&[old])), Seen::default(), "idle");
+        let s = seen(&[new], &[old, new], Some(&[old]));
+        assert!(s.given_next);
+        assert_eq!(s.serves, Serves::Lacking);
+        assert_eq!(
+            seen(&[new], &[old, new], Some(&[old, new])).serves,
+            Serves::Both
+        );
+        assert_eq!(seen(&[new], &[new], Some(&[new])).serves, Serves::NextAlone);
+        assert_eq!(seen(&[new], &[old], None).serves, Serves::Unknown);
+        assert!(
+            !seen(&[new], &[old], None).given_next,
+            "a replica not yet in the stage"
+        );
+    }
 
     #[test]
     fn jitter_keeps_lifetimes_between_half_and_a_whole_window() {

@@ -220,13 +220,6 @@ pub(crate) fn in_place(
 /// The roots of `signer`'s bundle as a rotation record keeps them: SHA-256 of each,
 /// hex, sorted.
 pub(crate) fn root_digests(signer: &Signer) -> Vec<String> {
-    use sha2::{Digest, Sha256};
-    let mut all: Vec<String> = signer
-        .roots()
-        .iter()
-        .map(|r| hex::encode(Sha256::digest(r.as_ref())))
-        .collect();
-    all.sort();
-    all.dedup();
-    all
+    // Sorted as bytes is sorted as lowercase hex.
+    signer.root_digests().iter().map(hex::encode).collect()
 }

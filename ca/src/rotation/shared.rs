@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
 use super::{
-    ledger::{Marks, Pending},
+    ledger::{Marks, Pending, Serving},
     stage::{Record, Stage},
 };
 
@@ -31,6 +31,13 @@ pub struct Report {
     pub since: i64,
     /// Holders it counts as keeping the stage from ending.
     pub pending: usize,
+    /// Of those, holders it gave a leaf after the declaration without the next
+    /// roots (see [`Pending::late`]).
+    #[serde(default)]
+    pub late: usize,
+    /// What the holders it issued to say they serve.
+    #[serde(default)]
+    pub serving: Serving,
     /// Whether it knows every holder it issued to.
     pub complete: bool,
     /// Some of them.
@@ -101,6 +108,8 @@ pub fn combine(
             all.complete = false;
         } else if alive {
             all.count += report.pending;
+            all.late += report.late;
+            all.serving.add(&report.serving);
             all.complete &= report.complete;
             all.sample.extend(
                 report
@@ -272,6 +281,8 @@ mod tests {
             stage: Stage::Distribute,
             since: 1_800_000_000,
             pending,
+            late: 0,
+            serving: Serving::default(),
             complete,
             sample: vec![format!("holder {pending}")],
             at: 1_800_000_000 + at,
@@ -282,6 +293,8 @@ mod tests {
         Pending {
             count: 1,
             complete: true,
+            late: 0,
+            serving: Serving::default(),
             sample: vec!["mine".into()],
             behind: Vec::new(),
         }

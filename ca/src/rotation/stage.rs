@@ -254,6 +254,11 @@ pub struct Declared {
 pub struct Evidence {
     /// Holders whose leaves keep the stage from ending (renewal or expiry due).
     pub pending: usize,
+    /// Of those, in `distribute`, holders given a leaf after the declaration
+    /// without the next roots (a replica took the stage late): their renewal is
+    /// waited for even past the stage's latest end, which leaves issued after the
+    /// declaration do not move.
+    pub late: usize,
     /// Whether the issuance record knows every holder that matters, so `pending ==
     /// 0` may end the stage before its latest end.
     pub complete: bool,
@@ -291,7 +296,9 @@ pub fn advance(record: &Record, evidence: &Evidence, now: OffsetDateTime) -> Opt
     }
     let leaves_done = || match record.latest_end() {
         None => true,
-        Some(end) => now >= end || (evidence.complete && evidence.pending == 0),
+        Some(end) => {
+            (now >= end && evidence.late == 0) || (evidence.complete && evidence.pending == 0)
+        }
     };
     match record.stage {
         Stage::Idle | Stage::Done => None,
@@ -348,6 +355,7 @@ mod tests {
 
     const READY: Evidence = Evidence {
         pending: 0,
+        late: 0,
         complete: false,
         consumers_converged: true,
         peers_distributed: true,
@@ -370,6 +378,14 @@ mod tests {
             ..known
         };
         assert_eq!(advance(&r, &pending, t(60)), None);
+        // A holder given the old bundle after the declaration (a replica took the
+        // stage late) is waited for past the latest end, until its renewal.
+        let late = Evidence {
+            pending: 1,
+            late: 1,
+            ..known
+        };
+        assert_eq!(advance(&r, &late, t(12 * 3600)), None);
     }
 
     #[test]

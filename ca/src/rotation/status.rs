@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::stage::Stage;
+use super::{ledger::Serving, stage::Stage};
 
 /// The trust change as the CA sees it now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +51,10 @@ pub struct Status {
     pub problem: Option<String>,
     /// Every stage change of this rotation: (stage, RFC 3339).
     pub history: Vec<(Stage, String)>,
+    /// What the holders that say it (signet-agents) serve, as they said last since
+    /// the declaration.
+    #[serde(default)]
+    pub serving: Serving,
 }
 
 impl Default for Status {
@@ -75,6 +79,7 @@ impl Default for Status {
             expected_end: None,
             problem: None,
             history: Vec::new(),
+            serving: Serving::default(),
         }
     }
 }
@@ -134,6 +139,17 @@ impl Status {
                 let _ = writeln!(out, "              {name}");
             }
         }
+        if self.stage != Stage::Idle && self.serving.total() > 0 {
+            let s = &self.serving;
+            let _ = writeln!(
+                out,
+                "agents:       {} say what they serve: {} the old roots only, {} old and new, {} the new alone",
+                s.total(),
+                s.lacking,
+                s.both,
+                s.next_alone
+            );
+        }
         if let Some(end) = &self.expected_end {
             let _ = writeln!(out, "expected end: {end} at the latest");
         }
@@ -155,6 +171,11 @@ mod tests {
     fn the_text_names_stage_pending_holders_and_the_expected_end() {
         let s = Status {
             stage: Stage::Distribute,
+            serving: Serving {
+                lacking: 1,
+                both: 3,
+                next_alone: 0,
+            },
             since: "2026-12-07T10:00:00Z".into(),
             to: Some("abcdef0123456789abcdef".into()),
             pending: 2,
@@ -166,6 +187,12 @@ mod tests {
         assert!(text.contains("stage:        distribute"), "{text}");
         assert!(text.contains("pending:      2"), "{text}");
         assert!(text.contains("in pod a/p"), "{text}");
+        assert!(
+            text.contains(
+                "agents:       4 say what they serve: 1 the old roots only, 3 old and new"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("expected end: 2026-12-07T22:00:00Z"),
             "{text}"

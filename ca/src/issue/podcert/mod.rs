@@ -189,7 +189,7 @@ impl Context {
                     &decision.validity,
                     decision.subject_cn.as_deref(),
                 )?;
-                rotation.note(Some(&holder), &signer, &issued);
+                rotation.note(Some(&holder), &signer, &issued, None);
                 Ok(issued)
             })
             .await;
