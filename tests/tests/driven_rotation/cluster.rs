@@ -2,7 +2,7 @@
 //! elected replica advances the record in `signet-ca-rotation`, the other follows,
 //! and the objects the writers keep (root ConfigMaps, the ClusterTrustBundle,
 //! istiod's Secret) hold the union during `distribute` and the new root alone after
-//! `retire`; a leader change mid-rotation, an abort, Events.
+//! `retire`; a leader change and a restart in each stage, an abort, Events.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -229,6 +229,157 @@ async fn the_elected_replica_drives_the_writers_objects_and_a_new_leader_goes_on
         (status(&a).await["stage"] == "idle").then_some(())
     })
     .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Writes (or, with `None`, removes) the report of a replica that is not running
+/// but counts as alive, in the shared ConfigMap: a replica that lags behind in
+/// `stage` since `since` holds the rotation where it is, as a real one would.
+async fn laggard(api: &KubeApi, said: Option<(&str, i64)>) {
+    let value = said.map(|(stage, since)| {
+        let at = time::OffsetDateTime::now_utc().unix_timestamp() + 3600;
+        serde_json::json!({
+            "marks": {"renew_by": 0, "expire_by": 0},
+            "stage": stage, "since": since, "pending": 0, "complete": true,
+            "sample": [], "at": at,
+        })
+        .to_string()
+    });
+    let patch = serde_json::json!({"data": {"replica.laggard.json": value}});
+    let cms = Api::<ConfigMap>::namespaced(api.client().await, "signet");
+    eventually(
+        Duration::from_secs(10),
+        "the laggard's report written",
+        async || {
+            // The test API server's merge patch may conflict with a replica's.
+            cms.patch(
+                "signet-ca-rotation",
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .ok()
+        },
+    )
+    .await;
+}
+
+/// Waits until the elected replica is `who`, then until its status shows `stage`.
+async fn leads_in(api: &KubeApi, who: &str, ca: &TestCa, stage: &str) -> Value {
+    eventually(
+        Duration::from_secs(30),
+        &format!("{who} leads"),
+        async || (holder(api).as_deref() == Some(who)).then_some(()),
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        &format!("{who} in {stage}"),
+        async || {
+            let st = status(ca).await;
+            (st["stage"] == stage && st["role"].as_str().unwrap_or("").starts_with("elected"))
+                .then_some(st)
+        },
+    )
+    .await
+}
+
+/// Stops the elected replica `leader` in `stage`; the other (`name`, `other`) must
+/// take the Lease and go on in `stage` with a bundle of `roots` roots; the stopped
+/// one, restarted with `args` (its state directory kept), must follow. Returns it.
+async fn hand_over(
+    api: &KubeApi,
+    leader: TestCa,
+    args: &[String],
+    (name, other): (&str, &TestCa),
+    stage: &str,
+    roots: u64,
+) -> TestCa {
+    leader.stop().await;
+    let st = leads_in(api, name, other, stage).await;
+    assert_eq!(st["roots"], roots, "{st}");
+    let restarted = TestCa::start(args).await;
+    eventually(
+        Duration::from_secs(30),
+        "the restarted replica follows",
+        async || {
+            let st = status(&restarted).await;
+            (st["stage"] == stage && st["roots"] == roots).then_some(())
+        },
+    )
+    .await;
+    restarted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_and_a_leader_change_in_switch_and_in_retire_do_not_break_the_rotation() {
+    let setup = Setup::new(&["apps"]).await;
+    let api = &setup.api;
+    let (new_root, staged, next) = next_set(&setup);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let args_a = replica_args(&setup, dir_a.path(), &next, "replica-a");
+    let args_b = replica_args(&setup, dir_b.path(), &next, "replica-b");
+    let a = TestCa::start(&args_a).await;
+    eventually(Duration::from_secs(60), "replica-a leads", async || {
+        (holder(api).as_deref() == Some("replica-a")).then_some(())
+    })
+    .await;
+    let b = TestCa::start(&args_b).await;
+    publish_set(&staged, &next);
+    let distribute = wait_stage(api, "distribute", Duration::from_secs(60)).await;
+    // A third replica says it is in distribute: once the record moves on, it is
+    // left behind and holds the stage, so the test can act in the middle of it.
+    laggard(
+        api,
+        Some(("distribute", distribute["since"].as_i64().unwrap())),
+    )
+    .await;
+    let switch = wait_stage(api, "switch", Duration::from_secs(60)).await;
+
+    // In switch: the leader stops, the other takes over from the shared record; the
+    // stopped one restarts (same state directory) and follows.
+    let a = hand_over(api, a, &args_a, ("replica-b", &b), "switch", 2).await;
+    // Both sign with the new chain (their status names its signing certificate).
+    for ca in [&a, &b] {
+        let st = status(ca).await;
+        let signing = st["signing"].as_str().unwrap();
+        assert!(signing.starts_with(next.to_str().unwrap()), "{st}");
+    }
+    let both = set_of(&[&setup.root, &new_root]);
+    assert_eq!(consumers(api), (both.clone(), both.clone(), both.clone()));
+    assert_eq!(
+        shared_record(api).unwrap()["stage"],
+        "switch",
+        "held by the laggard"
+    );
+
+    // The laggard catches up; in retire it lags again.
+    laggard(api, Some(("switch", switch["since"].as_i64().unwrap()))).await;
+    wait_stage(api, "retire", Duration::from_secs(60)).await;
+    let new = set_of(&[&new_root]);
+    eventually(
+        Duration::from_secs(30),
+        "every consumer holds the new root alone",
+        async || (consumers(api) == (new.clone(), new.clone(), new.clone())).then_some(()),
+    )
+    .await;
+    // In retire: the same the other way round.
+    let b = hand_over(api, b, &args_b, ("replica-a", &a), "retire", 1).await;
+    assert_eq!(consumers(api), (new.clone(), new.clone(), new.clone()));
+    assert_eq!(shared_record(api).unwrap()["stage"], "retire");
+
+    // The laggard goes away: done, with no stage repeated or skipped.
+    laggard(api, None).await;
+    let done = wait_stage(api, "done", Duration::from_secs(60)).await;
+    let stages: Vec<&str> = done["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(stages, ["distribute", "switch", "retire", "done"], "{done}");
+    assert_eq!(consumers(api), (new.clone(), new.clone(), new.clone()));
     a.stop().await;
     b.stop().await;
 }
