@@ -205,9 +205,10 @@ def test_the_rendered_container_runs_and_its_startup_probe_waits_for_the_socket(
         env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
         env.update({e["name"]: e["value"] for e in agent["env"] if "value" in e})
         assert env["SECRET_TTL"] == "12h"  # proxyMetadata reaches the running agent
+        assert env["SIGNET_HTTP_ADDR"] == "127.0.0.1:15029"  # run and inspect read it
+        env["SIGNET_HTTP_ADDR"] = "127.0.0.1:0"
         env.update({"CA_ADDR": f"localhost:{ca.grpc_port}", "POD_NAMESPACE": "shop", "SERVICE_ACCOUNT": "web"})
         args = [local(a) for a in agent["args"]]
-        args = [a if not a.startswith("--http-addr") else "--http-addr=127.0.0.1:0" for a in args]
         log = open(d / "agent.log", "w+")
         proc = subprocess.Popen([binary("signet-agent"), *args], env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
