@@ -373,10 +373,14 @@ pub fn render_text(secrets: &[SecretInfo]) -> String {
                     roots.len()
                 ));
                 if let Some(change) = ca_trust_change {
-                    let told = if change.reported {
-                        "the CA knows it is served"
-                    } else {
-                        "the CA is told it is served with the next request"
+                    let rotating = matches!(
+                        change.stage.as_deref(),
+                        Some("distribute" | "switch" | "retire")
+                    );
+                    let told = match (change.reported, rotating) {
+                        (true, _) => "the CA knows it is served",
+                        (false, true) => "the CA is told within seconds that it is served",
+                        (false, false) => "the CA learns it is served at the next renewal",
                     };
                     match &change.stage {
                         Some(stage) => {
@@ -426,7 +430,7 @@ mod tests {
         }));
         assert!(
             text.contains(
-                "CA trust change: distribute (the CA is told it is served with the next request)"
+                "CA trust change: distribute (the CA is told within seconds that it is served)"
             ),
             "{text}"
         );

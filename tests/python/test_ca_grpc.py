@@ -124,7 +124,8 @@ def test_bad_csrs_are_invalid_argument(ca, cluster):
 def test_served_roots_are_heard_and_the_trust_stage_is_told(ca, cluster):
     """A signet-agent says which roots it serves (`signet-served-roots`) and hears the
     stage of the CA's trust change (`signet-trust-stage`); a grpcio client built from
-    our protos sends the same metadata. A malformed value is refused by name."""
+    our protos sends the same metadata. The header is advisory: a malformed value
+    costs no certificate, and the CA's log says what was wrong with it."""
     stub, token = ca.stub(), cluster.token()
     _, csr = make_csr(uri=SPIFFE)
     root = x509.load_pem_x509_certificate(ca.root_pem)
@@ -135,14 +136,14 @@ def test_served_roots_are_heard_and_the_trust_stage_is_told(ca, cluster):
         ca_pb2.IstioCertificateRequest(csr=csr), metadata=md, timeout=30)
     assert len(answer.cert_chain) >= 2
     assert ("signet-trust-stage", "idle") in call.initial_metadata()
-    for bad, says in [("xyz", "entry 1"), (served + ",", "entry 2"), (served.upper(), "lowercase"),
-                      (",".join([served] * 33), "more than 32")]:
+    for bad in ["xyz", served + ",", served.upper(), ",".join([served] * 33)]:
         md[-1] = ("signet-served-roots", bad)
-        with pytest.raises(grpc.RpcError) as e:
-            stub.CreateCertificate(ca_pb2.IstioCertificateRequest(csr=csr), metadata=md, timeout=30)
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
-        assert "signet-served-roots" in e.value.details() and says in e.value.details(), \
-            e.value.details()
+        answer = stub.CreateCertificate(ca_pb2.IstioCertificateRequest(csr=csr), metadata=md,
+                                        timeout=30)
+        assert len(answer.cert_chain) >= 2, bad
+    log = (ca.workdir / "ca.log").read_text()
+    assert "ignoring a malformed report of the roots a caller serves" in log, log[-2000:]
+    assert "signet-served-roots: entry 1 is not a SHA-256 digest" in log, log[-2000:]
 
 
 def test_csr_for_another_identity_is_permission_denied(ca, cluster):

@@ -35,6 +35,15 @@ pub const REPORT_MIN: StdDuration = StdDuration::from_secs(1);
 /// Longest: the agents of a namespace learn the new bundle together, and tell it
 /// spread over this much.
 pub const REPORT_SPREAD: StdDuration = StdDuration::from_secs(5);
+/// At most this many such requests in a row: answers from replicas in different
+/// stages (behind a load balancer) cannot keep an agent asking.
+pub const MAX_REPORTS_IN_ROW: u8 = 3;
+
+/// Whether signet-ca uses, in `stage`, what agents say they serve: while bundles
+/// change (`distribute` gates on it; `switch` and `retire` show it).
+fn reports_matter(stage: &str) -> bool {
+    matches!(stage, "distribute" | "switch" | "retire")
+}
 
 /// The backoff for asking again after a trust-file change; `unit` in [0, 1) picks
 /// its first step between [`TRUST_SYNC_MIN`] and [`TRUST_SYNC_SPREAD`].
@@ -162,6 +171,8 @@ pub struct Schedule {
     /// The trust file as last seen; a change against it starts a [`TrustSync`].
     known: Option<Bundle>,
     sync: Option<TrustSync>,
+    /// Requests made in a row only to tell the CA the roots served.
+    reports_in_row: u8,
     /// Draws in [0, 1): jitter and backoff spread.
     draw: Box<dyn FnMut() -> f64 + Send>,
 }
@@ -195,6 +206,7 @@ impl Schedule {
             retries: 0,
             known: trust,
             sync: None,
+            reports_in_row: 0,
             draw,
         }
     }
@@ -231,10 +243,13 @@ impl Schedule {
             self.known = trust;
         }
         // A signet-ca in a trust change hears what is served from the next request.
-        let report_due =
-            svid.trust.stage.as_deref().is_some_and(|s| s != "idle") && !svid.trust.reported;
+        let report_due = svid.trust.stage.as_deref().is_some_and(reports_matter)
+            && !svid.trust.reported
+            && self.reports_in_row < MAX_REPORTS_IN_ROW;
+        let reports_in_row = &mut self.reports_in_row;
         let mut refreshing = |ended| {
             if !report_due {
+                *reports_in_row = 0;
                 return Next {
                     at: refresh,
                     why: Why::Refresh,
@@ -242,6 +257,7 @@ impl Schedule {
                     ended,
                 };
             }
+            *reports_in_row += 1;
             let spread = REPORT_SPREAD.saturating_sub(REPORT_MIN);
             let delay = REPORT_MIN + spread.mul_f64((self.draw)().clamp(0.0, 1.0));
             Next {
@@ -508,8 +524,25 @@ mod tests {
         union.trust.reported = true;
         let next = s.after_success(&union, bundle(&[&old, &new]), t(104));
         assert_eq!(next.why, Why::Refresh);
-        // A CA that says nothing (istiod), or is idle, is not told anything sooner.
-        for stage in [None, Some("idle".to_owned())] {
+        // Answers that keep changing (replicas in different stages) are reported a
+        // few times in a row at most; then the refresh point.
+        let mut flapping = union.clone();
+        flapping.trust.reported = false;
+        let whys: Vec<Why> = (0..=MAX_REPORTS_IN_ROW)
+            .map(|i| {
+                s.after_success(&flapping, bundle(&[&old, &new]), t(110 + i64::from(i)))
+                    .why
+            })
+            .collect();
+        let (reports, last) = whys.split_at(usize::from(MAX_REPORTS_IN_ROW));
+        assert!(
+            reports.iter().all(|w| matches!(w, Why::Report { .. })),
+            "{whys:?}"
+        );
+        assert_eq!(last, [Why::Refresh]);
+        // A CA that says nothing (istiod), or is idle or done, is not told anything
+        // sooner.
+        for stage in [None, Some("idle".to_owned()), Some("done".to_owned())] {
             let mut quiet = svid(&new);
             quiet.trust.stage = stage;
             assert_eq!(

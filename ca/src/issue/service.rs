@@ -27,7 +27,7 @@ use crate::{
     keys::signer::{Issued, SignError, Signer},
     keys::tls::TlsState,
     metrics::Metrics,
-    rotation::Rotation,
+    rotation::{Rotation, stage::Stage},
 };
 
 /// Largest request message accepted (a CSR is about 1 KiB).
@@ -44,6 +44,9 @@ pub(crate) struct CaService {
     policy: Arc<Policy>,
     rotation: Arc<Rotation>,
     overload_log: Arc<OverloadLog>,
+    /// Malformed `signet-served-roots` values: ignored (the header is advisory),
+    /// one warning a second at most.
+    served_log: Arc<OverloadLog>,
     pushback: Arc<Pushback>,
 }
 
@@ -51,7 +54,7 @@ pub(crate) struct CaService {
 /// reviews throttled) come in storms, a million in a fleet's restart: at most one
 /// warning a second says how many there were, each of the others is a debug line.
 /// The counts are in the metrics either way. Every other refusal is a warning of its
-/// own.
+/// own. (Malformed reports of served roots are logged the same way.)
 #[derive(Debug)]
 struct OverloadLog {
     started: Instant,
@@ -104,8 +107,6 @@ enum RequestError {
     Sign(#[from] SignError),
     #[error(transparent)]
     Queue(#[from] QueueError),
-    #[error(transparent)]
-    Served(#[from] trust::RootsError),
 }
 
 impl RequestError {
@@ -137,9 +138,7 @@ impl RequestError {
                 | PolicyError::Impersonation { .. }
                 | PolicyError::ImpersonationRefused { .. },
             ) => Status::permission_denied(message),
-            Self::Policy(PolicyError::BadTarget { .. }) | Self::Served(_) => {
-                Status::invalid_argument(message)
-            }
+            Self::Policy(PolicyError::BadTarget { .. }) => Status::invalid_argument(message),
             Self::Policy(PolicyError::PodsNotSynced(_)) => Status::unavailable(message),
             Self::Policy(PolicyError::Identity(_)) => Status::failed_precondition(message),
             Self::Policy(PolicyError::ChainExpired(_)) => Status::internal(message),
@@ -167,8 +166,7 @@ impl RequestError {
                 | PolicyError::ImpersonationRefused { .. }
                 | PolicyError::BadTarget { .. }
                 | PolicyError::PodsNotSynced(_),
-            )
-            | Self::Served(_) => None,
+            ) => None,
             Self::Csr(_)
             | Self::Policy(PolicyError::ForeignSan { .. } | PolicyError::Identity(_))
             | Self::Sign(SignError::PublicKey(_)) => Some("CSR_ERROR"),
@@ -207,6 +205,7 @@ impl CaService {
             policy,
             rotation,
             overload_log: Arc::new(OverloadLog::new()),
+            served_log: Arc::new(OverloadLog::new()),
             pushback: Arc::new(Pushback::default()),
         }
     }
@@ -214,16 +213,27 @@ impl CaService {
     async fn handle(
         &self,
         request: Request<IstioCertificateRequest>,
-    ) -> Result<(Caller, Decision, Issued), RequestError> {
+    ) -> Result<(Caller, Decision, Issued, Stage), RequestError> {
         let caller = authenticate(&request, &self.tls, &self.authn)
             .await
             .inspect_err(|_| self.metrics.authentication_failure_count.inc())?;
 
-        let served = served_roots(request.metadata())?;
+        let served = match served_roots(request.metadata()) {
+            Ok(served) => served,
+            Err(e) => {
+                // Advisory: a bad value must not cost the caller its certificate.
+                if let Some(n) = self.served_log.count() {
+                    tracing::warn!(error = %e, caller = %caller.account, ignored = n, "ignoring a malformed report of the roots a caller serves");
+                }
+                None
+            }
+        };
         let body = request.into_inner();
         let csr = csr::parse(&body.csr)?;
         let target = impersonation_target(&body)?;
         let signer = self.signer.borrow().clone();
+        // Read with the signer: the stage whose bundle the answer carries.
+        let stage = self.rotation.stage();
         let request = policy::Request::Istio {
             caller: &caller,
             requested_secs: body.validity_duration,
@@ -258,7 +268,7 @@ impl CaService {
                 Ok(issued)
             })
             .await??;
-        Ok((caller, decided, issued))
+        Ok((caller, decided, issued, stage))
     }
 }
 
@@ -375,7 +385,7 @@ impl IstioCertificateService for CaService {
             .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         let result = self.handle(request).await;
         let answer = match result {
-            Ok((caller, decision, issued)) => {
+            Ok((caller, decision, issued, stage)) => {
                 self.metrics.success_cert_issuance_count.inc();
                 self.pushback.issued();
                 tracing::info!(
@@ -401,7 +411,7 @@ impl IstioCertificateService for CaService {
                 // Which stage's bundle this is, for signet-agents (others ignore it).
                 answer.metadata_mut().insert(
                     trust::TRUST_STAGE,
-                    tonic::metadata::MetadataValue::from_static(self.rotation.stage().name()),
+                    tonic::metadata::MetadataValue::from_static(stage.name()),
                 );
                 Ok(answer)
             }

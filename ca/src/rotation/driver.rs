@@ -116,6 +116,9 @@ pub struct Driver {
     /// bundle: read again after 5 s while some lag, 30 s once none does, and at once
     /// for another bundle.
     readback: (i64, String),
+    /// Why the state directory cannot keep the record or the issuance marks: the CA
+    /// serves, and declares no trust change, until it restarts with one that can.
+    unkept: Option<String>,
 }
 
 impl Driver {
@@ -148,11 +151,28 @@ impl Driver {
             now,
         )?);
         let (record, next) = resolve(saved, &settings, &base, now)?;
-        let ledger = Ledger::open(Some(&state_dir), settings.default_ttl, now)?;
+        // A state directory that cannot keep the marks or the record does not stop
+        // the CA: it serves, and refuses to declare a trust change, saying why.
+        let mut unkept = None;
+        let ledger = match Ledger::open(Some(&state_dir), settings.default_ttl, now) {
+            Ok(ledger) => ledger,
+            Err(e) => {
+                unkept = Some(e.to_string());
+                Ledger::unkept(settings.default_ttl, now)
+            }
+        };
         let rotation = Arc::new(Rotation::new(ledger));
         let published = compose(record.stage, &base, next.as_ref(), now)?;
         let composed = key(record.stage, &base, next.as_ref());
-        write_record(&state_dir, &record)?;
+        if let Err(e) = write_record(&state_dir, &record) {
+            unkept.get_or_insert(e.to_string());
+        }
+        if let Some(why) = &unkept {
+            tracing::error!(
+                problem = %why,
+                "the state directory cannot keep the rotation record and issuance marks; serving, but no trust change is declared until the CA restarts with a writable --state-dir"
+            );
+        }
         let mut driver = Self {
             settings,
             rotation,
@@ -170,6 +190,7 @@ impl Driver {
             ticks: 0,
             readback: (0, String::new()),
             pending: Pending::default(),
+            unkept,
         };
         driver.converged = driver.write_root_file();
         driver.show(now);
@@ -522,6 +543,13 @@ impl Driver {
                 metrics,
             );
         }
+        if let Some(why) = &self.unkept {
+            let problem = format!(
+                "{}: a next set is in place, but the state directory cannot keep the rotation record and issuance marks ({why}); restart the CA with a writable --state-dir",
+                dir.display()
+            );
+            return self.refuse(&problem, metrics);
+        }
         let next = match Signer::new(material, now) {
             Ok(s) => s,
             Err(e) => return self.refuse(&format!("next set: {e}"), metrics),
@@ -854,7 +882,10 @@ impl Driver {
         let Some(shared) = self.settings.shared.clone() else {
             return;
         };
-        let own = self.own_pending(now);
+        let mut own = self.own_pending(now);
+        if self.record.stage == Stage::Idle {
+            own.serving = Serving::default();
+        }
         let report = Report {
             marks: self.rotation.ledger().marks(),
             stage: self.record.stage,
@@ -899,7 +930,7 @@ impl Driver {
                 None => "nothing: no rotation under way (put the next set in --next-cacerts-dir to declare one)".into(),
             },
             Stage::Distribute if r.adds_roots => format!(
-                "consumers to hold the old and new roots, and every holder of a certificate issued before the declaration to renew ({} pending)",
+                "consumers to hold the old and new roots, and every holder of a certificate to have the new roots: renewed since the declaration with them (signet-agents: and said they serve them), or due to renew ({} pending)",
                 pending.count
             ),
             Stage::Distribute => "consumers to hold the bundle (the next set adds no root)".into(),
@@ -937,6 +968,7 @@ impl Driver {
             waiting_for,
             pending: if active { pending.count } else { 0 },
             complete: pending.complete,
+            late: if active { pending.late } else { 0 },
             pending_sample: if active { pending.sample } else { Vec::new() },
             consumers_converged: self.converged,
             lagging: self
@@ -955,7 +987,11 @@ impl Driver {
                 format!("{role} ({}, {})", s.replica(), s.place())
             }),
             expected_end: r.latest_end().map(rfc3339),
-            problem: self.problem.clone(),
+            problem: self.problem.clone().or_else(|| {
+                self.unkept.as_ref().map(|why| {
+                    format!("the state directory cannot keep the rotation record and issuance marks ({why}); no trust change is declared until the CA restarts with a writable --state-dir")
+                })
+            }),
             history: r.history.iter().map(|c| (c.stage, at(c.at))).collect(),
             serving: if r.stage == Stage::Idle {
                 Serving::default()

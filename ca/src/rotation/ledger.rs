@@ -32,6 +32,11 @@ pub const MAX_HOLDERS: usize = 250_000;
 /// renewal (holders renew on timers, not to the second): this much, or a twentieth
 /// of the lifetime when that is less.
 pub const RENEWAL_GRACE: Duration = Duration::seconds(30);
+/// A CA that restarted during `distribute` gives holders this long (at most a
+/// quarter window) to renew before the stage may end at its latest end: those whose
+/// renewal fell while it was down are retrying on their backoff (signet-agent's
+/// longest step is 60 s).
+const RESTART_ALLOWANCE: Duration = Duration::seconds(60);
 /// After a failed write of the marks, the next attempt waits this long (a failing
 /// disk is not retried under the ledger's lock for every leaf).
 const WRITE_RETRY: i64 = 10;
@@ -45,6 +50,22 @@ pub struct Marks {
     pub renew_by: i64,
     /// Latest NotAfter.
     pub expire_by: i64,
+    /// The declaration (its `declared_at`) that `late_renew_by` is about.
+    #[serde(default)]
+    pub late_declared: i64,
+    /// The latest renewal point of leaves issued after that declaration with a
+    /// bundle lacking the next roots (see [`Pending::late`]): kept so that a restart
+    /// or a silent replica still holds `distribute` for them.
+    #[serde(default)]
+    pub late_renew_by: i64,
+}
+
+impl Marks {
+    /// Whether leaves given the old bundle after the declaration of `declared` may
+    /// still be in use without the next roots at `t`.
+    pub fn late_ahead(&self, declared: i64, t: i64) -> bool {
+        self.late_declared == declared && self.late_renew_by > t
+    }
 }
 
 impl Marks {
@@ -81,8 +102,11 @@ pub enum Serves {
 /// What one leaf's request and answer tell about the trust change.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Seen {
-    /// The answer's bundle held every next root.
-    pub given_next: bool,
+    /// Whether the answer's bundle held every next root: `Some(false)` when no trust
+    /// change was under way as far as the request path knew (so a leaf issued after
+    /// a declaration by a replica that had not taken it yet); `None` when one was
+    /// but its next roots are not known (nothing to judge by).
+    pub given_next: Option<bool>,
     /// What the holder said it serves when it asked.
     pub serves: Serves,
 }
@@ -199,6 +223,7 @@ impl Ledger {
                     Marks {
                         renew_by: renewal_point(now, now + assumed).unix_timestamp(),
                         expire_by: t + assumed.whole_seconds(),
+                        ..Marks::default()
                     }
                 }
                 Err(e) => {
@@ -230,6 +255,35 @@ impl Ledger {
             write_marks(path, &unknown)?;
         }
         Ok(ledger)
+    }
+
+    /// A record kept in memory only, for a CA whose state directory cannot hold the
+    /// marks: like a first start, it assumes a leaf of `assumed` was issued just
+    /// before, so it never underestimates what it cannot see.
+    pub fn unkept(assumed: Duration, now: OffsetDateTime) -> Self {
+        let ledger = Self {
+            inner: Mutex::new(Inner {
+                holders: HashMap::new(),
+                overflow: false,
+                unknown: Marks::default(),
+                started: now.unix_timestamp(),
+                unbound: HashMap::new(),
+                written: Marks::default(),
+                write_failed: false,
+                retry_at: 0,
+            }),
+            file: None,
+        };
+        {
+            let mut inner = lock(&ledger.inner);
+            inner.unknown = Marks {
+                renew_by: renewal_point(now, now + assumed).unix_timestamp(),
+                expire_by: (now + assumed).unix_timestamp(),
+                ..Marks::default()
+            };
+            inner.written = inner.unknown;
+        }
+        ledger
     }
 
     /// Notes a leaf issued at `issued` to `holder` (`None`: bound to no pod) under the
@@ -340,9 +394,12 @@ impl Ledger {
         // Whether a holder is known to hold the next roots: given them since the
         // declaration, and, if it says what it serves (a signet-agent), serving them.
         let serves_next = |e: &Entry| {
-            e.issued >= declared && e.seen.given_next && e.seen.serves != Serves::Lacking
+            e.issued >= declared
+                && e.seen.given_next != Some(false)
+                && e.seen.serves != Serves::Lacking
         };
-        let late = |e: &Entry| e.issued >= declared && !e.seen.given_next && e.renew_at > t;
+        let late =
+            |e: &Entry| e.issued >= declared && e.seen.given_next == Some(false) && e.renew_at > t;
         let holds = |e: &Entry| match record.stage {
             // Holders not known to hold the next roots, until their leaf is due to
             // renew (its renewal brings them).
@@ -362,6 +419,7 @@ impl Ledger {
         };
         let mut count = 0;
         let mut late_count = 0;
+        let mut late_by = 0;
         let mut serving = Serving::default();
         let mut sample = Vec::new();
         for (holder, entry) in &inner.holders {
@@ -372,6 +430,7 @@ impl Ledger {
                 }
                 if record.stage == Stage::Distribute && late(entry) {
                     late_count += 1;
+                    late_by = late_by.max(entry.renew_at);
                 }
             }
             if entry.issued >= declared {
@@ -384,6 +443,47 @@ impl Ledger {
             }
         }
         sample.sort();
+        // Late leaves are written down (once, not per look), so that a restart or
+        // this replica falling silent still holds the stage for them.
+        if late_by > 0 && !inner.written.late_ahead(declared, late_by - 1) {
+            let mut marks = inner.written;
+            marks.late_declared = declared;
+            marks.late_renew_by = late_by;
+            match &self.file {
+                Some(path) => match write_marks(path, &marks) {
+                    Ok(()) => inner.written = marks,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot write down the renewal point of leaves given the old bundle after the declaration")
+                    }
+                },
+                None => inner.written = marks,
+            }
+        }
+        // Holders whose renewal fell while this CA was down retry after it is back.
+        let allowance = RESTART_ALLOWANCE
+            .min(record.window() / 4_i32)
+            .whole_seconds();
+        if record.stage == Stage::Distribute
+            && inner.started > declared
+            && t < inner.started + allowance
+        {
+            count += 1;
+            late_count += 1;
+            if sample.len() < SAMPLE {
+                sample
+                    .push("(holders that may have tried to renew while this CA restarted)".into());
+            }
+        }
+        // What a previous process gave out late is waited for the same way.
+        if record.stage == Stage::Distribute && inner.unknown.late_ahead(declared, t) {
+            count += 1;
+            late_count += 1;
+            if sample.len() < SAMPLE {
+                sample.push(
+                    "(holders given the old bundle by this replica before it restarted)".into(),
+                );
+            }
+        }
         // What the record cannot see must be over by itself: leaves from before this
         // process (only their renewal when they all predate the declaration) and
         // leaves of callers bound to no pod.
@@ -445,11 +545,11 @@ mod tests {
     const OLD: u64 = 1;
     const NEW: u64 = 2;
     const NONE: Seen = Seen {
-        given_next: false,
+        given_next: Some(false),
         serves: Serves::Unknown,
     };
     const GIVEN: Seen = Seen {
-        given_next: true,
+        given_next: Some(true),
         serves: Serves::Unknown,
     };
 
@@ -504,7 +604,7 @@ mod tests {
         let ledger = Ledger::open(None, Duration::hours(24), t(0)).unwrap();
         let r = record_at(100);
         let seen = |serves| Seen {
-            given_next: true,
+            given_next: Some(true),
             serves,
         };
         // The agent's renewal brings the union, but it asked while serving the old
@@ -545,6 +645,35 @@ mod tests {
             1,
             "the late one"
         );
+    }
+
+    #[test]
+    fn late_leaves_are_written_down_and_hold_a_restarted_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Ledger::open(Some(dir.path()), Duration::seconds(60), t(0)).unwrap();
+        // Given the old bundle at 200, after the declaration at 100 (this replica
+        // had not taken it): due to renew at 200 + 3672 + 30.
+        first
+            .record(Some("late"), OLD, t(200), t(7400), NONE)
+            .unwrap();
+        let r = record_at(100);
+        assert_eq!(first.pending(&r, OLD, NEW, t(210)).late, 1);
+        assert!(
+            first
+                .marks()
+                .late_ahead(r.declared_at, t(3000).unix_timestamp())
+        );
+        drop(first);
+        let second = Ledger::open(Some(dir.path()), Duration::seconds(60), t(300)).unwrap();
+        // Restarted during distribute: for a minute (a quarter window at most) it
+        // also waits for holders that tried to renew while it was down.
+        let p = second.pending(&r, OLD, NEW, t(310));
+        assert_eq!((p.late, p.count), (2, 2), "{p:?}");
+        let p = second.pending(&r, OLD, NEW, t(360));
+        assert_eq!((p.late, p.count), (1, 1), "{p:?}");
+        assert_eq!(second.pending(&r, OLD, NEW, t(200 + 3702)).late, 0);
+        // Another declaration is not held by it.
+        assert_eq!(second.pending(&record_at(150), OLD, NEW, t(400)).late, 0);
     }
 
     #[test]
@@ -610,6 +739,14 @@ mod tests {
         std::fs::write(dir.path().join(MARKS_FILE), "nonsense").unwrap();
         let e = Ledger::open(Some(dir.path()), Duration::hours(24), t(0)).unwrap_err();
         assert!(e.to_string().contains("issuance.json"), "{e}");
+    }
+
+    #[test]
+    fn a_record_kept_in_memory_assumes_a_default_lifetime_was_just_issued() {
+        let ledger = Ledger::unkept(Duration::hours(24), t(0));
+        assert_eq!(ledger.renew_by(t(0)), renewal_point(t(0), t(24 * 3600)));
+        let r = record_at(10);
+        assert!(!ledger.pending(&r, OLD, NEW, t(20)).complete);
     }
 
     #[test]

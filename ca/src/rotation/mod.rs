@@ -94,8 +94,11 @@ impl Rotation {
         issued: &Issued,
         served: Option<&[[u8; 32]]>,
     ) {
-        let next = self.view().next.clone();
-        let seen = seen(&next, signer.root_digests(), served);
+        let (stage, next) = {
+            let view = self.view();
+            (view.stage, view.next.clone())
+        };
+        let seen = seen(stage, &next, signer.root_digests(), served);
         if let Err(e) = self.ledger.record(
             holder,
             chain_id(signer),
@@ -144,16 +147,23 @@ impl Rotation {
     }
 }
 
-/// What a leaf tells about the trust change: whether the bundle `given` (the
-/// signer's roots) holds every root of `next`, and what the holder said it serves.
-/// Nothing while no next set is declared.
-fn seen(next: &[[u8; 32]], given: &[[u8; 32]], served: Option<&[[u8; 32]]>) -> Seen {
+/// What a leaf tells about the trust change in `stage`: whether the bundle `given`
+/// (the signer's roots) holds every root of `next`, and what the holder said it
+/// serves. Idle, no bundle holds next roots (a declaration this replica has not
+/// taken yet); in a change whose next roots are not known, nothing is judged.
+fn seen(stage: Stage, next: &[[u8; 32]], given: &[[u8; 32]], served: Option<&[[u8; 32]]>) -> Seen {
+    if stage == Stage::Idle {
+        return Seen {
+            given_next: Some(false),
+            serves: Serves::Unknown,
+        };
+    }
     if next.is_empty() {
         return Seen::default();
     }
     let holds = |set: &[[u8; 32]]| next.iter().all(|d| set.binary_search(d).is_ok());
     Seen {
-        given_next: holds(given),
+        given_next: Some(holds(given)),
         serves: match served {
             None => Serves::Unknown,
             Some(s) if !holds(s) => Serves::Lacking,
@@ -186,20 +196,27 @@ mod tests {
     #[test]
     fn a_leaf_tells_whether_its_bundle_and_its_holder_hold_the_next_roots() {
         let (old, new) = ([1; 32], [2; 32]);
-        assert_eq!(seen(&[], &[old], Some(&[old])), Seen::default(), "idle");
-        let s = seen(&[new], &[old, new], Some(&[old]));
-        assert!(s.given_next);
+        let d = Stage::Distribute;
+        // Idle: whatever it was given, not the next roots (a declaration not taken).
+        assert_eq!(
+            seen(Stage::Idle, &[], &[old], Some(&[old])).given_next,
+            Some(false)
+        );
+        // Next roots unknown: nothing judged.
+        assert_eq!(seen(d, &[], &[old], Some(&[old])), Seen::default());
+        let s = seen(d, &[new], &[old, new], Some(&[old]));
+        assert_eq!(s.given_next, Some(true));
         assert_eq!(s.serves, Serves::Lacking);
         assert_eq!(
-            seen(&[new], &[old, new], Some(&[old, new])).serves,
+            seen(d, &[new], &[old, new], Some(&[old, new])).serves,
             Serves::Both
         );
-        assert_eq!(seen(&[new], &[new], Some(&[new])).serves, Serves::NextAlone);
-        assert_eq!(seen(&[new], &[old], None).serves, Serves::Unknown);
-        assert!(
-            !seen(&[new], &[old], None).given_next,
-            "a replica not yet in the stage"
+        assert_eq!(
+            seen(d, &[new], &[new], Some(&[new])).serves,
+            Serves::NextAlone
         );
+        assert_eq!(seen(d, &[new], &[old], None).serves, Serves::Unknown);
+        assert_eq!(seen(d, &[new], &[old], None).given_next, Some(false));
     }
 
     #[test]

@@ -119,7 +119,15 @@ pub(crate) fn read_record(state_dir: &Path) -> Result<Option<Record>, DriverErro
                 path: path.display().to_string(),
                 problem: format!("not a rotation record Signet wrote: {e}"),
             }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        // No record can be there (a parent that is a file): none, as when missing.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(DriverError::Record {
             path: path.display().to_string(),
             problem: e.to_string(),

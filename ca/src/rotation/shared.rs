@@ -124,6 +124,13 @@ pub fn combine(
                 _ => report.marks.expire_by <= t,
             };
             all.complete &= over;
+            // What it gave out late holds distribute even past its latest end.
+            if record.stage == Stage::Distribute && report.marks.late_ahead(record.declared_at, t) {
+                all.count += 1;
+                all.late += 1;
+                all.sample
+                    .push(format!("(holders given the old bundle by replica {name})"));
+            }
         }
     }
     all
@@ -277,6 +284,7 @@ mod tests {
             marks: Marks {
                 renew_by: 1_800_000_000 + renew_by,
                 expire_by: 1_800_000_000 + renew_by * 2,
+                ..Marks::default()
             },
             stage: Stage::Distribute,
             since: 1_800_000_000,
@@ -378,5 +386,17 @@ mod tests {
             "heard from within the hour"
         );
         assert_eq!(gone(&reports, t(3700)), vec!["b", "c", "d", "me"]);
+    }
+
+    #[test]
+    fn a_quiet_replica_that_gave_out_the_old_bundle_late_holds_distribute() {
+        let r = record();
+        let mut quiet = report(10, 0, true, 50);
+        quiet.marks.late_declared = r.declared_at;
+        quiet.marks.late_renew_by = 1_800_000_000 + 5_000;
+        let reports = BTreeMap::from([("q".to_owned(), quiet)]);
+        let p = combine(own(), "me", &reports, &r, t(100));
+        assert_eq!((p.late, p.count), (1, 2), "{p:?}");
+        assert_eq!(combine(own(), "me", &reports, &r, t(5_001)).late, 0);
     }
 }

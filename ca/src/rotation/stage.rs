@@ -386,6 +386,12 @@ mod tests {
             ..known
         };
         assert_eq!(advance(&r, &late, t(12 * 3600)), None);
+        // The same count without late holders ends at the latest end.
+        let pending_only = Evidence { late: 0, ..late };
+        assert_eq!(
+            advance(&r, &pending_only, t(12 * 3600)),
+            Some(Stage::Switch)
+        );
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub struct Status {
     pub pending: usize,
     /// Whether the record knows every holder (else the stage ends at its latest end).
     pub complete: bool,
+    /// Of the pending holders, in `distribute`, those given the old bundle after the
+    /// declaration: waited for even past the latest end.
+    #[serde(default)]
+    pub late: usize,
     /// Some of the pending holders.
     pub pending_sample: Vec<String>,
     /// Every consumer the CA writes holds this stage's bundle.
@@ -72,6 +76,7 @@ impl Default for Status {
             waiting_for: "starting".into(),
             pending: 0,
             complete: false,
+            late: 0,
             pending_sample: Vec::new(),
             consumers_converged: false,
             lagging: Vec::new(),
@@ -123,6 +128,13 @@ impl Status {
                 "not every holder known: the stage ends at its latest end"
             };
             let _ = writeln!(out, "pending:      {} ({known})", self.pending);
+            if self.late > 0 {
+                let _ = writeln!(
+                    out,
+                    "late:         {} of them given the old bundle after the declaration (a replica took the stage late): waited for until they renew, even past the latest end",
+                    self.late
+                );
+            }
             for holder in &self.pending_sample {
                 let _ = writeln!(out, "              {holder}");
             }
@@ -143,7 +155,7 @@ impl Status {
             let s = &self.serving;
             let _ = writeln!(
                 out,
-                "agents:       {} say what they serve: {} the old roots only, {} old and new, {} the new alone",
+                "agents:       {} reports of what they serve (summed over replicas): {} without the new roots, {} old and new, {} the new alone",
                 s.total(),
                 s.lacking,
                 s.both,
@@ -189,7 +201,7 @@ mod tests {
         assert!(text.contains("in pod a/p"), "{text}");
         assert!(
             text.contains(
-                "agents:       4 say what they serve: 1 the old roots only, 3 old and new"
+                "agents:       4 reports of what they serve (summed over replicas): 1 without the new roots, 3 old and new"
             ),
             "{text}"
         );

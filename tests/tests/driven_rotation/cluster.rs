@@ -290,12 +290,17 @@ async fn leads_in(api: &KubeApi, who: &str, ca: &TestCa, stage: &str) -> Value {
 /// one, restarted with `args` (its state directory kept), must follow. Returns it.
 async fn hand_over(
     api: &KubeApi,
-    leader: TestCa,
+    (leader_name, leader): (&str, TestCa),
     args: &[String],
     (name, other): (&str, &TestCa),
     stage: &str,
     roots: u64,
 ) -> TestCa {
+    assert_eq!(
+        holder(api).as_deref(),
+        Some(leader_name),
+        "the one stopped leads"
+    );
     leader.stop().await;
     let st = leads_in(api, name, other, stage).await;
     assert_eq!(st["roots"], roots, "{st}");
@@ -339,7 +344,15 @@ async fn a_restart_and_a_leader_change_in_switch_and_in_retire_do_not_break_the_
 
     // In switch: the leader stops, the other takes over from the shared record; the
     // stopped one restarts (same state directory) and follows.
-    let a = hand_over(api, a, &args_a, ("replica-b", &b), "switch", 2).await;
+    let a = hand_over(
+        api,
+        ("replica-a", a),
+        &args_a,
+        ("replica-b", &b),
+        "switch",
+        2,
+    )
+    .await;
     // Both sign with the new chain (their status names its signing certificate).
     for ca in [&a, &b] {
         let st = status(ca).await;
@@ -365,7 +378,15 @@ async fn a_restart_and_a_leader_change_in_switch_and_in_retire_do_not_break_the_
     )
     .await;
     // In retire: the same the other way round.
-    let b = hand_over(api, b, &args_b, ("replica-a", &a), "retire", 1).await;
+    let b = hand_over(
+        api,
+        ("replica-b", b),
+        &args_b,
+        ("replica-a", &a),
+        "retire",
+        1,
+    )
+    .await;
     assert_eq!(consumers(api), (new.clone(), new.clone(), new.clone()));
     assert_eq!(shared_record(api).unwrap()["stage"], "retire");
 

@@ -65,7 +65,13 @@ struct Rig {
 
 impl Rig {
     async fn start(initial: &Path, extra: &[&str]) -> Self {
+        Self::start_with(initial, extra, |_| {}).await
+    }
+
+    /// [`Self::start`], with `prepare` run on the scratch directory first.
+    async fn start_with(initial: &Path, extra: &[&str], prepare: impl FnOnce(&Path)) -> Self {
         let setup = AgentSetup::new();
+        prepare(setup.dir.path());
         let cacerts = setup.dir.path().join("cacerts");
         publish_set(initial, &cacerts);
         let next = setup.dir.path().join("cacerts-next");
@@ -180,7 +186,12 @@ struct Scheduled {
 }
 
 impl Scheduled {
-    async fn fetch(ca: std::net::SocketAddr, trust: &Path, token: &str) -> (Served, Duration) {
+    /// What was served, the certificate's lifetime, and how long until it renews.
+    async fn fetch(
+        ca: std::net::SocketAddr,
+        trust: &Path,
+        token: &str,
+    ) -> (Served, Duration, Duration) {
         Self::try_fetch(ca, trust, token).await.unwrap()
     }
 
@@ -189,7 +200,7 @@ impl Scheduled {
         ca: std::net::SocketAddr,
         trust: &Path,
         token: &str,
-    ) -> Option<(Served, Duration)> {
+    ) -> Option<(Served, Duration, Duration)> {
         let (key, csr) = signet_e2e::csr(Some(ZT));
         let ca_roots = std::fs::read_to_string(trust).ok()?;
         let channel = tonic::transport::Channel::from_shared(format!("https://{ca}"))
@@ -210,9 +221,17 @@ impl Scheduled {
             .into_inner();
         let chain = &answer.cert_chain;
         let roots = chain.last().unwrap().clone();
-        let lifetime = with_cert(&chain[0], |c| {
+        // As ztunnel and pilot-agent do: half of NotBefore to NotAfter (NotBefore is
+        // backdated), on the wall clock.
+        let (lifetime, renew_in) = with_cert(&chain[0], |c| {
             let v = c.validity();
-            Duration::from_secs((v.not_after.timestamp() - v.not_before.timestamp()) as u64)
+            let (nb, na) = (v.not_before.timestamp(), v.not_after.timestamp());
+            let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as f64 / 1e9;
+            let renew_in = (nb as f64 + (na - nb) as f64 / 2.0 - now).max(0.0);
+            (
+                Duration::from_secs((na - nb) as u64),
+                Duration::from_secs_f64(renew_in),
+            )
         });
         Some((
             (
@@ -221,6 +240,7 @@ impl Scheduled {
                 roots,
             ),
             lifetime,
+            renew_in,
         ))
     }
 }
@@ -243,10 +263,11 @@ fn traffic(
             let zt = {
                 let mut s = scheduled.lock().await;
                 if std::time::Instant::now() >= s.renew_at
-                    && let Some((held, lifetime)) = Scheduled::try_fetch(ca, &trust, &token).await
+                    && let Some((held, _, renew_in)) =
+                        Scheduled::try_fetch(ca, &trust, &token).await
                 {
                     s.held = held;
-                    s.renew_at = std::time::Instant::now() + lifetime / 2;
+                    s.renew_at = std::time::Instant::now() + renew_in;
                     s.renewals += 1;
                 }
                 s.held.clone()
@@ -290,14 +311,14 @@ async fn a_declared_root_rotation_goes_through_every_stage_without_a_failed_hand
         .setup
         .jwt
         .pod_token("mesh", "scheduled", "ztunnel-0", "uid-zt");
-    let (held, lifetime) = Scheduled::fetch(rig.ca.grpc, &rig.trust, &zt_token).await;
+    let (held, lifetime, renew_in) = Scheduled::fetch(rig.ca.grpc, &rig.trust, &zt_token).await;
     assert!(
         lifetime > Duration::from_secs(25),
         "issued before the declaration: {lifetime:?}"
     );
     let scheduled = Arc::new(tokio::sync::Mutex::new(Scheduled {
         held,
-        renew_at: std::time::Instant::now() + lifetime / 2,
+        renew_at: std::time::Instant::now() + renew_in,
         renewals: 0,
     }));
     let running = Arc::new(AtomicBool::new(true));
@@ -372,7 +393,7 @@ async fn a_declared_root_rotation_goes_through_every_stage_without_a_failed_hand
         )
         .await;
     }
-    let (answer, _) = Scheduled::fetch(rig.ca.grpc, &rig.trust, &zt_token).await;
+    let (answer, _, _) = Scheduled::fetch(rig.ca.grpc, &rig.trust, &zt_token).await;
     assert_eq!(answer.2.trim(), new_root.pem.trim());
     // Traffic keeps going in the final state for a moment.
     let seen = tried.load(Ordering::Relaxed);
@@ -508,6 +529,43 @@ async fn an_abort_in_distribute_drops_the_new_roots_and_is_not_declared_again() 
     tokio::time::sleep(Duration::from_millis(600)).await;
     publish_set(&s.join("new"), &rig.next);
     rig.wait_stage("distribute", Duration::from_secs(30)).await;
+    rig.ca.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_directory_that_cannot_be_written_leaves_the_ca_serving_and_declaring_nothing() {
+    let staged = tempfile::tempdir().unwrap();
+    let s = staged.path();
+    old_and_new(s);
+    // The state directory (`<dir>/state`) is under a regular file: not even root
+    // can create it, as with a read-only root filesystem and no volume.
+    let rig = Rig::start_with(&s.join("old"), &[], |dir| {
+        std::fs::write(dir.join("state"), "not a directory").unwrap();
+    })
+    .await;
+    // It serves.
+    let token = rig
+        .setup
+        .jwt
+        .pod_token("mesh", "scheduled", "zt-0", "uid-zt");
+    let ((_, _, roots), _, _) = Scheduled::fetch(rig.ca.grpc, &rig.trust, &token).await;
+    assert_eq!(roots_in(&roots), 1);
+    // A next set is refused, and the status says why.
+    publish_set(&s.join("new"), &rig.next);
+    let st = signet_e2e::eventually(Duration::from_secs(30), "the refusal", async || {
+        let st = rig.status().await;
+        st["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("a next set is in place"))
+            .then_some(st)
+    })
+    .await;
+    assert_eq!(st["stage"], "idle", "{st}");
+    let problem = st["problem"].as_str().unwrap();
+    assert!(
+        problem.contains("state directory") && problem.contains("--state-dir"),
+        "{problem}"
+    );
     rig.ca.stop().await;
 }
 
