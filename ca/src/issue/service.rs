@@ -54,7 +54,8 @@ pub(crate) struct CaService {
 /// reviews throttled) come in storms, a million in a fleet's restart: at most one
 /// warning a second says how many there were, each of the others is a debug line.
 /// The counts are in the metrics either way. Every other refusal is a warning of its
-/// own. (Malformed reports of served roots are logged the same way.)
+/// own. (Malformed reports of served roots are warned about the same way: one
+/// warning a second with the count, the others not logged.)
 #[derive(Debug)]
 struct OverloadLog {
     started: Instant,

@@ -128,10 +128,15 @@ impl Driver {
     pub async fn start(settings: Settings, now: OffsetDateTime) -> Result<Self, DriverError> {
         let state_dir = settings.keys.state_dir.clone();
         let mut saved = read_record(&state_dir)?;
+        let mut own_marks = None;
         if let Some(shared) = &settings.shared {
             match shared.read().await {
-                Ok(state) if state.record.is_some() => saved = state.record,
-                Ok(_) => {}
+                Ok(state) => {
+                    own_marks = state.reports.get(shared.replica()).map(|r| r.marks);
+                    if state.record.is_some() {
+                        saved = state.record;
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read the shared rotation record at start; starting from the state directory's")
                 }
@@ -153,14 +158,22 @@ impl Driver {
         let (record, next) = resolve(saved, &settings, &base, now)?;
         // A state directory that cannot keep the marks or the record does not stop
         // the CA: it serves, and refuses to declare a trust change, saying why.
+        // (Marks that are there but cannot be read or are not marks stop it: taking
+        // them as none could end a stage early.)
         let mut unkept = None;
         let ledger = match Ledger::open(Some(&state_dir), settings.default_ttl, now) {
             Ok(ledger) => ledger,
-            Err(e) => {
+            Err(e) if e.unwritable => {
                 unkept = Some(e.to_string());
                 Ledger::unkept(settings.default_ttl, now)
             }
+            Err(e) => return Err(e.into()),
         };
+        // In cluster mode, what this replica said it had issued counts as well: its
+        // state directory may be new (an emptyDir lost with the pod).
+        if let Some(marks) = &own_marks {
+            ledger.absorb(marks);
+        }
         let rotation = Arc::new(Rotation::new(ledger));
         let published = compose(record.stage, &base, next.as_ref(), now)?;
         let composed = key(record.stage, &base, next.as_ref());

@@ -36,7 +36,7 @@ pub const RENEWAL_GRACE: Duration = Duration::seconds(30);
 /// quarter window) to renew before the stage may end at its latest end: those whose
 /// renewal fell while it was down are retrying on their backoff (signet-agent's
 /// longest step is 60 s).
-const RESTART_ALLOWANCE: Duration = Duration::seconds(60);
+pub const RESTART_ALLOWANCE: Duration = Duration::seconds(60);
 /// After a failed write of the marks, the next attempt waits this long (a failing
 /// disk is not retried under the ledger's lock for every leaf).
 const WRITE_RETRY: i64 = 10;
@@ -50,25 +50,14 @@ pub struct Marks {
     pub renew_by: i64,
     /// Latest NotAfter.
     pub expire_by: i64,
-    /// The declaration (its `declared_at`) that `late_renew_by` is about.
-    #[serde(default)]
-    pub late_declared: i64,
-    /// The latest renewal point of leaves issued after that declaration with a
-    /// bundle lacking the next roots (see [`Pending::late`]): kept so that a restart
-    /// or a silent replica still holds `distribute` for them.
-    #[serde(default)]
-    pub late_renew_by: i64,
 }
 
 impl Marks {
-    /// Whether leaves given the old bundle after the declaration of `declared` may
-    /// still be in use without the next roots at `t`.
-    pub fn late_ahead(&self, declared: i64, t: i64) -> bool {
-        self.late_declared == declared && self.late_renew_by > t
+    /// Raised to at least `other`.
+    pub fn absorb(&mut self, other: &Marks) {
+        self.raise(other.renew_by, other.expire_by);
     }
-}
 
-impl Marks {
     fn raise(&mut self, renew_at: i64, not_after: i64) {
         self.renew_by = self.renew_by.max(renew_at);
         self.expire_by = self.expire_by.max(not_after);
@@ -127,6 +116,8 @@ struct Inner {
     overflow: bool,
     /// What was issued before this process: from the marks file at start.
     unknown: Marks,
+    /// Whether `unknown` is only the first start's assumption (no marks were found).
+    assumed: bool,
     /// When this process began recording.
     started: i64,
     /// Leaves of callers bound to no pod, per chain.
@@ -151,6 +142,9 @@ pub struct Ledger {
 pub struct LedgerError {
     path: String,
     problem: String,
+    /// The marks could not be written (as opposed to read: a file that is there
+    /// but is not the marks, or cannot be read, is never taken as none).
+    pub unwritable: bool,
 }
 
 /// Holders that said what they serve (signet-agents) since the declaration, by what
@@ -217,28 +211,37 @@ impl Ledger {
                     problem: format!(
                         "not the issuance marks Signet writes ({e}); remove it to assume a leaf of --default-ttl was issued just now"
                     ),
+                    unwritable: false,
                 })?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // None there (or none can be: a parent is a file).
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ) =>
+                {
                     let t = now.unix_timestamp();
                     Marks {
                         renew_by: renewal_point(now, now + assumed).unix_timestamp(),
                         expire_by: t + assumed.whole_seconds(),
-                        ..Marks::default()
                     }
                 }
                 Err(e) => {
                     return Err(LedgerError {
                         path: path.display().to_string(),
                         problem: e.to_string(),
+                        unwritable: false,
                     });
                 }
             },
         };
+        let assumed = file.as_ref().is_some_and(|p| !p.exists());
         let ledger = Self {
             inner: Mutex::new(Inner {
                 holders: HashMap::new(),
                 overflow: false,
                 unknown,
+                assumed,
                 started: now.unix_timestamp(),
                 unbound: HashMap::new(),
                 written: unknown,
@@ -266,6 +269,7 @@ impl Ledger {
                 holders: HashMap::new(),
                 overflow: false,
                 unknown: Marks::default(),
+                assumed: true,
                 started: now.unix_timestamp(),
                 unbound: HashMap::new(),
                 written: Marks::default(),
@@ -279,11 +283,22 @@ impl Ledger {
             inner.unknown = Marks {
                 renew_by: renewal_point(now, now + assumed).unix_timestamp(),
                 expire_by: (now + assumed).unix_timestamp(),
-                ..Marks::default()
             };
             inner.written = inner.unknown;
         }
         ledger
+    }
+
+    /// Takes `marks` (this replica's, as its last report in the shared record says)
+    /// as issued before this process too: a replica whose state directory was lost
+    /// still knows what it issued.
+    pub fn absorb(&self, marks: &Marks) {
+        let mut inner = lock(&self.inner);
+        if marks.renew_by > inner.unknown.renew_by || marks.expire_by > inner.unknown.expire_by {
+            inner.unknown.absorb(marks);
+            inner.written.absorb(marks);
+            inner.assumed = false;
+        }
     }
 
     /// Notes a leaf issued at `issued` to `holder` (`None`: bound to no pod) under the
@@ -337,11 +352,13 @@ impl Ledger {
         if renew_at <= inner.written.renew_by && not_after <= inner.written.expire_by {
             return Ok(());
         }
+        // Ahead by the headroom, or a quarter of the lifetime when that is less (so
+        // short-lived leaves do not leave marks far past their end).
+        let headroom = HEADROOM
+            .min(Duration::seconds((not_after - t).max(0) / 4))
+            .whole_seconds();
         let mut ahead = inner.written;
-        ahead.raise(
-            renew_at + HEADROOM.whole_seconds(),
-            not_after + HEADROOM.whole_seconds(),
-        );
+        ahead.raise(renew_at + headroom, not_after + headroom);
         let Some(path) = &self.file else {
             inner.written = ahead;
             return Ok(());
@@ -419,7 +436,6 @@ impl Ledger {
         };
         let mut count = 0;
         let mut late_count = 0;
-        let mut late_by = 0;
         let mut serving = Serving::default();
         let mut sample = Vec::new();
         for (holder, entry) in &inner.holders {
@@ -428,9 +444,8 @@ impl Ledger {
                 if sample.len() < SAMPLE {
                     sample.push(holder.to_string());
                 }
-                if record.stage == Stage::Distribute && late(entry) {
+                if record.stage == Stage::Distribute && record.adds_roots && late(entry) {
                     late_count += 1;
-                    late_by = late_by.max(entry.renew_at);
                 }
             }
             if entry.issued >= declared {
@@ -443,45 +458,26 @@ impl Ledger {
             }
         }
         sample.sort();
-        // Late leaves are written down (once, not per look), so that a restart or
-        // this replica falling silent still holds the stage for them.
-        if late_by > 0 && !inner.written.late_ahead(declared, late_by - 1) {
-            let mut marks = inner.written;
-            marks.late_declared = declared;
-            marks.late_renew_by = late_by;
-            match &self.file {
-                Some(path) => match write_marks(path, &marks) {
-                    Ok(()) => inner.written = marks,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot write down the renewal point of leaves given the old bundle after the declaration")
-                    }
-                },
-                None => inner.written = marks,
-            }
-        }
-        // Holders whose renewal fell while this CA was down retry after it is back.
-        let allowance = RESTART_ALLOWANCE
-            .min(record.window() / 4_i32)
-            .whole_seconds();
-        if record.stage == Stage::Distribute
-            && inner.started > declared
-            && t < inner.started + allowance
-        {
-            count += 1;
-            late_count += 1;
-            if sample.len() < SAMPLE {
+        // Past the stage's latest end, what this replica cannot see still holds it
+        // (only when the next set adds roots: else the stage has no latest end).
+        if record.stage == Stage::Distribute && record.adds_roots {
+            // Holders whose renewal fell while this CA was down retry after it is back.
+            let allowance = RESTART_ALLOWANCE
+                .min(record.window() / 4_i32)
+                .whole_seconds();
+            let restarted = inner.started > declared;
+            if restarted && t < inner.started + allowance {
+                count += 1;
+                late_count += 1;
                 sample
                     .push("(holders that may have tried to renew while this CA restarted)".into());
             }
-        }
-        // What a previous process gave out late is waited for the same way.
-        if record.stage == Stage::Distribute && inner.unknown.late_ahead(declared, t) {
-            count += 1;
-            late_count += 1;
-            if sample.len() < SAMPLE {
-                sample.push(
-                    "(holders given the old bundle by this replica before it restarted)".into(),
-                );
+            // What a previous run of this replica issued may have lacked the new
+            // roots (given before it took the stage): waited for until due to renew.
+            if restarted && !inner.assumed && inner.unknown.renew_by > t {
+                count += 1;
+                late_count += 1;
+                sample.push("(leaves this replica issued before it restarted)".into());
             }
         }
         // What the record cannot see must be over by itself: leaves from before this
@@ -524,15 +520,18 @@ fn write_marks(path: &Path, marks: &Marks) -> Result<(), LedgerError> {
         std::fs::create_dir_all(dir).map_err(|e| LedgerError {
             path: dir.display().to_string(),
             problem: format!("cannot create the state directory: {e}"),
+            unwritable: true,
         })?;
     }
     let json = serde_json::to_vec(marks).map_err(|e| LedgerError {
         path: path.display().to_string(),
         problem: e.to_string(),
+        unwritable: true,
     })?;
     signet_fs::write_atomic(path, &json, 0o600).map_err(|e| LedgerError {
         path: path.display().to_string(),
         problem: e.to_string(),
+        unwritable: true,
     })
 }
 
@@ -648,32 +647,37 @@ mod tests {
     }
 
     #[test]
-    fn late_leaves_are_written_down_and_hold_a_restarted_replica() {
+    fn a_replica_restarted_in_distribute_waits_for_what_it_issued_before() {
         let dir = tempfile::tempdir().unwrap();
         let first = Ledger::open(Some(dir.path()), Duration::seconds(60), t(0)).unwrap();
         // Given the old bundle at 200, after the declaration at 100 (this replica
-        // had not taken it): due to renew at 200 + 3672 + 30.
+        // had not taken it): late, until due to renew at 200 + 3672 + 30.
         first
             .record(Some("late"), OLD, t(200), t(7400), NONE)
             .unwrap();
         let r = record_at(100);
         assert_eq!(first.pending(&r, OLD, NEW, t(210)).late, 1);
-        assert!(
-            first
-                .marks()
-                .late_ahead(r.declared_at, t(3000).unix_timestamp())
-        );
         drop(first);
         let second = Ledger::open(Some(dir.path()), Duration::seconds(60), t(300)).unwrap();
-        // Restarted during distribute: for a minute (a quarter window at most) it
-        // also waits for holders that tried to renew while it was down.
+        // For a minute (a quarter window at most) it also waits for holders that
+        // tried to renew while it was down; and for what it issued before, by its
+        // marks (written ahead by a quarter of the lifetime at most).
         let p = second.pending(&r, OLD, NEW, t(310));
         assert_eq!((p.late, p.count), (2, 2), "{p:?}");
         let p = second.pending(&r, OLD, NEW, t(360));
         assert_eq!((p.late, p.count), (1, 1), "{p:?}");
-        assert_eq!(second.pending(&r, OLD, NEW, t(200 + 3702)).late, 0);
-        // Another declaration is not held by it.
-        assert_eq!(second.pending(&record_at(150), OLD, NEW, t(400)).late, 0);
+        assert_eq!(second.pending(&r, OLD, NEW, t(200 + 3702 + 1800)).late, 0);
+        // A first start (nothing known, only assumed) waits for the minute alone.
+        let fresh_dir = tempfile::tempdir().unwrap();
+        let fresh = Ledger::open(Some(fresh_dir.path()), Duration::hours(24), t(300)).unwrap();
+        assert_eq!(fresh.pending(&r, OLD, NEW, t(310)).late, 1);
+        assert_eq!(fresh.pending(&r, OLD, NEW, t(400)).late, 0);
+        // Its last report's marks, absorbed, count as known.
+        fresh.absorb(&Marks {
+            renew_by: t(100_000).unix_timestamp(),
+            expire_by: t(200_000).unix_timestamp(),
+        });
+        assert_eq!(fresh.pending(&r, OLD, NEW, t(400)).late, 1);
     }
 
     #[test]

@@ -149,8 +149,9 @@ impl Rotation {
 
 /// What a leaf tells about the trust change in `stage`: whether the bundle `given`
 /// (the signer's roots) holds every root of `next`, and what the holder said it
-/// serves. Idle, no bundle holds next roots (a declaration this replica has not
-/// taken yet); in a change whose next roots are not known, nothing is judged.
+/// serves. Idle, no bundle holds the next roots of a declaration this replica has
+/// not taken yet, and done, none is taken as holding them (a new declaration may be
+/// under way); in a change whose next roots are not known, nothing is judged.
 fn seen(stage: Stage, next: &[[u8; 32]], given: &[[u8; 32]], served: Option<&[[u8; 32]]>) -> Seen {
     if stage == Stage::Idle {
         return Seen {
@@ -163,7 +164,7 @@ fn seen(stage: Stage, next: &[[u8; 32]], given: &[[u8; 32]], served: Option<&[[u
     }
     let holds = |set: &[[u8; 32]]| next.iter().all(|d| set.binary_search(d).is_ok());
     Seen {
-        given_next: Some(holds(given)),
+        given_next: Some(stage != Stage::Done && holds(given)),
         serves: match served {
             None => Serves::Unknown,
             Some(s) if !holds(s) => Serves::Lacking,
@@ -201,6 +202,13 @@ mod tests {
         assert_eq!(
             seen(Stage::Idle, &[], &[old], Some(&[old])).given_next,
             Some(false)
+        );
+        // Done: what it serves is told, but nothing counts as given (the next
+        // declaration's roots are not known here yet).
+        let done = seen(Stage::Done, &[new], &[new], Some(&[new]));
+        assert_eq!(
+            (done.given_next, done.serves),
+            (Some(false), Serves::NextAlone)
         );
         // Next roots unknown: nothing judged.
         assert_eq!(seen(d, &[], &[old], Some(&[old])), Seen::default());

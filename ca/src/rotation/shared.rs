@@ -124,12 +124,15 @@ pub fn combine(
                 _ => report.marks.expire_by <= t,
             };
             all.complete &= over;
-            // What it gave out late holds distribute even past its latest end.
-            if record.stage == Stage::Distribute && report.marks.late_ahead(record.declared_at, t) {
+            // What it issued may have lacked the new roots (given before it took
+            // the stage): that holds distribute even past its latest end, until
+            // its marks say all of it was due to renew.
+            if record.stage == Stage::Distribute && record.adds_roots && report.marks.renew_by > t {
                 all.count += 1;
                 all.late += 1;
-                all.sample
-                    .push(format!("(holders given the old bundle by replica {name})"));
+                all.sample.push(format!(
+                    "(leaves of replica {name}, silent since it issued them)"
+                ));
             }
         }
     }
@@ -284,7 +287,6 @@ mod tests {
             marks: Marks {
                 renew_by: 1_800_000_000 + renew_by,
                 expire_by: 1_800_000_000 + renew_by * 2,
-                ..Marks::default()
             },
             stage: Stage::Distribute,
             since: 1_800_000_000,
@@ -365,9 +367,10 @@ mod tests {
             "my own report is not counted twice"
         );
         assert_eq!(p.sample, vec!["mine", "holder 2"]);
-        // Gone quiet: only its marks can vouch for its holders.
+        // Gone quiet: only its marks can vouch for its holders (and until they are
+        // due, it counts as one late holder).
         let p = combine(own(), "me", &reports, &r, t(100));
-        assert_eq!((p.count, p.complete), (1, false));
+        assert_eq!((p.count, p.late, p.complete), (2, 1, false));
         let p = combine(own(), "me", &reports, &r, t(600));
         assert!(p.complete, "its leaves were all due to renew by then");
         reports.insert("c".to_owned(), report(10, 0, false, 5));
@@ -391,9 +394,8 @@ mod tests {
     #[test]
     fn a_quiet_replica_that_gave_out_the_old_bundle_late_holds_distribute() {
         let r = record();
-        let mut quiet = report(10, 0, true, 50);
-        quiet.marks.late_declared = r.declared_at;
-        quiet.marks.late_renew_by = 1_800_000_000 + 5_000;
+        // Quiet since 10; its marks say its leaves are due to renew by 5,000.
+        let quiet = report(10, 0, true, 5_000);
         let reports = BTreeMap::from([("q".to_owned(), quiet)]);
         let p = combine(own(), "me", &reports, &r, t(100));
         assert_eq!((p.late, p.count), (1, 2), "{p:?}");
