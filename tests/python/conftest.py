@@ -256,3 +256,34 @@ def stop_agent(agent):
             agent.proc.kill()
             agent.proc.wait()
     agent.log.close()
+
+
+def hammer(make_call, threads=16, seconds=3):
+    """Calls from `threads` threads for `seconds`, each thread its own `make_call()`,
+    ignoring any pushback, as callers that keep the signing queue full do. Returns
+    (calls that succeeded, RESOURCE_EXHAUSTED refusals as (monotonic time, their
+    `grpc-retry-pushback-ms` or None), other errors as (code, details))."""
+    import threading
+    stop = time.monotonic() + seconds
+    ok, refusals, others, lock = [0], [], [], threading.Lock()
+
+    def run():
+        call = make_call()
+        while time.monotonic() < stop:
+            try:
+                call()
+                with lock:
+                    ok[0] += 1
+            except grpc.RpcError as e:
+                trailers = dict(e.trailing_metadata() or ())
+                with lock:
+                    if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        others.append((e.code(), e.details()))
+                    refusals.append((time.monotonic(), trailers.get("grpc-retry-pushback-ms")))
+
+    workers = [threading.Thread(target=run) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return ok[0], refusals, others

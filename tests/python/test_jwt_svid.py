@@ -24,7 +24,7 @@ from cryptography.x509.oid import NameOID
 from spiffe import JwtSvid, TrustDomain, WorkloadApiClient
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
-from conftest import ROOT, free_port, start_agent, start_ca, stop_agent, stop_ca
+from conftest import ROOT, free_port, hammer, start_agent, start_ca, stop_agent, stop_ca
 
 sys.path.insert(0, str(ROOT / ".venv" / "signet_pb"))
 from signet.v1 import jwt_pb2, jwt_pb2_grpc  # noqa: E402
@@ -237,6 +237,33 @@ def test_rs256_keys_on_request(cluster):
             assert verify(server, answer.token)["sub"] == SPIFFE
         finally:
             server.stop()
+
+
+def test_overload_refusals_carry_a_retry_pushback(cluster):
+    """JWT-SVID mints share the signing queue with certificates; a mint refused for
+    overload tells grpcio when to come back (`grpc-retry-pushback-ms`, gRFC A6), booked
+    at the rate the CA issues, as CreateCertificate refusals are."""
+    with tempfile.TemporaryDirectory() as d:
+        # RS256 (a millisecond a signature), one signing thread and one pending slot:
+        # 16 callers that ignore the pushback keep the queue full.
+        server = JwtCa(d, cluster, "--jwt-key-algorithm", "rs256", "--signing-threads", "1",
+                       "--max-pending", "1")
+        try:
+            md = [("authorization", f"Bearer {cluster.token()}")]
+
+            def caller():
+                stub = server.stub()
+                return lambda: stub.MintJwtSvid(
+                    jwt_pb2.MintJwtSvidRequest(audience=["minio"]), metadata=md, timeout=30)
+
+            minted, refusals, others = hammer(caller)
+        finally:
+            server.stop()
+    assert not others, others[:3]
+    assert minted > 10, minted
+    pushed = [int(v) for _, v in refusals if v is not None]
+    assert len(pushed) > 20, f"{len(pushed)} of {len(refusals)} refusals carried a pushback"
+    assert all(250 <= ms <= 60_000 for ms in pushed), pushed[:5]
 
 
 def test_bad_oidc_flags_exit_64(tmp_path):

@@ -187,6 +187,12 @@ impl RequestError {
 }
 
 impl CaService {
+    /// The pushback schedule of overload refusals (the JWT-SVID service books in it
+    /// too: both share the signing queue).
+    pub(crate) fn pushback(&self) -> Arc<Pushback> {
+        self.pushback.clone()
+    }
+
     /// A service signing with whatever signer `signer` holds at each request.
     pub(crate) fn new(
         signer: watch::Receiver<Arc<Signer>>,

@@ -350,11 +350,11 @@ pub async fn run(
     );
     let (jwt, oidc_task) = match &config.jwt {
         Some(settings) => {
-            let (service, task) = jwt_service(
+            let (jwt, task) = jwt_service(
                 &config, settings, &tls, authn, &queue, &metrics, oidc, &stop_rx,
             )
             .await?;
-            (Some(service), task)
+            (Some(jwt.with_pushback(service.pushback())), task)
         }
         None => (None, None),
     };

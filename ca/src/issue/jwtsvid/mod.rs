@@ -5,7 +5,10 @@
 
 pub mod flags;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use signet_proto::signet_v1::{
     FetchJwtBundleRequest, FetchJwtBundleResponse, MintJwtSvidRequest, MintJwtSvidResponse,
@@ -17,6 +20,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     issue::authn::{Authenticator, AuthnError},
+    issue::pushback::{self, Pushback},
     issue::queue::{QueueError, SigningQueue},
     issue::service::authenticate,
     keys::jwt::{JwtKeyError, JwtKeys, Minted},
@@ -90,6 +94,9 @@ pub(crate) struct JwtService {
     queue: SigningQueue,
     metrics: Metrics,
     settings: Arc<JwtSettings>,
+    /// When a caller refused for overload should come back (`grpc-retry-pushback-ms`);
+    /// the CreateCertificate service's, as both share the signing queue.
+    pushback: Arc<Pushback>,
 }
 
 impl JwtService {
@@ -108,7 +115,14 @@ impl JwtService {
             queue,
             metrics,
             settings: Arc::new(settings),
+            pushback: Arc::new(Pushback::default()),
         }
+    }
+
+    /// Books overload refusals in `pushback` (the CreateCertificate service's).
+    pub(crate) fn with_pushback(mut self, pushback: Arc<Pushback>) -> Self {
+        self.pushback = pushback;
+        self
     }
 }
 
@@ -196,6 +210,7 @@ impl JwtService {
             .run_as(&share, move || keys.sign(&claims, now))
             .await??;
         self.metrics.jwt_svids_issued.inc();
+        self.pushback.issued();
         tracing::info!(
             target: "signet_ca::audit",
             spiffe_id = %id,
@@ -235,9 +250,27 @@ impl JwtSvidService for JwtService {
                     .jwt_svid_refusals
                     .with_label_values(&[&format!("{:?}", status.code())])
                     .inc();
+                // Overload: when to come back, as for certificates (a refusal before
+                // authentication books no slot).
+                let pushback = match &e {
+                    MintError::Queue(QueueError::Full(_) | QueueError::Share(_)) => {
+                        self.pushback.refused(Instant::now(), rand::random::<f64>())
+                    }
+                    MintError::Authn(AuthnError::Throttled(_)) => self
+                        .pushback
+                        .unbooked(Instant::now(), rand::random::<f64>()),
+                    _ => None,
+                };
+                let mut status = status;
+                if let Some(delay) = pushback
+                    && let Ok(value) = delay.as_millis().to_string().parse()
+                {
+                    status.metadata_mut().insert(pushback::TRAILER, value);
+                }
                 if matches!(
                     e,
                     MintError::Queue(QueueError::Full(_) | QueueError::Share(_))
+                        | MintError::Authn(AuthnError::Throttled(_))
                 ) {
                     // Overload comes in storms; the metric counts every refusal.
                     tracing::debug!(peer = %peer, code = ?status.code(), error = %e, "JWT-SVID request refused");
