@@ -63,6 +63,27 @@ struct State {
 }
 
 impl Pushback {
+    /// Puts into `status` (a refusal for overload) when its caller should come back:
+    /// a booked slot, or for a caller refused `before_authentication` an unbooked
+    /// point. Returns the delay sent, if any.
+    pub(crate) fn stamp(
+        &self,
+        status: &mut tonic::Status,
+        before_authentication: bool,
+    ) -> Option<Duration> {
+        let now = Instant::now();
+        let unit = rand::random::<f64>();
+        let delay = if before_authentication {
+            self.unbooked(now, unit)
+        } else {
+            self.refused(now, unit)
+        }?;
+        if let Ok(value) = delay.as_millis().to_string().parse() {
+            status.metadata_mut().insert(TRAILER, value);
+        }
+        Some(delay)
+    }
+
     /// Counts a certificate issued.
     pub(crate) fn issued(&self) {
         self.issued.fetch_add(1, Ordering::Relaxed);

@@ -22,7 +22,7 @@ use crate::{
     issue::authn::{Authenticator, AuthnError, Caller, ClientCert, Token},
     issue::csr::{self, CsrError},
     issue::policy::{self, Decision, Policy, PolicyError},
-    issue::pushback::{self, Pushback},
+    issue::pushback::Pushback,
     issue::queue::{QueueError, SigningQueue},
     keys::signer::{Issued, SignError, Signer},
     keys::tls::TlsState,
@@ -239,7 +239,8 @@ impl CaService {
         let csr = csr::parse(&body.csr)?;
         let target = impersonation_target(&body)?;
         let signer = self.signer.borrow().clone();
-        // Read with the signer: the stage whose bundle the answer carries.
+        // The stage as the signer is read (at a stage change the stage is set a
+        // moment before the signer is published, so for that moment they differ).
         let stage = self.rotation.stage();
         let request = policy::Request::Istio {
             caller: &caller,
@@ -469,18 +470,10 @@ impl CaService {
         }
         // A refusal before authentication books no slot: anonymous callers must not
         // push real callers' retries out. It is still spread (at random, unbooked).
-        let pushback = if e.before_authentication() {
-            self.pushback
-                .unbooked(Instant::now(), rand::random::<f64>())
-        } else {
-            self.pushback.refused(Instant::now(), rand::random::<f64>())
-        };
-        if let Some(delay) = pushback
-            && let Ok(value) = delay.as_millis().to_string().parse()
-        {
-            status.metadata_mut().insert(pushback::TRAILER, value);
-        }
-        let retry_in_ms = pushback.map(|d| d.as_millis());
+        let retry_in_ms = self
+            .pushback
+            .stamp(&mut status, e.before_authentication())
+            .map(|d| d.as_millis());
         if let Some(refused) = self.overload_log.count() {
             tracing::warn!(peer = %peer, code = ?status.code(), error = %e, refused, retry_in_ms, "certificate requests refused for overload (one line a second at most; `refused` counts them since the last)");
         } else {

@@ -206,6 +206,12 @@ impl Driver {
             unkept,
         };
         driver.converged = driver.write_root_file();
+        // The request path's stage, cap and next roots; from now on set as the record
+        // changes (`commit`, `follow`).
+        let r = &driver.record;
+        driver
+            .rotation
+            .set_stage(r.stage, r.window(), &r.next_roots);
         driver.show(now);
         Ok(driver)
     }
@@ -963,7 +969,6 @@ impl Driver {
             ),
         };
         let at = |s: i64| rfc3339(OffsetDateTime::from_unix_timestamp(s).unwrap_or(now));
-        self.rotation.set_stage(r.stage, r.window(), &r.next_roots);
         self.rotation.show(Status {
             stage: r.stage,
             since: at(r.since),

@@ -64,6 +64,14 @@ impl Marks {
     }
 }
 
+/// The marks of a leaf of `lifetime` issued at `now`: what a first start assumes.
+fn assumption(lifetime: Duration, now: OffsetDateTime) -> Marks {
+    Marks {
+        renew_by: renewal_point(now, now + lifetime).unix_timestamp(),
+        expire_by: (now + lifetime).unix_timestamp(),
+    }
+}
+
 /// When a holder is due to renew a leaf it received at `issued`, valid until
 /// `not_after`: half of what is left of it, as pilot-agent, ztunnel and signet-agent
 /// renew, counted from receipt (not from the backdated NotBefore), plus pilot-agent's
@@ -203,16 +211,19 @@ impl Ledger {
         now: OffsetDateTime,
     ) -> Result<Self, LedgerError> {
         let file = state_dir.map(|d| d.join(MARKS_FILE));
-        let unknown = match &file {
-            None => Marks::default(),
+        let (unknown, only_assumed) = match &file {
+            None => (Marks::default(), false),
             Some(path) => match std::fs::read(path) {
-                Ok(bytes) => serde_json::from_slice::<Marks>(&bytes).map_err(|e| LedgerError {
-                    path: path.display().to_string(),
-                    problem: format!(
-                        "not the issuance marks Signet writes ({e}); remove it to assume a leaf of --default-ttl was issued just now"
-                    ),
-                    unwritable: false,
-                })?,
+                Ok(bytes) => {
+                    let marks = serde_json::from_slice::<Marks>(&bytes).map_err(|e| LedgerError {
+                        path: path.display().to_string(),
+                        problem: format!(
+                            "not the issuance marks Signet writes ({e}); remove it to assume a leaf of --default-ttl was issued just now"
+                        ),
+                        unwritable: false,
+                    })?;
+                    (marks, false)
+                }
                 // None there (or none can be: a parent is a file).
                 Err(e)
                     if matches!(
@@ -220,11 +231,7 @@ impl Ledger {
                         std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
                     ) =>
                 {
-                    let t = now.unix_timestamp();
-                    Marks {
-                        renew_by: renewal_point(now, now + assumed).unix_timestamp(),
-                        expire_by: t + assumed.whole_seconds(),
-                    }
+                    (assumption(assumed, now), true)
                 }
                 Err(e) => {
                     return Err(LedgerError {
@@ -235,8 +242,26 @@ impl Ledger {
                 }
             },
         };
-        let assumed = file.as_ref().is_some_and(|p| !p.exists());
-        let ledger = Self {
+        let ledger = Self::with(unknown, only_assumed, file, now);
+        // The assumption about the past is itself written down, so that a restart
+        // before the first leaf does not forget it.
+        if let Some(path) = &ledger.file
+            && only_assumed
+        {
+            write_marks(path, &unknown)?;
+        }
+        Ok(ledger)
+    }
+
+    /// A record kept in memory only, for a CA whose state directory cannot hold the
+    /// marks: like a first start, it assumes a leaf of `assumed` was issued just
+    /// before, so it never underestimates what it cannot see.
+    pub fn unkept(assumed: Duration, now: OffsetDateTime) -> Self {
+        Self::with(assumption(assumed, now), true, None, now)
+    }
+
+    fn with(unknown: Marks, assumed: bool, file: Option<PathBuf>, now: OffsetDateTime) -> Self {
+        Self {
             inner: Mutex::new(Inner {
                 holders: HashMap::new(),
                 overflow: false,
@@ -249,44 +274,7 @@ impl Ledger {
                 retry_at: 0,
             }),
             file,
-        };
-        // The assumption about the past is itself written down, so that a restart
-        // before the first leaf does not forget it.
-        if let Some(path) = &ledger.file
-            && !path.exists()
-        {
-            write_marks(path, &unknown)?;
         }
-        Ok(ledger)
-    }
-
-    /// A record kept in memory only, for a CA whose state directory cannot hold the
-    /// marks: like a first start, it assumes a leaf of `assumed` was issued just
-    /// before, so it never underestimates what it cannot see.
-    pub fn unkept(assumed: Duration, now: OffsetDateTime) -> Self {
-        let ledger = Self {
-            inner: Mutex::new(Inner {
-                holders: HashMap::new(),
-                overflow: false,
-                unknown: Marks::default(),
-                assumed: true,
-                started: now.unix_timestamp(),
-                unbound: HashMap::new(),
-                written: Marks::default(),
-                write_failed: false,
-                retry_at: 0,
-            }),
-            file: None,
-        };
-        {
-            let mut inner = lock(&ledger.inner);
-            inner.unknown = Marks {
-                renew_by: renewal_point(now, now + assumed).unix_timestamp(),
-                expire_by: (now + assumed).unix_timestamp(),
-            };
-            inner.written = inner.unknown;
-        }
-        ledger
     }
 
     /// Takes `marks` (this replica's, as its last report in the shared record says)
@@ -415,8 +403,9 @@ impl Ledger {
                 && e.seen.given_next != Some(false)
                 && e.seen.serves != Serves::Lacking
         };
-        let late =
-            |e: &Entry| e.issued >= declared && e.seen.given_next == Some(false) && e.renew_at > t;
+        // Given a leaf without the next roots after the declaration (only asked of
+        // holders that hold the stage, so not yet due to renew).
+        let late = |e: &Entry| e.issued >= declared && e.seen.given_next == Some(false);
         let holds = |e: &Entry| match record.stage {
             // Holders not known to hold the next roots, until their leaf is due to
             // renew (its renewal brings them).

@@ -120,8 +120,8 @@ impl Rotation {
         &self.ledger
     }
 
-    /// Takes the stage's cap at once (before the signer of the stage is published),
-    /// the status following at the end of the driver's look.
+    /// Takes the stage's cap and next roots at once (before the signer of the stage
+    /// is published), the status following at the end of the driver's look.
     fn set_stage(&self, stage: Stage, window: Duration, next: &[String]) {
         let next: Arc<[[u8; 32]]> = if stage == Stage::Idle {
             Arc::new([])

@@ -5,10 +5,7 @@
 
 pub mod flags;
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use signet_proto::signet_v1::{
     FetchJwtBundleRequest, FetchJwtBundleResponse, MintJwtSvidRequest, MintJwtSvidResponse,
@@ -20,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     issue::authn::{Authenticator, AuthnError},
-    issue::pushback::{self, Pushback},
+    issue::pushback::Pushback,
     issue::queue::{QueueError, SigningQueue},
     issue::service::authenticate,
     keys::jwt::{JwtKeyError, JwtKeys, Minted},
@@ -250,28 +247,18 @@ impl JwtSvidService for JwtService {
                     .jwt_svid_refusals
                     .with_label_values(&[&format!("{:?}", status.code())])
                     .inc();
-                // Overload: when to come back, as for certificates (a refusal before
-                // authentication books no slot).
-                let pushback = match &e {
-                    MintError::Queue(QueueError::Full(_) | QueueError::Share(_)) => {
-                        self.pushback.refused(Instant::now(), rand::random::<f64>())
-                    }
-                    MintError::Authn(AuthnError::Throttled(_)) => self
-                        .pushback
-                        .unbooked(Instant::now(), rand::random::<f64>()),
+                let mut status = status;
+                let overload = match &e {
+                    MintError::Queue(QueueError::Full(_) | QueueError::Share(_)) => Some(false),
+                    MintError::Authn(AuthnError::Throttled(_)) => Some(true),
                     _ => None,
                 };
-                let mut status = status;
-                if let Some(delay) = pushback
-                    && let Ok(value) = delay.as_millis().to_string().parse()
-                {
-                    status.metadata_mut().insert(pushback::TRAILER, value);
+                // Overload: when to come back, as for certificates (a refusal before
+                // authentication books no slot).
+                if let Some(before_authentication) = overload {
+                    self.pushback.stamp(&mut status, before_authentication);
                 }
-                if matches!(
-                    e,
-                    MintError::Queue(QueueError::Full(_) | QueueError::Share(_))
-                        | MintError::Authn(AuthnError::Throttled(_))
-                ) {
+                if overload.is_some() {
                     // Overload comes in storms; the metric counts every refusal.
                     tracing::debug!(peer = %peer, code = ?status.code(), error = %e, "JWT-SVID request refused");
                 } else {
